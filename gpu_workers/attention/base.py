@@ -1,0 +1,58 @@
+"""The attention backend interface: the backend owns the paged KV cache, plans once per step and attends per layer."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class BatchLayout:
+    """Where a step's flattened tokens sit: sequence b owns tokens [cu_q[b], cu_q[b+1]) at positions
+    start_pos[b].. and its KV lives in pages page_tables[b, :ceil(kv_lens[b] / page_size)]."""
+
+    q_lens: torch.Tensor  # [B] int32, host
+    start_pos: torch.Tensor  # [B] int32, host
+    page_tables: torch.Tensor  # [B, max_pages] int32, host, padded with 0
+    positions: torch.Tensor  # [T] int64, device
+    slot_mapping: torch.Tensor  # [T] int64, device: page * page_size + offset for each new token
+
+    @property
+    def kv_lens(self) -> torch.Tensor:
+        return self.start_pos + self.q_lens
+
+    @property
+    def is_decode(self) -> bool:
+        return bool((self.q_lens == 1).all())
+
+
+class AttentionBackend(ABC):
+    name = "abstract"
+
+    def __init__(self, num_layers: int, num_pages: int, page_size: int, num_heads: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.num_pages, self.page_size = num_pages, page_size
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim ** -0.5
+        # [layer, k|v, page * page_size + offset, kv_head, head_dim]
+        self.kv_cache = torch.zeros(num_layers, 2, num_pages * page_size, num_kv_heads, head_dim, dtype=dtype,
+                                    device=device)
+
+    @staticmethod
+    def bytes_per_page(num_layers: int, page_size: int, num_kv_heads: int, head_dim: int,
+                       dtype: torch.dtype) -> int:
+        return num_layers * 2 * page_size * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        self.kv_cache[layer, 0].index_copy_(0, slot_mapping, k)
+        self.kv_cache[layer, 1].index_copy_(0, slot_mapping, v)
+
+    @abstractmethod
+    def plan(self, layout: BatchLayout) -> None:
+        """Prepare everything this step's layers share (indices, masks, kernel plans)."""
+
+    @abstractmethod
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [T, heads, D], k/v: [T, kv_heads, D] for this step's new tokens. Stores k/v in the cache and returns
+        the attention output [T, heads, D]."""

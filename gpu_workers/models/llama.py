@@ -1,0 +1,156 @@
+"""The Llama-family decoder: Llama 2/3, Mistral, Qwen2 (qkv bias) and Qwen3 (q/k RMSNorm), tied or untied
+embeddings, GQA. With pipeline parallelism a model instance holds only its stage's layers."""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from gpu_workers.attention.context import current_backend
+from gpu_workers.layers.activation import silu_and_mul
+from gpu_workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from gpu_workers.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from gpu_workers.layers.norm import RMSNorm
+from gpu_workers.layers.rotary import RotaryEmbedding
+from gpu_workers.parallel import parallel_state
+from nanoslg.config import ModelSpec
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec, layer_index: int, rotary: RotaryEmbedding, dtype: torch.dtype):
+        super().__init__()
+        self.layer_index = layer_index  # index among this stage's layers: the KV cache's layer slot
+        self.qkv_proj = QKVParallelLinear(spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads,
+                                          spec.qkv_bias, dtype)
+        self.o_proj = RowParallelLinear(spec.num_heads * spec.head_dim, spec.hidden_size, False, dtype)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.local_heads, self.qkv_proj.local_kv_heads
+        self.head_dim = spec.head_dim
+        self.rotary = rotary
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        d = self.head_dim
+        q, k, v = self.qkv_proj(x).split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], -1)
+        q = q.view(-1, self.num_heads, d)
+        k = k.view(-1, self.num_kv_heads, d)
+        v = v.view(-1, self.num_kv_heads, d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        out = current_backend().forward(self.layer_index, q, k, v)
+        return self.o_proj(out.reshape(-1, self.num_heads * d))
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(spec.hidden_size, spec.intermediate_size, ("gate", "up"),
+                                                       dtype)
+        self.down_proj = RowParallelLinear(spec.intermediate_size, spec.hidden_size, False, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, layer_index: int, rotary: RotaryEmbedding, dtype: torch.dtype):
+        super().__init__()
+        self.self_attn = Attention(spec, layer_index, rotary, dtype)
+        self.mlp = MLP(spec, dtype)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+
+    def forward(self, positions, hidden, residual: Optional[torch.Tensor]):
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+def stage_layer_range(num_layers: int, pp_size: int, pp_rank: int) -> range:
+    """Split layers as evenly as possible; earlier stages take the remainder (they also hold the embedding)."""
+    base, extra = divmod(num_layers, pp_size)
+    start = pp_rank * base + min(pp_rank, extra)
+    return range(start, start + base + (1 if pp_rank < extra else 0))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, max_positions: int):
+        super().__init__()
+        ps = parallel_state()
+        self.spec = spec
+        self.layer_range = stage_layer_range(spec.num_layers, ps.pp_size, ps.pp_rank)
+        rotary = RotaryEmbedding(spec.head_dim, max_positions, spec.rope_theta, spec.rope_scaling)
+        self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, dtype) \
+            if ps.is_first_stage else None
+        self.layers = nn.ModuleList(DecoderLayer(spec, i, rotary, dtype) for i in range(len(self.layer_range)))
+        if ps.is_last_stage:
+            self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+            if spec.tie_word_embeddings and ps.is_first_stage:
+                self.lm_head = ParallelLMHead(spec.vocab_size, spec.hidden_size, dtype)
+                self.lm_head.weight = self.embed_tokens.weight
+            else:
+                self.lm_head = ParallelLMHead(spec.vocab_size, spec.hidden_size, dtype)
+        else:
+            self.norm = self.lm_head = None
+
+    def forward(self, positions: torch.Tensor, input_ids: Optional[torch.Tensor] = None,
+                hidden: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None):
+        """Stage 0 takes input_ids; later stages take the previous stage's (hidden, residual). The last stage
+        returns final-normed hidden states; others return (hidden, residual) to pass on."""
+        if self.embed_tokens is not None:
+            hidden, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual)
+        if self.norm is None:
+            return hidden, residual
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def checkpoint_targets(self) -> dict:
+        """Map each checkpoint tensor name this stage needs to (parameter, shard) — HF naming in, fused params out."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        targets = {}
+        fused = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+                 "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up")}
+        for local, global_index in enumerate(self.layer_range):
+            for name, param in params.items():
+                prefix = f"layers.{local}."
+                if not name.startswith(prefix):
+                    continue
+                rest = name[len(prefix):]
+                hf_base = f"model.layers.{global_index}."
+                for hf_proj, (ours, shard) in fused.items():
+                    if f".{ours}." in rest:
+                        targets[hf_base + rest.replace(ours, hf_proj)] = (param, shard)
+                if not any(f".{ours}." in rest for ours, _ in fused.values()):
+                    targets[hf_base + rest] = (param, None)
+        if self.embed_tokens is not None:
+            targets["model.embed_tokens.weight"] = (self.embed_tokens.weight, None)
+        if self.norm is not None:
+            targets["model.norm.weight"] = (self.norm.weight, None)
+            if self.lm_head.weight is not getattr(self.embed_tokens, "weight", None):
+                # A tied checkpoint may still ship lm_head.weight; an untied model needs it.
+                targets["lm_head.weight"] = (self.lm_head.weight, None)
+                if self.spec.tie_word_embeddings:
+                    targets["model.embed_tokens.weight"] = (self.lm_head.weight, None)
+        return targets
+
+
+def iter_required(targets: dict, spec: ModelSpec) -> Iterable[str]:
+    """Checkpoint names that must be present (lm_head may be absent when embeddings are tied)."""
+    for name in targets:
+        if name == "lm_head.weight" and spec.tie_word_embeddings:
+            continue
+        yield name

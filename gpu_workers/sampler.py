@@ -1,0 +1,107 @@
+"""Batched sampling on the model's device: greedy, temperature, top-k, top-p, min-p and top-k logprobs.
+
+Random draws come from a per-row generator seeded by (request seed, position of the sampled token), so a seeded
+request gets the same tokens whatever else shares its batch, and after preemption and recompute too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads consecutive positions across the seed space
+
+
+@dataclass(slots=True)
+class RowParams:
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    seed: Optional[int]
+    logprobs: Optional[int]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RowParams":
+        top_k = d.get("top_k", 0)
+        return cls(float(d.get("temperature", 1.0)), float(d.get("top_p", 1.0)), 0 if top_k < 0 else top_k,
+                   float(d.get("min_p", 0.0)), d.get("seed"), d.get("logprobs"))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int):
+        self.device = device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, rows: list, positions: list):
+        """logits: [B, V] float32. positions[b]: the position the sampled token will occupy.
+        Returns (token ids as a list, logprobs list aligned with rows: None or [lp, [[id, lp], ...]])."""
+        tokens = logits.argmax(dim=-1)
+        sampled_rows = [i for i, r in enumerate(rows) if not r.greedy]
+        if sampled_rows:
+            idx = torch.tensor(sampled_rows, device=logits.device)
+            tokens[idx] = self._sample(logits[idx], [rows[i] for i in sampled_rows],
+                                       [positions[i] for i in sampled_rows])
+        token_list = tokens.tolist()
+        return token_list, self._logprobs(logits, tokens, rows)
+
+    def _sample(self, logits: torch.Tensor, rows: list, positions: list) -> torch.Tensor:
+        dev = logits.device
+        temps = torch.tensor([r.temperature for r in rows], device=dev, dtype=torch.float32)
+        logits = logits / temps[:, None]
+        if any(r.top_k > 0 or r.top_p < 1.0 for r in rows):
+            logits = self._top_k_top_p(logits, rows)
+        probs = logits.softmax(dim=-1)
+        if any(r.min_p > 0 for r in rows):
+            min_p = torch.tensor([r.min_p for r in rows], device=dev, dtype=torch.float32)
+            probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p without a normalised CDF.
+        noise = torch.empty_like(probs)
+        for i, (r, pos) in enumerate(zip(rows, positions)):
+            if r.seed is None:
+                noise[i].exponential_(generator=self.generator)
+            else:
+                g = torch.Generator(device=dev)
+                g.manual_seed((r.seed * _MIX + pos) % (2 ** 63))
+                noise[i].exponential_(generator=g)
+        return (probs / noise).argmax(dim=-1)
+
+    @staticmethod
+    def _top_k_top_p(logits: torch.Tensor, rows: list) -> torch.Tensor:
+        dev = logits.device
+        vocab = logits.shape[-1]
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        ks = torch.tensor([r.top_k if r.top_k > 0 else vocab for r in rows], device=dev)
+        rank = torch.arange(vocab, device=dev)[None, :]
+        drop = rank >= ks[:, None]
+        top_p = torch.tensor([r.top_p for r in rows], device=dev, dtype=torch.float32)
+        probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it already does.
+        mass_before = probs.cumsum(dim=-1) - probs
+        drop |= mass_before >= top_p[:, None]
+        drop[:, 0] = False
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list) -> Optional[list]:
+        wanted = [i for i, r in enumerate(rows) if r.logprobs is not None]
+        if not wanted:
+            return None
+        idx = torch.tensor(wanted, device=logits.device)
+        logp = logits[idx].log_softmax(dim=-1)
+        chosen = logp.gather(-1, tokens[idx][:, None]).squeeze(-1).tolist()
+        k = max(rows[i].logprobs for i in wanted)
+        top_vals, top_ids = (logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], logp[:, :0].long()))
+        top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+        out: list = [None] * len(rows)
+        for j, i in enumerate(wanted):
+            n = rows[i].logprobs
+            out[i] = [chosen[j], [[t, v] for t, v in zip(top_ids[j][:n], top_vals[j][:n])]]
+        return out

@@ -1,0 +1,85 @@
+"""Fill a model's parameters from a Hugging Face safetensors checkpoint (single file or sharded with an index), or
+with seeded random values for --load-format dummy. Each rank reads only the tensors its stage needs and copies only
+its TP slice (the parameter's own weight_loader slices)."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors import safe_open
+
+
+class WeightLoadError(RuntimeError):
+    pass
+
+
+def _checkpoint_files(folder: str, names: set) -> dict:
+    """file path -> checkpoint names in it that we need."""
+    index_path = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError) as e:
+            raise WeightLoadError(f"cannot read {index_path}: {e}") from None
+        files: dict = {}
+        for name, file in weight_map.items():
+            if name in names:
+                files.setdefault(os.path.join(folder, file), set()).add(name)
+        return files
+    shards = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    if not shards:
+        raise WeightLoadError(f"no model.safetensors (or sharded *.safetensors with an index) in {folder}")
+    return {os.path.join(folder, f): names for f in shards}
+
+
+def _copy_whole(param: torch.Tensor, loaded: torch.Tensor, shard=None) -> None:
+    if param.shape != loaded.shape:
+        raise ValueError(f"shape {tuple(loaded.shape)} does not match the model's {tuple(param.shape)}")
+    param.data.copy_(loaded)
+
+
+def load_checkpoint(targets: dict, required: set, folder: str, device: torch.device) -> None:
+    """targets: checkpoint name -> (parameter, shard id). Raises WeightLoadError naming the file or tensor."""
+    loaded: set = set()
+    for path, wanted in _checkpoint_files(folder, set(targets)).items():
+        if not os.path.isfile(path):
+            raise WeightLoadError(f"weight file {path} is missing")
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    if name not in wanted or name not in targets:
+                        continue
+                    param, shard = targets[name]
+                    tensor = f.get_tensor(name)
+                    try:
+                        loader = getattr(param, "weight_loader", _copy_whole)
+                        loader(param, tensor.to(device=device, dtype=param.dtype), shard)
+                    except (ValueError, RuntimeError) as e:
+                        raise WeightLoadError(f"tensor {name} in {path}: {e}") from None
+                    loaded.add(name)
+        except WeightLoadError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for truncated or garbled files
+            raise WeightLoadError(f"cannot read weights from {path}: {e}") from None
+    missing = sorted(required - loaded)
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise WeightLoadError(f"checkpoint in {folder} lacks {', '.join(missing[:5])}{more}")
+
+
+def init_dummy(model: torch.nn.Module, seed: int) -> None:
+    """Random weights with the right shapes: speed does not depend on the values. Norm weights stay 1 so activations
+    keep a sane scale through many layers."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for name, param in model.named_parameters():
+        if "norm" in name:
+            param.data.fill_(1.0)
+            continue
+        values = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, 0.02, generator=gen) \
+            if param.numel() < (1 << 24) else None
+        if values is None:  # large tensors: generate on the device, the CPU would take minutes for 8B params
+            param.data.normal_(0.0, 0.02)
+        else:
+            param.data.copy_(values)

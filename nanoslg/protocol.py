@@ -1,0 +1,218 @@
+"""Every message exchanged between nanoslg processes, and their msgpack codec.
+
+Each message is a slotted dataclass registered under a unique type tag. Token-id sequences travel as
+``array('i')`` (packed int32 bytes on the wire). ``decode`` rejects unknown tags and oversized frames, so a
+confused or hostile peer cannot make a process allocate without bound or act on a message it does not know.
+"""
+from __future__ import annotations
+
+import dataclasses
+from array import array
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import msgpack
+
+MAX_FRAME_BYTES = 256 * 1024 * 1024
+
+_EXT_MESSAGE = 1
+_EXT_INT32 = 2
+
+_TAGS: dict[str, type] = {}
+
+
+def message(cls):
+    """Register a dataclass as a wire message under its class name."""
+    cls = dataclass(slots=True)(cls)
+    tag = cls.__name__
+    if tag in _TAGS:
+        raise TypeError(f"duplicate message tag {tag}")
+    _TAGS[tag] = cls
+    return cls
+
+
+def token_ids(ids=()) -> array:
+    """The wire type for token-id sequences."""
+    return ids if isinstance(ids, array) and ids.typecode == "i" else array("i", ids)
+
+
+class ProtocolError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------- process lifecycle
+@message
+class Ready:
+    name: str
+    info: dict = field(default_factory=dict)
+
+
+@message
+class Failed:
+    name: str
+    error: str
+
+
+@message
+class Shutdown:
+    reason: str = ""
+
+
+# ---------------------------------------------------------------- client <-> tokenizer_proc
+@message
+class GenerateRequest:
+    rid: str
+    params: dict  # SamplingParams.to_dict()
+    prompt: Optional[str] = None
+    prompt_ids: Optional[array] = None
+    messages: Optional[list] = None  # chat conversation, rendered with the model's chat template
+    chat_template_kwargs: Optional[dict] = None
+
+
+@message
+class AbortRequest:
+    rid: str
+
+
+@message
+class OutputDelta:
+    """What one request produced since its last delta. ``error`` set means the request failed."""
+
+    rid: str
+    text: str = ""
+    token_ids: array = field(default_factory=token_ids)
+    finish_reason: Optional[str] = None
+    logprobs: Optional[list] = None  # per new token: [token_logprob, [[id, logprob], ...top-k]]
+    num_prompt_tokens: int = 0
+    prompt_ids: Optional[array] = None  # on the first delta only
+    error: Optional[str] = None
+
+
+@message
+class OutputBatch:
+    deltas: list  # list[OutputDelta]
+
+
+# ---------------------------------------------------------------- tokenizer_proc <-> scheduler_proc
+@message
+class TokenizedRequest:
+    rid: str
+    prompt_ids: array
+    params: dict
+    stop_token_ids: list  # EOS ids (unless ignore_eos) plus the user's stop_token_ids
+
+
+@message
+class TokenUpdate:
+    rid: str
+    token_ids: array
+    finish_reason: Optional[str] = None
+    logprobs: Optional[list] = None
+    error: Optional[str] = None
+
+
+@message
+class TokenBatch:
+    updates: list  # list[TokenUpdate]
+
+
+# ---------------------------------------------------------------- scheduler_proc <-> workers
+@message
+class SeqChunk:
+    """One request's slice of a step: compute KV for ``token_ids`` at positions start_pos.. and, when
+    ``sample`` is set, sample the next token from the last one."""
+
+    rid: str
+    token_ids: array
+    start_pos: int
+    page_table: array  # physical KV page ids covering positions [0, start_pos + len(token_ids))
+    sample: bool
+    params: Optional[dict] = None  # sent once, on the request's first chunk in a worker's lifetime
+
+
+@message
+class StepPlan:
+    step_id: int
+    seqs: list  # list[SeqChunk]
+    released: list = field(default_factory=list)  # rids whose worker-side state can be dropped
+
+
+@message
+class StepResult:
+    step_id: int
+    rids: list
+    token_ids: array
+    logprobs: Optional[list] = None  # aligned with rids; None entries where not asked
+    error: Optional[str] = None  # the step failed as a whole (e.g. out of memory)
+
+
+# ---------------------------------------------------------------- debug socket
+@message
+class DebugSubmit:
+    prompt_ids: array
+    params: dict
+
+
+@message
+class DebugStateQuery:
+    pass
+
+
+@message
+class DebugReply:
+    state: dict
+
+
+# ---------------------------------------------------------------- codec
+def _default(obj: Any):
+    if isinstance(obj, array):
+        if obj.typecode != "i":
+            raise TypeError(f"only int32 arrays travel, got typecode {obj.typecode!r}")
+        return msgpack.ExtType(_EXT_INT32, obj.tobytes())
+    cls = type(obj)
+    if cls in _TAGS.values():
+        fields = [getattr(obj, f.name) for f in dataclasses.fields(obj)]
+        return msgpack.ExtType(_EXT_MESSAGE, _pack([cls.__name__, *fields]))
+    raise TypeError(f"cannot encode {cls.__name__}")
+
+
+def _ext_hook(code: int, data: bytes):
+    if code == _EXT_INT32:
+        out = array("i")
+        out.frombytes(data)
+        return out
+    if code == _EXT_MESSAGE:
+        tag, *values = msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
+        cls = _TAGS.get(tag)
+        if cls is None:
+            raise ProtocolError(f"unknown message tag {tag!r}")
+        try:
+            return cls(*values)
+        except TypeError as e:
+            raise ProtocolError(f"malformed {tag}: {e}") from None
+    raise ProtocolError(f"unknown extension type {code}")
+
+
+def _pack(obj) -> bytes:
+    return msgpack.packb(obj, default=_default, use_bin_type=True)
+
+
+def encode(msg) -> bytes:
+    if type(msg) not in _TAGS.values():
+        raise TypeError(f"{type(msg).__name__} is not a registered message")
+    return _pack(msg)
+
+
+def decode(frame: bytes):
+    if len(frame) > MAX_FRAME_BYTES:
+        raise ProtocolError(f"frame of {len(frame)} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
+    try:
+        msg = msgpack.unpackb(frame, ext_hook=_ext_hook, raw=False, strict_map_key=False,
+                              max_buffer_size=MAX_FRAME_BYTES)
+    except ProtocolError:
+        raise
+    except Exception as e:
+        raise ProtocolError(f"undecodable frame: {e}") from None
+    if type(msg) not in _TAGS.values():
+        raise ProtocolError(f"frame is not a tagged message: {type(msg).__name__}")
+    return msg
