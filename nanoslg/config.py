@@ -163,6 +163,14 @@ class EngineConfig:
         d["model_spec"] = dataclasses.asdict(self.model_spec) if self.model_spec else None
         return d
 
+    def to_arg(self) -> str:
+        """The config as one command-line argument for a child process."""
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_arg(cls, arg: str) -> "EngineConfig":
+        return cls.from_dict(json.loads(arg))
+
     @classmethod
     def from_dict(cls, d: dict) -> "EngineConfig":
         d = dict(d)

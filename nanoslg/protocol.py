@@ -207,8 +207,7 @@ def decode(frame: bytes):
     if len(frame) > MAX_FRAME_BYTES:
         raise ProtocolError(f"frame of {len(frame)} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
     try:
-        msg = msgpack.unpackb(frame, ext_hook=_ext_hook, raw=False, strict_map_key=False,
-                              max_buffer_size=MAX_FRAME_BYTES)
+        msg = msgpack.unpackb(frame, ext_hook=_ext_hook, raw=False, strict_map_key=False)
     except ProtocolError:
         raise
     except Exception as e:

@@ -1,0 +1,67 @@
+"""A worker process: one per device. The same loop serves every parallel layout: receive a plan, run this rank's
+part of the forward pass, and (on the driver rank) report the sampled tokens."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+
+import zmq
+
+from nanoslg import ipc
+from nanoslg.config import EngineConfig
+from nanoslg.protocol import ProtocolError, Shutdown, StepPlan, StepResult, token_ids
+
+log = logging.getLogger("nanoslg.worker")
+
+
+def serve(cfg: EngineConfig, rank: int, ready) -> None:
+    from gpu_workers.model_runner import ModelRunner
+    from gpu_workers.parallel import init_parallel, parallel_state
+
+    backend = "nccl" if cfg.device != "cpu" and _has_cuda() else "gloo"
+    init_parallel(cfg.tensor_parallel_size, cfg.pipeline_parallel_size, rank,
+                  f"file://{os.path.join(cfg.run_dir, 'dist-init')}", backend)
+    runner = ModelRunner(cfg, local_rank=rank)
+    ctx = zmq.Context()
+    inbox = ipc.pull(ctx, cfg.run_dir, ipc.worker_inbox(rank))
+    is_driver = parallel_state().is_driver
+    to_scheduler = ipc.push(ctx, cfg.run_dir, ipc.SCHEDULER) if is_driver else None
+    ready({"num_pages": runner.num_pages, "device": str(runner.device), "dtype": str(runner.dtype),
+           "attention_backend": runner.backend.name})
+    while True:
+        try:
+            msg = ipc.recv(inbox)
+        except ProtocolError as e:
+            log.warning("dropped a bad message: %s", e)
+            continue
+        if isinstance(msg, Shutdown):
+            return
+        if not isinstance(msg, StepPlan):
+            log.warning("unexpected %s on a worker inbox", type(msg).__name__)
+            continue
+        try:
+            result = runner.execute(msg)
+        except Exception as e:  # one failed step fails its requests, not the engine
+            log.error("step %d failed:\n%s", msg.step_id, traceback.format_exc())
+            result = StepResult(msg.step_id, [], token_ids(), None, f"{type(e).__name__}: {e}")
+        if is_driver:
+            ipc.send(to_scheduler, result)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main() -> None:
+    cfg = EngineConfig.from_arg(sys.argv[1])
+    rank = int(sys.argv[2])
+    ipc.setup_logging(cfg.log_level)
+    ipc.run_child(f"worker{rank}", cfg.run_dir, lambda ready: serve(cfg, rank, ready))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""The client end of the engine: starts the processes, submits requests to tokenizer_proc and receives deltas.
+Used by the offline LLM (blocking) and by the API server (its own event loop reads ``inbox``)."""
+from __future__ import annotations
+
+import zmq
+
+from nanoslg import ipc
+from nanoslg.config import EngineConfig
+from nanoslg.launcher import Launcher
+from nanoslg.protocol import AbortRequest, GenerateRequest, OutputBatch
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class EngineClient:
+    def __init__(self, cfg: EngineConfig, ctx: zmq.Context | None = None):
+        self.cfg = cfg.resolve() if cfg.model_spec is None else cfg
+        self.launcher = Launcher(self.cfg)
+        self.ctx = ctx or zmq.Context()
+        try:
+            # Bound before the tokenizer starts, so no delta is sent to an address nobody holds.
+            self.inbox = ipc.pull(self.ctx, self.cfg.run_dir, ipc.CLIENT)
+            self.to_tokenizer = ipc.push(self.ctx, self.cfg.run_dir, ipc.TOKENIZER)
+            self.launcher.start()
+        except BaseException:
+            self.launcher.shutdown()
+            raise
+        self.closed = False
+
+    @property
+    def info(self) -> dict:
+        return self.launcher.info
+
+    def submit(self, req: GenerateRequest) -> None:
+        ipc.send(self.to_tokenizer, req)
+
+    def abort(self, rid: str) -> None:
+        ipc.send(self.to_tokenizer, AbortRequest(rid))
+
+    def poll_deltas(self, timeout_ms: int) -> list:
+        """Deltas that arrived within timeout_ms (possibly none). Raises EngineDeadError if a process died."""
+        if not self.inbox.poll(timeout_ms):
+            dead = self.launcher.dead_children()
+            if dead:
+                raise EngineDeadError(f"engine process(es) {', '.join(dead)} died")
+            return []
+        deltas = []
+        while True:
+            try:
+                msg = ipc.recv(self.inbox, zmq.NOBLOCK)
+            except zmq.Again:
+                return deltas
+            if isinstance(msg, OutputBatch):
+                deltas.extend(msg.deltas)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.launcher.shutdown()
+        self.inbox.close(linger=0)
+        self.to_tokenizer.close(linger=0)

@@ -1,0 +1,107 @@
+"""ZeroMQ plumbing shared by every process: socket addresses in the run directory, typed send/recv, and the
+child-side half of the startup handshake (READY or FAILED to the launcher, exit when the parent dies)."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import Callable
+
+import zmq
+
+from nanoslg import protocol
+
+log = logging.getLogger("nanoslg")
+
+# One inbox (PULL) per process; everyone else PUSHes to it.
+LAUNCHER = "launcher"
+TOKENIZER = "tokenizer"
+SCHEDULER = "scheduler"
+CLIENT = "client"  # the API server or the offline LLM: receives OutputBatch
+DEBUG = "debug"  # the scheduler's ROUTER for `nanoslg debug`
+
+
+def worker_inbox(rank: int) -> str:
+    return f"worker{rank}"
+
+
+def address(run_dir: str, name: str) -> str:
+    return f"ipc://{os.path.join(run_dir, name)}.sock"
+
+
+def pull(ctx: zmq.Context, run_dir: str, name: str) -> zmq.Socket:
+    sock = ctx.socket(zmq.PULL)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(address(run_dir, name))
+    return sock
+
+
+def push(ctx: zmq.Context, run_dir: str, name: str) -> zmq.Socket:
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.connect(address(run_dir, name))
+    return sock
+
+
+def send(sock: zmq.Socket, msg, flags: int = 0) -> None:
+    sock.send(protocol.encode(msg), flags, copy=False)
+
+
+def recv(sock: zmq.Socket, flags: int = 0):
+    return protocol.decode(sock.recv(flags, copy=True))
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.WARNING), stream=sys.stderr,
+                        format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
+
+
+class ShutdownRequested(Exception):
+    pass
+
+
+def _on_sigterm(signum, frame):
+    raise ShutdownRequested(signal.Signals(signum).name)
+
+
+def _watch_parent(parent_pid: int) -> None:
+    # Polling getppid catches a parent killed by SIGKILL, which no signal handler in the parent can report.
+    while True:
+        if os.getppid() != parent_pid:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        time.sleep(0.5)
+
+
+def run_child(name: str, run_dir: str, body: Callable) -> None:
+    """Run a child process's body(ready) with the lifecycle every child shares. body calls ready(info) once it can
+    serve; an exception before that reaches the launcher as FAILED with its message."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the whole group; the launcher coordinates
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    ctx = zmq.Context()
+    to_launcher = push(ctx, run_dir, LAUNCHER)
+    announced = False
+
+    def ready(info: dict) -> None:
+        nonlocal announced
+        send(to_launcher, protocol.Ready(name, info))
+        announced = True
+
+    code = 0
+    try:
+        body(ready)
+    except ShutdownRequested:
+        pass
+    except Exception as e:
+        code = 1
+        if not announced:
+            send(to_launcher, protocol.Failed(name, f"{type(e).__name__}: {e}"))
+        log.error("%s failed:\n%s", name, traceback.format_exc())
+    finally:
+        to_launcher.close(linger=2000)  # lets a FAILED message reach the launcher before we exit
+    os._exit(code)

@@ -1,0 +1,120 @@
+"""The offline Python API, running on the same multi-process engine as the server."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+from nanoslg.config import EngineConfig
+from nanoslg.engine_client import EngineClient
+from nanoslg.protocol import GenerateRequest, token_ids
+from nanoslg.sampling_params import SamplingParams
+
+Prompt = Union[str, Sequence[int]]
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list
+    text: str = ""
+    token_ids: list = field(default_factory=list)
+    finish_reason: Optional[str] = None  # stop | length | error
+    logprobs: Optional[list] = None  # per token: (logprob, [(token id, logprob), ...top-k])
+    error: Optional[str] = None
+
+
+class LLM:
+    """``LLM(model, **engine_args)``: engine_args are EngineConfig fields (dtype, max_model_len, max_num_seqs...).
+    Use as a context manager, or call close(), to stop the engine's processes."""
+
+    def __init__(self, model: Optional[str] = None, **engine_args):
+        self.config = EngineConfig(model=model, **engine_args).resolve()
+        self.engine = EngineClient(self.config)
+        self._ids = itertools.count()
+
+    def generate(self, prompts: Union[Prompt, Sequence[Prompt]],
+                 sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+                 use_tqdm: bool = False) -> list:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        reqs = []
+        for p, params in zip(prompts, self._per_request(sampling_params, len(prompts))):
+            rid = f"gen-{next(self._ids)}"
+            if isinstance(p, str):
+                reqs.append(GenerateRequest(rid, params.to_dict(), prompt=p))
+            else:
+                reqs.append(GenerateRequest(rid, params.to_dict(), prompt_ids=token_ids(p)))
+        return self._run(reqs, use_tqdm)
+
+    def chat(self, conversations: Union[list, Sequence[list]],
+             sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+             use_tqdm: bool = False, chat_template_kwargs: Optional[dict] = None) -> list:
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        reqs = [GenerateRequest(f"chat-{next(self._ids)}", params.to_dict(), messages=list(conv),
+                                chat_template_kwargs=chat_template_kwargs)
+                for conv, params in zip(conversations, self._per_request(sampling_params, len(conversations)))]
+        return self._run(reqs, use_tqdm)
+
+    @staticmethod
+    def _per_request(sampling_params, n: int) -> list:
+        if sampling_params is None:
+            return [SamplingParams()] * n
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * n
+        if len(sampling_params) != n:
+            raise ValueError(f"got {len(sampling_params)} sampling params for {n} prompts")
+        return list(sampling_params)
+
+    def _run(self, reqs: list, use_tqdm: bool) -> list:
+        outputs = {r.rid: RequestOutput(r.rid, r.prompt, list(r.prompt_ids or [])) for r in reqs}
+        for r in reqs:
+            self.engine.submit(r)
+        pending = set(outputs)
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(reqs), desc="generating", unit="req")
+        try:
+            while pending:
+                for d in self.engine.poll_deltas(100):
+                    out = outputs.get(d.rid)
+                    if out is None or d.rid not in pending:
+                        continue
+                    if d.prompt_ids is not None:
+                        out.prompt_token_ids = list(d.prompt_ids)
+                    out.text += d.text
+                    out.token_ids.extend(d.token_ids)
+                    if d.logprobs:
+                        out.logprobs = (out.logprobs or []) + [
+                            (lp, [tuple(t) for t in top]) for lp, top in d.logprobs]
+                    if d.finish_reason is not None:
+                        out.finish_reason, out.error = d.finish_reason, d.error
+                        pending.discard(d.rid)
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            for rid in pending:  # e.g. Ctrl-C: free the engine for the next call
+                self.engine.abort(rid)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [outputs[r.rid] for r in reqs]
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()

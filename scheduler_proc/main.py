@@ -1,0 +1,138 @@
+"""The scheduler process: owns requests and the KV pages, forms each step and sends it to every worker."""
+from __future__ import annotations
+
+import itertools
+import logging
+import sys
+
+import zmq
+
+from nanoslg import ipc
+from nanoslg.config import EngineConfig
+from nanoslg.protocol import (AbortRequest, DebugReply, DebugStateQuery, DebugSubmit, ProtocolError, Shutdown,
+                              StepResult, TokenBatch, TokenizedRequest, TokenUpdate)
+from scheduler_proc.scheduler import Scheduler
+
+log = logging.getLogger("nanoslg.scheduler")
+
+DEBUG_HISTORY = 64  # finished debug requests kept for `nanoslg debug state`
+
+
+class SchedulerProcess:
+    def __init__(self, cfg: EngineConfig, num_pages: int):
+        self.cfg = cfg
+        capacity = num_pages * cfg.page_size
+        if capacity < cfg.max_model_len:
+            raise ValueError(f"the KV cache holds {capacity} tokens ({num_pages} pages), fewer than "
+                             f"max_model_len={cfg.max_model_len}: lower --max-model-len or give the cache more room")
+        self.core = Scheduler(num_pages, cfg.page_size, cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                              cfg.max_model_len)
+        self.max_in_flight = cfg.pipeline_parallel_size
+        ctx = zmq.Context()
+        self.inbox = ipc.pull(ctx, cfg.run_dir, ipc.SCHEDULER)
+        self.debug = ctx.socket(zmq.ROUTER)
+        self.debug.setsockopt(zmq.LINGER, 0)
+        self.debug.bind(ipc.address(cfg.run_dir, ipc.DEBUG))
+        self.to_tokenizer = ipc.push(ctx, cfg.run_dir, ipc.TOKENIZER)
+        self.to_workers = [ipc.push(ctx, cfg.run_dir, ipc.worker_inbox(r)) for r in range(cfg.world_size)]
+        self.debug_ids = itertools.count()
+        self.debug_requests: dict = {}  # rid -> {"prompt_ids", "output_ids", "finish_reason"}
+
+    def run(self, ready) -> None:
+        ready({"num_pages": self.core.blocks.num_pages})
+        poller = zmq.Poller()
+        poller.register(self.inbox, zmq.POLLIN)
+        poller.register(self.debug, zmq.POLLIN)
+        while True:
+            busy = self.core.steps_in_flight or self.core.has_work()
+            events = dict(poller.poll(0 if busy and len(self.core.steps_in_flight) < self.max_in_flight
+                                      else 100))
+            if self.inbox in events:
+                while self._handle_inbox():
+                    pass
+            if self.debug in events:
+                self._handle_debug()
+            while len(self.core.steps_in_flight) < self.max_in_flight:
+                plan = self.core.schedule()
+                if plan is None:
+                    break
+                for sock in self.to_workers:
+                    ipc.send(sock, plan)
+
+    def _handle_inbox(self) -> bool:
+        try:
+            msg = ipc.recv(self.inbox, zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        except ProtocolError as e:
+            log.warning("dropped a bad message: %s", e)
+            return True
+        if isinstance(msg, StepResult):
+            self._publish(self.core.on_result(msg))
+        elif isinstance(msg, TokenizedRequest):
+            error = self.core.add(msg)
+            if error:
+                self._publish([error])
+        elif isinstance(msg, AbortRequest):
+            self.core.abort(msg.rid)
+        elif isinstance(msg, Shutdown):
+            raise ipc.ShutdownRequested(msg.reason)
+        else:
+            log.warning("unexpected %s on the scheduler inbox", type(msg).__name__)
+        return True
+
+    def _publish(self, updates: list) -> None:
+        for_tokenizer = []
+        for u in updates:
+            record = self.debug_requests.get(u.rid)
+            if record is None:
+                for_tokenizer.append(u)
+                continue
+            record["output_ids"].extend(u.token_ids)
+            record["finish_reason"] = u.finish_reason
+            record["error"] = u.error
+        if for_tokenizer:
+            ipc.send(self.to_tokenizer, TokenBatch(for_tokenizer))
+
+    def _handle_debug(self) -> None:
+        identity, frame = self.debug.recv_multipart()
+        try:
+            msg = ipc.protocol.decode(frame)
+        except ProtocolError as e:
+            reply = {"error": str(e)}
+        else:
+            if isinstance(msg, DebugSubmit):
+                reply = self._debug_submit(msg)
+            elif isinstance(msg, DebugStateQuery):
+                reply = self.core.state() | {"debug_requests": self.debug_requests}
+            else:
+                reply = {"error": f"unexpected {type(msg).__name__} on the debug socket"}
+        self.debug.send_multipart([identity, ipc.protocol.encode(DebugReply(reply))])
+
+    def _debug_submit(self, msg: DebugSubmit) -> dict:
+        rid = f"debug-{next(self.debug_ids)}"
+        params = dict(msg.params)
+        req = TokenizedRequest(rid, msg.prompt_ids, params, list(params.pop("stop_token_ids", [])))
+        error = self.core.add(req)
+        if error:
+            return {"error": error.error}
+        self.debug_requests[rid] = {"prompt_ids": list(msg.prompt_ids), "output_ids": [], "finish_reason": None,
+                                    "error": None}
+        while len(self.debug_requests) > DEBUG_HISTORY:
+            self.debug_requests.pop(next(iter(self.debug_requests)))
+        return {"rid": rid}
+
+
+def main() -> None:
+    cfg = EngineConfig.from_arg(sys.argv[1])
+    ipc.setup_logging(cfg.log_level)
+    num_pages = int(sys.argv[2])
+
+    def body(ready):
+        SchedulerProcess(cfg, num_pages).run(ready)
+
+    ipc.run_child(ipc.SCHEDULER, cfg.run_dir, body)
+
+
+if __name__ == "__main__":
+    main()

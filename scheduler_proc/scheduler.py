@@ -1,0 +1,247 @@
+"""Batch formation: continuous batching with chunked prefill, mixed prefill + decode steps and preemption by
+recompute. Pure logic with no sockets, so tests drive it directly or through the process against a stand-in worker.
+
+A request that is part of an in-flight step is skipped until that step's result arrives, and its pages are never
+freed meanwhile (an abort is deferred), so several steps may be in flight over disjoint requests.
+"""
+from __future__ import annotations
+
+import enum
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+from nanoslg.protocol import SeqChunk, StepPlan, StepResult, TokenizedRequest, TokenUpdate, token_ids
+from scheduler_proc.block_manager import BlockManager
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    rid: str
+    prompt_ids: list
+    params: dict
+    stop_token_ids: frozenset
+    max_tokens: int
+    output_ids: list = field(default_factory=list)
+    pages: list = field(default_factory=list)
+    num_computed: int = 0  # tokens whose KV is in the cache (or being written by an in-flight step)
+    status: Status = Status.WAITING
+    in_flight: bool = False
+    aborted: bool = False
+    params_sent: bool = False
+    num_preemptions: int = 0
+    finish_reason: Optional[str] = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_slice(self, start: int, end: int) -> list:
+        p = len(self.prompt_ids)
+        if end <= p:
+            return self.prompt_ids[start:end]
+        return (self.prompt_ids + self.output_ids)[start:end]
+
+
+class Scheduler:
+    def __init__(self, num_pages: int, page_size: int, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int):
+        self.blocks = BlockManager(num_pages, page_size)
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.requests: dict = {}
+        self.waiting: deque = deque()
+        self.running: list = []  # oldest first: preemption takes from the end
+        self.steps_in_flight: dict = {}  # step_id -> rids in that step
+        self.to_release: list = []  # finished rids whose worker-side state can go
+        self.step_ids = itertools.count()
+        self.total_preemptions = 0
+        self.last_step: dict = {}
+
+    # ------------------------------------------------------------------ intake
+    def add(self, req: TokenizedRequest) -> Optional[TokenUpdate]:
+        """Queue a request; returns an error update instead when it can never be served."""
+        n = len(req.prompt_ids)
+        error = None
+        if req.rid in self.requests:
+            error = f"request id {req.rid!r} is already in use"
+        elif n == 0:
+            error = "the prompt is empty"
+        elif n >= self.max_model_len:
+            error = (f"the prompt has {n} tokens, which leaves no room to generate within max_model_len="
+                     f"{self.max_model_len}")
+        elif self.blocks.pages_for(n + 1) > self.blocks.num_pages:
+            error = f"the prompt needs more KV pages than the cache holds ({self.blocks.num_pages})"
+        if error:
+            return TokenUpdate(req.rid, token_ids(), "error", None, error)
+        params = req.params
+        r = Request(req.rid, list(req.prompt_ids), params, frozenset(req.stop_token_ids),
+                    int(params.get("max_tokens", 16)))
+        self.requests[r.rid] = r
+        self.waiting.append(r)
+        return None
+
+    def abort(self, rid: str) -> None:
+        r = self.requests.get(rid)
+        if r is None or r.status is Status.FINISHED:
+            return
+        if r.in_flight:
+            r.aborted = True  # an in-flight step still writes its pages; free them when it returns
+        else:
+            self._finish(r, "abort")
+
+    # ------------------------------------------------------------------ step formation
+    def has_work(self) -> bool:
+        return any(not r.in_flight for r in self.running) or bool(self.waiting)
+
+    def schedule(self) -> Optional[StepPlan]:
+        budget = self.max_num_batched_tokens
+        chunks: list = []  # (request, start, end)
+        scheduled: set = set()
+        for r in list(self.running):
+            if len(chunks) >= self.max_num_seqs or budget == 0:
+                break
+            if r.in_flight or r.status is not Status.RUNNING:
+                continue
+            end = min(r.num_tokens, r.num_computed + budget)
+            while not self._grow(r, end):
+                victim = next((v for v in reversed(self.running)
+                               if v is not r and not v.in_flight and v not in scheduled), None)
+                if victim is None:
+                    self._preempt(r)
+                    break
+                self._preempt(victim)
+            if r.status is Status.RUNNING:
+                chunks.append((r, r.num_computed, end))
+                scheduled.add(r)
+                budget -= end - r.num_computed
+        while self.waiting and len(chunks) < self.max_num_seqs and budget > 0:
+            r = self.waiting[0]
+            end = min(r.num_tokens, r.num_computed + budget)
+            if not self._grow(r, end):
+                if not self.running and not chunks:
+                    # Nothing else holds pages, so this request can never fit: fail it rather than spin.
+                    self.waiting.popleft()
+                    self._finish(r, "length")
+                    continue
+                break
+            self.waiting.popleft()
+            r.status = Status.RUNNING
+            self.running.append(r)
+            chunks.append((r, r.num_computed, end))
+            budget -= end - r.num_computed
+        if not chunks and not self.to_release:
+            return None
+        return self._make_plan(chunks)
+
+    def _make_plan(self, chunks: list) -> StepPlan:
+        seqs = []
+        for r, start, end in chunks:
+            sample = end == r.num_tokens
+            seqs.append(SeqChunk(r.rid, token_ids(r.token_slice(start, end)), start, token_ids(r.pages), sample,
+                                 None if r.params_sent else r.params))
+            r.params_sent = True
+            r.num_computed = end
+            r.in_flight = True
+        step_id = next(self.step_ids)
+        self.steps_in_flight[step_id] = [r.rid for r, _, _ in chunks]
+        plan = StepPlan(step_id, seqs, self.to_release)
+        self.to_release = []
+        num_decode = sum(1 for r, s, e in chunks if e - s == 1 and s >= len(r.prompt_ids))
+        self.last_step = {"step_id": step_id, "num_seqs": len(chunks), "num_decode": num_decode,
+                          "num_prefill": len(chunks) - num_decode,
+                          "num_tokens": sum(e - s for _, s, e in chunks)}
+        return plan
+
+    def _grow(self, r: Request, num_tokens: int) -> bool:
+        need = self.blocks.pages_for(num_tokens) - len(r.pages)
+        if need <= 0:
+            return True
+        pages = self.blocks.allocate(need)
+        if pages is None:
+            return False
+        r.pages.extend(pages)
+        return True
+
+    def _preempt(self, r: Request) -> None:
+        """Free r's pages and queue it first in line; it recomputes prompt + output so far when resumed."""
+        self.running.remove(r)
+        self.blocks.release(r.pages)
+        r.pages, r.num_computed, r.status = [], 0, Status.WAITING
+        r.num_preemptions += 1
+        self.total_preemptions += 1
+        self.waiting.appendleft(r)
+
+    # ------------------------------------------------------------------ results
+    def on_result(self, result: StepResult) -> list:
+        """Apply a step's sampled tokens; returns TokenUpdates for the requests that advanced or ended."""
+        rids = self.steps_in_flight.pop(result.step_id, [])
+        updates = []
+        for rid in rids:
+            r = self.requests.get(rid)
+            if r is None:
+                continue
+            r.in_flight = False
+            if result.error is not None:
+                self._finish(r, "error")
+                updates.append(TokenUpdate(rid, token_ids(), "error", None, result.error))
+            elif r.aborted:
+                self._finish(r, "abort")
+        if result.error is not None:
+            return updates
+        logprobs = result.logprobs or [None] * len(result.rids)
+        for rid, tok, lp in zip(result.rids, result.token_ids, logprobs):
+            r = self.requests.get(rid)
+            if r is None or r.status is Status.FINISHED:
+                continue
+            r.output_ids.append(tok)
+            reason = None
+            if tok in r.stop_token_ids:
+                reason = "stop"
+            elif len(r.output_ids) >= r.max_tokens or r.num_tokens >= self.max_model_len:
+                reason = "length"
+            if reason:
+                self._finish(r, reason)
+            updates.append(TokenUpdate(rid, token_ids([tok]), reason, None if lp is None else [lp]))
+        return updates
+
+    def _finish(self, r: Request, reason: str) -> None:
+        if r.status is Status.RUNNING:
+            self.running.remove(r)
+        elif r.status is Status.WAITING and r in self.waiting:
+            self.waiting.remove(r)
+        self.blocks.release(r.pages)
+        r.pages, r.status, r.finish_reason = [], Status.FINISHED, reason
+        del self.requests[r.rid]
+        if r.params_sent:
+            self.to_release.append(r.rid)
+
+    def fail_all(self, error: str) -> list:
+        """Fail every request (the workers are gone); returns their error updates."""
+        updates = [TokenUpdate(rid, token_ids(), "error", None, error) for rid in list(self.requests)]
+        for r in list(self.requests.values()):
+            r.in_flight = False
+            self._finish(r, "error")
+        self.steps_in_flight.clear()
+        return updates
+
+    # ------------------------------------------------------------------ introspection
+    def state(self) -> dict:
+        return {
+            "waiting": len(self.waiting),
+            "running": len(self.running),
+            "preempted": sum(1 for r in self.waiting if r.num_preemptions),
+            "total_preemptions": self.total_preemptions,
+            "kv_pages_used": self.blocks.num_used,
+            "kv_pages_free": self.blocks.num_free,
+            "kv_pages_total": self.blocks.num_pages,
+            "steps_in_flight": len(self.steps_in_flight),
+            "last_step": dict(self.last_step),
+        }

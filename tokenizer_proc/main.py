@@ -1,0 +1,188 @@
+"""The tokenizer process: renders chat templates, tokenizes and validates requests on the way in; detokenizes
+incrementally and applies stop strings on the way out."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import zmq
+
+from nanoslg import ipc
+from nanoslg.config import EngineConfig
+from nanoslg.protocol import (AbortRequest, GenerateRequest, OutputBatch, OutputDelta, ProtocolError, Shutdown,
+                              TokenBatch, TokenizedRequest, token_ids)
+from nanoslg.sampling_params import SamplingParams
+from tokenizer_proc.detokenizer import IncrementalDetokenizer, StopStringMatcher
+
+log = logging.getLogger("nanoslg.tokenizer")
+
+
+class RequestError(ValueError):
+    pass
+
+
+def load_tokenizer(path: str):
+    """The model's tokenizer, or None for a folder without one (token-id prompts only, no text output)."""
+    from transformers import AutoTokenizer
+
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if not any(os.path.isfile(os.path.join(path, n)) for n in names):
+        log.warning("no tokenizer in %s: only token-id prompts are accepted", path)
+        return None
+    return AutoTokenizer.from_pretrained(path)
+
+
+def eos_token_ids(cfg: EngineConfig, tokenizer) -> list:
+    """EOS ids from generation_config.json, else config.json, else the tokenizer: never a hard-coded id."""
+    path = os.path.join(cfg.model, "generation_config.json")
+    ids: list = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            eos = json.load(f).get("eos_token_id")
+        ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    if not ids:
+        ids = list(cfg.model_spec.eos_token_ids)
+    if not ids and tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids = [tokenizer.eos_token_id]
+    return ids
+
+
+@dataclass(slots=True)
+class Stream:
+    """Per-request output state."""
+
+    detokenizer: Optional[IncrementalDetokenizer]
+    stop: StopStringMatcher
+    stop_token_ids: frozenset
+    prompt_ids: object  # array('i'), sent with the first delta
+    first: bool = True
+
+
+class TokenizerProcess:
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(cfg.tokenizer)
+        self.eos_ids = eos_token_ids(cfg, self.tokenizer)
+        self.vocab_size = cfg.model_spec.vocab_size
+        ctx = zmq.Context()
+        self.inbox = ipc.pull(ctx, cfg.run_dir, ipc.TOKENIZER)
+        self.to_scheduler = ipc.push(ctx, cfg.run_dir, ipc.SCHEDULER)
+        self.to_client = ipc.push(ctx, cfg.run_dir, ipc.CLIENT)
+        self.streams: dict = {}
+
+    def run(self, ready) -> None:
+        ready({"eos_token_ids": self.eos_ids, "has_tokenizer": self.tokenizer is not None})
+        while True:
+            try:
+                msg = ipc.recv(self.inbox)
+            except ProtocolError as e:
+                log.warning("dropped a bad message: %s", e)
+                continue
+            if isinstance(msg, TokenBatch):
+                self._on_tokens(msg)
+            elif isinstance(msg, GenerateRequest):
+                self._on_request(msg)
+            elif isinstance(msg, AbortRequest):
+                if self.streams.pop(msg.rid, None) is not None:
+                    ipc.send(self.to_scheduler, msg)
+            elif isinstance(msg, Shutdown):
+                return
+            else:
+                log.warning("unexpected %s on the tokenizer inbox", type(msg).__name__)
+
+    # ------------------------------------------------------------------ inbound
+    def _on_request(self, req: GenerateRequest) -> None:
+        try:
+            if req.rid in self.streams:
+                raise RequestError(f"request id {req.rid!r} is already in use")
+            params = SamplingParams.from_dict(req.params)
+            prompt_ids = self._tokenize(req)
+        except (ValueError, TypeError) as e:
+            ipc.send(self.to_client, OutputBatch([OutputDelta(req.rid, finish_reason="error", error=str(e))]))
+            return
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_ids))
+        detok = None
+        if self.tokenizer is not None:
+            detok = IncrementalDetokenizer(self.tokenizer, list(prompt_ids), params.skip_special_tokens)
+        self.streams[req.rid] = Stream(detok, StopStringMatcher(params.stop, params.include_stop_str_in_output),
+                                       frozenset(stop_ids), prompt_ids)
+        ipc.send(self.to_scheduler, TokenizedRequest(req.rid, prompt_ids, params.to_dict(), sorted(stop_ids)))
+
+    def _tokenize(self, req: GenerateRequest):
+        given = [x is not None for x in (req.prompt, req.prompt_ids, req.messages)]
+        if sum(given) != 1:
+            raise RequestError("give exactly one of prompt, prompt_ids or messages")
+        if req.prompt_ids is not None:
+            ids = token_ids(req.prompt_ids)
+            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise RequestError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        else:
+            if self.tokenizer is None:
+                raise RequestError("this model has no tokenizer: send token ids, not text")
+            if req.messages is not None:
+                text = self._render_chat(req.messages, req.chat_template_kwargs or {})
+                ids = token_ids(self.tokenizer(text, add_special_tokens=False).input_ids)
+            else:
+                if not isinstance(req.prompt, str):
+                    raise RequestError("prompt must be a string")
+                ids = token_ids(self.tokenizer(req.prompt).input_ids)
+        if not ids:
+            raise RequestError("the prompt is empty")
+        if len(ids) >= self.cfg.max_model_len:
+            raise RequestError(f"the prompt has {len(ids)} tokens, but max_model_len is {self.cfg.max_model_len} "
+                               f"(prompt and output must fit in it)")
+        return ids
+
+    def _render_chat(self, messages: list, kwargs: dict) -> str:
+        if not messages:
+            raise RequestError("messages must not be empty")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+                raise RequestError(f"messages[{i}] needs a role of system, user or assistant")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise RequestError("this model's tokenizer has no chat template")
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+
+    # ------------------------------------------------------------------ outbound
+    def _on_tokens(self, batch: TokenBatch) -> None:
+        deltas = []
+        for u in batch.updates:
+            stream = self.streams.get(u.rid)
+            if stream is None:
+                continue  # aborted by its client while tokens were in flight
+            if u.error is not None:
+                del self.streams[u.rid]
+                deltas.append(OutputDelta(u.rid, finish_reason="error", error=u.error))
+                continue
+            ids = list(u.token_ids)
+            text_ids = ids[:-1] if u.finish_reason == "stop" and ids and ids[-1] in stream.stop_token_ids else ids
+            text = stream.detokenizer.add(text_ids) if stream.detokenizer is not None else ""
+            text, stopped = stream.stop.feed(text)
+            finish = u.finish_reason
+            if stopped and finish is None:
+                finish = "stop"
+                ipc.send(self.to_scheduler, AbortRequest(u.rid))
+            elif finish is not None:
+                text += stream.stop.flush()
+            deltas.append(OutputDelta(u.rid, text, u.token_ids, finish, u.logprobs, len(stream.prompt_ids),
+                                      stream.prompt_ids if stream.first else None))
+            stream.first = False
+            if finish is not None:
+                del self.streams[u.rid]
+        if deltas:
+            ipc.send(self.to_client, OutputBatch(deltas))
+
+
+def main() -> None:
+    cfg = EngineConfig.from_arg(sys.argv[1])
+    ipc.setup_logging(cfg.log_level)
+    ipc.run_child(ipc.TOKENIZER, cfg.run_dir, lambda ready: TokenizerProcess(cfg).run(ready))
+
+
+if __name__ == "__main__":
+    main()
