@@ -1,0 +1,43 @@
+import os
+import random
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from tiny_models import ARCH_CONFIGS, VOCAB, hf_greedy, make_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """arch -> folder of a tiny random HF model (fp32), made once per session."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    return lambda arch: make_tiny_model(arch, str(root / arch))
+
+
+def random_prompts(n: int, seed: int = 0, lengths=None) -> list:
+    rng = random.Random(seed)
+    lengths = lengths or [rng.randrange(3, 60) for _ in range(n)]
+    return [[rng.randrange(3, VOCAB) for _ in range(k)] for k in lengths]
+
+
+@pytest.fixture(scope="session")
+def hf_reference():
+    """Memoised HF greedy continuations: (folder, prompts, n) -> token lists."""
+    cache = {}
+
+    def get(folder, prompts, n):
+        key = (folder, tuple(map(tuple, prompts)), n)
+        if key not in cache:
+            cache[key] = hf_greedy(folder, prompts, n)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    from nanoslg.model_registry import pull
+
+    return pull("smollm2-135m-instruct", progress=False)
