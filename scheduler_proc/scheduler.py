@@ -154,10 +154,11 @@ class Scheduler:
         self.steps_in_flight[step_id] = [r.rid for r, _, _ in chunks]
         plan = StepPlan(step_id, seqs, self.to_release)
         self.to_release = []
-        num_decode = sum(1 for r, s, e in chunks if e - s == 1 and s >= len(r.prompt_ids))
-        self.last_step = {"step_id": step_id, "num_seqs": len(chunks), "num_decode": num_decode,
-                          "num_prefill": len(chunks) - num_decode,
-                          "num_tokens": sum(e - s for _, s, e in chunks)}
+        if chunks:
+            num_decode = sum(1 for r, s, e in chunks if e - s == 1 and s >= len(r.prompt_ids))
+            self.last_step = {"step_id": step_id, "num_seqs": len(chunks), "num_decode": num_decode,
+                              "num_prefill": len(chunks) - num_decode,
+                              "num_tokens": sum(e - s for _, s, e in chunks)}
         return plan
 
     def _grow(self, r: Request, num_tokens: int) -> bool:
