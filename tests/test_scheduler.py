@@ -1,0 +1,142 @@
+"""The scheduler alone: batch formation logic, and the scheduler process against a stand-in worker."""
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+
+import zmq
+
+from nanoslg import ipc
+from nanoslg.config import EngineConfig
+from nanoslg.protocol import (Ready, StepPlan, StepResult, TokenBatch, TokenizedRequest, token_ids)
+from scheduler_proc.scheduler import Scheduler
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _req(rid, n, max_tokens=4, stop=()):
+    return TokenizedRequest(rid, token_ids(range(10, 10 + n)), {"max_tokens": max_tokens}, list(stop))
+
+
+def _run_step(s: Scheduler, token=7):
+    plan = s.schedule()
+    sampled = [c.rid for c in plan.seqs if c.sample]
+    return plan, s.on_result(StepResult(plan.step_id, sampled, token_ids([token] * len(sampled))))
+
+
+def test_budgets_mixed_steps_and_chunked_prefill():
+    s = Scheduler(num_pages=100, page_size=4, max_num_seqs=3, max_num_batched_tokens=10, max_model_len=64)
+    for i, n in enumerate([6, 25, 3, 3]):
+        assert s.add(_req(f"r{i}", n)) is None
+    plan, _ = _run_step(s)
+    # r0 takes 6 tokens, r1 the remaining 4 of the budget as its first chunk; r2 waits for budget
+    assert [(c.rid, len(c.token_ids), c.sample) for c in plan.seqs] == [("r0", 6, True), ("r1", 4, False)]
+    plan, _ = _run_step(s)
+    # r0 decodes (1 token) alongside r1's next prefill chunk: a mixed step
+    assert [(c.rid, len(c.token_ids), c.start_pos) for c in plan.seqs] == [("r0", 1, 6), ("r1", 9, 4)]
+    assert plan.seqs[0].token_ids.tolist() == [7] and plan.seqs[0].params is None
+    plan, _ = _run_step(s)
+    assert [(c.rid, len(c.token_ids)) for c in plan.seqs] == [("r0", 1), ("r1", 9)]
+    plan, _ = _run_step(s)
+    # r1's last 3 prompt tokens, then r2 fits; max_num_seqs=3 leaves r3 waiting despite spare budget
+    assert [(c.rid, len(c.token_ids), c.sample) for c in plan.seqs] == [("r0", 1, True), ("r1", 3, True),
+                                                                       ("r2", 3, True)]
+    assert s.state()["waiting"] == 1
+
+
+def test_finish_frees_pages_and_releases_worker_state():
+    s = Scheduler(num_pages=10, page_size=4, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64)
+    s.add(_req("a", 5, max_tokens=2, stop=[99]))
+    _, updates = _run_step(s)
+    assert updates[0].finish_reason is None and s.blocks.num_used == 2
+    plan = s.schedule()
+    updates = s.on_result(StepResult(plan.step_id, ["a"], token_ids([99])))
+    assert updates[0].finish_reason == "stop" and s.blocks.num_used == 0
+    assert s.schedule().released == ["a"]
+
+
+def test_preemption_frees_the_newest_and_recomputes_it():
+    s = Scheduler(num_pages=4, page_size=4, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=16)
+    s.add(_req("old", 7, max_tokens=8))
+    s.add(_req("new", 7, max_tokens=8))
+    _run_step(s)  # both prefilled: 2 pages each, pool full
+    _run_step(s)  # both at 8 tokens... next decode needs a third page each
+    plan, _ = _run_step(s)
+    assert [c.rid for c in plan.seqs] == ["old"]
+    assert s.state()["preempted"] == 1 and s.total_preemptions == 1
+    while True:
+        plan = s.schedule()
+        if plan.seqs[0].rid == "new":
+            break
+        s.on_result(StepResult(plan.step_id, ["old"], token_ids([7])))
+    # once old finished, new comes back and recomputes prompt + its 2 generated tokens in one chunk
+    assert plan.seqs[0].rid == "new" and plan.seqs[0].start_pos == 0 and len(plan.seqs[0].token_ids) == 9
+
+
+def test_abort_of_an_in_flight_request_waits_for_its_step():
+    s = Scheduler(num_pages=10, page_size=4, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64)
+    s.add(_req("a", 5))
+    plan = s.schedule()
+    s.abort("a")
+    assert s.blocks.num_used == 2  # the step in flight still writes these pages
+    assert s.on_result(StepResult(plan.step_id, ["a"], token_ids([3]))) == []
+    assert s.blocks.num_used == 0 and s.state()["running"] == 0
+
+
+def test_unservable_requests_get_errors():
+    s = Scheduler(num_pages=2, page_size=4, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64)
+    assert "max_model_len" in s.add(_req("long", 64)).error
+    assert "KV pages" in s.add(_req("big", 20)).error
+    assert "empty" in s.add(_req("empty", 0)).error
+
+
+def test_scheduler_process_against_a_stand_in_worker(tiny_model_dir):
+    """Run the real scheduler process with a fake worker thread that always samples token 42."""
+    run_dir = tempfile.mkdtemp(prefix="nanoslg-test-")
+    cfg = EngineConfig(model=tiny_model_dir("llama"), max_model_len=64).resolve()
+    cfg.run_dir = run_dir
+    ctx = zmq.Context()
+    launcher = ipc.pull(ctx, run_dir, ipc.LAUNCHER)
+    tokenizer_inbox = ipc.pull(ctx, run_dir, ipc.TOKENIZER)
+    worker_inbox = ipc.pull(ctx, run_dir, ipc.worker_inbox(0))
+    plans = []
+
+    def stand_in_worker():
+        to_scheduler = ipc.push(ctx, run_dir, ipc.SCHEDULER)
+        while True:
+            try:
+                plan = ipc.recv(worker_inbox)
+            except zmq.ZMQError:  # the test tore the context down
+                return
+            if not isinstance(plan, StepPlan):
+                return
+            plans.append(plan)
+            rids = [c.rid for c in plan.seqs if c.sample]
+            ipc.send(to_scheduler, StepResult(plan.step_id, rids, token_ids([42] * len(rids))))
+
+    threading.Thread(target=stand_in_worker, daemon=True).start()
+    proc = subprocess.Popen([sys.executable, "-m", "scheduler_proc.main", cfg.to_arg(), "32"], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": ROOT})
+    try:
+        assert launcher.poll(30000)
+        ready = ipc.recv(launcher)
+        assert isinstance(ready, Ready) and ready.info["num_pages"] == 32
+        to_scheduler = ipc.push(ctx, run_dir, ipc.SCHEDULER)
+        ipc.send(to_scheduler, _req("x", 5, max_tokens=3))
+        tokens = []
+        while True:
+            assert tokenizer_inbox.poll(10000)
+            batch = ipc.recv(tokenizer_inbox)
+            assert isinstance(batch, TokenBatch)
+            for u in batch.updates:
+                tokens += list(u.token_ids)
+                finish = u.finish_reason
+            if finish:
+                break
+        assert tokens == [42, 42, 42] and finish == "length"
+        assert [len(p.seqs[0].token_ids) for p in plans[:3]] == [5, 1, 1]
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
+        ctx.destroy(linger=0)
