@@ -68,7 +68,8 @@ class ModelRunner:
             return cfg.num_kv_pages
         tp = parallel_state().tp_size
         page_bytes = AttentionBackend.bytes_per_page(len(self.model.layers), cfg.page_size,
-                                                     max(1, spec.num_kv_heads // tp), spec.head_dim, self.dtype)
+                                                     max(1, spec.num_kv_heads // tp), spec.head_dim, self.dtype,
+                                                     self.device)
         if self.device.type == "cpu":
             budget = cfg.kv_cache_memory_gb * (1 << 30)
         else:

@@ -35,18 +35,24 @@ class AttentionBackend(ABC):
         self.num_pages, self.page_size = num_pages, page_size
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim ** -0.5
+        if device.type == "cpu":
+            # torch's CPU attention kernels are several times slower in bf16/fp16 than in fp32 at decode shapes,
+            # so on CPU the cache (and attention) stays fp32 whatever the model's dtype.
+            dtype = torch.float32
         # [layer, k|v, page * page_size + offset, kv_head, head_dim]
         self.kv_cache = torch.zeros(num_layers, 2, num_pages * page_size, num_kv_heads, head_dim, dtype=dtype,
                                     device=device)
 
     @staticmethod
     def bytes_per_page(num_layers: int, page_size: int, num_kv_heads: int, head_dim: int,
-                       dtype: torch.dtype) -> int:
+                       dtype: torch.dtype, device: torch.device) -> int:
+        if device.type == "cpu":
+            dtype = torch.float32
         return num_layers * 2 * page_size * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
 
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        self.kv_cache[layer, 0].index_copy_(0, slot_mapping, k)
-        self.kv_cache[layer, 1].index_copy_(0, slot_mapping, v)
+        self.kv_cache[layer, 0].index_copy_(0, slot_mapping, k.to(self.kv_cache.dtype))
+        self.kv_cache[layer, 1].index_copy_(0, slot_mapping, v.to(self.kv_cache.dtype))
 
     @abstractmethod
     def plan(self, layout: BatchLayout) -> None:

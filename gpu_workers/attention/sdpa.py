@@ -21,7 +21,8 @@ class SdpaBackend(AttentionBackend):
         kv_pos = torch.arange(max_kv)
         pages = layout.page_tables.long()[:, (kv_pos // ps).clamp(max=layout.page_tables.shape[1] - 1)]
         kv_valid = kv_pos[None, :] < kv_lens[:, None]
-        self.kv_index = torch.where(kv_valid, pages * ps + kv_pos % ps, 0).to(device)
+        self.kv_index = torch.where(kv_valid, pages * ps + kv_pos % ps, 0).flatten().to(device)
+        self.max_kv = max_kv
         q_off = torch.arange(max_q)
         q_valid = q_off[None, :] < q_lens[:, None]
         q_pos = start[:, None] + q_off[None, :]
@@ -35,12 +36,15 @@ class SdpaBackend(AttentionBackend):
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.write_kv(layer, k, v, self.slot_mapping)
-        keys = self.kv_cache[layer, 0][self.kv_index].transpose(1, 2)
-        values = self.kv_cache[layer, 1][self.kv_index].transpose(1, 2)
+        shape = (self.batch, self.max_kv, self.num_kv_heads, self.head_dim)
+        keys = self.kv_cache[layer, 0].index_select(0, self.kv_index).view(shape).transpose(1, 2)
+        values = self.kv_cache[layer, 1].index_select(0, self.kv_index).view(shape).transpose(1, 2)
+        out_dtype = q.dtype
+        q = q.to(keys.dtype)
         heads, d = q.shape[1], q.shape[2]
         q_pad = q.new_zeros(self.batch * self.max_q, heads, d)
         q_pad[self.q_index] = q
         q_pad = q_pad.view(self.batch, self.max_q, heads, d).transpose(1, 2)
         out = F.scaled_dot_product_attention(q_pad, keys, values, attn_mask=self.mask, scale=self.scale,
                                              enable_gqa=heads != keys.shape[1])
-        return out.transpose(1, 2).reshape(self.batch * self.max_q, heads, d)[self.q_index]
+        return out.transpose(1, 2).reshape(self.batch * self.max_q, heads, d)[self.q_index].to(out_dtype)

@@ -37,17 +37,26 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
+        self._step_key = None
+        self._step_cos_sin = None
+
+    def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
+        # Every layer of a step rotates at the same positions: build the tables once per step, not once per layer.
+        key = (positions, dtype)
+        if self._step_key is None or self._step_key[0] is not positions or self._step_key[1] != dtype:
+            cos = self.cos[positions].unsqueeze(1)
+            sin = self.sin[positions].unsqueeze(1)
+            self._step_cos_sin = (torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((sin, sin), dim=-1).to(dtype))
+            self._step_key = key
+        return self._step_cos_sin
+
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q: [T, heads, D], k: [T, kv_heads, D]; returns both rotated, in their dtype."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
+        cos, sin = self._cos_sin(positions, q.dtype)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    dtype = x.dtype
-    cos = torch.cat((cos, cos), dim=-1).to(dtype)
-    sin = torch.cat((sin, sin), dim=-1).to(dtype)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
