@@ -41,3 +41,11 @@ def smollm2_dir():
     from nanoslg.model_registry import pull
 
     return pull("smollm2-135m-instruct", progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory, smollm2_dir):
+    """A tiny random Llama with SmolLM2's tokenizer and chat template."""
+    from server_utils import make_tiny_chat_model
+
+    return make_tiny_chat_model(str(tmp_path_factory.mktemp("tiny-chat") / "model"), smollm2_dir)

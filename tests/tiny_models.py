@@ -17,7 +17,7 @@ ARCH_CONFIGS = {
 }
 
 
-def make_tiny_model(arch: str, folder: str, num_layers: int = 3, seed: int = 0) -> str:
+def make_tiny_model(arch: str, folder: str, num_layers: int = 3, seed: int = 0, vocab_size: int = VOCAB) -> str:
     """Save a random tiny model of `arch` to `folder` (once) and return the folder."""
     import transformers
 
@@ -25,7 +25,7 @@ def make_tiny_model(arch: str, folder: str, num_layers: int = 3, seed: int = 0) 
         return folder
     spec = ARCH_CONFIGS[arch]
     config = getattr(transformers, spec["cls"])(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6,
         bos_token_id=1, eos_token_id=2, pad_token_id=0, **spec["extra"])
     torch.manual_seed(seed)
