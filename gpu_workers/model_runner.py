@@ -111,6 +111,7 @@ class ModelRunner:
         for s in plan.seqs:
             if s.params is not None:
                 self.rows[s.rid] = RowParams.from_dict(s.params)
+            self.rows[s.rid].record_input(s.start_pos, s.token_ids)
         if not plan.seqs:
             return StepResult(plan.step_id, [], token_ids())
         input_ids, layout, cu = self._layout(plan)

@@ -21,16 +21,35 @@ class RowParams:
     min_p: float
     seed: Optional[int]
     logprobs: Optional[int]
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    prompt_len: int = 0
+    history: Optional[list] = None  # every token fed so far (prompt + output), kept only when penalties need it
 
     @classmethod
     def from_dict(cls, d: dict) -> "RowParams":
         top_k = d.get("top_k", 0)
-        return cls(float(d.get("temperature", 1.0)), float(d.get("top_p", 1.0)), 0 if top_k < 0 else top_k,
-                   float(d.get("min_p", 0.0)), d.get("seed"), d.get("logprobs"))
+        row = cls(float(d.get("temperature", 1.0)), float(d.get("top_p", 1.0)), 0 if top_k < 0 else top_k,
+                  float(d.get("min_p", 0.0)), d.get("seed"), d.get("logprobs"),
+                  float(d.get("presence_penalty", 0.0)), float(d.get("frequency_penalty", 0.0)),
+                  float(d.get("repetition_penalty", 1.0)), int(d.get("prompt_len", 0)))
+        if row.has_penalties:
+            row.history = []
+        return row
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    def record_input(self, start_pos: int, tokens) -> None:
+        if self.history is not None:
+            del self.history[start_pos:]  # a recompute after preemption starts over at 0
+            self.history.extend(tokens)
 
 
 class Sampler:
@@ -42,6 +61,9 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list, positions: list):
         """logits: [B, V] float32. positions[b]: the position the sampled token will occupy.
         Returns (token ids as a list, logprobs list aligned with rows: None or [lp, [[id, lp], ...]])."""
+        raw = logits  # logprobs report the model's distribution, before penalties
+        if any(r.has_penalties for r in rows):
+            logits = self._apply_penalties(logits.clone(), rows)
         tokens = logits.argmax(dim=-1)
         sampled_rows = [i for i, r in enumerate(rows) if not r.greedy]
         if sampled_rows:
@@ -49,7 +71,24 @@ class Sampler:
             tokens[idx] = self._sample(logits[idx], [rows[i] for i in sampled_rows],
                                        [positions[i] for i in sampled_rows])
         token_list = tokens.tolist()
-        return token_list, self._logprobs(logits, tokens, rows)
+        return token_list, self._logprobs(raw, tokens, rows)
+
+    @staticmethod
+    def _apply_penalties(logits: torch.Tensor, rows: list) -> torch.Tensor:
+        vocab, dev = logits.shape[-1], logits.device
+        for i, r in enumerate(rows):
+            if not r.has_penalties:
+                continue
+            seen = torch.tensor(r.history, dtype=torch.long, device=dev)
+            if r.repetition_penalty != 1:
+                present = torch.zeros(vocab, dtype=torch.bool, device=dev)
+                present[seen] = True
+                row = logits[i]
+                penalised = torch.where(row > 0, row / r.repetition_penalty, row * r.repetition_penalty)
+                logits[i] = torch.where(present, penalised, row)
+            counts = torch.bincount(seen[r.prompt_len:], minlength=vocab)[:vocab].to(logits.dtype)
+            logits[i] -= r.frequency_penalty * counts + r.presence_penalty * (counts > 0).to(logits.dtype)
+        return logits
 
     def _sample(self, logits: torch.Tensor, rows: list, positions: list) -> torch.Tensor:
         dev = logits.device

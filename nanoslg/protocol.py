@@ -67,6 +67,7 @@ class GenerateRequest:
     prompt_ids: Optional[array] = None
     messages: Optional[list] = None  # chat conversation, rendered with the model's chat template
     chat_template_kwargs: Optional[dict] = None
+    echo: bool = False  # send the prompt's text back with the first delta
 
 
 @message
@@ -86,6 +87,8 @@ class OutputDelta:
     num_prompt_tokens: int = 0
     prompt_ids: Optional[array] = None  # on the first delta only
     error: Optional[str] = None
+    prompt_text: Optional[str] = None  # on the first delta, when the request asked for echo
+    logprob_texts: Optional[list] = None  # per new token with logprobs: [text, [top-k texts]]
 
 
 @message

@@ -12,7 +12,7 @@ MAX_LOGPROBS = 20
 class SamplingParams:
     """Field names and defaults follow vLLM. ``temperature == 0`` means greedy; ``top_k == 0`` disables top-k."""
 
-    max_tokens: int = 16
+    max_tokens: Optional[int] = 16  # None: until max_model_len
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -24,6 +24,9 @@ class SamplingParams:
     logprobs: Optional[int] = None  # number of top alternatives to return with each sampled token
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    presence_penalty: float = 0.0  # subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence among generated tokens
+    repetition_penalty: float = 1.0  # divides positive / multiplies negative logits of prompt + generated tokens
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -43,7 +46,8 @@ class SamplingParams:
         def is_num(v):
             return isinstance(v, (int, float)) and not isinstance(v, bool)
 
-        need(is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "must be an integer >= 1")
+        need(self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens >= 1), "max_tokens",
+             "must be an integer >= 1")
         need(is_num(self.temperature) and self.temperature >= 0, "temperature", "must be a number >= 0")
         need(is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         need(is_int(self.top_k) and self.top_k >= -1, "top_k", "must be an integer >= 0 (0 or -1 disables it)")
@@ -55,6 +59,12 @@ class SamplingParams:
         need(isinstance(self.ignore_eos, bool), "ignore_eos", "must be a boolean")
         need(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
              "logprobs", f"must be an integer in [0, {MAX_LOGPROBS}] or None")
+        need(is_num(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty",
+             "must be in [-2, 2]")
+        need(is_num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty",
+             "must be in [-2, 2]")
+        need(is_num(self.repetition_penalty) and 0 < self.repetition_penalty <= 10, "repetition_penalty",
+             "must be in (0, 10]")
 
     @property
     def greedy(self) -> bool:

@@ -85,7 +85,7 @@ class Scheduler:
             return TokenUpdate(req.rid, token_ids(), "error", None, error)
         params = req.params
         r = Request(req.rid, list(req.prompt_ids), params, frozenset(req.stop_token_ids),
-                    int(params.get("max_tokens", 16)))
+                    int(params.get("max_tokens") or self.max_model_len))
         self.requests[r.rid] = r
         self.waiting.append(r)
         return None
@@ -148,7 +148,7 @@ class Scheduler:
         for r, start, end in chunks:
             sample = end == r.num_tokens
             seqs.append(SeqChunk(r.rid, token_ids(r.token_slice(start, end)), start, token_ids(r.pages), sample,
-                                 None if r.params_sent else r.params))
+                                 None if r.params_sent else {**r.params, "prompt_len": len(r.prompt_ids)}))
             r.params_sent = True
             r.num_computed = end
             r.in_flight = True

@@ -9,7 +9,7 @@ import zmq
 
 from nanoslg import ipc
 from nanoslg.config import EngineConfig
-from nanoslg.protocol import (Ready, StepPlan, StepResult, TokenBatch, TokenizedRequest, token_ids)
+from nanoslg.protocol import Ready, Shutdown, StepPlan, StepResult, TokenBatch, TokenizedRequest, token_ids
 from scheduler_proc.scheduler import Scheduler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,7 +115,8 @@ def test_scheduler_process_against_a_stand_in_worker(tiny_model_dir):
             rids = [c.rid for c in plan.seqs if c.sample]
             ipc.send(to_scheduler, StepResult(plan.step_id, rids, token_ids([42] * len(rids))))
 
-    threading.Thread(target=stand_in_worker, daemon=True).start()
+    worker = threading.Thread(target=stand_in_worker, daemon=True)
+    worker.start()
     proc = subprocess.Popen([sys.executable, "-m", "scheduler_proc.main", cfg.to_arg(), "32"], cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": ROOT})
     try:
@@ -139,4 +140,7 @@ def test_scheduler_process_against_a_stand_in_worker(tiny_model_dir):
     finally:
         proc.terminate()
         assert proc.wait(10) == 0
+        # stop the stand-in before tearing down its sockets: a thread blocked in recv at exit can crash
+        ipc.send(ipc.push(ctx, run_dir, ipc.worker_inbox(0)), Shutdown())
+        worker.join(10)
         ctx.destroy(linger=0)

@@ -59,6 +59,7 @@ class Stream:
     stop: StopStringMatcher
     stop_token_ids: frozenset
     prompt_ids: object  # array('i'), sent with the first delta
+    prompt_text: Optional[str]  # for echo
     first: bool = True
 
 
@@ -109,8 +110,21 @@ class TokenizerProcess:
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, list(prompt_ids), params.skip_special_tokens)
         self.streams[req.rid] = Stream(detok, StopStringMatcher(params.stop, params.include_stop_str_in_output),
-                                       frozenset(stop_ids), prompt_ids)
+                                       frozenset(stop_ids), prompt_ids, self._prompt_text(req, prompt_ids))
         ipc.send(self.to_scheduler, TokenizedRequest(req.rid, prompt_ids, params.to_dict(), sorted(stop_ids)))
+
+    def _prompt_text(self, req: GenerateRequest, prompt_ids) -> Optional[str]:
+        if not req.echo:
+            return None
+        if req.prompt is not None:
+            return req.prompt
+        return self.tokenizer.decode(list(prompt_ids)) if self.tokenizer is not None else ""
+
+    def _token_texts(self, logprobs: list) -> list:
+        def text(t: int) -> str:
+            return self.tokenizer.decode([t]) if self.tokenizer is not None else ""
+
+        return [[text(tok), [text(t) for t, _ in top]] for tok, (_, top) in logprobs]
 
     def _tokenize(self, req: GenerateRequest):
         given = [x is not None for x in (req.prompt, req.prompt_ids, req.messages)]
@@ -169,8 +183,10 @@ class TokenizerProcess:
                 ipc.send(self.to_scheduler, AbortRequest(u.rid))
             elif finish is not None:
                 text += stream.stop.flush()
+            lp_texts = self._token_texts(list(zip(ids, u.logprobs))) if u.logprobs else None
             deltas.append(OutputDelta(u.rid, text, u.token_ids, finish, u.logprobs, len(stream.prompt_ids),
-                                      stream.prompt_ids if stream.first else None))
+                                      stream.prompt_ids if stream.first else None, None,
+                                      stream.prompt_text if stream.first else None, lp_texts))
             stream.first = False
             if finish is not None:
                 del self.streams[u.rid]

@@ -1,0 +1,344 @@
+"""`nanoslg bench serve`: load-test a running OpenAI-compatible server, in the manner of `vllm bench serve`.
+
+Each request is streamed so that time to first token (TTFT), inter-token latency (ITL), time per output token
+(TPOT) and end-to-end latency (E2E) can be measured on the client side. Results go to stdout (a vLLM-like
+table), a JSON file (config, metrics, per-request records) and a PNG plot.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import numpy as np
+
+# Prompt token ids come from the middle of typical vocabularies: clear of special/byte tokens at the bottom
+# and still inside small vocabularies (the server tokenizes nothing, so lengths are exact).
+TOKEN_ID_RANGE = (1000, 20000)
+# Chat prompts must be text; common words that are one token each (with their leading space) in BPE
+# vocabularies keep the prompt length close to the requested number of tokens.
+WORDS = ("the of and to in is was for on with as by at from his her they this that have had not are but "
+         "one all were when there can more time if will each about many then them these some would like "
+         "into has two make first been its who now people my made over did down only way find use may "
+         "water long little very after words called just where most know get through back much go good "
+         "new write our used me man too any day same right look think also around another came come work "
+         "three word must because does part even place well such here take why things help put years "
+         "different away again off went old number great tell men say small every found still between name "
+         "should home big give air line set own under read last never us left end along while might next "
+         "sound below saw something thought both few those always looked show large often together asked "
+         "house world going want school important until form food keep children feet land side without boy "
+         "once animals life enough took sometimes four head above kind began almost live page got earth").split()
+# ShareGPT conversations average roughly 202 prompt and 179 completion tokens with a long right tail.
+SHAREGPT_MEAN_IN, SHAREGPT_MEAN_OUT, SHAREGPT_SIGMA = 202.0, 179.0, 0.9
+SHAREGPT_CLIP = (4, 1024)
+
+
+@dataclass
+class BenchRequest:
+    prompt: object  # list of token ids (completions) or a string (chat)
+    input_len: int  # requested prompt length in tokens
+    output_len: int  # max_tokens
+
+
+@dataclass
+class RequestResult:
+    index: int
+    input_len: int
+    output_len: int
+    success: bool = False
+    error: str = ""
+    start: float = 0.0  # seconds since the benchmark started
+    ttft: float = 0.0  # seconds
+    itl: list = field(default_factory=list)  # seconds between consecutive content chunks
+    e2e: float = 0.0  # seconds
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    generated_text: str = ""
+
+
+def add_bench_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000")
+    parser.add_argument("--model", default=None, help="model name to send (default: first id of GET /v1/models)")
+    parser.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
+    parser.add_argument("--dataset", choices=["random", "sharegpt-like"], default="random")
+    parser.add_argument("--num-prompts", type=int, default=100)
+    parser.add_argument("--input-len", type=int, default=128, help="prompt tokens per request (random)")
+    parser.add_argument("--output-len", type=int, default=128, help="output tokens per request (random)")
+    parser.add_argument("--request-rate", type=float, default=float("inf"),
+                        help="requests/s with Poisson arrivals (default inf: send all at once)")
+    parser.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--result-json", default=None, help="default: bench-serve-<timestamp>.json")
+    parser.add_argument("--plot", default=None, help="default: the result JSON's path with .png")
+    parser.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                        help="ask the server to generate exactly max_tokens tokens (default on)")
+
+
+def make_requests(dataset: str, endpoint: str, num_prompts: int, input_len: int, output_len: int, seed: int,
+                  max_model_len: Optional[int] = None) -> list:
+    rng = np.random.default_rng(seed)
+    if dataset == "random":
+        lengths = [(input_len, output_len)] * num_prompts
+    else:
+        budget = max_model_len
+        if budget and endpoint == "chat":  # words are not exactly tokens and the chat template adds some
+            budget = max(8, int(budget * 0.9) - 32)
+        lengths = [_sharegpt_like_lengths(rng, budget) for _ in range(num_prompts)]
+    requests = []
+    for n_in, n_out in lengths:
+        if endpoint == "completions":
+            prompt = rng.integers(*TOKEN_ID_RANGE, size=n_in).tolist()
+        else:
+            prompt = " ".join(WORDS[i] for i in rng.integers(0, len(WORDS), size=n_in))
+        requests.append(BenchRequest(prompt, n_in, n_out))
+    return requests
+
+
+def _sharegpt_like_lengths(rng: np.random.Generator, max_model_len: Optional[int]) -> tuple:
+    # Lognormal with mean exp(mu + sigma^2 / 2) equal to the target mean (before clipping).
+    def draw(mean: float) -> int:
+        mu = math.log(mean) - SHAREGPT_SIGMA ** 2 / 2
+        return int(np.clip(round(rng.lognormal(mu, SHAREGPT_SIGMA)), *SHAREGPT_CLIP))
+
+    n_in, n_out = draw(SHAREGPT_MEAN_IN), draw(SHAREGPT_MEAN_OUT)
+    if max_model_len and n_in + n_out > max_model_len:
+        # Keep the prompt (it is what the dataset is about) and shrink the output to fit, then the prompt.
+        n_out = max(1, min(n_out, max_model_len - n_in))
+        n_in = max(1, min(n_in, max_model_len - n_out))
+    return n_in, n_out
+
+
+def arrival_offsets(num: int, rate: float, seed: int) -> list:
+    """Send times in seconds from the start: all zero for an infinite rate, else a seeded Poisson process."""
+    if math.isinf(rate) or num == 0:
+        return [0.0] * num
+    gaps = np.random.default_rng([seed, 1]).exponential(1.0 / rate, size=num)
+    gaps[0] = 0.0  # the first request goes out immediately, as in vLLM
+    return np.cumsum(gaps).tolist()
+
+
+async def send_request(client, url: str, payload: dict, chat: bool, result: RequestResult, t0: float) -> None:
+    """Stream one request, filling `result` with its timings; never raises."""
+    start = time.perf_counter()
+    result.start = start - t0
+    chunk_times, texts, usage = [], [], None
+    try:
+        async with client.stream("POST", url, json=payload) as resp:
+            if resp.status_code != 200:
+                body = (await resp.aread()).decode(errors="replace")
+                result.error = f"HTTP {resp.status_code}: {body[:500]}"
+                return
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue  # blank separators, comments, `event:` lines
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                event = json.loads(data)
+                if event.get("error"):
+                    err = event["error"]
+                    result.error = err.get("message", str(err)) if isinstance(err, dict) else str(err)
+                    return
+                if event.get("usage"):
+                    usage = event["usage"]
+                for choice in event.get("choices") or []:
+                    text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                    # Only chunks that carry text count as tokens: a chat stream's role-only first chunk and
+                    # the final finish_reason chunk would otherwise distort TTFT and ITL.
+                    if text:
+                        chunk_times.append(time.perf_counter())
+                        texts.append(text)
+        end = time.perf_counter()
+    except Exception as e:  # connection drops, timeouts, malformed events: the request failed, the run goes on
+        result.error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        return
+    result.success = True
+    result.e2e = end - start
+    # With no text at all the whole answer arrived at the end: that is the first-token time too.
+    result.ttft = (chunk_times[0] - start) if chunk_times else result.e2e
+    result.itl = np.diff(chunk_times).tolist()
+    result.generated_text = "".join(texts)
+    result.output_tokens = int((usage or {}).get("completion_tokens") or len(chunk_times))
+    result.prompt_tokens = int((usage or {}).get("prompt_tokens") or result.input_len)
+
+
+async def run_requests(args, model: str, requests: list, headers: dict) -> tuple:
+    chat = args.endpoint == "chat"
+    url = args.base_url.rstrip("/") + ("/v1/chat/completions" if chat else "/v1/completions")
+    offsets = arrival_offsets(len(requests), args.request_rate, args.seed)
+    results = [RequestResult(i, r.input_len, r.output_len) for i, r in enumerate(requests)]
+    limit = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
+
+    async def one(i: int, client, t0: float) -> None:
+        await asyncio.sleep(max(0.0, t0 + offsets[i] - time.perf_counter()))
+        req = requests[i]
+        payload = {"model": model, "max_tokens": req.output_len, "temperature": 0.0, "stream": True,
+                   "stream_options": {"include_usage": True}}
+        if args.ignore_eos:
+            payload["ignore_eos"] = True
+        if chat:
+            payload["messages"] = [{"role": "user", "content": req.prompt}]
+        else:
+            payload["prompt"] = req.prompt
+        async with (limit or contextlib.nullcontext()):
+            await send_request(client, url, payload, chat, results[i], t0)
+
+    import httpx
+
+    # No connection-pool cap beyond our own: httpx's default of 100 would silently queue requests and inflate TTFT.
+    limits = httpx.Limits(max_connections=args.max_concurrency, max_keepalive_connections=args.max_concurrency)
+    async with httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(600.0), limits=limits) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i, client, t0) for i in range(len(requests))))
+        duration = time.perf_counter() - t0
+    return results, duration
+
+
+def compute_metrics(results: list, duration: float) -> dict:
+    ok = [r for r in results if r.success]
+    ms = lambda xs: [1000.0 * x for x in xs]  # noqa: E731
+    ttfts = ms([r.ttft for r in ok])
+    tpots = ms([(r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1])
+    itls = ms([gap for r in ok for gap in r.itl])
+    e2es = ms([r.e2e for r in ok])
+    total_in = sum(r.prompt_tokens for r in ok)
+    total_out = sum(r.output_tokens for r in ok)
+    duration = max(duration, 1e-9)
+    metrics = {
+        "completed": len(ok), "failed": len(results) - len(ok), "duration_s": duration,
+        "total_input_tokens": total_in, "total_output_tokens": total_out,
+        "request_throughput": len(ok) / duration, "output_throughput": total_out / duration,
+        "total_token_throughput": (total_in + total_out) / duration,
+    }
+    for name, values in (("ttft", ttfts), ("tpot", tpots), ("itl", itls), ("e2el", e2es)):
+        arr = np.asarray(values, dtype=float)
+        metrics[f"mean_{name}_ms"] = float(arr.mean()) if arr.size else 0.0
+        metrics[f"median_{name}_ms"] = float(np.median(arr)) if arr.size else 0.0
+        metrics[f"p99_{name}_ms"] = float(np.percentile(arr, 99)) if arr.size else 0.0
+    return metrics
+
+
+def format_summary(m: dict) -> str:
+    def row(label, value):
+        return f"{label:<40}{value:<10.2f}" if isinstance(value, float) else f"{label:<40}{value:<10}"
+
+    def section(title, key, unit_name):
+        return [f"{title:-^50}"] + [row(f"{stat} {unit_name} (ms):", m[f"{k}_{key}_ms"])
+                                    for stat, k in (("Mean", "mean"), ("Median", "median"), ("P99", "p99"))]
+
+    lines = [f"{' Serving Benchmark Result ':=^50}",
+             row("Successful requests:", m["completed"]), row("Failed requests:", m["failed"]),
+             row("Benchmark duration (s):", m["duration_s"]),
+             row("Total input tokens:", m["total_input_tokens"]),
+             row("Total generated tokens:", m["total_output_tokens"]),
+             row("Request throughput (req/s):", m["request_throughput"]),
+             row("Output token throughput (tok/s):", m["output_throughput"]),
+             row("Total token throughput (tok/s):", m["total_token_throughput"])]
+    lines += section("Time to First Token", "ttft", "TTFT")
+    lines += section("Time per Output Token (excl. 1st token)", "tpot", "TPOT")
+    lines += section("Inter-token Latency", "itl", "ITL")
+    lines += section("End-to-end Latency", "e2el", "E2EL")
+    lines.append("=" * 50)
+    return "\n".join(lines)
+
+
+def save_plot(path: str, results: list, metrics: dict, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers; also safe if pyplot was imported elsewhere first
+    import matplotlib.pyplot as plt
+
+    ok = sorted((r for r in results if r.success), key=lambda r: r.start)
+    failed = [r for r in results if not r.success]
+    fig, (ax_ttft, ax_e2e, ax_tpot) = plt.subplots(1, 3, figsize=(16, 4.8))
+    starts = [r.start for r in ok]
+    ax_ttft.scatter(starts, [1000 * r.ttft for r in ok], s=12)
+    ax_ttft.set(xlabel="request start (s)", ylabel="TTFT (ms)", title="Time to first token per request")
+    ax_e2e.scatter(starts, [1000 * r.e2e for r in ok], s=12, label="ok")
+    if failed:  # failures sit on the x axis so they are visible without a latency
+        ax_e2e.scatter([r.start for r in failed], [0] * len(failed), marker="x", color="red", label="failed")
+        ax_e2e.legend()
+    ax_e2e.set(xlabel="request start (s)", ylabel="E2E latency (ms)", title="End-to-end latency per request")
+    tpots = [1000 * (r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
+    ax_tpot.hist(tpots, bins=min(30, max(5, len(tpots))))
+    ax_tpot.set(xlabel="TPOT (ms)", ylabel="requests", title="Time per output token")
+    fig.suptitle(f"{title}\n{metrics['completed']} ok / {metrics['failed']} failed, "
+                 f"{metrics['request_throughput']:.2f} req/s, {metrics['output_throughput']:.1f} output tok/s, "
+                 f"median TTFT {metrics['median_ttft_ms']:.1f} ms, median TPOT {metrics['median_tpot_ms']:.2f} ms")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _query_server(base_url: str, headers: dict) -> tuple:
+    """(first model id or None, max_model_len or None); raises httpx errors for the caller to report."""
+    import httpx
+
+    resp = httpx.get(base_url.rstrip("/") + "/v1/models", headers=headers, timeout=30.0)
+    resp.raise_for_status()
+    models = resp.json().get("data") or []
+    if not models:
+        return None, None
+    return models[0].get("id"), models[0].get("max_model_len")
+
+
+def run_bench_serve(args) -> int:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    try:
+        model_id, max_model_len = _query_server(args.base_url, headers)
+    except httpx.HTTPStatusError as e:
+        if args.model is None:  # without a model name there is nothing to send
+            print(f"error: GET /v1/models failed with HTTP {e.response.status_code}", file=sys.stderr)
+            return 1
+        model_id, max_model_len = None, None  # a server without /v1/models can still be benchmarked
+    except (httpx.HTTPError, ValueError) as e:
+        print(f"error: cannot reach server at {args.base_url}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    model = args.model or model_id
+    if not model:
+        print("error: the server lists no models; pass --model", file=sys.stderr)
+        return 1
+
+    requests = make_requests(args.dataset, args.endpoint, args.num_prompts, args.input_len, args.output_len,
+                             args.seed, max_model_len)
+    rate = "inf" if math.isinf(args.request_rate) else f"{args.request_rate:g} req/s"
+    print(f"Benchmarking {model} at {args.base_url} ({args.endpoint}): {len(requests)} {args.dataset} prompts, "
+          f"request rate {rate}, max concurrency {args.max_concurrency or 'unlimited'}", flush=True)
+    results, duration = asyncio.run(run_requests(args, model, requests, headers))
+    metrics = compute_metrics(results, duration)
+    print(format_summary(metrics), flush=True)
+
+    result_json = args.result_json or time.strftime("bench-serve-%Y%m%d-%H%M%S.json")
+    plot = args.plot or (result_json[:-5] if result_json.endswith(".json") else result_json) + ".png"
+    config = {k: (str(v) if isinstance(v, float) and math.isinf(v) else v) for k, v in vars(args).items()
+              if k not in ("api_key", "func") and not callable(v)}  # never write the key to disk
+    config.update(model=model, max_model_len=max_model_len)
+    with open(result_json, "w") as f:
+        json.dump({"config": config, "metrics": metrics, "requests": [asdict(r) for r in results]}, f, indent=1)
+    save_plot(plot, results, metrics, f"nanoslg bench serve: {model} ({args.endpoint}, {args.dataset}, rate {rate})")
+    print(f"Wrote {result_json} and {plot}")
+
+    if not metrics["completed"]:
+        first_error = " ".join(next((r.error for r in results if r.error), "no requests were sent").split())
+        print(f"error: all {len(results)} requests failed; first error: {first_error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = argparse.ArgumentParser(prog="nanoslg bench serve", description=__doc__.splitlines()[0])
+    add_bench_serve_arguments(parser)
+    return run_bench_serve(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
