@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampling-seed", type=int, default=None)
 
     add_debug_arguments(sub.add_parser("debug", help="inspect a running engine's scheduler"))
+
+    from nanoslg.server.serve import add_serve_arguments
+
+    add_serve_arguments(sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API"))
     return parser
 
 
@@ -95,6 +99,10 @@ def main(argv=None) -> int:
             return run_pull(args)
         if args.command == "generate":
             return _run_generate(args)
+        if args.command == "serve":
+            from nanoslg.server.serve import run_serve
+
+            return run_serve(args)
         if args.command == "debug":
             from nanoslg.debug_client import run_debug
 

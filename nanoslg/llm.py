@@ -20,7 +20,7 @@ class RequestOutput:
     prompt_token_ids: list
     text: str = ""
     token_ids: list = field(default_factory=list)
-    finish_reason: Optional[str] = None  # stop | length | error
+    finish_reason: Optional[str] = None  # stop | length | rejected (bad request) | error (engine failure)
     logprobs: Optional[list] = None  # per token: (logprob, [(token id, logprob), ...top-k])
     error: Optional[str] = None
 

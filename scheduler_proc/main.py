@@ -54,6 +54,9 @@ class SchedulerProcess:
                 self._handle_debug()
             while len(self.core.steps_in_flight) < self.max_in_flight:
                 plan = self.core.schedule()
+                if self.core.unreported:
+                    self._publish(self.core.unreported)
+                    self.core.unreported = []
                 if plan is None:
                     break
                 for sock in self.to_workers:

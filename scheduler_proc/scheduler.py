@@ -63,6 +63,7 @@ class Scheduler:
         self.running: list = []  # oldest first: preemption takes from the end
         self.steps_in_flight: dict = {}  # step_id -> rids in that step
         self.to_release: list = []  # finished rids whose worker-side state can go
+        self.unreported: list = []  # updates decided while scheduling (not from a step result)
         self.step_ids = itertools.count()
         self.total_preemptions = 0
         self.last_step: dict = {}
@@ -82,7 +83,7 @@ class Scheduler:
         elif self.blocks.pages_for(n + 1) > self.blocks.num_pages:
             error = f"the prompt needs more KV pages than the cache holds ({self.blocks.num_pages})"
         if error:
-            return TokenUpdate(req.rid, token_ids(), "error", None, error)
+            return TokenUpdate(req.rid, token_ids(), "rejected", None, error)
         params = req.params
         r = Request(req.rid, list(req.prompt_ids), params, frozenset(req.stop_token_ids),
                     int(params.get("max_tokens") or self.max_model_len))
@@ -132,6 +133,7 @@ class Scheduler:
                     # Nothing else holds pages, so this request can never fit: fail it rather than spin.
                     self.waiting.popleft()
                     self._finish(r, "length")
+                    self.unreported.append(TokenUpdate(r.rid, token_ids(), "length"))
                     continue
                 break
             self.waiting.popleft()

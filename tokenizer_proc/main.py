@@ -103,7 +103,7 @@ class TokenizerProcess:
             params = SamplingParams.from_dict(req.params)
             prompt_ids = self._tokenize(req)
         except (ValueError, TypeError) as e:
-            ipc.send(self.to_client, OutputBatch([OutputDelta(req.rid, finish_reason="error", error=str(e))]))
+            ipc.send(self.to_client, OutputBatch([OutputDelta(req.rid, finish_reason="rejected", error=str(e))]))
             return
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_ids))
         detok = None
@@ -171,7 +171,7 @@ class TokenizerProcess:
                 continue  # aborted by its client while tokens were in flight
             if u.error is not None:
                 del self.streams[u.rid]
-                deltas.append(OutputDelta(u.rid, finish_reason="error", error=u.error))
+                deltas.append(OutputDelta(u.rid, finish_reason=u.finish_reason or "error", error=u.error))
                 continue
             ids = list(u.token_ids)
             text_ids = ids[:-1] if u.finish_reason == "stop" and ids and ids[-1] in stream.stop_token_ids else ids

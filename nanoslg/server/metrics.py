@@ -1,0 +1,47 @@
+"""Prometheus metrics of the server (prometheus-client), in a registry of its own."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class ServerMetrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("nanoslg_requests", "Finished HTTP generation requests by outcome", ["status"],
+                                registry=r)
+        self.prompt_tokens = Counter("nanoslg_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("nanoslg_generation_tokens", "Tokens generated", registry=r)
+        self.running = Gauge("nanoslg_num_requests_running", "Requests the scheduler is running", registry=r)
+        self.waiting = Gauge("nanoslg_num_requests_waiting", "Requests waiting for the scheduler", registry=r)
+        self.kv_pages_used = Gauge("nanoslg_kv_pages_used", "KV cache pages in use", registry=r)
+        self.kv_usage = Gauge("nanoslg_kv_cache_usage_ratio", "Fraction of KV cache pages in use", registry=r)
+        self.ttft = Histogram("nanoslg_time_to_first_token_seconds", "Time to first token", registry=r,
+                              buckets=_LATENCY_BUCKETS)
+        self.tpot = Histogram("nanoslg_time_per_output_token_seconds", "Time per output token after the first",
+                              registry=r, buckets=_LATENCY_BUCKETS)
+        self.e2e = Histogram("nanoslg_e2e_request_latency_seconds", "End-to-end request latency", registry=r,
+                             buckets=_LATENCY_BUCKETS)
+
+    def observe_request(self, status: str, start: float, first_token: float | None, end: float,
+                        prompt_tokens: int, output_tokens: int) -> None:
+        self.requests.labels(status=status).inc()
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(output_tokens)
+        self.e2e.observe(end - start)
+        if first_token is not None:
+            self.ttft.observe(first_token - start)
+            if output_tokens > 1:
+                self.tpot.observe((end - first_token) / (output_tokens - 1))
+
+    def update_engine_state(self, state: dict) -> None:
+        self.running.set(state.get("running", 0))
+        self.waiting.set(state.get("waiting", 0))
+        used, total = state.get("kv_pages_used", 0), state.get("kv_pages_total", 0)
+        self.kv_pages_used.set(used)
+        self.kv_usage.set(used / total if total else 0.0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,228 @@
+"""Chat and text completions in OpenAI's response shapes, streamed (SSE) or whole."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Optional
+
+from nanoslg.protocol import GenerateRequest, OutputDelta, token_ids
+from nanoslg.server.async_engine import AsyncEngine
+from nanoslg.server.metrics import ServerMetrics
+from nanoslg.server.schemas import ChatCompletionRequest, CompletionRequest
+
+
+class RequestRejected(ValueError):
+    """The engine refused the request itself (e.g. prompt longer than max_model_len): a 400, not a 5xx."""
+
+
+class GenerationFailed(RuntimeError):
+    pass
+
+
+@dataclass(slots=True)
+class Choice:
+    index: int
+    text: str = ""
+    num_tokens: int = 0
+    num_prompt_tokens: int = 0
+    finish_reason: Optional[str] = None
+    logprobs: list = field(default_factory=list)  # (token text, logprob, [(text, logprob), ...])
+    prompt_text: Optional[str] = None
+
+
+class Generation:
+    """One HTTP request's choices running in the engine, merged into a single stream of (choice, delta)."""
+
+    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, reqs: list):
+        self.engine, self.metrics, self.reqs = engine, metrics, reqs
+        self.choices = [Choice(i) for i in range(len(reqs))]
+        self.start = time.monotonic()
+        self.first_token: Optional[float] = None
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._tasks = [asyncio.ensure_future(self._pump(i, r)) for i, r in enumerate(reqs)]
+        self._status = "aborted"
+
+    async def _pump(self, index: int, req: GenerateRequest) -> None:
+        try:
+            async for delta in self.engine.generate(req):
+                await self._queue.put((index, delta))
+        except Exception as e:  # reaches the consumer, which decides the HTTP outcome
+            await self._queue.put((index, e))
+
+    async def deltas(self) -> AsyncIterator[tuple]:
+        """Yields (choice, delta) until every choice has finished; raises RequestRejected / GenerationFailed."""
+        pending = len(self.reqs)
+        try:
+            while pending:
+                index, item = await self._queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                choice = self.choices[index]
+                if item.error is not None:
+                    if item.finish_reason == "rejected":
+                        raise RequestRejected(item.error)
+                    raise GenerationFailed(item.error)
+                self._apply(choice, item)
+                if item.finish_reason is not None:
+                    pending -= 1
+                yield choice, item
+            self._status = "ok"
+        except RequestRejected:
+            self._status = "rejected"
+            raise
+        except Exception:
+            self._status = "error"
+            raise
+        finally:
+            for t in self._tasks:
+                t.cancel()  # a client gone or an error: abort whatever still runs
+            end = time.monotonic()
+            self.metrics.observe_request(self._status, self.start, self.first_token, end,
+                                         self.prompt_tokens, self.completion_tokens)
+
+    def _apply(self, choice: Choice, d: OutputDelta) -> None:
+        if d.token_ids and self.first_token is None:
+            self.first_token = time.monotonic()
+        choice.text += d.text
+        choice.num_tokens += len(d.token_ids)
+        choice.num_prompt_tokens = d.num_prompt_tokens
+        if d.prompt_text is not None:
+            choice.prompt_text = d.prompt_text
+        if d.finish_reason is not None:
+            choice.finish_reason = d.finish_reason
+        if d.logprobs:
+            for (lp, top), (text, top_texts) in zip(d.logprobs, d.logprob_texts or []):
+                choice.logprobs.append((text, lp, [(t, v) for t, (_, v) in zip(top_texts, top)]))
+
+    @property
+    def prompt_tokens(self) -> int:
+        # n choices of one prompt share it: count each distinct prompt once
+        per_prompt = {}
+        for r, c in zip(self.reqs, self.choices):
+            per_prompt[r.rid.rsplit("-", 1)[0]] = c.num_prompt_tokens
+        return sum(per_prompt.values())
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.choices)
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def chat_requests(body: ChatCompletionRequest, request_id: str) -> list:
+    conv = body.conversation()
+    return [GenerateRequest(f"{request_id}-{i}", body.to_sampling_params(i).to_dict(), messages=conv)
+            for i in range(body.n)]
+
+
+def completion_requests(body: CompletionRequest, request_id: str) -> list:
+    reqs = []
+    for p_index, prompt in enumerate(body.prompts()):
+        for i in range(body.n):
+            rid = f"{request_id}.{p_index}-{i}"
+            params = body.to_sampling_params(i).to_dict()
+            if isinstance(prompt, str):
+                reqs.append(GenerateRequest(rid, params, prompt=prompt, echo=body.echo))
+            else:
+                reqs.append(GenerateRequest(rid, params, prompt_ids=token_ids(prompt), echo=body.echo))
+    return reqs
+
+
+def _bytes(text: str) -> list:
+    return list(text.encode("utf-8"))
+
+
+def _chat_logprobs(entries: list) -> dict:
+    return {"content": [{"token": t, "logprob": lp, "bytes": _bytes(t),
+                         "top_logprobs": [{"token": tt, "logprob": tv, "bytes": _bytes(tt)} for tt, tv in top]}
+                        for t, lp, top in entries]}
+
+
+def _completion_logprobs(entries: list, offset: int) -> dict:
+    offsets = []
+    for t, _, _ in entries:
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": [t for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [dict(top) for _, _, top in entries], "text_offset": offsets}
+
+
+class Responder:
+    """Builds one request's response objects; chat and completions differ only in shapes."""
+
+    def __init__(self, chat: bool, model: str, gen: Generation, body):
+        self.chat, self.model, self.gen, self.body = chat, model, gen, body
+        self.id = _new_id("chatcmpl" if chat else "cmpl")
+        self.created = int(time.time())
+        self.want_logprobs = (body.logprobs if chat else body.logprobs is not None)
+
+    def _envelope(self, obj: str, choices: list) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+
+    def whole(self) -> dict:
+        choices = []
+        for c in self.gen.choices:
+            if self.chat:
+                choice = {"index": c.index, "message": {"role": "assistant", "content": c.text},
+                          "logprobs": _chat_logprobs(c.logprobs) if self.want_logprobs else None,
+                          "finish_reason": c.finish_reason}
+            else:
+                prefix = c.prompt_text or ""
+                choice = {"index": c.index, "text": prefix + c.text,
+                          "logprobs": _completion_logprobs(c.logprobs, len(prefix)) if self.want_logprobs else None,
+                          "finish_reason": c.finish_reason}
+            choices.append(choice)
+        out = self._envelope("chat.completion" if self.chat else "text_completion", choices)
+        out["usage"] = self.gen.usage()
+        return out
+
+    async def stream(self, first: Optional[tuple], rest: AsyncIterator[tuple]) -> AsyncIterator[bytes]:
+        include_usage = self.body.include_usage
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        if self.chat:
+            yield self._sse([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None} for c in self.gen.choices], obj, include_usage)
+        try:
+            item = first
+            while item is not None:
+                choice, delta = item
+                new = choice.logprobs[len(choice.logprobs) - (len(delta.token_ids) if delta.logprobs else 0):]
+                text = delta.text
+                if not self.chat and delta.prompt_text:
+                    text = delta.prompt_text + text
+                if text or delta.finish_reason is not None or new:
+                    yield self._sse([self._chunk_choice(choice, text, new, delta.finish_reason)], obj, include_usage)
+                item = await anext(rest, None)
+        except (RequestRejected, GenerationFailed) as e:
+            error = {"message": str(e), "type": "server_error", "param": None, "code": None}
+            yield f"data: {json.dumps({'error': error})}\n\n".encode()
+        if include_usage:
+            usage = self._envelope(obj, [])
+            usage["usage"] = self.gen.usage()
+            yield f"data: {json.dumps(usage)}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+
+    def _chunk_choice(self, choice: Choice, text: str, new_logprobs: list, finish: Optional[str]) -> dict:
+        if self.chat:
+            return {"index": choice.index, "delta": {"content": text} if text else {},
+                    "logprobs": _chat_logprobs(new_logprobs) if self.want_logprobs and new_logprobs else None,
+                    "finish_reason": finish}
+        offset = len(choice.prompt_text or "") + len(choice.text) - len(text)
+        return {"index": choice.index, "text": text,
+                "logprobs": _completion_logprobs(new_logprobs, offset) if self.want_logprobs and new_logprobs
+                else None, "finish_reason": finish}
+
+    def _sse(self, choices: list, obj: str, include_usage: bool) -> bytes:
+        chunk = self._envelope(obj, choices)
+        if include_usage:
+            chunk["usage"] = None
+        return f"data: {json.dumps(chunk)}\n\n".encode()
