@@ -9,13 +9,16 @@ import torch
 
 from gpu_workers.attention.base import AttentionBackend, BatchLayout
 from gpu_workers.attention.context import forward_context
+from gpu_workers.attention.flashinfer_backend import FlashInferBackend, flashinfer_usable
 from gpu_workers.attention.sdpa import SdpaBackend
+from gpu_workers.cuda_graphs import DecodeGraphs
+from gpu_workers.layers import fused_ops
 from gpu_workers.models.llama import LlamaForCausalLM, iter_required
 from gpu_workers.parallel import parallel_state
 from gpu_workers.sampler import RowParams, Sampler
 from gpu_workers.weight_loader import init_dummy, load_checkpoint
 from nanoslg.config import EngineConfig
-from nanoslg.protocol import StepPlan, StepResult, token_ids
+from nanoslg.protocol import SeqChunk, StepPlan, StepResult, token_ids
 
 log = logging.getLogger("nanoslg.worker")
 
@@ -52,15 +55,39 @@ class ModelRunner:
         else:
             targets = self.model.checkpoint_targets()
             load_checkpoint(targets, set(iter_required(targets, spec)), cfg.model, self.device)
-        self.num_pages = self._count_kv_pages()
-        local_heads = self.model.layers[0].self_attn.num_heads if len(self.model.layers) else spec.num_heads
-        local_kv = self.model.layers[0].self_attn.num_kv_heads if len(self.model.layers) else spec.num_kv_heads
-        self.backend: AttentionBackend = SdpaBackend(len(self.model.layers), self.num_pages, cfg.page_size,
-                                                     local_heads, local_kv, spec.head_dim, self.dtype, self.device)
-        log.info("worker ready: %s %s, %d KV pages of %d tokens, attention backend %s", self.device, self.dtype,
-                 self.num_pages, cfg.page_size, self.backend.name)
+        self.backend_cls = self._choose_backend()
+        if self.backend_cls is FlashInferBackend:
+            fused_ops.enable_for(self.device)
         self.sampler = Sampler(self.device, cfg.seed)
         self.rows: dict = {}  # rid -> RowParams, kept while the scheduler may still schedule the request
+        self.num_pages = self._count_kv_pages()
+        self.backend = self._make_backend(self.num_pages)
+        log.warning("worker: %s %s, %d KV pages of %d tokens, attention backend %s (%s), fused ops %s",
+                    self.device, self.dtype, self.num_pages, cfg.page_size, self.backend.name, self.backend_reason,
+                    "on" if fused_ops.enabled() else "off")
+        self.graphs = None
+        if self.device.type == "cuda" and self.backend_cls is FlashInferBackend and not cfg.enforce_eager:
+            self.graphs = DecodeGraphs(self.model, self.backend, min(cfg.cuda_graph_max_batch, cfg.max_num_seqs),
+                                       cfg.max_model_len, cfg.page_size)
+
+    def _choose_backend(self) -> type:
+        choice = self.cfg.attention_backend
+        usable, reason = flashinfer_usable(self.device)
+        if choice == "flashinfer" and not usable:
+            raise RuntimeError(f"--attention-backend flashinfer cannot run: {reason}")
+        if choice == "sdpa" or not usable:
+            self.backend_reason = "asked for" if choice == "sdpa" else f"flashinfer unusable: {reason}"
+            return SdpaBackend
+        self.backend_reason = reason
+        return FlashInferBackend
+
+    def _make_backend(self, num_pages: int) -> AttentionBackend:
+        spec = self.cfg.model_spec
+        attn = self.model.layers[0].self_attn if len(self.model.layers) else None
+        heads = attn.num_heads if attn else spec.num_heads
+        kv_heads = attn.num_kv_heads if attn else spec.num_kv_heads
+        return self.backend_cls(len(self.model.layers), num_pages, self.cfg.page_size, heads, kv_heads,
+                                spec.head_dim, self.dtype, self.device)
 
     def _count_kv_pages(self) -> int:
         cfg, spec = self.cfg, self.cfg.model_spec
@@ -73,15 +100,52 @@ class ModelRunner:
         if self.device.type == "cpu":
             budget = cfg.kv_cache_memory_gb * (1 << 30)
         else:
-            free, total = torch.cuda.mem_get_info(self.device)
-            reserve = total * (1 - cfg.gpu_memory_utilization) + 2 * (1 << 30)  # activations, allocator slack
-            budget = free - reserve
+            budget = self._profile_free_memory()
         # No point holding more pages than every sequence at full length could use.
         ceiling = cfg.max_num_seqs * -(-cfg.max_model_len // cfg.page_size) + 1
         pages = min(int(budget // page_bytes), ceiling)
         if pages < 1:
             raise RuntimeError(f"no memory left for the KV cache (one page needs {page_bytes} bytes)")
         return pages
+
+    def _profile_free_memory(self) -> float:
+        """Bytes the KV cache may take: the GPU's share (gpu_memory_utilization) minus the peak of a forward pass at
+        the largest step the scheduler can form (max_num_batched_tokens prefill tokens, logits for max_num_seqs)."""
+        cfg = self.cfg
+        tokens = cfg.max_num_batched_tokens
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        seqs = min(cfg.max_num_seqs, tokens)
+        lens = [tokens // seqs + (1 if i < tokens % seqs else 0) for i in range(seqs)]
+        pages = []
+        offset = 0
+        for n in lens:
+            first = offset // cfg.page_size
+            pages.append(list(range(first, first + -(-n // cfg.page_size))))
+            offset = (first + len(pages[-1])) * cfg.page_size
+        probe_pages = max(p[-1] for p in pages) + 1
+        probe = self._make_backend(probe_pages)
+        plan = StepPlan(-1, [SeqChunk(f"probe{i}", token_ids([1] * n), 0, token_ids(p), True,
+                                      {"temperature": 1.0, "top_p": 0.9})
+                             for i, (n, p) in enumerate(zip(lens, pages))])
+        backend, self.backend = getattr(self, "backend", None), probe
+        self.graphs = None
+        self.execute(plan)
+        self.execute(StepPlan(-1, [], [s.rid for s in plan.seqs]))
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        self.backend = backend
+        del probe
+        torch.cuda.empty_cache()
+        total = torch.cuda.mem_get_info(self.device)[1]
+        kv_bytes = AttentionBackend.bytes_per_page(len(self.model.layers), cfg.page_size,
+                                                   self.model.layers[0].self_attn.num_kv_heads, cfg.model_spec.head_dim,
+                                                   self.dtype, self.device) * probe_pages
+        # the probe's own KV pages are not activations; CUDA graphs and fragmentation get 1 GiB of headroom
+        budget = total * cfg.gpu_memory_utilization - (peak - kv_bytes) - (1 << 30)
+        log.warning("memory profile: peak %.1f GiB at %d tokens, KV budget %.1f GiB", peak / 2 ** 30, tokens,
+                    budget / 2 ** 30)
+        return budget
 
     def _layout(self, plan: StepPlan) -> tuple:
         ps = self.cfg.page_size
@@ -115,9 +179,12 @@ class ModelRunner:
         if not plan.seqs:
             return StepResult(plan.step_id, [], token_ids())
         input_ids, layout, cu = self._layout(plan)
-        with forward_context(self.backend):
-            self.backend.plan(layout)
-            hidden = self.model(layout.positions, input_ids=input_ids)
+        if self.graphs is not None and self.graphs.can_run(layout):
+            hidden = self.graphs.run(input_ids, layout)
+        else:
+            with forward_context(self.backend):
+                self.backend.plan(layout)
+                hidden = self.model(layout.positions, input_ids=input_ids)
         sampling = [b for b, s in enumerate(plan.seqs) if s.sample]
         if not sampling:
             return StepResult(plan.step_id, [], token_ids())

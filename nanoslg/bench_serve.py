@@ -73,6 +73,8 @@ def add_bench_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-rate", type=float, default=float("inf"),
                         help="requests/s with Poisson arrivals (default inf: send all at once)")
     parser.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
+    parser.add_argument("--num-warmups", type=int, default=1,
+                        help="unrecorded requests sent first; if all of them fail the run stops (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--result-json", default=None, help="default: bench-serve-<timestamp>.json")
@@ -107,12 +109,14 @@ def _sharegpt_like_lengths(rng: np.random.Generator, max_model_len: Optional[int
         mu = math.log(mean) - SHAREGPT_SIGMA ** 2 / 2
         return int(np.clip(round(rng.lognormal(mu, SHAREGPT_SIGMA)), *SHAREGPT_CLIP))
 
-    n_in, n_out = draw(SHAREGPT_MEAN_IN), draw(SHAREGPT_MEAN_OUT)
-    if max_model_len and n_in + n_out > max_model_len:
-        # Keep the prompt (it is what the dataset is about) and shrink the output to fit, then the prompt.
-        n_out = max(1, min(n_out, max_model_len - n_in))
-        n_in = max(1, min(n_in, max_model_len - n_out))
-    return n_in, n_out
+    # Pairs that do not fit the server are drawn again, as vLLM drops ShareGPT conversations that are too
+    # long; with a tiny limit that could take forever, so after a while the pair is scaled down instead.
+    for _ in range(100):
+        n_in, n_out = draw(SHAREGPT_MEAN_IN), draw(SHAREGPT_MEAN_OUT)
+        if not max_model_len or n_in + n_out <= max_model_len:
+            return n_in, n_out
+    scale = max_model_len / (n_in + n_out)
+    return max(1, int(n_in * scale)), max(1, int(n_out * scale))
 
 
 def arrival_offsets(num: int, rate: float, seed: int) -> list:
@@ -170,35 +174,49 @@ async def send_request(client, url: str, payload: dict, chat: bool, result: Requ
 
 
 async def run_requests(args, model: str, requests: list, headers: dict) -> tuple:
+    """(per-request results, benchmark duration in s, warm-up error or "")."""
+    import httpx
+
     chat = args.endpoint == "chat"
     url = args.base_url.rstrip("/") + ("/v1/chat/completions" if chat else "/v1/completions")
     offsets = arrival_offsets(len(requests), args.request_rate, args.seed)
     results = [RequestResult(i, r.input_len, r.output_len) for i, r in enumerate(requests)]
     limit = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
 
+    def payload(req: BenchRequest) -> dict:
+        body = {"model": model, "max_tokens": req.output_len, "temperature": 0.0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        if args.ignore_eos:
+            body["ignore_eos"] = True
+        if chat:
+            body["messages"] = [{"role": "user", "content": req.prompt}]
+        else:
+            body["prompt"] = req.prompt
+        return body
+
     async def one(i: int, client, t0: float) -> None:
         await asyncio.sleep(max(0.0, t0 + offsets[i] - time.perf_counter()))
-        req = requests[i]
-        payload = {"model": model, "max_tokens": req.output_len, "temperature": 0.0, "stream": True,
-                   "stream_options": {"include_usage": True}}
-        if args.ignore_eos:
-            payload["ignore_eos"] = True
-        if chat:
-            payload["messages"] = [{"role": "user", "content": req.prompt}]
-        else:
-            payload["prompt"] = req.prompt
         async with (limit or contextlib.nullcontext()):
-            await send_request(client, url, payload, chat, results[i], t0)
-
-    import httpx
+            await send_request(client, url, payload(requests[i]), chat, results[i], t0)
 
     # No connection-pool cap beyond our own: httpx's default of 100 would silently queue requests and inflate TTFT.
     limits = httpx.Limits(max_connections=args.max_concurrency, max_keepalive_connections=args.max_concurrency)
     async with httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(600.0), limits=limits) as client:
+        # The client's first request pays one-off setup (lazy imports, first connection) that would otherwise
+        # land on the first benchmark request's TTFT; a cheap GET absorbs it.
+        with contextlib.suppress(httpx.HTTPError):
+            await client.get(args.base_url.rstrip("/") + "/v1/models")
+        # Unrecorded warm-up requests take a fresh server's one-off costs (first kernels, allocations) out of
+        # the numbers and, like vLLM's initial test run, stop a misconfigured run before it sends everything.
+        warmups = [RequestResult(-1, 0, 0) for _ in range(min(args.num_warmups, len(requests)))]
+        await asyncio.gather(*(send_request(client, url, payload(requests[i]), chat, w, 0.0)
+                               for i, w in enumerate(warmups)))
+        if warmups and not any(w.success for w in warmups):
+            return results, 0.0, warmups[0].error
         t0 = time.perf_counter()
         await asyncio.gather(*(one(i, client, t0) for i in range(len(requests))))
         duration = time.perf_counter() - t0
-    return results, duration
+    return results, duration, ""
 
 
 def compute_metrics(results: list, duration: float) -> dict:
@@ -227,7 +245,7 @@ def compute_metrics(results: list, duration: float) -> dict:
 
 def format_summary(m: dict) -> str:
     def row(label, value):
-        return f"{label:<40}{value:<10.2f}" if isinstance(value, float) else f"{label:<40}{value:<10}"
+        return f"{label:<40}{value:.2f}" if isinstance(value, float) else f"{label:<40}{value}"
 
     def section(title, key, unit_name):
         return [f"{title:-^50}"] + [row(f"{stat} {unit_name} (ms):", m[f"{k}_{key}_ms"])
@@ -255,17 +273,21 @@ def save_plot(path: str, results: list, metrics: dict, title: str) -> None:
     matplotlib.use("Agg")  # no display on servers; also safe if pyplot was imported elsewhere first
     import matplotlib.pyplot as plt
 
-    ok = sorted((r for r in results if r.success), key=lambda r: r.start)
+    # x is the request's rank by start time: readable both for a burst (all starts ~0) and for Poisson arrivals.
+    order = {r.index: rank for rank, r in enumerate(sorted(results, key=lambda r: r.start))}
+    ok = [r for r in results if r.success]
     failed = [r for r in results if not r.success]
     fig, (ax_ttft, ax_e2e, ax_tpot) = plt.subplots(1, 3, figsize=(16, 4.8))
-    starts = [r.start for r in ok]
-    ax_ttft.scatter(starts, [1000 * r.ttft for r in ok], s=12)
-    ax_ttft.set(xlabel="request start (s)", ylabel="TTFT (ms)", title="Time to first token per request")
-    ax_e2e.scatter(starts, [1000 * r.e2e for r in ok], s=12, label="ok")
+    xs = [order[r.index] for r in ok]
+    ax_ttft.scatter(xs, [1000 * r.ttft for r in ok], s=12)
+    ax_ttft.set(xlabel="request (by start time)", ylabel="TTFT (ms)", title="Time to first token per request")
+    ax_e2e.scatter(xs, [1000 * r.e2e for r in ok], s=12, label="ok")
     if failed:  # failures sit on the x axis so they are visible without a latency
-        ax_e2e.scatter([r.start for r in failed], [0] * len(failed), marker="x", color="red", label="failed")
+        ax_e2e.scatter([order[r.index] for r in failed], [0] * len(failed), marker="x", color="red", label="failed")
         ax_e2e.legend()
-    ax_e2e.set(xlabel="request start (s)", ylabel="E2E latency (ms)", title="End-to-end latency per request")
+    ax_e2e.set(xlabel="request (by start time)", ylabel="E2E latency (ms)", title="End-to-end latency per request")
+    for ax in (ax_ttft, ax_e2e):
+        ax.set_ylim(bottom=0)
     tpots = [1000 * (r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
     ax_tpot.hist(tpots, bins=min(30, max(5, len(tpots))))
     ax_tpot.set(xlabel="TPOT (ms)", ylabel="requests", title="Time per output token")
@@ -313,7 +335,10 @@ def run_bench_serve(args) -> int:
     rate = "inf" if math.isinf(args.request_rate) else f"{args.request_rate:g} req/s"
     print(f"Benchmarking {model} at {args.base_url} ({args.endpoint}): {len(requests)} {args.dataset} prompts, "
           f"request rate {rate}, max concurrency {args.max_concurrency or 'unlimited'}", flush=True)
-    results, duration = asyncio.run(run_requests(args, model, requests, headers))
+    results, duration, warmup_error = asyncio.run(run_requests(args, model, requests, headers))
+    if warmup_error:
+        print(f"error: the warm-up request failed: {' '.join(warmup_error.split())}", file=sys.stderr)
+        return 1
     metrics = compute_metrics(results, duration)
     print(format_summary(metrics), flush=True)
 

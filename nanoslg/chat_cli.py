@@ -59,7 +59,10 @@ def first_model(client: httpx.Client) -> str:
     resp = client.get("/v1/models")
     if resp.status_code >= 400:
         raise ChatError(_error_message(resp))
-    models = resp.json().get("data") or []
+    try:
+        models = resp.json().get("data") or []
+    except (ValueError, AttributeError):
+        raise ChatError(f"{resp.url} did not return an OpenAI model list") from None
     if not models:
         raise ChatError("the server lists no models; pass --model")
     return models[0]["id"]
@@ -82,7 +85,10 @@ def stream_reply(client: httpx.Client, body: dict, out=None) -> tuple[str, dict]
             for data in _sse_events(resp):
                 if data.strip() == "[DONE]":
                     break
-                chunk = json.loads(data)
+                try:
+                    chunk = json.loads(data)
+                except ValueError:
+                    raise ChatError(f"the server sent a bad stream event: {data[:200]!r}") from None
                 if chunk.get("error"):
                     err = chunk["error"]
                     raise ChatError(err.get("message", str(err)) if isinstance(err, dict) else str(err))
@@ -103,12 +109,12 @@ def stream_reply(client: httpx.Client, body: dict, out=None) -> tuple[str, dict]
     return "".join(parts), {"tokens": tokens, "seconds": elapsed, "finish_reason": finish}
 
 
-def _stats(stats: dict, note: str = "") -> None:
+def _stats(stats: dict) -> None:
     secs = stats["seconds"]
     text = f"[{stats['tokens']} tokens, {stats['tokens'] / secs if secs > 0 else 0.0:.1f} tok/s"
     if stats.get("finish_reason") == "length":
         text += ", hit --max-tokens"
-    text += note + "]"
+    text += "]"
     if sys.stderr.isatty():
         text = f"\033[2m{text}\033[0m"
     print(text, file=sys.stderr, flush=True)
@@ -156,8 +162,11 @@ def run_chat(args) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-    except httpx.TransportError as e:
-        print(f"nanoslg chat: cannot reach the server at {args.url}: {e or type(e).__name__}", file=sys.stderr)
+    except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+        print(f"nanoslg chat: cannot reach the server at {args.url}: {e}", file=sys.stderr)
+        return 1
+    except httpx.TransportError as e:  # the server went away or stalled mid-reply
+        print(f"\nnanoslg chat: connection to {args.url} failed: {str(e) or type(e).__name__}", file=sys.stderr)
         return 1
 
 

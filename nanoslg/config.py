@@ -105,6 +105,8 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     attention_backend: str = "auto"
+    enforce_eager: bool = False  # no CUDA graphs
+    cuda_graph_max_batch: int = 512
     startup_timeout_s: float = 600.0
     log_level: str = "warning"
     # Filled in by resolve(); never set these by hand.

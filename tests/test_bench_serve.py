@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import math
 import threading
@@ -115,15 +114,18 @@ def test_completions_metrics_match_known_delays(tmp_path, capsys):
     m = res["metrics"]
     assert m["completed"] == 4 and m["failed"] == 0
     assert m["total_input_tokens"] == 32 and m["total_output_tokens"] == 24
-    # Known server delays: TTFT ~100 ms, ITL and TPOT ~20 ms, E2E ~100 + 5 * 20 ms (loopback adds a little).
-    assert 95 <= m["median_ttft_ms"] <= 160
-    assert 18 <= m["median_itl_ms"] <= 35 and 18 <= m["mean_tpot_ms"] <= 35
-    assert 195 <= m["median_e2el_ms"] <= 300
+    # Known server delays: TTFT ~100 ms, ITL and TPOT ~20 ms, E2E ~100 + 5 * 20 ms. The server's sleeps make
+    # the lower bounds tight; the upper bounds are loose because a busy test machine can only add delay.
+    assert 95 <= m["median_ttft_ms"] <= 250
+    assert 15 <= m["median_itl_ms"] <= 60 and 18 <= m["mean_tpot_ms"] <= 60
+    assert 195 <= m["median_e2el_ms"] <= 450
     assert m["request_throughput"] == pytest.approx(4 / m["duration_s"])
     assert m["output_throughput"] == pytest.approx(24 / m["duration_s"])
     for r in res["requests"]:
         assert r["success"] and r["output_tokens"] == 6 and r["prompt_tokens"] == 8 and len(r["itl"]) == 5
         assert r["generated_text"] == " w0 w1 w2 w3 w4 w5"
+        # The pieces add up: first token + gaps is the whole stream, bar reading the final chunks.
+        assert r["ttft"] + sum(r["itl"]) == pytest.approx(r["e2e"], abs=0.02)
     for body in srv.bodies:  # the model came from /v1/models; the request is what vLLM's client sends
         assert body["model"] == "fake-model" and body["stream"] is True and body["ignore_eos"] is True
         assert body["stream_options"] == {"include_usage": True} and body["temperature"] == 0
@@ -144,7 +146,7 @@ def test_chat_skips_role_chunk_counts_chunks_without_usage(tmp_path):
     for body in srv.bodies:
         assert "ignore_eos" not in body and body["model"] == "mine"
         assert len(body["messages"][0]["content"].split()) == 10
-    assert srv.auth_headers == ["Bearer sekrit"] * 3
+    assert srv.auth_headers == ["Bearer sekrit"] * 4  # one warm-up request, then the three measured
     assert "api_key" not in res["config"]
     assert png.read_bytes()[:8] == PNG_MAGIC
 
@@ -171,12 +173,22 @@ def test_finite_request_rate_follows_poisson_schedule(tmp_path):
 @pytest.mark.parametrize("mode, expect", [("http_error", "HTTP 500"), ("error_event", "engine died")])
 def test_all_failed_returns_1_with_one_line_error(tmp_path, capsys, mode, expect):
     with FakeOpenAIServer(first_delay=0.01, gap=0.01, mode=mode) as srv:
-        rc, res, png = bench(srv.url, tmp_path, "--num-prompts", "3", "--input-len", "4", "--output-len", "4")
+        rc, res, png = bench(srv.url, tmp_path, "--num-prompts", "3", "--input-len", "4", "--output-len", "4",
+                             "--num-warmups", "0")
+    assert len(srv.bodies) == 3
     err = capsys.readouterr().err
     assert rc == 1
     assert err.count("\n") == 1 and expect in err and "Traceback" not in err
     assert res["metrics"]["failed"] == 3 and all(expect in r["error"] for r in res["requests"])
     assert png.read_bytes()[:8] == PNG_MAGIC  # the failures are still plotted and recorded
+
+
+def test_failed_warmup_stops_the_run(tmp_path, capsys):
+    with FakeOpenAIServer(mode="http_error") as srv:
+        rc, res, _ = bench(srv.url, tmp_path, "--num-prompts", "50", "--num-warmups", "2")
+    err = capsys.readouterr().err
+    assert rc == 1 and res is None and len(srv.bodies) == 2
+    assert err.count("\n") == 1 and "warm-up" in err and "HTTP 500" in err
 
 
 def test_unreachable_server_returns_1_without_traceback(tmp_path, capsys):
@@ -202,7 +214,11 @@ def test_datasets_are_seeded_and_sized():
     assert ins.std() > 50  # lengths really vary
     assert all(len(r.prompt) == r.input_len for r in share)
     small = bs.make_requests("sharegpt-like", "completions", 500, 0, 0, seed=0, max_model_len=256)
-    assert all(r.input_len + r.output_len <= 256 and r.output_len >= 1 for r in small)
+    assert all(r.input_len + r.output_len <= 256 and r.input_len >= 4 and r.output_len >= 4 for r in small)
+    chat_small = bs.make_requests("sharegpt-like", "chat", 200, 0, 0, seed=0, max_model_len=256)
+    assert all(len(r.prompt.split()) + r.output_len <= 256 - 32 for r in chat_small)  # room for the template
+    tiny = bs.make_requests("sharegpt-like", "completions", 20, 0, 0, seed=0, max_model_len=6)
+    assert all(2 <= r.input_len + r.output_len <= 6 for r in tiny)  # nothing fits: scaled down, not looping
 
 
 def test_arrival_offsets():
@@ -227,7 +243,16 @@ def test_compute_metrics_exact():
     assert m["mean_e2el_ms"] == pytest.approx(230)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("nanoslg.server") is None, reason="nanoslg.server is not there yet")
+def _real_server_importable() -> bool:
+    """The server is being written alongside this benchmark: run against it once it imports."""
+    try:
+        import nanoslg.server.app  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _real_server_importable(), reason="nanoslg.server.app does not import yet")
 def test_real_server(tiny_chat_model, tmp_path, capsys):
     from server_utils import Server
 
@@ -242,7 +267,9 @@ def test_real_server(tiny_chat_model, tmp_path, capsys):
             assert res["metrics"]["completed"] == 8 and res["metrics"]["total_input_tokens"] == 8 * 32
             assert all(r["success"] and r["output_tokens"] == 16 for r in res["requests"])
             assert png.read_bytes()[:8] == PNG_MAGIC
-        rc, res, _ = bench(srv.url, tmp_path, "--endpoint", "chat", "--dataset", "sharegpt-like",
-                           "--num-prompts", "4", "--max-concurrency", "2")
+        # The chat endpoint on the real server (its sharegpt-like clipping to max_model_len is unit-tested above).
+        rc, res, _ = bench(srv.url, tmp_path, "--endpoint", "chat", "--num-prompts", "4", "--input-len", "16",
+                           "--output-len", "8", "--max-concurrency", "2")
         assert rc == 0 and res["metrics"]["completed"] == 4
-        assert all(r["input_len"] + r["output_len"] <= 512 for r in res["requests"])
+        assert all(r["output_tokens"] == 8 and r["prompt_tokens"] > 16 for r in res["requests"])  # + template
+        assert res["config"]["max_model_len"] == 512

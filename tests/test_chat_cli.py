@@ -230,5 +230,6 @@ def test_real_server_tiny_model_piped_two_turns(tiny_chat_model):
         p = chat_proc("--url", srv.url, "--max-tokens", "8", "--temperature", "0")
         out, err = p.communicate("hello\nand again\n", timeout=60)
     assert p.returncode == 0, err
-    assert [int(n) for n in STATS.findall(err)] == [8, 8] or len(STATS.findall(err)) == 2
-    assert out.count("\n") >= 2
+    counts = [int(n) for n in STATS.findall(err)]  # one stats line per reply (the text is gibberish)
+    assert len(counts) == 2 and all(1 <= n <= 8 for n in counts), err
+    assert out.count("\n") >= 2 and "error" not in err

@@ -39,9 +39,11 @@ class AttentionBackend(ABC):
             # torch's CPU attention kernels are several times slower in bf16/fp16 than in fp32 at decode shapes,
             # so on CPU the cache (and attention) stays fp32 whatever the model's dtype.
             dtype = torch.float32
-        # [layer, k|v, page * page_size + offset, kv_head, head_dim]
-        self.kv_cache = torch.zeros(num_layers, 2, num_pages * page_size, num_kv_heads, head_dim, dtype=dtype,
-                                    device=device)
+        # [layer, k|v, page * page_size + offset, kv_head, head_dim]. One page more than the scheduler hands out:
+        # padding rows of a CUDA-graph batch write their KV there.
+        self.scratch_page = num_pages
+        self.kv_cache = torch.zeros(num_layers, 2, (num_pages + 1) * page_size, num_kv_heads, head_dim,
+                                    dtype=dtype, device=device)
 
     @staticmethod
     def bytes_per_page(num_layers: int, page_size: int, num_kv_heads: int, head_dim: int,

@@ -6,6 +6,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from gpu_workers.layers import fused_ops
+
 
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float, dtype: torch.dtype):
@@ -22,6 +24,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
         """Without residual: norm(x). With residual: returns (norm(x + residual), x + residual)."""
+        if fused_ops.enabled() and x.dim() == 2:
+            if residual is None:
+                return fused_ops.rms_norm(x, self.weight, self.eps)
+            fused_ops.add_rms_norm_(x, residual, self.weight, self.eps)
+            return x, residual
         if residual is None:
             return self._norm(x)
         x = x + residual

@@ -6,6 +6,8 @@ import math
 import torch
 from torch import nn
 
+from gpu_workers.layers import fused_ops
+
 
 def _inv_freq(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
@@ -36,6 +38,8 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(t, inv_freq)
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
+        self.head_dim = head_dim
+        self._cos_sin_table = None  # [max_positions, head_dim] fp32, the fused kernel's layout
 
         self._step_key = None
         self._step_cos_sin = None
@@ -52,6 +56,12 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q: [T, heads, D], k: [T, kv_heads, D]; returns both rotated, in their dtype."""
+        if fused_ops.enabled():
+            if self._cos_sin_table is None:
+                self._cos_sin_table = torch.cat((self.cos, self.sin), dim=-1).contiguous()
+            t = q.shape[0]
+            fused_ops.rope_(positions, q.view(t, -1), k.view(t, -1), self.head_dim, self._cos_sin_table)
+            return q, k
         cos, sin = self._cos_sin(positions, q.dtype)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 

@@ -34,24 +34,35 @@ async function run(browser, log) {
   const model = (await page.textContent("#model-name")).trim();
   if (model === "model unavailable") fail(`GET /v1/models failed: ${await page.getAttribute("#model-name", "title")}`);
 
-  // Record every distinct length of the newest assistant bubble as the DOM changes.
+  // Instrument the page before sending: every text the newest assistant bubble is given (one DOM
+  // mutation per streamed chunk), the lengths actually on screen at successive animation frames, and
+  // whether #stop was ever enabled.
   await page.evaluate(() => {
-    window.__lengths = [];
+    Object.assign(window, { __lengths: [], __frameLengths: [], __stopEnabled: false });
+    const push = (list, n) => { if (n > 0 && list[list.length - 1] !== n) list.push(n); };
     const box = document.querySelector("#messages");
-    const record = () => {
-      const bubbles = box.querySelectorAll(".assistant");
-      const n = bubbles.length ? bubbles[bubbles.length - 1].textContent.length : 0;
-      const seen = window.__lengths;
-      if (n > 0 && seen[seen.length - 1] !== n) seen.push(n);
+    const stop = document.querySelector("#stop");
+    new MutationObserver((records) => {
+      for (const r of records) {
+        const el = r.target.nodeType === Node.TEXT_NODE ? r.target.parentElement : r.target;
+        if (r.target === stop) { window.__stopEnabled ||= !stop.disabled; continue; }
+        if (!el || !el.classList.contains("assistant")) continue;
+        if (r.type === "characterData") push(window.__lengths, el.textContent.length);
+        for (const node of r.addedNodes) if (node.nodeType === Node.TEXT_NODE) push(window.__lengths, node.data.length);
+      }
+    }).observe(box, { childList: true, subtree: true, characterData: true });
+    new MutationObserver(() => { window.__stopEnabled ||= !stop.disabled; })
+      .observe(stop, { attributes: true, attributeFilter: ["disabled"] });
+    const sample = () => {
+      const bubble = [...box.querySelectorAll(".assistant")].pop();
+      if (bubble) push(window.__frameLengths, bubble.textContent.length);
+      if (!box.querySelector(".stats, .error")) requestAnimationFrame(sample);
     };
-    new MutationObserver(record).observe(box, { childList: true, subtree: true, characterData: true });
+    requestAnimationFrame(sample);
   });
 
   await page.fill("#prompt", PROMPT);
   await page.click("#send");
-  const stopEnabledWhileStreaming = await page
-    .waitForFunction(() => !document.querySelector("#stop").disabled || document.querySelector(".stats"))
-    .then(() => page.evaluate(() => !document.querySelector("#stop").disabled));
 
   // Done when the tokens/s line appears; an error bubble means the request failed.
   const outcome = await Promise.race([
@@ -64,18 +75,21 @@ async function run(browser, log) {
     userText: document.querySelector(".user")?.textContent ?? "",
     finalText: [...document.querySelectorAll(".assistant")].pop()?.textContent ?? "",
     lengthsSeen: window.__lengths,
+    frameLengthsSeen: window.__frameLengths,
+    stopEnabledWhileStreaming: window.__stopEnabled,
     stats: document.querySelector(".stats")?.textContent ?? "",
     sendEnabledAfter: !document.querySelector("#send").disabled,
     stopDisabledAfter: document.querySelector("#stop").disabled,
   }));
   await page.screenshot({ path: screenshotPath, fullPage: true });
-  Object.assign(summary, { model, stopEnabledWhileStreaming, screenshot: screenshotPath });
+  Object.assign(summary, { model, screenshot: screenshotPath });
 
   if (summary.userText !== PROMPT) fail(`user bubble shows ${JSON.stringify(summary.userText)}`);
   if (!summary.finalText.trim()) fail("the assistant reply is empty");
   const distinct = new Set(summary.lengthsSeen.filter((n) => n > 0));
   if (distinct.size < 2) fail(`the reply did not stream: lengths seen ${JSON.stringify(summary.lengthsSeen)}`);
   if (!/tok\/s/.test(summary.stats)) fail(`stats line lacks tok/s: ${JSON.stringify(summary.stats)}`);
+  if (!summary.stopEnabledWhileStreaming) fail("#stop was never enabled while the reply streamed");
   if (!summary.sendEnabledAfter || !summary.stopDisabledAfter) fail("Send/Stop buttons not reset after the reply");
   return summary;
 }

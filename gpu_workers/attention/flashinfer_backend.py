@@ -1,0 +1,97 @@
+"""FlashInfer paged attention (SM80+): one plan per step, BatchDecode for pure decode steps and BatchPrefill (ragged
+queries over the paged cache) for prefill and mixed steps. The cache is the base class's tensor, viewed per layer as
+(k, v) pages in FlashInfer's NHD layout."""
+from __future__ import annotations
+
+import torch
+
+from gpu_workers.attention.base import AttentionBackend, BatchLayout
+
+WORKSPACE_BYTES = 256 * 1024 * 1024
+
+
+def flashinfer_usable(device: torch.device) -> tuple:
+    """(usable, reason) for the log line that says which backend runs and why."""
+    if device.type != "cuda":
+        return False, f"device is {device.type}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return False, f"GPU is SM{major}{minor}, FlashInfer needs SM80+"
+    try:
+        import flashinfer  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install that fails while loading its libraries
+        return False, f"flashinfer does not import ({type(e).__name__}: {e})"
+    return True, f"SM{major}{minor} and flashinfer imports"
+
+
+class PageTables:
+    """FlashInfer's CSR form of a step's page tables: indptr, flat page indices and last-page fill."""
+
+    @staticmethod
+    def build(layout: BatchLayout, page_size: int):
+        kv_lens = layout.kv_lens.long()
+        pages_per_seq = (kv_lens + page_size - 1) // page_size
+        indptr = torch.zeros(len(kv_lens) + 1, dtype=torch.int32)
+        torch.cumsum(pages_per_seq, 0, out=indptr[1:])
+        cols = torch.arange(layout.page_tables.shape[1])
+        indices = layout.page_tables[cols[None, :] < pages_per_seq[:, None]].to(torch.int32)
+        last = (kv_lens - (pages_per_seq - 1) * page_size).to(torch.int32)
+        return indptr, indices, last
+
+
+class FlashInferBackend(AttentionBackend):
+    name = "flashinfer"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        import flashinfer
+
+        device = self.kv_cache.device
+        self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        # Backends pinned to the kernels the GPU kit ships prebuilt for SM90 (fa3 prefill, fa2 decode).
+        prefill_backend = "fa3" if torch.cuda.get_device_capability(device)[0] == 9 else "fa2"
+        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD",
+                                                                      backend=prefill_backend)
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2")
+        self.active = self.decode
+
+    def graph_decode_wrapper(self, batch_size: int, max_pages: int):
+        """A decode wrapper whose plan lives in fixed buffers, so a captured CUDA graph can replay it."""
+        import flashinfer
+
+        device = self.kv_cache.device
+        return flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_cuda_graph=True, backend="fa2",
+            paged_kv_indptr_buffer=torch.zeros(batch_size + 1, dtype=torch.int32, device=device),
+            paged_kv_indices_buffer=torch.zeros(max_pages, dtype=torch.int32, device=device),
+            paged_kv_last_page_len_buffer=torch.zeros(batch_size, dtype=torch.int32, device=device))
+
+    def plan_decode(self, wrapper, layout: BatchLayout) -> None:
+        indptr, indices, last = PageTables.build(layout, self.page_size)
+        dtype = self.kv_cache.dtype
+        wrapper.plan(indptr, indices, last, self.num_heads, self.num_kv_heads, self.head_dim, self.page_size,
+                     q_data_type=dtype, kv_data_type=dtype)
+        self.active = wrapper
+        self.slot_mapping = layout.slot_mapping
+
+    def layer_cache(self, layer: int) -> tuple:
+        shape = (self.num_pages + 1, self.page_size, self.num_kv_heads, self.head_dim)
+        return self.kv_cache[layer, 0].view(shape), self.kv_cache[layer, 1].view(shape)
+
+    def plan(self, layout: BatchLayout) -> None:
+        # Host tensors: FlashInfer plans on the CPU and copies what the kernels need to the GPU itself.
+        if layout.is_decode:
+            self.plan_decode(self.decode, layout)
+            return
+        indptr, indices, last = PageTables.build(layout, self.page_size)
+        dtype = self.kv_cache.dtype
+        qo_indptr = torch.zeros(len(layout.q_lens) + 1, dtype=torch.int32)
+        torch.cumsum(layout.q_lens, 0, out=qo_indptr[1:])
+        self.prefill.plan(qo_indptr, indptr, indices, last, self.num_heads, self.num_kv_heads, self.head_dim,
+                          self.page_size, causal=True, q_data_type=dtype, kv_data_type=dtype)
+        self.active = self.prefill
+        self.slot_mapping = layout.slot_mapping
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self.write_kv(layer, k, v, self.slot_mapping)
+        return self.active.run(q.contiguous(), self.layer_cache(layer))

@@ -1,0 +1,79 @@
+"""Decode steps replayed from CUDA graphs captured for a ladder of batch sizes. A batch is padded up to the next
+captured size; padding rows decode a dummy token into the backend's scratch page and are dropped afterwards."""
+from __future__ import annotations
+
+import bisect
+import logging
+
+import torch
+
+from gpu_workers.attention.base import BatchLayout
+from gpu_workers.attention.context import forward_context
+
+log = logging.getLogger("nanoslg.worker")
+
+
+def batch_size_ladder(max_batch: int) -> list:
+    sizes = [1, 2, 4, 8] + list(range(16, 257, 16)) + list(range(288, 1025, 32))
+    return [s for s in sizes if s < max_batch] + [max_batch]
+
+
+class DecodeGraphs:
+    def __init__(self, model, backend, max_batch: int, max_model_len: int, page_size: int):
+        self.model, self.backend = model, backend
+        self.sizes = batch_size_ladder(max_batch)
+        self.max_pages_per_seq = -(-max_model_len // page_size)
+        device = backend.kv_cache.device
+        self.input_ids = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.positions = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.slots = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.graphs: dict = {}
+        self.wrappers: dict = {}
+        self.outputs: dict = {}
+        pool = torch.cuda.graph_pool_handle()
+        for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
+            self.wrappers[bs] = backend.graph_decode_wrapper(bs, bs * self.max_pages_per_seq)
+            self._capture(bs, pool)
+        log.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
+
+    def _padding_layout(self, bs: int, layout: BatchLayout = None) -> BatchLayout:
+        """layout's rows plus padding rows (one token at position 0 in the scratch page) up to bs."""
+        n = 0 if layout is None else len(layout.q_lens)
+        q_lens = torch.ones(bs, dtype=torch.int32)
+        start = torch.zeros(bs, dtype=torch.int32)
+        width = 1 if layout is None else max(1, layout.page_tables.shape[1])
+        tables = torch.full((bs, width), self.backend.scratch_page, dtype=torch.int32)
+        if layout is not None:
+            start[:n] = layout.start_pos
+            tables[:n] = layout.page_tables
+        return BatchLayout(q_lens, start, tables, self.positions[:bs], self.slots[:bs])
+
+    def _capture(self, bs: int, pool) -> None:
+        layout = self._padding_layout(bs)
+        self.slots[:bs].fill_(self.backend.scratch_page * self.backend.page_size)
+        self.backend.plan_decode(self.wrappers[bs], layout)
+        with forward_context(self.backend):
+            self.model(self.positions[:bs], input_ids=self.input_ids[:bs])  # warm-up outside the graph
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[bs] = self.model(self.positions[:bs], input_ids=self.input_ids[:bs])
+        self.graphs[bs] = graph
+
+    def can_run(self, layout: BatchLayout) -> bool:
+        return layout.is_decode and len(layout.q_lens) <= self.sizes[-1] and \
+            layout.page_tables.shape[1] <= self.max_pages_per_seq
+
+    def run(self, input_ids: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
+        n = len(layout.q_lens)
+        bs = self.sizes[bisect.bisect_left(self.sizes, n)]
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(layout.positions)
+        self.slots[:n].copy_(layout.slot_mapping)
+        if bs > n:
+            self.input_ids[n:bs].zero_()
+            self.positions[n:bs].zero_()
+            self.slots[n:bs].fill_(self.backend.scratch_page * self.backend.page_size)
+        self.backend.plan_decode(self.wrappers[bs], self._padding_layout(bs, layout))
+        self.graphs[bs].replay()
+        return self.outputs[bs][:n]
