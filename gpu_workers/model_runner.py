@@ -56,8 +56,7 @@ class ModelRunner:
             targets = self.model.checkpoint_targets()
             load_checkpoint(targets, set(iter_required(targets, spec)), cfg.model, self.device)
         self.backend_cls = self._choose_backend()
-        if self.backend_cls is FlashInferBackend:
-            fused_ops.enable_for(self.device)
+        fused_ops.enable_for(self.device, wanted=self.backend_cls is FlashInferBackend)
         self.sampler = Sampler(self.device, cfg.seed)
         self.rows: dict = {}  # rid -> RowParams, kept while the scheduler may still schedule the request
         self.num_pages = self._count_kv_pages()

@@ -101,11 +101,9 @@ class Sampler:
             min_p = torch.tensor([r.min_p for r in rows], device=dev, dtype=torch.float32)
             probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p without a normalised CDF.
-        noise = torch.empty_like(probs)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for i, (r, pos) in enumerate(zip(rows, positions)):
-            if r.seed is None:
-                noise[i].exponential_(generator=self.generator)
-            else:
+            if r.seed is not None:  # seeded rows redraw from their own stream (one small launch each)
                 g = torch.Generator(device=dev)
                 g.manual_seed((r.seed * _MIX + pos) % (2 ** 63))
                 noise[i].exponential_(generator=g)

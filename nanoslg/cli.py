@@ -86,9 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_debug_arguments(sub.add_parser("debug", help="inspect a running engine's scheduler"))
 
+    from nanoslg.bench_serve import add_bench_serve_arguments
+    from nanoslg.bench_throughput import add_bench_throughput_arguments
+    from nanoslg.chat_cli import add_chat_arguments
     from nanoslg.server.serve import add_serve_arguments
 
     add_serve_arguments(sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API"))
+    add_chat_arguments(sub.add_parser("chat", help="chat in the terminal with a running server"))
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    add_bench_serve_arguments(bench.add_parser("serve", help="load-test a running server (like vLLM's)"))
+    add_bench_throughput_arguments(bench.add_parser("throughput", help="offline engine throughput"))
     return parser
 
 
@@ -101,6 +108,18 @@ def main(argv=None) -> int:
             return run_pull(args)
         if args.command == "generate":
             return _run_generate(args)
+        if args.command == "chat":
+            from nanoslg.chat_cli import run_chat
+
+            return run_chat(args)
+        if args.command == "bench":
+            if args.bench_command == "serve":
+                from nanoslg.bench_serve import run_bench_serve
+
+                return run_bench_serve(args)
+            from nanoslg.bench_throughput import run_bench_throughput
+
+            return run_bench_throughput(args)
         if args.command == "serve":
             from nanoslg.server.serve import run_serve
 

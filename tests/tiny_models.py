@@ -17,17 +17,20 @@ ARCH_CONFIGS = {
 }
 
 
-def make_tiny_model(arch: str, folder: str, num_layers: int = 3, seed: int = 0, vocab_size: int = VOCAB) -> str:
-    """Save a random tiny model of `arch` to `folder` (once) and return the folder."""
+def make_tiny_model(arch: str, folder: str, num_layers: int = 3, seed: int = 0, vocab_size: int = VOCAB,
+                    dtype: torch.dtype = torch.float32, **overrides) -> str:
+    """Save a random tiny model of `arch` to `folder` (once) and return the folder. overrides change the config
+    (e.g. hidden_size=512, num_attention_heads=4, head_dim=128 for FlashInfer's prebuilt head size)."""
     import transformers
 
     if os.path.isfile(os.path.join(folder, "config.json")):
         return folder
     spec = ARCH_CONFIGS[arch]
-    config = getattr(transformers, spec["cls"])(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, **spec["extra"])
+    fields = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0, **spec["extra"])
+    fields.update(overrides)
+    config = getattr(transformers, spec["cls"])(**fields)
     torch.manual_seed(seed)
     model_cls = getattr(transformers, spec["cls"].replace("Config", "ForCausalLM"))
     model = model_cls(config).to(torch.float32)
@@ -36,7 +39,7 @@ def make_tiny_model(arch: str, folder: str, num_layers: int = 3, seed: int = 0, 
         for name, p in model.named_parameters():
             if "norm" not in name:
                 p.mul_(4.0)
-    model.save_pretrained(folder)
+    model.to(dtype).save_pretrained(folder)
     return folder
 
 

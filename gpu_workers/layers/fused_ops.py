@@ -12,11 +12,11 @@ _flashinfer = None
 _enabled = False
 
 
-def enable_for(device: torch.device) -> bool:
-    """Switch the fused kernels on for this process if the device and flashinfer allow it."""
+def enable_for(device: torch.device, wanted: bool = True) -> bool:
+    """Switch the fused kernels on for this process if wanted and the device and flashinfer allow it."""
     global _flashinfer, _enabled
     _enabled = False
-    if device.type != "cuda" or os.environ.get("NANOSLG_FUSED_OPS", "1") == "0":
+    if not wanted or device.type != "cuda" or os.environ.get("NANOSLG_FUSED_OPS", "1") == "0":
         return False
     try:
         import flashinfer

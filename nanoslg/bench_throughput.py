@@ -1,0 +1,179 @@
+"""`nanoslg bench throughput`: offline throughput of the engine fed token ids directly (no HTTP, no tokenizer),
+reported against the compute-bound optimum: peak matmul FLOP/s / (2 x parameters), counting prompt + output tokens.
+
+    nanoslg bench throughput --model llama-3.1-8b --load-format dummy --input-len 1024 --output-len 512
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "configs")
+
+
+def add_bench_throughput_arguments(parser) -> None:
+    from nanoslg.cli import add_engine_arguments
+
+    add_engine_arguments(parser)
+    g = parser.add_argument_group("workload")
+    g.add_argument("--dataset", default="random", choices=["random", "sharegpt-like"])
+    g.add_argument("--input-len", type=int, default=1024)
+    g.add_argument("--output-len", type=int, default=512)
+    g.add_argument("--num-prompts", type=int, default=1000)
+    g.add_argument("--dataset-seed", type=int, default=0)
+    g.add_argument("--warmup-prompts", type=int, default=16)
+    g.add_argument("--no-peak", action="store_true", help="skip measuring the GPU's matmul peak")
+    g.add_argument("--decode-latency", action="store_true",
+                   help="batch-1 decode: time per output token of one prompt, against the weight-read floor")
+    g.add_argument("--output-json", default=None)
+
+
+def measure_matmul_peak(n: int = 8192, reps: int = 10) -> dict:
+    """Median bf16 TFLOP/s of n x n x n products and device copy bandwidth (read + write), on this GPU now."""
+    import torch
+
+    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    times = []
+    for i in range(reps + 3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end) / 1000)
+    tflops = 2 * n ** 3 / statistics.median(times) / 1e12
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copies = []
+    for i in range(8):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        if i >= 2:
+            copies.append(start.elapsed_time(end) / 1000)
+    bandwidth = 2 * src.numel() / statistics.median(copies) / 1e12
+    del a, b, src, dst
+    torch.cuda.empty_cache()
+    return {"matmul_tflops": tflops, "copy_tbps": bandwidth, "gpu": torch.cuda.get_device_name()}
+
+
+def resolve_model_arg(model: str | None) -> str | None:
+    """A shape kept in the repo (llama-3.1-8b, llama-3-70b) by name, else the argument as given."""
+    if model and os.path.isdir(os.path.join(REPO_CONFIGS, model)):
+        return os.path.join(REPO_CONFIGS, model)
+    return model
+
+
+def _decode_latency(llm, prompt: list, output_len: int, reps: int = 3) -> float:
+    """Seconds per output token at batch 1: (time for output_len tokens - time for 1 token) / (output_len - 1),
+    so the prefill and per-request overheads cancel out."""
+    from nanoslg.sampling_params import SamplingParams
+
+    def timed(n: int) -> float:
+        start = time.perf_counter()
+        llm.generate([prompt], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+        return time.perf_counter() - start
+
+    timed(output_len)  # warm-up
+    one = min(timed(1) for _ in range(reps))
+    full = min(timed(output_len) for _ in range(reps))
+    return (full - one) / (output_len - 1)
+
+
+def run_bench_throughput(args) -> int:
+    from nanoslg.bench_serve import make_requests
+    from nanoslg.cli import engine_config_from_args
+    from nanoslg.llm import LLM
+    from nanoslg.sampling_params import SamplingParams
+
+    args.model = resolve_model_arg(args.model)
+    cfg = engine_config_from_args(args)
+    fields = {f: getattr(cfg, f) for f in cfg.__slots__ if f not in ("model_spec", "run_dir")}
+    requests = make_requests(args.dataset, "completions", args.num_prompts, args.input_len, args.output_len,
+                             args.dataset_seed, cfg.max_model_len)
+    with LLM(**fields) as llm:
+        spec = llm.config.model_spec
+        limit = llm.config.max_model_len
+        # token ids folded into the vocabulary, prompts cut so prompt + output fit max_model_len
+        prompts = [[t % spec.vocab_size for t in r.prompt[:limit - 1 - min(r.output_len, limit - 2)]]
+                   for r in requests]
+        params = [SamplingParams(max_tokens=max(1, min(r.output_len, limit - len(p))), temperature=0,
+                                 ignore_eos=True) for r, p in zip(requests, prompts)]
+        if args.decode_latency:
+            tpot = _decode_latency(llm, prompts[0], args.output_len)
+            return _report_decode_latency(args, cfg, spec, tpot)
+        if args.warmup_prompts:
+            llm.generate(prompts[:args.warmup_prompts], SamplingParams(max_tokens=8, ignore_eos=True))
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        elapsed = time.perf_counter() - start
+        engine_info = llm.engine.info
+    failed = [o for o in outs if o.error]
+    if failed:
+        print(f"nanoslg bench throughput: {len(failed)} requests failed, e.g. {failed[0].error}", file=sys.stderr)
+        return 1
+    prompt_tokens = sum(len(p) for p in prompts)
+    output_tokens = sum(len(o.token_ids) for o in outs)
+    result = {
+        "model": cfg.model, "params": spec.num_params, "dataset": args.dataset, "num_prompts": len(prompts),
+        "input_len": args.input_len, "output_len": args.output_len, "elapsed_s": elapsed,
+        "requests_per_s": len(prompts) / elapsed, "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
+        "total_tokens_per_s": (prompt_tokens + output_tokens) / elapsed, "output_tokens_per_s": output_tokens / elapsed,
+        "engine": {k: v for k, v in engine_info.get("worker0", {}).items()},
+        "config": {k: v for k, v in fields.items() if k != "model"},
+    }
+    if not args.no_peak and cfg.device != "cpu":
+        import torch
+
+        if torch.cuda.is_available():
+            peak = measure_matmul_peak()
+            optimum = peak["matmul_tflops"] * 1e12 / (2 * spec.num_params)
+            result.update(peak, optimum_tokens_per_s=optimum,
+                          percent_of_optimum=100 * result["total_tokens_per_s"] / optimum)
+    print(format_summary(result))
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+def _report_decode_latency(args, cfg, spec, tpot: float) -> int:
+    result = {"model": cfg.model, "params": spec.num_params, "input_len": args.input_len,
+              "output_len": args.output_len, "tpot_ms": tpot * 1000}
+    line = f"TPOT {tpot * 1000:.2f} ms"
+    if not args.no_peak and cfg.device != "cpu":
+        import torch
+
+        if torch.cuda.is_available():
+            peak = measure_matmul_peak()
+            floor = 2 * spec.num_params / (peak["copy_tbps"] * 1e12)  # bf16 weights read once per token
+            result.update(peak, weight_read_floor_ms=floor * 1000, ratio_to_floor=tpot / floor)
+            line += f" = {tpot / floor:.2f} x the weight-read floor ({floor * 1000:.2f} ms at " \
+                    f"{peak['copy_tbps']:.2f} TB/s, {peak['gpu']})"
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(result, f, indent=2)
+    print(line)
+    return 0
+
+
+def format_summary(r: dict) -> str:
+    lines = ["=" * 20 + " nanoslg offline throughput " + "=" * 20,
+             f"{'Model params:':<34}{r['params'] / 1e9:.2f} B",
+             f"{'Prompts / dataset:':<34}{r['num_prompts']} / {r['dataset']}",
+             f"{'Elapsed (s):':<34}{r['elapsed_s']:.2f}",
+             f"{'Request throughput (req/s):':<34}{r['requests_per_s']:.2f}",
+             f"{'Output token throughput (tok/s):':<34}{r['output_tokens_per_s']:.1f}",
+             f"{'Total token throughput (tok/s):':<34}{r['total_tokens_per_s']:.1f}"]
+    if "percent_of_optimum" in r:
+        lines += [f"{'Matmul peak (TFLOP/s):':<34}{r['matmul_tflops']:.1f} ({r['gpu']})",
+                  f"{'Compute-bound optimum (tok/s):':<34}{r['optimum_tokens_per_s']:.1f}",
+                  f"{'% of optimum:':<34}{r['percent_of_optimum']:.1f} %"]
+    return "\n".join(lines)

