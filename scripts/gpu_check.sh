@@ -29,7 +29,7 @@ prepare_smollm2() {
 
 bench() {  # name, then bench throughput args
   local name=$1; shift
-  python3 -m nanoslg.cli bench throughput --model llama-3.1-8b --load-format dummy --max-model-len 4096 \
+  python3 -m nanoslg.cli bench throughput llama-3.1-8b --load-format dummy --max-model-len 4096 \
     --output-json "$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   tail -12 "$OUT/$name.log"
@@ -50,6 +50,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 restore_jit_cache
 for mode in $MODES; do
   case $mode in
+    components)
+      python3 scripts/gpu_components.py 2>&1 | tee "$OUT/components.log" | grep -v Warning
+      python3 scripts/gpu_components.py engines 2>&1 | tee "$OUT/engines.log" | grep "^engine"
+      ;;
     tests)
       prepare_smollm2
       python3 -m pytest -q -s tests/gpu -p no:cacheprovider > "$OUT/gpu-tests.log" 2>&1
@@ -69,7 +73,7 @@ for mode in $MODES; do
         --max-num-batched-tokens 8192
       ;;
     decode)
-      python3 -m nanoslg.cli bench throughput --model llama-3.1-8b --load-format dummy --decode-latency \
+      python3 -m nanoslg.cli bench throughput llama-3.1-8b --load-format dummy --decode-latency \
         --max-model-len 4096 --max-num-seqs 8 \
         --input-len 128 --output-len 256 --output-json "$OUT/decode-bs1.json" > "$OUT/decode-bs1.log" 2>&1
       summary+=("decode-bs1: $(tail -1 "$OUT/decode-bs1.log")")
