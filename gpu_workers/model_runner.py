@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -15,7 +16,7 @@ from gpu_workers.cuda_graphs import DecodeGraphs
 from gpu_workers.layers import fused_ops
 from gpu_workers.models.llama import LlamaForCausalLM, iter_required
 from gpu_workers.parallel import parallel_state
-from gpu_workers.sampler import RowParams, Sampler
+from gpu_workers.sampler import RowParams, Sampled, Sampler
 from gpu_workers.weight_loader import init_dummy, load_checkpoint
 from nanoslg.config import EngineConfig
 from nanoslg.protocol import SeqChunk, StepPlan, StepResult, token_ids
@@ -59,6 +60,7 @@ class ModelRunner:
         fused_ops.enable_for(self.device, wanted=self.backend_cls is FlashInferBackend)
         self.sampler = Sampler(self.device, cfg.seed)
         self.rows: dict = {}  # rid -> RowParams, kept while the scheduler may still schedule the request
+        self.token_slots = TokenSlots(self.device)
         self.num_pages = self._count_kv_pages()
         self.backend = self._make_backend(self.num_pages)
         log.warning("worker: %s %s, %d KV pages of %d tokens, attention backend %s (%s), fused ops %s",
@@ -149,47 +151,115 @@ class ModelRunner:
     def _layout(self, plan: StepPlan) -> tuple:
         ps = self.cfg.page_size
         seqs = plan.seqs
-        q_lens = np.fromiter((len(s.token_ids) for s in seqs), dtype=np.int64, count=len(seqs))
+        q_lens = np.fromiter((len(s.token_ids) + s.pending for s in seqs), dtype=np.int64, count=len(seqs))
         starts = np.fromiter((s.start_pos for s in seqs), dtype=np.int64, count=len(seqs))
         max_pages = max(len(s.page_table) for s in seqs)
         tables = np.zeros((len(seqs), max_pages), dtype=np.int64)
         for b, s in enumerate(seqs):
             tables[b, :len(s.page_table)] = np.frombuffer(s.page_table, dtype=np.int32)
-        input_ids = np.concatenate([np.frombuffer(s.token_ids, dtype=np.int32) for s in seqs])
-        seq_of_token = np.repeat(np.arange(len(seqs)), q_lens)
         cu = np.concatenate([[0], np.cumsum(q_lens)])
+        input_ids = np.zeros(int(cu[-1]), dtype=np.int64)
+        pending_at, pending_slots = [], []
+        for b, s in enumerate(seqs):
+            n = len(s.token_ids)
+            input_ids[cu[b]:cu[b] + n] = np.frombuffer(s.token_ids, dtype=np.int32)
+            if s.pending:
+                pending_at.append(int(cu[b]) + n)
+                pending_slots.append(self.token_slots.slot(s.rid))
+        seq_of_token = np.repeat(np.arange(len(seqs)), q_lens)
         positions = starts[seq_of_token] + (np.arange(len(input_ids)) - cu[seq_of_token])
         slots = tables[seq_of_token, positions // ps] * ps + positions % ps
         dev = self.device
         layout = BatchLayout(q_lens=torch.from_numpy(q_lens).int(), start_pos=torch.from_numpy(starts).int(),
                              page_tables=torch.from_numpy(tables).int(),
-                             positions=torch.from_numpy(positions).to(dev),
-                             slot_mapping=torch.from_numpy(slots).to(dev))
-        return torch.from_numpy(input_ids.astype(np.int64)).to(dev), layout, cu
+                             positions=torch.from_numpy(positions).to(dev, non_blocking=True),
+                             slot_mapping=torch.from_numpy(slots).to(dev, non_blocking=True))
+        ids = torch.from_numpy(input_ids).to(dev, non_blocking=True)
+        if pending_at:  # tokens the previous step sampled, still on the device
+            at = torch.tensor(pending_at, device=dev)
+            ids[at] = self.token_slots.tokens[torch.tensor(pending_slots, device=dev)]
+        return ids, layout, cu
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> Optional[StepResult]:
+    def launch(self, plan: StepPlan) -> "Launched":
+        """Queue the plan's forward pass and sampling on the device without waiting for them."""
         for rid in plan.released:
             self.rows.pop(rid, None)
+            self.token_slots.free(rid)
         for s in plan.seqs:
             if s.params is not None:
                 self.rows[s.rid] = RowParams.from_dict(s.params)
-            self.rows[s.rid].record_input(s.start_pos, s.token_ids)
-        if not plan.seqs:
-            return StepResult(plan.step_id, [], token_ids())
+            self.rows[s.rid].record_input(s.start_pos, s.token_ids, s.pending)
+        sampling = [s for s in plan.seqs if s.sample]
+        if not sampling:
+            if plan.seqs:
+                self._forward(plan)
+            return Launched(plan.step_id, [], None)
+        hidden, cu = self._forward(plan)
+        last = torch.tensor([int(cu[b + 1]) - 1 for b, s in enumerate(plan.seqs) if s.sample], device=self.device)
+        logits = self.model.compute_logits(hidden[last])
+        positions = [s.start_pos + len(s.token_ids) + s.pending for s in sampling]
+        rows = [self.rows[s.rid] for s in sampling]
+        sampled = self.sampler(logits, rows, positions)
+        # Keep each request's newest token on the device for a decode already planned on top of it.
+        slot_ids = torch.tensor([self.token_slots.slot(s.rid) for s in sampling], device=self.device)
+        self.token_slots.tokens[slot_ids] = sampled.tokens
+        sampled.start_copy()
+        return Launched(plan.step_id, [s.rid for s in sampling], sampled)
+
+    def finish(self, launched: "Launched") -> StepResult:
+        """Wait for a launched step and report its tokens (the step's one host synchronisation)."""
+        if launched.sampled is None:
+            return StepResult(launched.step_id, [], token_ids())
+        tokens, logprobs = launched.sampled.to_host()
+        for rid, tok in zip(launched.rids, tokens):
+            row = self.rows.get(rid)
+            if row is not None:
+                row.record_sampled(tok)
+        return StepResult(launched.step_id, launched.rids, token_ids(tokens), logprobs)
+
+    def needs_sync_before(self, plan: StepPlan) -> bool:
+        """Penalties read the request's full token history on the host, which a pending token is not yet in."""
+        return any(s.pending and self.rows[s.rid].has_penalties for s in plan.seqs if s.rid in self.rows)
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        return self.finish(self.launch(plan))
+
+    def _forward(self, plan: StepPlan) -> tuple:
         input_ids, layout, cu = self._layout(plan)
         if self.graphs is not None and self.graphs.can_run(layout):
-            hidden = self.graphs.run(input_ids, layout)
-        else:
-            with forward_context(self.backend):
-                self.backend.plan(layout)
-                hidden = self.model(layout.positions, input_ids=input_ids)
-        sampling = [b for b, s in enumerate(plan.seqs) if s.sample]
-        if not sampling:
-            return StepResult(plan.step_id, [], token_ids())
-        last = torch.tensor([int(cu[b + 1]) - 1 for b in sampling], device=self.device)
-        logits = self.model.compute_logits(hidden[last])
-        seqs = [plan.seqs[b] for b in sampling]
-        positions = [s.start_pos + len(s.token_ids) for s in seqs]
-        tokens, logprobs = self.sampler(logits, [self.rows[s.rid] for s in seqs], positions)
-        return StepResult(plan.step_id, [s.rid for s in seqs], token_ids(tokens), logprobs)
+            return self.graphs.run(input_ids, layout), cu
+        with forward_context(self.backend):
+            self.backend.plan(layout)
+            return self.model(layout.positions, input_ids=input_ids), cu
+
+
+@dataclass(slots=True)
+class Launched:
+    step_id: int
+    rids: list
+    sampled: Optional[Sampled]
+
+
+class TokenSlots:
+    """A device buffer with each live request's latest sampled token, indexed by a slot per request."""
+
+    def __init__(self, device: torch.device, capacity: int = 1024):
+        self.tokens = torch.zeros(capacity, dtype=torch.long, device=device)
+        self.slots: dict = {}
+        self.free_slots = list(range(capacity - 1, -1, -1))
+
+    def slot(self, rid: str) -> int:
+        s = self.slots.get(rid)
+        if s is None:
+            if not self.free_slots:  # grow: more live requests than slots
+                old = len(self.tokens)
+                self.tokens = torch.cat([self.tokens, torch.zeros_like(self.tokens)])
+                self.free_slots = list(range(2 * old - 1, old - 1, -1))
+            s = self.slots[rid] = self.free_slots.pop()
+        return s
+
+    def free(self, rid: str) -> None:
+        s = self.slots.pop(rid, None)
+        if s is not None:
+            self.free_slots.append(s)

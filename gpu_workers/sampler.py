@@ -46,10 +46,47 @@ class RowParams:
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
-    def record_input(self, start_pos: int, tokens) -> None:
-        if self.history is not None:
+    def record_input(self, start_pos: int, tokens, pending: int) -> None:
+        # A pending token was appended to the history when it was sampled (see record_sampled).
+        if self.history is not None and not pending:
             del self.history[start_pos:]  # a recompute after preemption starts over at 0
             self.history.extend(tokens)
+
+    def record_sampled(self, token: int) -> None:
+        if self.history is not None:
+            self.history.append(token)
+
+
+@dataclass(slots=True)
+class Sampled:
+    """A step's sampling results, still on the device; to_host() is the step's one synchronisation."""
+
+    tokens: torch.Tensor
+    logprob_rows: list  # row indices that asked for logprobs
+    chosen: Optional[torch.Tensor] = None
+    top_ids: Optional[torch.Tensor] = None
+    top_vals: Optional[torch.Tensor] = None
+    rows: Optional[list] = None
+
+    def start_copy(self) -> None:
+        """Queue the device-to-host copies now, so to_host() only waits for them."""
+        if self.tokens.device.type == "cuda":
+            self.tokens = self.tokens.to("cpu", non_blocking=True)
+            if self.chosen is not None:
+                self.chosen = self.chosen.to("cpu", non_blocking=True)
+                self.top_ids = self.top_ids.to("cpu", non_blocking=True)
+                self.top_vals = self.top_vals.to("cpu", non_blocking=True)
+
+    def to_host(self) -> tuple:
+        tokens = self.tokens.tolist()
+        if not self.logprob_rows:
+            return tokens, None
+        chosen, top_ids, top_vals = self.chosen.tolist(), self.top_ids.tolist(), self.top_vals.tolist()
+        out: list = [None] * len(tokens)
+        for j, i in enumerate(self.logprob_rows):
+            n = self.rows[i].logprobs
+            out[i] = [chosen[j], [[t, v] for t, v in zip(top_ids[j][:n], top_vals[j][:n])]]
+        return tokens, out
 
 
 class Sampler:
@@ -58,9 +95,8 @@ class Sampler:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, rows: list, positions: list):
-        """logits: [B, V] float32. positions[b]: the position the sampled token will occupy.
-        Returns (token ids as a list, logprobs list aligned with rows: None or [lp, [[id, lp], ...]])."""
+    def __call__(self, logits: torch.Tensor, rows: list, positions: list) -> Sampled:
+        """logits: [B, V] float32. positions[b]: the position the sampled token will occupy."""
         raw = logits  # logprobs report the model's distribution, before penalties
         if any(r.has_penalties for r in rows):
             logits = self._apply_penalties(logits.clone(), rows)
@@ -70,8 +106,7 @@ class Sampler:
             idx = torch.tensor(sampled_rows, device=logits.device)
             tokens[idx] = self._sample(logits[idx], [rows[i] for i in sampled_rows],
                                        [positions[i] for i in sampled_rows])
-        token_list = tokens.tolist()
-        return token_list, self._logprobs(raw, tokens, rows)
+        return self._logprobs(raw, tokens, rows)
 
     @staticmethod
     def _apply_penalties(logits: torch.Tensor, rows: list) -> torch.Tensor:
@@ -127,18 +162,13 @@ class Sampler:
         return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
     @staticmethod
-    def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list) -> Optional[list]:
+    def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list) -> Sampled:
         wanted = [i for i, r in enumerate(rows) if r.logprobs is not None]
         if not wanted:
-            return None
+            return Sampled(tokens, [])
         idx = torch.tensor(wanted, device=logits.device)
         logp = logits[idx].log_softmax(dim=-1)
-        chosen = logp.gather(-1, tokens[idx][:, None]).squeeze(-1).tolist()
+        chosen = logp.gather(-1, tokens[idx][:, None]).squeeze(-1)
         k = max(rows[i].logprobs for i in wanted)
-        top_vals, top_ids = (logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], logp[:, :0].long()))
-        top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
-        out: list = [None] * len(rows)
-        for j, i in enumerate(wanted):
-            n = rows[i].logprobs
-            out[i] = [chosen[j], [[t, v] for t, v in zip(top_ids[j][:n], top_vals[j][:n])]]
-        return out
+        top_vals, top_ids = logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], logp[:, :0].long())
+        return Sampled(tokens, wanted, chosen, top_ids, top_vals, rows)

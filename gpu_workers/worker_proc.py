@@ -26,11 +26,16 @@ def serve(cfg: EngineConfig, rank: int, ready) -> None:
     runner = ModelRunner(cfg, local_rank=rank)
     ctx = zmq.Context()
     inbox = ipc.pull(ctx, cfg.run_dir, ipc.worker_inbox(rank))
-    is_driver = parallel_state().is_driver
-    to_scheduler = ipc.push(ctx, cfg.run_dir, ipc.SCHEDULER) if is_driver else None
+    to_scheduler = ipc.push(ctx, cfg.run_dir, ipc.SCHEDULER) if parallel_state().is_driver else None
     ready({"num_pages": runner.num_pages, "device": str(runner.device), "dtype": str(runner.dtype),
            "attention_backend": runner.backend.name})
+    # One step stays launched while the next plan is received and launched behind it on the device; only then
+    # does the worker wait for the older step's tokens. With overlap scheduling the GPU never idles between steps.
+    in_flight = None
     while True:
+        if in_flight is not None and not inbox.poll(0):
+            _report(runner, in_flight, to_scheduler)
+            in_flight = None
         try:
             msg = ipc.recv(inbox)
         except ProtocolError as e:
@@ -41,13 +46,31 @@ def serve(cfg: EngineConfig, rank: int, ready) -> None:
         if not isinstance(msg, StepPlan):
             log.warning("unexpected %s on a worker inbox", type(msg).__name__)
             continue
+        if in_flight is not None and runner.needs_sync_before(msg):
+            _report(runner, in_flight, to_scheduler)
+            in_flight = None
         try:
-            result = runner.execute(msg)
+            launched = runner.launch(msg)
         except Exception as e:  # one failed step fails its requests, not the engine
             log.error("step %d failed:\n%s", msg.step_id, traceback.format_exc())
-            result = StepResult(msg.step_id, [], token_ids(), None, f"{type(e).__name__}: {e}")
-        if is_driver:
-            ipc.send(to_scheduler, result)
+            launched = StepResult(msg.step_id, [], token_ids(), None, f"{type(e).__name__}: {e}")
+        if in_flight is not None:
+            _report(runner, in_flight, to_scheduler)
+        in_flight = launched
+
+
+def _report(runner, launched, to_scheduler) -> None:
+    """Wait for a launched step and send its result (from the driver rank only)."""
+    if isinstance(launched, StepResult):  # the launch itself failed
+        result = launched
+    else:
+        try:
+            result = runner.finish(launched)
+        except Exception as e:
+            log.error("step %d failed:\n%s", launched.step_id, traceback.format_exc())
+            result = StepResult(launched.step_id, [], token_ids(), None, f"{type(e).__name__}: {e}")
+    if to_scheduler is not None:
+        ipc.send(to_scheduler, result)
 
 
 def _has_cuda() -> bool:

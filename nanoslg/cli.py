@@ -30,6 +30,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, with_model: bool = Tru
     g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=d.pipeline_parallel_size)
     g.add_argument("--attention-backend", default=d.attention_backend, choices=["auto", "sdpa", "flashinfer"])
     g.add_argument("--enforce-eager", action="store_true", help="run decode steps without CUDA graphs")
+    g.add_argument("--disable-overlap-schedule", action="store_true",
+                   help="plan each step only after the previous one returned")
     g.add_argument("--cuda-graph-max-batch", type=int, default=d.cuda_graph_max_batch)
     g.add_argument("--log-level", default=d.log_level)
 
@@ -42,7 +44,8 @@ def engine_config_from_args(args) -> EngineConfig:
         page_size=args.page_size, num_kv_pages=args.num_kv_pages, kv_cache_memory_gb=args.kv_cache_memory_gb,
         gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size, attention_backend=args.attention_backend,
-        enforce_eager=args.enforce_eager, cuda_graph_max_batch=args.cuda_graph_max_batch, log_level=args.log_level)
+        enforce_eager=args.enforce_eager, overlap_schedule=not args.disable_overlap_schedule,
+        cuda_graph_max_batch=args.cuda_graph_max_batch, log_level=args.log_level)
 
 
 def _run_generate(args) -> int:

@@ -106,6 +106,7 @@ class EngineConfig:
     pipeline_parallel_size: int = 1
     attention_backend: str = "auto"
     enforce_eager: bool = False  # no CUDA graphs
+    overlap_schedule: bool = True  # plan step N+1 while step N runs
     cuda_graph_max_batch: int = 512
     startup_timeout_s: float = 600.0
     log_level: str = "warning"

@@ -123,14 +123,17 @@ class TokenBatch:
 @message
 class SeqChunk:
     """One request's slice of a step: compute KV for ``token_ids`` at positions start_pos.. and, when
-    ``sample`` is set, sample the next token from the last one."""
+    ``sample`` is set, sample the next token from the last one. With overlap scheduling a decode chunk is planned
+    before the token it consumes is known: ``pending`` = 1 and no token_ids; the worker takes the token it sampled
+    for this request in the previous step from its own device buffer."""
 
     rid: str
     token_ids: array
     start_pos: int
-    page_table: array  # physical KV page ids covering positions [0, start_pos + len(token_ids))
+    page_table: array  # physical KV page ids covering positions [0, start_pos + number of tokens)
     sample: bool
     params: Optional[dict] = None  # sent once, on the request's first chunk in a worker's lifetime
+    pending: int = 0
 
 
 @message

@@ -26,8 +26,9 @@ class SchedulerProcess:
             raise ValueError(f"the KV cache holds {capacity} tokens ({num_pages} pages), fewer than "
                              f"max_model_len={cfg.max_model_len}: lower --max-model-len or give the cache more room")
         self.core = Scheduler(num_pages, cfg.page_size, cfg.max_num_seqs, cfg.max_num_batched_tokens,
-                              cfg.max_model_len)
-        self.max_in_flight = cfg.pipeline_parallel_size
+                              cfg.max_model_len, overlap=cfg.overlap_schedule)
+        # With overlap, one step runs while the next is already queued at the workers.
+        self.max_in_flight = cfg.pipeline_parallel_size * (2 if cfg.overlap_schedule else 1)
         ctx = zmq.Context()
         self.inbox = ipc.pull(ctx, cfg.run_dir, ipc.SCHEDULER)
         self.debug = ctx.socket(zmq.ROUTER)

@@ -33,8 +33,8 @@ class Request:
     pages: list = field(default_factory=list)
     num_computed: int = 0  # tokens whose KV is in the cache (or being written by an in-flight step)
     status: Status = Status.WAITING
-    in_flight: bool = False
-    aborted: bool = False
+    in_flight: int = 0  # steps in flight that include this request
+    pending_samples: int = 0  # of those, steps that will sample a token for it
     params_sent: bool = False
     num_preemptions: int = 0
     finish_reason: Optional[str] = None
@@ -54,10 +54,11 @@ class Request:
 
 class Scheduler:
     def __init__(self, num_pages: int, page_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int):
+                 max_model_len: int, overlap: bool = False):
         self.blocks = BlockManager(num_pages, page_size)
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.max_model_len = max_model_len
+        self.overlap = overlap  # plan a decode while the step that samples its input token is still running
         self.requests: dict = {}
         self.waiting: deque = deque()
         self.running: list = []  # oldest first: preemption takes from the end
@@ -93,16 +94,17 @@ class Scheduler:
 
     def abort(self, rid: str) -> None:
         r = self.requests.get(rid)
-        if r is None or r.status is Status.FINISHED:
-            return
-        if r.in_flight:
-            r.aborted = True  # an in-flight step still writes its pages; free them when it returns
-        else:
+        if r is not None and r.status is not Status.FINISHED:
             self._finish(r, "abort")
 
     # ------------------------------------------------------------------ step formation
     def has_work(self) -> bool:
-        return any(not r.in_flight for r in self.running) or bool(self.waiting)
+        return bool(self.waiting) or any(not r.in_flight or self._can_chain(r) for r in self.running)
+
+    def _can_chain(self, r: Request) -> bool:
+        """Whether r can get its next decode now, consuming the token its one in-flight step will sample."""
+        return (self.overlap and r.in_flight == 1 and r.pending_samples == 1 and r.num_computed == r.num_tokens
+                and len(r.output_ids) + 1 < r.max_tokens and r.num_tokens + 1 < self.max_model_len)
 
     def schedule(self) -> Optional[StepPlan]:
         budget = self.max_num_batched_tokens
@@ -111,7 +113,14 @@ class Scheduler:
         for r in list(self.running):
             if len(chunks) >= self.max_num_seqs or budget == 0:
                 break
-            if r.in_flight or r.status is not Status.RUNNING:
+            if r.status is not Status.RUNNING:
+                continue
+            if r.in_flight:
+                # Never preempt under an in-flight step: it still writes these pages.
+                if self._can_chain(r) and self._grow(r, r.num_computed + 1):
+                    chunks.append((r, r.num_computed, r.num_computed + 1, 1))
+                    scheduled.add(r)
+                    budget -= 1
                 continue
             end = min(r.num_tokens, r.num_computed + budget)
             while not self._grow(r, end):
@@ -122,7 +131,7 @@ class Scheduler:
                     break
                 self._preempt(victim)
             if r.status is Status.RUNNING:
-                chunks.append((r, r.num_computed, end))
+                chunks.append((r, r.num_computed, end, 0))
                 scheduled.add(r)
                 budget -= end - r.num_computed
         while self.waiting and len(chunks) < self.max_num_seqs and budget > 0:
@@ -139,30 +148,33 @@ class Scheduler:
             self.waiting.popleft()
             r.status = Status.RUNNING
             self.running.append(r)
-            chunks.append((r, r.num_computed, end))
+            chunks.append((r, r.num_computed, end, 0))
             budget -= end - r.num_computed
         if not chunks and not self.to_release:
             return None
         return self._make_plan(chunks)
 
     def _make_plan(self, chunks: list) -> StepPlan:
-        seqs = []
-        for r, start, end in chunks:
-            sample = end == r.num_tokens
-            seqs.append(SeqChunk(r.rid, token_ids(r.token_slice(start, end)), start, token_ids(r.pages), sample,
-                                 None if r.params_sent else {**r.params, "prompt_len": len(r.prompt_ids)}))
+        seqs, members = [], []
+        for r, start, end, pending in chunks:
+            sample = pending > 0 or end == r.num_tokens
+            seqs.append(SeqChunk(r.rid, token_ids(r.token_slice(start, end - pending)), start, token_ids(r.pages),
+                                 sample, None if r.params_sent else {**r.params, "prompt_len": len(r.prompt_ids)},
+                                 pending))
             r.params_sent = True
             r.num_computed = end
-            r.in_flight = True
+            r.in_flight += 1
+            r.pending_samples += sample
+            members.append((r.rid, sample))
         step_id = next(self.step_ids)
-        self.steps_in_flight[step_id] = [r.rid for r, _, _ in chunks]
+        self.steps_in_flight[step_id] = members
         plan = StepPlan(step_id, seqs, self.to_release)
         self.to_release = []
         if chunks:
-            num_decode = sum(1 for r, s, e in chunks if e - s == 1 and s >= len(r.prompt_ids))
+            num_decode = sum(1 for r, s, e, _ in chunks if e - s == 1 and s >= len(r.prompt_ids))
             self.last_step = {"step_id": step_id, "num_seqs": len(chunks), "num_decode": num_decode,
                               "num_prefill": len(chunks) - num_decode,
-                              "num_tokens": sum(e - s for _, s, e in chunks)}
+                              "num_tokens": sum(e - s for _, s, e, _ in chunks)}
         return plan
 
     def _grow(self, r: Request, num_tokens: int) -> bool:
@@ -187,52 +199,63 @@ class Scheduler:
     # ------------------------------------------------------------------ results
     def on_result(self, result: StepResult) -> list:
         """Apply a step's sampled tokens; returns TokenUpdates for the requests that advanced or ended."""
-        rids = self.steps_in_flight.pop(result.step_id, [])
+        members = self.steps_in_flight.pop(result.step_id, [])
+        for rid, sampled in members:
+            r = self.requests.get(rid)
+            if r is not None:
+                r.in_flight -= 1
+                r.pending_samples -= sampled
         updates = []
-        for rid in rids:
-            r = self.requests.get(rid)
-            if r is None:
-                continue
-            r.in_flight = False
-            if result.error is not None:
-                self._finish(r, "error")
-                updates.append(TokenUpdate(rid, token_ids(), "error", None, result.error))
-            elif r.aborted:
-                self._finish(r, "abort")
         if result.error is not None:
-            return updates
-        logprobs = result.logprobs or [None] * len(result.rids)
-        for rid, tok, lp in zip(result.rids, result.token_ids, logprobs):
+            for rid, _ in members:
+                r = self.requests.get(rid)
+                if r is not None and r.status is not Status.FINISHED:
+                    self._finish(r, "error")
+                    updates.append(TokenUpdate(rid, token_ids(), "error", None, result.error))
+        else:
+            logprobs = result.logprobs or [None] * len(result.rids)
+            for rid, tok, lp in zip(result.rids, result.token_ids, logprobs):
+                r = self.requests.get(rid)
+                if r is None or r.status is Status.FINISHED:
+                    continue  # finished (or aborted) while this step ran: its token is void
+                r.output_ids.append(tok)
+                reason = None
+                if tok in r.stop_token_ids:
+                    reason = "stop"
+                elif len(r.output_ids) >= r.max_tokens or r.num_tokens >= self.max_model_len:
+                    reason = "length"
+                if reason:
+                    self._finish(r, reason)
+                updates.append(TokenUpdate(rid, token_ids([tok]), reason, None if lp is None else [lp]))
+        for rid, _ in members:
             r = self.requests.get(rid)
-            if r is None or r.status is Status.FINISHED:
-                continue
-            r.output_ids.append(tok)
-            reason = None
-            if tok in r.stop_token_ids:
-                reason = "stop"
-            elif len(r.output_ids) >= r.max_tokens or r.num_tokens >= self.max_model_len:
-                reason = "length"
-            if reason:
-                self._finish(r, reason)
-            updates.append(TokenUpdate(rid, token_ids([tok]), reason, None if lp is None else [lp]))
+            if r is not None and r.status is Status.FINISHED and not r.in_flight:
+                self._release(r)
         return updates
 
     def _finish(self, r: Request, reason: str) -> None:
+        """End r now; its pages go back once no in-flight step uses them."""
         if r.status is Status.RUNNING:
             self.running.remove(r)
         elif r.status is Status.WAITING and r in self.waiting:
             self.waiting.remove(r)
+        r.status, r.finish_reason = Status.FINISHED, reason
+        if not r.in_flight:
+            self._release(r)
+
+    def _release(self, r: Request) -> None:
         self.blocks.release(r.pages)
-        r.pages, r.status, r.finish_reason = [], Status.FINISHED, reason
+        r.pages = []
         del self.requests[r.rid]
         if r.params_sent:
             self.to_release.append(r.rid)
 
     def fail_all(self, error: str) -> list:
         """Fail every request (the workers are gone); returns their error updates."""
-        updates = [TokenUpdate(rid, token_ids(), "error", None, error) for rid in list(self.requests)]
+        updates = [TokenUpdate(rid, token_ids(), "error", None, error) for rid, r in self.requests.items()
+                   if r.status is not Status.FINISHED]
         for r in list(self.requests.values()):
-            r.in_flight = False
+            r.in_flight = 0
             self._finish(r, "error")
         self.steps_in_flight.clear()
         return updates

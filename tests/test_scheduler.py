@@ -136,7 +136,10 @@ def test_scheduler_process_against_a_stand_in_worker(tiny_model_dir):
             if finish:
                 break
         assert tokens == [42, 42, 42] and finish == "length"
-        assert [len(p.seqs[0].token_ids) for p in plans[:3]] == [5, 1, 1]
+        # a prefill, then one-token decodes; with overlap scheduling a decode may be planned before its input
+        # token is known (pending), depending on when results come back
+        assert [len(p.seqs[0].token_ids) + p.seqs[0].pending for p in plans[:3]] == [5, 1, 1]
+        assert plans[1].seqs[0].pending == 1  # planned right behind the prefill, before its result
     finally:
         proc.terminate()
         assert proc.wait(10) == 0
@@ -144,3 +147,30 @@ def test_scheduler_process_against_a_stand_in_worker(tiny_model_dir):
         ipc.send(ipc.push(ctx, run_dir, ipc.worker_inbox(0)), Shutdown())
         worker.join(10)
         ctx.destroy(linger=0)
+
+
+def test_overlap_chains_decodes_and_drains_after_a_stop():
+    s = Scheduler(num_pages=10, page_size=4, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64,
+                  overlap=True)
+    s.add(_req("a", 5, max_tokens=10, stop=[99]))
+    first = s.schedule()
+    chained = s.schedule()  # planned while `first` runs: consumes the token `first` will sample
+    assert chained.seqs[0].pending == 1 and chained.seqs[0].start_pos == 5 and len(chained.seqs[0].token_ids) == 0
+    assert s.schedule() is None  # at most one step chained on an unknown token
+    updates = s.on_result(StepResult(first.step_id, ["a"], token_ids([99])))
+    assert updates[0].finish_reason == "stop"
+    assert s.blocks.num_used == 2  # `chained` still writes position 5
+    assert s.on_result(StepResult(chained.step_id, ["a"], token_ids([7]))) == []  # its token is void
+    assert s.blocks.num_used == 0 and s.schedule().released == ["a"]
+
+
+def test_overlap_never_plans_past_max_tokens():
+    s = Scheduler(num_pages=10, page_size=4, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64,
+                  overlap=True)
+    s.add(_req("a", 5, max_tokens=2))
+    first, second = s.schedule(), s.schedule()
+    assert second.seqs[0].pending == 1
+    s.on_result(StepResult(first.step_id, ["a"], token_ids([7])))
+    assert s.schedule() is None  # the two planned samples are all max_tokens allows
+    updates = s.on_result(StepResult(second.step_id, ["a"], token_ids([8])))
+    assert updates[0].finish_reason == "length" and s.blocks.num_used == 0
