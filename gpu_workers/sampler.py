@@ -67,6 +67,7 @@ class Sampled:
     top_ids: Optional[torch.Tensor] = None
     top_vals: Optional[torch.Tensor] = None
     rows: Optional[list] = None
+    copied: Optional[torch.cuda.Event] = None
 
     def start_copy(self) -> None:
         """Queue the device-to-host copies now, so to_host() only waits for them."""
@@ -76,8 +77,12 @@ class Sampled:
                 self.chosen = self.chosen.to("cpu", non_blocking=True)
                 self.top_ids = self.top_ids.to("cpu", non_blocking=True)
                 self.top_vals = self.top_vals.to("cpu", non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
 
     def to_host(self) -> tuple:
+        if self.copied is not None:
+            self.copied.synchronize()  # non-blocking copies land in host memory only when the stream gets there
         tokens = self.tokens.tolist()
         if not self.logprob_rows:
             return tokens, None

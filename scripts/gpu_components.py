@@ -16,7 +16,17 @@ def main():
     from gpu_workers.layers.rotary import RotaryEmbedding, _rotate
 
     assert fused_ops.enable_for(torch.device(dev))
-    T, H, Hkv, D, hidden = 37, 8, 2, 128, 1024
+    for shape in ((8, 2, 128, 1024), (9, 3, 64, 576)):  # Llama-like and SmolLM2's shapes
+        check_fused(*shape)
+    attention_check()
+
+
+def check_fused(H, Hkv, D, hidden):
+    from gpu_workers.layers import fused_ops
+    from gpu_workers.layers.rotary import RotaryEmbedding, _rotate
+
+    print(f"--- fused ops, hidden {hidden}, heads {H}/{Hkv}, head_dim {D}")
+    T = 37
     x = torch.randn(T, hidden, device=dev, dtype=bf)
     res = torch.randn(T, hidden, device=dev, dtype=bf)
     w = torch.randn(hidden, device=dev, dtype=bf)
@@ -32,7 +42,7 @@ def main():
     gu = torch.randn(T, 2 * hidden, device=dev, dtype=bf)
     g, u = gu.chunk(2, -1)
     print("silu_and_mul", rel(fused_ops.silu_and_mul(gu), torch.nn.functional.silu(g) * u))
-    for d in (64, 128):
+    for d in (D,):
         rot = RotaryEmbedding(d, 4096, 10000.0, {"rope_type": "default"}).to(dev)
         qkv = torch.randn(T, (H + 2 * Hkv) * d, device=dev, dtype=bf)
         pos = torch.randint(0, 4000, (T,), device=dev)
@@ -44,7 +54,6 @@ def main():
         q_ref, k_ref = _rotate(q.clone(), *cs), _rotate(k.clone(), *cs)
         qf, kf = rot(pos, q, k)
         print(f"rope d={d} q", rel(qf, q_ref), "k", rel(kf, k_ref))
-    attention_check()
 
 
 def attention_check():
@@ -52,8 +61,8 @@ def attention_check():
     from gpu_workers.attention.flashinfer_backend import FlashInferBackend
     from gpu_workers.attention.sdpa import SdpaBackend
 
-    for D in (64, 128):
-        H, Hkv, ps = 8, 2, 16
+    for H, Hkv, D in ((8, 2, 128), (9, 3, 64)):
+        ps = 16
         lens = [5, 40, 1, 77]
         starts = [0, 0, 0, 0]
         for mode in ("prefill", "decode"):
@@ -103,10 +112,11 @@ def engine_matrix():
     from tiny_models import make_tiny_model
 
     root = tempfile.mkdtemp()
+    shapes = {128: dict(hidden_size=512, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=2),
+              64: dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3)}
     for d in (128, 64):
         folder = make_tiny_model("llama", f"{root}/hd{d}", num_layers=4, vocab_size=1024, dtype=torch.bfloat16,
-                                 hidden_size=4 * d, intermediate_size=1024, num_attention_heads=4,
-                                 num_key_value_heads=2, head_dim=d)
+                                 head_dim=d, **shapes[d])
         for backend, fused in (("sdpa", "0"), ("flashinfer", "0"), ("flashinfer", "1")):
             code = f"""
 import sys, torch
