@@ -52,6 +52,7 @@ for mode in $MODES; do
   case $mode in
     components)
       python3 scripts/gpu_components.py 2>&1 | tee "$OUT/components.log" | grep -v Warning
+      python3 scripts/gpu_components.py forced 2>&1 | tee "$OUT/forced.log" | grep -E "^teacher|^argmax"
       python3 scripts/gpu_components.py engines 2>&1 | tee "$OUT/engines.log" | grep "^engine"
       ;;
     tests)

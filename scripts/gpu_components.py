@@ -139,5 +139,53 @@ print('RESULT', _match_rate(ours, ref), first)
                   line[0][7:] if line else out.stderr[-800:])
 
 
-if __name__ == "__main__" and len(__import__("sys").argv) > 1:
+if __name__ == "__main__" and __import__("sys").argv[1:] == ["engines"]:
     engine_matrix()
+
+
+def teacher_forced():
+    """Logits of the FlashInfer and SDPA backends along the same token sequence (HF's greedy continuation), per
+    decode step: tells kernel noise (flat, ~1e-3) from a bug (grows or jumps)."""
+    import sys
+
+    sys.path.insert(0, "tests")
+    sys.path.insert(0, "tests/gpu")
+    import tempfile
+
+    from gpu_workers.attention.context import forward_context
+    from gpu_workers.model_runner import ModelRunner
+    from nanoslg.config import EngineConfig
+    from nanoslg.protocol import SeqChunk, StepPlan, token_ids
+    from test_gpu import _hf_bf16_greedy
+    from tiny_models import make_tiny_model
+
+    folder = make_tiny_model("llama", f"{tempfile.mkdtemp()}/m", num_layers=4, vocab_size=1024,
+                             dtype=torch.bfloat16, head_dim=64, hidden_size=576, intermediate_size=1536,
+                             num_attention_heads=9, num_key_value_heads=3)
+    prompt = list(range(5, 45))
+    cont = _hf_bf16_greedy(folder, [prompt], 40)[0]
+    per_backend = {}
+    for backend in ("flashinfer", "sdpa"):
+        cfg = EngineConfig(model=folder, attention_backend=backend, enforce_eager=True, max_model_len=512,
+                           num_kv_pages=64).resolve()
+        runner = ModelRunner(cfg)
+        table = token_ids(range(0, 16))
+        chunks = [(prompt, 0)] + [([t], len(prompt) + i) for i, t in enumerate(cont[:-1])]
+        logits = []
+        for step, (toks, start) in enumerate(chunks):
+            plan = StepPlan(step, [SeqChunk("r", token_ids(toks), start, table, True)])
+            input_ids, layout, cu = runner._layout(plan)
+            with torch.inference_mode(), forward_context(runner.backend):
+                runner.backend.plan(layout)
+                hidden = runner.model(layout.positions, input_ids=input_ids)
+                logits.append(runner.model.compute_logits(hidden[-1:]).float().cpu())
+        per_backend[backend] = logits
+    errs = [rel(a, b) for a, b in zip(per_backend["flashinfer"], per_backend["sdpa"])]
+    agree = [int(a.argmax() == b.argmax()) for a, b in zip(per_backend["flashinfer"], per_backend["sdpa"])]
+    hf_agree = [int(a.argmax() == t) for a, t in zip(per_backend["sdpa"], cont)]
+    print("teacher-forced rel err per step:", " ".join(f"{e:.1e}" for e in errs))
+    print("argmax fi==sdpa:", "".join(map(str, agree)), " sdpa==hf:", "".join(map(str, hf_agree)))
+
+
+if __name__ == "__main__" and __import__("sys").argv[1:] == ["forced"]:
+    teacher_forced()

@@ -54,6 +54,17 @@ class FlashInferBackend(AttentionBackend):
                                                                       backend=prefill_backend)
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2")
         self.active = self.decode
+        self._planned = None  # event after the last plan's host-to-device copies
+
+    def _before_plan(self) -> None:
+        # plan() stages its metadata in a pinned host buffer and copies it asynchronously. With overlap scheduling
+        # the previous step may not have reached its copy yet: wait for it before the buffer is rewritten.
+        if self._planned is not None:
+            self._planned.synchronize()
+
+    def _after_plan(self) -> None:
+        self._planned = torch.cuda.Event()
+        self._planned.record()
 
     def graph_decode_wrapper(self, batch_size: int, max_pages: int):
         """A decode wrapper whose plan lives in fixed buffers, so a captured CUDA graph can replay it."""
@@ -69,8 +80,10 @@ class FlashInferBackend(AttentionBackend):
     def plan_decode(self, wrapper, layout: BatchLayout) -> None:
         indptr, indices, last = PageTables.build(layout, self.page_size)
         dtype = self.kv_cache.dtype
+        self._before_plan()
         wrapper.plan(indptr, indices, last, self.num_heads, self.num_kv_heads, self.head_dim, self.page_size,
                      q_data_type=dtype, kv_data_type=dtype)
+        self._after_plan()
         self.active = wrapper
         self.slot_mapping = layout.slot_mapping
 
@@ -87,8 +100,10 @@ class FlashInferBackend(AttentionBackend):
         dtype = self.kv_cache.dtype
         qo_indptr = torch.zeros(len(layout.q_lens) + 1, dtype=torch.int32)
         torch.cumsum(layout.q_lens, 0, out=qo_indptr[1:])
+        self._before_plan()
         self.prefill.plan(qo_indptr, indptr, indices, last, self.num_heads, self.num_kv_heads, self.head_dim,
                           self.page_size, causal=True, q_data_type=dtype, kv_data_type=dtype)
+        self._after_plan()
         self.active = self.prefill
         self.slot_mapping = layout.slot_mapping
 
