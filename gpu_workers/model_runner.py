@@ -218,6 +218,12 @@ class ModelRunner:
                 row.record_sampled(tok)
         return StepResult(launched.step_id, launched.rids, token_ids(tokens), logprobs)
 
+    @staticmethod
+    def is_done(launched) -> bool:
+        """Whether a launched step's results can be read without waiting."""
+        sampled = getattr(launched, "sampled", None)
+        return sampled is None or sampled.copied is None or sampled.copied.query()
+
     def needs_sync_before(self, plan: StepPlan) -> bool:
         """Penalties read the request's full token history on the host, which a pending token is not yet in."""
         return any(s.pending and self.rows[s.rid].has_penalties for s in plan.seqs if s.rid in self.rows)

@@ -33,9 +33,12 @@ def serve(cfg: EngineConfig, rank: int, ready) -> None:
     # does the worker wait for the older step's tokens. With overlap scheduling the GPU never idles between steps.
     in_flight = None
     while True:
-        if in_flight is not None and not inbox.poll(0):
-            _report(runner, in_flight, to_scheduler)
-            in_flight = None
+        # Report the launched step as soon as the device is done with it, unless the next plan arrives first: then
+        # launch that one before waiting, so the device always has the next step queued.
+        while in_flight is not None and not inbox.poll(1):
+            if runner.is_done(in_flight):
+                _report(runner, in_flight, to_scheduler)
+                in_flight = None
         try:
             msg = ipc.recv(inbox)
         except ProtocolError as e:
