@@ -11,6 +11,7 @@ import zmq
 
 from nanoslg import ipc
 from nanoslg.config import EngineConfig
+from gpu_workers.step_profiler import StepProfiler
 from nanoslg.protocol import ProtocolError, Shutdown, StepPlan, StepResult, token_ids
 
 log = logging.getLogger("nanoslg.worker")
@@ -31,6 +32,7 @@ def serve(cfg: EngineConfig, rank: int, ready) -> None:
            "attention_backend": runner.backend.name})
     # One step stays launched while the next plan is received and launched behind it on the device; only then
     # does the worker wait for the older step's tokens. With overlap scheduling the GPU never idles between steps.
+    profiler = StepProfiler()
     in_flight = None
     while True:
         # Report the launched step as soon as the device is done with it, unless the next plan arrives first: then
@@ -52,6 +54,7 @@ def serve(cfg: EngineConfig, rank: int, ready) -> None:
         if in_flight is not None and runner.needs_sync_before(msg):
             _report(runner, in_flight, to_scheduler)
             in_flight = None
+        profiler.on_step()
         try:
             launched = runner.launch(msg)
         except Exception as e:  # one failed step fails its requests, not the engine
