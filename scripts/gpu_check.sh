@@ -75,14 +75,15 @@ for mode in $MODES; do
       bench offline-128-128 --input-len 128 --output-len 128 --num-prompts 10000 --max-num-seqs 512 \
         --max-num-batched-tokens 8192
       ;;
-    profile)  # decode-heavy steady state and a prefill-heavy window of offline-1024-512
-      NANOSLG_PROFILE_STEPS=700:60 NANOSLG_PROFILE_OUT="$OUT/profile-decode.txt" \
-        bench profile-1024-512 --input-len 1024 --output-len 512 --num-prompts 300 --max-num-seqs 256 \
+    profile)  # a decode-heavy steady-state window and a prefill-heavy one of a 1024/512 run
+      export NANOSLG_PROFILE_STEPS=300:60 NANOSLG_PROFILE_OUT="$OUT/profile-decode.txt"
+      bench profile-decode --input-len 1024 --output-len 512 --num-prompts 300 --max-num-seqs 256 \
         --max-num-batched-tokens 8192
-      NANOSLG_PROFILE_STEPS=10:20 NANOSLG_PROFILE_OUT="$OUT/profile-prefill.txt" \
-        bench profile-prefill --input-len 1024 --output-len 512 --num-prompts 300 --max-num-seqs 256 \
+      export NANOSLG_PROFILE_STEPS=12:16 NANOSLG_PROFILE_OUT="$OUT/profile-prefill.txt"
+      bench profile-prefill --input-len 1024 --output-len 64 --num-prompts 300 --max-num-seqs 256 \
         --max-num-batched-tokens 8192
-      head -30 "$OUT/profile-decode.txt"; head -30 "$OUT/profile-prefill.txt"
+      unset NANOSLG_PROFILE_STEPS NANOSLG_PROFILE_OUT
+      head -32 "$OUT/profile-decode.txt"; head -32 "$OUT/profile-prefill.txt"
       ;;
     decode)
       python3 -m nanoslg.cli bench throughput llama-3.1-8b --load-format dummy --decode-latency \
