@@ -91,6 +91,13 @@ for mode in $MODES; do
       unset NANOSLG_PROFILE_STEPS NANOSLG_PROFILE_OUT
       head -24 "$OUT/profile-decode.txt" | cut -c1-60,150-200; head -12 "$OUT/profile-prefill.txt" | cut -c1-60,150-200
       ;;
+    profile-decode)
+      export NANOSLG_PROFILE_STEPS=300:60 NANOSLG_PROFILE_OUT="$OUT/profile-decode.txt"
+      bench profile-decode --input-len 1024 --output-len 512 --num-prompts 300 --max-num-seqs 256 \
+        --max-num-batched-tokens 8192
+      unset NANOSLG_PROFILE_STEPS NANOSLG_PROFILE_OUT
+      head -24 "$OUT/profile-decode.txt" | cut -c1-60,150-200
+      ;;
     decode)
       python3 -m nanoslg.cli bench throughput llama-3.1-8b --load-format dummy --decode-latency \
         --max-model-len 4096 --max-num-seqs 8 \
