@@ -61,12 +61,6 @@ for mode in $MODES; do
       summary+=("gpu tests: $(tail -1 "$OUT/gpu-tests.log")")
       grep -h "match_rate" "$OUT/gpu-tests.log" | while read -r line; do echo "  $line"; done
       ;;
-    smoke-prefill-kernel)
-      export NANOSLG_DECODE_KERNEL=prefill
-      bench smoke-prefill-kernel --input-len 1024 --output-len 512 --num-prompts 300 --max-num-seqs 256 \
-        --max-num-batched-tokens 8192
-      unset NANOSLG_DECODE_KERNEL
-      ;;
     smoke)
       bench smoke-1024-512 --input-len 1024 --output-len 512 --num-prompts 300 --max-num-seqs 256 \
         --max-num-batched-tokens 8192
@@ -89,7 +83,7 @@ for mode in $MODES; do
       bench profile-prefill --input-len 1024 --output-len 64 --num-prompts 300 --max-num-seqs 256 \
         --max-num-batched-tokens 8192
       unset NANOSLG_PROFILE_STEPS NANOSLG_PROFILE_OUT
-      head -24 "$OUT/profile-decode.txt" | cut -c1-60,150-200; head -12 "$OUT/profile-prefill.txt" | cut -c1-60,150-200
+      head -32 "$OUT/profile-decode.txt"; head -32 "$OUT/profile-prefill.txt"
       ;;
     profile-decode)
       export NANOSLG_PROFILE_STEPS=300:60 NANOSLG_PROFILE_OUT="$OUT/profile-decode.txt"

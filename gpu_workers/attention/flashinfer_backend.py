@@ -3,8 +3,6 @@ queries over the paged cache) for prefill and mixed steps. The cache is the base
 (k, v) pages in FlashInfer's NHD layout."""
 from __future__ import annotations
 
-import os
-
 import torch
 
 from gpu_workers.attention.base import AttentionBackend, BatchLayout
@@ -51,15 +49,10 @@ class FlashInferBackend(AttentionBackend):
         device = self.kv_cache.device
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         # Backends pinned to the kernels the GPU kit ships prebuilt for SM90 (fa3 prefill, fa2 decode).
-        self.prefill_backend = "fa3" if torch.cuda.get_device_capability(device)[0] == 9 else "fa2"
+        prefill_backend = "fa3" if torch.cuda.get_device_capability(device)[0] == 9 else "fa2"
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD",
-                                                                      backend=self.prefill_backend)
-        # Experimental switch: run decode steps on the (tensor-core) prefill kernel, which reads each KV head once
-        # for its whole query-head group.
-        self.decode_with_prefill_kernel = os.environ.get("NANOSLG_DECODE_KERNEL") == "prefill"
-        self.decode = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-            self.workspace, "NHD", backend=self.prefill_backend) if self.decode_with_prefill_kernel else \
-            flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2")
+                                                                      backend=prefill_backend)
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2")
         self.active = self.decode
         self._planned = None  # event after the last plan's host-to-device copies
 
@@ -78,13 +71,6 @@ class FlashInferBackend(AttentionBackend):
         import flashinfer
 
         device = self.kv_cache.device
-        if self.decode_with_prefill_kernel:
-            return flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-                self.workspace, "NHD", use_cuda_graph=True, backend=self.prefill_backend,
-                qo_indptr_buf=torch.arange(batch_size + 1, dtype=torch.int32, device=device),
-                paged_kv_indptr_buf=torch.zeros(batch_size + 1, dtype=torch.int32, device=device),
-                paged_kv_indices_buf=torch.zeros(max_pages, dtype=torch.int32, device=device),
-                paged_kv_last_page_len_buf=torch.zeros(batch_size, dtype=torch.int32, device=device))
         return flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_cuda_graph=True, backend="fa2",
             paged_kv_indptr_buffer=torch.zeros(batch_size + 1, dtype=torch.int32, device=device),
@@ -95,13 +81,8 @@ class FlashInferBackend(AttentionBackend):
         indptr, indices, last = PageTables.build(layout, self.page_size)
         dtype = self.kv_cache.dtype
         self._before_plan()
-        if self.decode_with_prefill_kernel:
-            qo_indptr = torch.arange(len(layout.q_lens) + 1, dtype=torch.int32)
-            wrapper.plan(qo_indptr, indptr, indices, last, self.num_heads, self.num_kv_heads, self.head_dim,
-                         self.page_size, causal=True, q_data_type=dtype, kv_data_type=dtype)
-        else:
-            wrapper.plan(indptr, indices, last, self.num_heads, self.num_kv_heads, self.head_dim, self.page_size,
-                         q_data_type=dtype, kv_data_type=dtype)
+        wrapper.plan(indptr, indices, last, self.num_heads, self.num_kv_heads, self.head_dim, self.page_size,
+                     q_data_type=dtype, kv_data_type=dtype)
         self._after_plan()
         self.active = wrapper
         self.slot_mapping = layout.slot_mapping
