@@ -9,6 +9,8 @@ import os
 import torch
 from safetensors import safe_open
 
+from gpu_workers.layers.linear import copy_checked
+
 
 class WeightLoadError(RuntimeError):
     pass
@@ -35,9 +37,7 @@ def _checkpoint_files(folder: str, names: set) -> dict:
 
 
 def _copy_whole(param: torch.Tensor, loaded: torch.Tensor, shard=None) -> None:
-    if param.shape != loaded.shape:
-        raise ValueError(f"shape {tuple(loaded.shape)} does not match the model's {tuple(param.shape)}")
-    param.data.copy_(loaded)
+    copy_checked(param, loaded)
 
 
 def load_checkpoint(targets: dict, required: set, folder: str, device: torch.device) -> None:

@@ -38,8 +38,19 @@ class DebugClient:
         return reply["rid"]
 
     def close(self) -> None:
-        self.sock.close(linger=0)
-        self.ctx.term()
+        # Close the socket before the context: a context collected while its socket is open blocks in term().
+        if not self.sock.closed:
+            self.sock.close(linger=0)
+            self.ctx.term()
+
+    def __enter__(self) -> "DebugClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        self.close()
 
 
 def find_run_dir() -> str:

@@ -18,16 +18,17 @@ class EngineClient:
     def __init__(self, cfg: EngineConfig, ctx: zmq.Context | None = None):
         self.cfg = cfg.resolve() if cfg.model_spec is None else cfg
         self.launcher = Launcher(self.cfg)
-        self.ctx = ctx or zmq.Context()
+        self.ctx = ctx or zmq.Context.instance()
+        self.closed = True
+        # Bound before the tokenizer starts, so no delta is sent to an address nobody holds.
+        self.inbox = ipc.pull(self.ctx, self.cfg.run_dir, ipc.CLIENT)
+        self.to_tokenizer = ipc.push(self.ctx, self.cfg.run_dir, ipc.TOKENIZER)
+        self.closed = False
         try:
-            # Bound before the tokenizer starts, so no delta is sent to an address nobody holds.
-            self.inbox = ipc.pull(self.ctx, self.cfg.run_dir, ipc.CLIENT)
-            self.to_tokenizer = ipc.push(self.ctx, self.cfg.run_dir, ipc.TOKENIZER)
             self.launcher.start()
         except BaseException:
-            self.launcher.shutdown()
+            self.close()
             raise
-        self.closed = False
 
     @property
     def info(self) -> dict:

@@ -45,7 +45,7 @@ class Launcher:
         self.children: dict = {}  # name -> Popen
         self.info: dict = {}  # name -> what its READY reported
         cfg.run_dir = tempfile.mkdtemp(prefix="nanoslg-")  # mode 0700: only this user reaches the sockets
-        self._ctx = zmq.Context()
+        self._ctx = zmq.Context.instance()
         self._inbox = ipc.pull(self._ctx, cfg.run_dir, ipc.LAUNCHER)
         atexit.register(self.shutdown)
 

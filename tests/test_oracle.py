@@ -15,7 +15,8 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 def _generate(folder, prompts, **engine_args):
     with LLM(folder, **engine_args) as llm:
         outs = llm.generate(prompts, GREEDY)
-        state = DebugClient(llm.config.run_dir).state()
+        with DebugClient(llm.config.run_dir) as debug:
+            state = debug.state()
     assert all(o.error is None and o.finish_reason == "length" for o in outs)
     return [o.token_ids for o in outs], state
 

@@ -17,7 +17,7 @@ def _param(shape, bias_or_weight_loader, dtype) -> nn.Parameter:
     return p
 
 
-def _copy(param: torch.Tensor, loaded: torch.Tensor) -> None:
+def copy_checked(param: torch.Tensor, loaded: torch.Tensor) -> None:
     if param.shape != loaded.shape:
         raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} does not fit parameter "
                          f"of shape {tuple(param.shape)}")
@@ -37,7 +37,7 @@ class ColumnParallelLinear(nn.Module):
 
     def load_weight(self, param: torch.Tensor, loaded: torch.Tensor, shard: Optional[str] = None) -> None:
         n = param.shape[0]
-        _copy(param, loaded.narrow(0, parallel_state().tp_rank * n, n))
+        copy_checked(param, loaded.narrow(0, parallel_state().tp_rank * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -54,7 +54,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def load_weight(self, param: torch.Tensor, loaded: torch.Tensor, shard: Optional[str] = None) -> None:
         n = self.shard_rows
         dest = param.data.narrow(0, self.shard_names.index(shard) * n, n)
-        _copy(dest, loaded.narrow(0, parallel_state().tp_rank * n, n))
+        copy_checked(dest, loaded.narrow(0, parallel_state().tp_rank * n, n))
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -80,7 +80,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         else:
             offset = q_rows + (0 if shard == "k" else kv_rows)
             rows, src = kv_rows, (tp_rank // self.kv_replicas) * kv_rows
-        _copy(param.data.narrow(0, offset, rows), loaded.narrow(0, src, rows))
+        copy_checked(param.data.narrow(0, offset, rows), loaded.narrow(0, src, rows))
 
 
 class RowParallelLinear(nn.Module):
@@ -96,10 +96,10 @@ class RowParallelLinear(nn.Module):
 
     def load_weight(self, param: torch.Tensor, loaded: torch.Tensor, shard: Optional[str] = None) -> None:
         n = param.shape[1]
-        _copy(param, loaded.narrow(1, parallel_state().tp_rank * n, n))
+        copy_checked(param, loaded.narrow(1, parallel_state().tp_rank * n, n))
 
     def load_bias(self, param: torch.Tensor, loaded: torch.Tensor, shard: Optional[str] = None) -> None:
-        _copy(param, loaded)
+        copy_checked(param, loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
