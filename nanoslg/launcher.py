@@ -89,6 +89,9 @@ class Launcher:
             for name in pending:
                 code = self.children[name].poll()
                 if code is not None:
+                    # A child that failed cleanly sent FAILED (with the reason) just before exiting: read it first.
+                    if self._inbox.poll(1000):
+                        break
                     raise EngineStartupError(f"{name} exited with code {code} before it was ready")
             if time.monotonic() > deadline:
                 raise EngineStartupError(f"{', '.join(sorted(pending))} not ready after "
