@@ -36,6 +36,7 @@ class SchedulerProcess:
         self.debug.bind(ipc.address(cfg.run_dir, ipc.DEBUG))
         self.to_tokenizer = ipc.push(ctx, cfg.run_dir, ipc.TOKENIZER)
         self.to_workers = [ipc.push(ctx, cfg.run_dir, ipc.worker_inbox(r)) for r in range(cfg.world_size)]
+        self.outbox: list = []  # TokenUpdates for the tokenizer, sent once per loop
         self.debug_ids = itertools.count()
         self.debug_requests: dict = {}  # rid -> {"prompt_ids", "output_ids", "finish_reason"}
 
@@ -62,6 +63,10 @@ class SchedulerProcess:
                     break
                 for sock in self.to_workers:
                     ipc.send(sock, plan)
+            # Tokens go to the tokenizer only after the next plan is out: the workers must not wait on that.
+            if self.outbox:
+                ipc.send(self.to_tokenizer, TokenBatch(self.outbox))
+                self.outbox = []
 
     def _handle_inbox(self) -> bool:
         try:
@@ -95,8 +100,7 @@ class SchedulerProcess:
             record["output_ids"].extend(u.token_ids)
             record["finish_reason"] = u.finish_reason
             record["error"] = u.error
-        if for_tokenizer:
-            ipc.send(self.to_tokenizer, TokenBatch(for_tokenizer))
+        self.outbox.extend(for_tokenizer)
 
     def _handle_debug(self) -> None:
         identity, frame = self.debug.recv_multipart()
