@@ -46,9 +46,9 @@ class SchedulerProcess:
         poller.register(self.inbox, zmq.POLLIN)
         poller.register(self.debug, zmq.POLLIN)
         while True:
-            busy = self.core.steps_in_flight or self.core.has_work()
-            events = dict(poller.poll(0 if busy and len(self.core.steps_in_flight) < self.max_in_flight
-                                      else 100))
+            # Every change the scheduler reacts to arrives on a socket, and each pass below schedules until it can
+            # not, so blocking here never delays a step.
+            events = dict(poller.poll(100))
             if self.inbox in events:
                 while self._handle_inbox():
                     pass

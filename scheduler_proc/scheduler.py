@@ -98,9 +98,6 @@ class Scheduler:
             self._finish(r, "abort")
 
     # ------------------------------------------------------------------ step formation
-    def has_work(self) -> bool:
-        return bool(self.waiting) or any(not r.in_flight or self._can_chain(r) for r in self.running)
-
     def _can_chain(self, r: Request) -> bool:
         """Whether r can get its next decode now, consuming the token its one in-flight step will sample."""
         return (self.overlap and r.in_flight == 1 and r.pending_samples == 1 and r.num_computed == r.num_tokens
@@ -138,11 +135,13 @@ class Scheduler:
             r = self.waiting[0]
             end = min(r.num_tokens, r.num_computed + budget)
             if not self._grow(r, end):
-                if not self.running and not chunks:
-                    # Nothing else holds pages, so this request can never fit: fail it rather than spin.
+                if self.blocks.num_used == len(r.pages):
+                    # Nothing else holds pages (not even a finished request draining an in-flight step), so this
+                    # request can never fit: fail it rather than spin.
                     self.waiting.popleft()
-                    self._finish(r, "length")
-                    self.unreported.append(TokenUpdate(r.rid, token_ids(), "length"))
+                    self._finish(r, "rejected")
+                    self.unreported.append(TokenUpdate(r.rid, token_ids(), "rejected", None,
+                                                       "the request needs more KV pages than the cache holds"))
                     continue
                 break
             self.waiting.popleft()
@@ -249,16 +248,6 @@ class Scheduler:
         del self.requests[r.rid]
         if r.params_sent:
             self.to_release.append(r.rid)
-
-    def fail_all(self, error: str) -> list:
-        """Fail every request (the workers are gone); returns their error updates."""
-        updates = [TokenUpdate(rid, token_ids(), "error", None, error) for rid, r in self.requests.items()
-                   if r.status is not Status.FINISHED]
-        for r in list(self.requests.values()):
-            r.in_flight = 0
-            self._finish(r, "error")
-        self.steps_in_flight.clear()
-        return updates
 
     # ------------------------------------------------------------------ introspection
     def state(self) -> dict:

@@ -174,3 +174,14 @@ def test_overlap_never_plans_past_max_tokens():
     assert s.schedule() is None  # the two planned samples are all max_tokens allows
     updates = s.on_result(StepResult(second.step_id, ["a"], token_ids([8])))
     assert updates[0].finish_reason == "length" and s.blocks.num_used == 0
+
+
+def test_a_request_waits_for_pages_held_by_a_draining_step():
+    s = Scheduler(num_pages=4, page_size=4, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=16)
+    s.add(_req("a", 12))
+    plan = s.schedule()
+    s.abort("a")  # its step is still in flight: its 3 pages stay taken
+    s.add(_req("b", 12))
+    assert s.schedule() is None and not s.unreported  # b waits rather than being failed
+    s.on_result(StepResult(plan.step_id, ["a"], token_ids([1])))
+    assert [c.rid for c in s.schedule().seqs] == ["b"]

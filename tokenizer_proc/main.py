@@ -178,9 +178,10 @@ class TokenizerProcess:
             text = stream.detokenizer.add(text_ids) if stream.detokenizer is not None else ""
             text, stopped = stream.stop.feed(text)
             finish = u.finish_reason
-            if stopped and finish is None:
+            if stopped:
+                if finish is None:  # the scheduler would go on generating
+                    ipc.send(self.to_scheduler, AbortRequest(u.rid))
                 finish = "stop"
-                ipc.send(self.to_scheduler, AbortRequest(u.rid))
             elif finish is not None:
                 text += stream.stop.flush()
             lp_texts = self._token_texts(list(zip(ids, u.logprobs))) if u.logprobs else None

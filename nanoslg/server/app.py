@@ -115,15 +115,15 @@ class OpenAIServer:
             self._check_model(body.model)
             if not chat and body.echo and body.logprobs is not None:
                 raise ApiError(400, "echo together with logprobs is not supported", param="echo")
-            gen = Generation(self.engine, self.metrics, reqs)
+            gen = Generation(self.engine, self.metrics, reqs, body.n)
             responder = Responder(chat, self.settings.served_model_name, gen, body)
             deltas = gen.deltas()
             # Wait for the first output before answering, so a request the engine rejects gets a 400.
-            first = await self._until_disconnect(request, anext(deltas, None), deltas)
+            first = await self._until_disconnect(request, anext(deltas, None))
             if body.stream:
                 return StreamingResponse(responder.stream(first, deltas), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache"})
-            await self._until_disconnect(request, self._drain(deltas), deltas)
+            await self._until_disconnect(request, self._drain(deltas))
             return JSONResponse(responder.whole())
         except ApiError as e:
             return e.response()
@@ -140,7 +140,7 @@ class OpenAIServer:
             pass
 
     @staticmethod
-    async def _until_disconnect(request: Request, awaitable, deltas):
+    async def _until_disconnect(request: Request, awaitable):
         """Await while watching the client: if it goes away, stop the generation (aborting its requests)."""
         task = asyncio.ensure_future(awaitable)
         while True:
@@ -148,8 +148,9 @@ class OpenAIServer:
             if done:
                 return task.result()
             if await request.is_disconnected():
+                # Cancelling unwinds the generator inside the task, whose cleanup aborts the engine requests.
                 task.cancel()
-                await deltas.aclose()
+                await asyncio.gather(task, return_exceptions=True)
                 raise ApiError(499, "client disconnected")
 
     async def models(self, request: Request) -> Response:

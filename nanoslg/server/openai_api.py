@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
 
 from nanoslg.protocol import GenerateRequest, OutputDelta, token_ids
-from nanoslg.server.async_engine import AsyncEngine
+from nanoslg.server.async_engine import AsyncEngine, EngineUnavailable
 from nanoslg.server.metrics import ServerMetrics
 from nanoslg.server.schemas import ChatCompletionRequest, CompletionRequest
 
@@ -25,6 +25,7 @@ class GenerationFailed(RuntimeError):
 @dataclass(slots=True)
 class Choice:
     index: int
+    prompt_index: int  # which prompt of the request this choice continues (n choices share one)
     text: str = ""
     num_tokens: int = 0
     num_prompt_tokens: int = 0
@@ -36,9 +37,9 @@ class Choice:
 class Generation:
     """One HTTP request's choices running in the engine, merged into a single stream of (choice, delta)."""
 
-    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, reqs: list):
+    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, reqs: list, choices_per_prompt: int):
         self.engine, self.metrics, self.reqs = engine, metrics, reqs
-        self.choices = [Choice(i) for i in range(len(reqs))]
+        self.choices = [Choice(i, i // choices_per_prompt) for i in range(len(reqs))]
         self.start = time.monotonic()
         self.first_token: Optional[float] = None
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -100,9 +101,9 @@ class Generation:
     @property
     def prompt_tokens(self) -> int:
         # n choices of one prompt share it: count each distinct prompt once
-        per_prompt = {}
-        for r, c in zip(self.reqs, self.choices):
-            per_prompt[r.rid.rsplit("-", 1)[0]] = c.num_prompt_tokens
+        per_prompt: dict = {}
+        for c in self.choices:
+            per_prompt[c.prompt_index] = max(per_prompt.get(c.prompt_index, 0), c.num_prompt_tokens)
         return sum(per_prompt.values())
 
     @property
@@ -202,8 +203,9 @@ class Responder:
                 if text or delta.finish_reason is not None or new:
                     yield self._sse([self._chunk_choice(choice, text, new, delta.finish_reason)], obj, include_usage)
                 item = await anext(rest, None)
-        except (RequestRejected, GenerationFailed) as e:
-            error = {"message": str(e), "type": "server_error", "param": None, "code": None}
+        except (RequestRejected, GenerationFailed, EngineUnavailable) as e:
+            kind = "invalid_request_error" if isinstance(e, RequestRejected) else "server_error"
+            error = {"message": str(e), "type": kind, "param": None, "code": None}
             yield f"data: {json.dumps({'error': error})}\n\n".encode()
         if include_usage:
             usage = self._envelope(obj, [])
