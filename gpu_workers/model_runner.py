@@ -15,7 +15,6 @@ from gpu_workers.attention.sdpa import SdpaBackend
 from gpu_workers.cuda_graphs import DecodeGraphs
 from gpu_workers.layers import fused_ops
 from gpu_workers.models.llama import LlamaForCausalLM, iter_required
-from gpu_workers.parallel import parallel_state
 from gpu_workers.sampler import RowParams, Sampled, Sampler
 from gpu_workers.weight_loader import init_dummy, load_checkpoint
 from nanoslg.config import EngineConfig
@@ -82,22 +81,26 @@ class ModelRunner:
         self.backend_reason = reason
         return FlashInferBackend
 
-    def _make_backend(self, num_pages: int) -> AttentionBackend:
+    def _local_heads(self) -> tuple:
+        """(query heads, KV heads) on this rank, as its attention layers hold them."""
         spec = self.cfg.model_spec
         attn = self.model.layers[0].self_attn if len(self.model.layers) else None
-        heads = attn.num_heads if attn else spec.num_heads
-        kv_heads = attn.num_kv_heads if attn else spec.num_kv_heads
+        return (attn.num_heads, attn.num_kv_heads) if attn else (spec.num_heads, spec.num_kv_heads)
+
+    def _page_bytes(self) -> int:
+        return AttentionBackend.bytes_per_page(len(self.model.layers), self.cfg.page_size, self._local_heads()[1],
+                                               self.cfg.model_spec.head_dim, self.dtype, self.device)
+
+    def _make_backend(self, num_pages: int) -> AttentionBackend:
+        heads, kv_heads = self._local_heads()
         return self.backend_cls(len(self.model.layers), num_pages, self.cfg.page_size, heads, kv_heads,
-                                spec.head_dim, self.dtype, self.device)
+                                self.cfg.model_spec.head_dim, self.dtype, self.device)
 
     def _count_kv_pages(self) -> int:
-        cfg, spec = self.cfg, self.cfg.model_spec
+        cfg = self.cfg
         if cfg.num_kv_pages:
             return cfg.num_kv_pages
-        tp = parallel_state().tp_size
-        page_bytes = AttentionBackend.bytes_per_page(len(self.model.layers), cfg.page_size,
-                                                     max(1, spec.num_kv_heads // tp), spec.head_dim, self.dtype,
-                                                     self.device)
+        page_bytes = self._page_bytes()
         if self.device.type == "cpu":
             budget = cfg.kv_cache_memory_gb * (1 << 30)
         else:
@@ -139,9 +142,7 @@ class ModelRunner:
         del probe
         torch.cuda.empty_cache()
         total = torch.cuda.mem_get_info(self.device)[1]
-        kv_bytes = AttentionBackend.bytes_per_page(len(self.model.layers), cfg.page_size,
-                                                   self.model.layers[0].self_attn.num_kv_heads, cfg.model_spec.head_dim,
-                                                   self.dtype, self.device) * probe_pages
+        kv_bytes = self._page_bytes() * probe_pages
         # the probe's own KV pages are not activations; CUDA graphs and fragmentation get 1 GiB of headroom
         budget = total * cfg.gpu_memory_utilization - (peak - kv_bytes) - (1 << 30)
         log.warning("memory profile: peak %.1f GiB at %d tokens, KV budget %.1f GiB", peak / 2 ** 30, tokens,

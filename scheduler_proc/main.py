@@ -10,7 +10,7 @@ import zmq
 from nanoslg import ipc
 from nanoslg.config import EngineConfig
 from nanoslg.protocol import (AbortRequest, DebugReply, DebugStateQuery, DebugSubmit, ProtocolError, Shutdown,
-                              StepResult, TokenBatch, TokenizedRequest, TokenUpdate)
+                              StepResult, TokenBatch, TokenizedRequest)
 from scheduler_proc.scheduler import Scheduler
 
 log = logging.getLogger("nanoslg.scheduler")

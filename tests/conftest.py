@@ -6,7 +6,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from tiny_models import ARCH_CONFIGS, VOCAB, hf_greedy, make_tiny_model  # noqa: E402
+from tiny_models import VOCAB, hf_greedy, make_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

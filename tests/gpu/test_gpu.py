@@ -1,6 +1,5 @@
 """GPU suite (scripts/gpu_check.sh runs it on the GPU machines; skipped without CUDA)."""
 import json
-import os
 
 import pytest
 import torch
