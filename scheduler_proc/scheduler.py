@@ -34,7 +34,6 @@ class Request:
     num_computed: int = 0  # tokens whose KV is in the cache (or being written by an in-flight step)
     status: Status = Status.WAITING
     in_flight: int = 0  # steps in flight that include this request
-    pending_samples: int = 0  # of those, steps that will sample a token for it
     params_sent: bool = False
     num_preemptions: int = 0
     finish_reason: Optional[str] = None
@@ -100,7 +99,9 @@ class Scheduler:
     # ------------------------------------------------------------------ step formation
     def _can_chain(self, r: Request) -> bool:
         """Whether r can get its next decode now, consuming the token its one in-flight step will sample."""
-        return (self.overlap and r.in_flight == 1 and r.pending_samples == 1 and r.num_computed == r.num_tokens
+        # With one step in flight and every known token computed, that step ends at the last known token, so it
+        # samples; a chained step would have pushed num_computed past num_tokens.
+        return (self.overlap and r.in_flight == 1 and r.num_computed == r.num_tokens
                 and len(r.output_ids) + 1 < r.max_tokens and r.num_tokens + 1 < self.max_model_len)
 
     def schedule(self) -> Optional[StepPlan]:
@@ -163,8 +164,7 @@ class Scheduler:
             r.params_sent = True
             r.num_computed = end
             r.in_flight += 1
-            r.pending_samples += sample
-            members.append((r.rid, sample))
+            members.append(r.rid)
         step_id = next(self.step_ids)
         self.steps_in_flight[step_id] = members
         plan = StepPlan(step_id, seqs, self.to_release)
@@ -199,14 +199,13 @@ class Scheduler:
     def on_result(self, result: StepResult) -> list:
         """Apply a step's sampled tokens; returns TokenUpdates for the requests that advanced or ended."""
         members = self.steps_in_flight.pop(result.step_id, [])
-        for rid, sampled in members:
+        for rid in members:
             r = self.requests.get(rid)
             if r is not None:
                 r.in_flight -= 1
-                r.pending_samples -= sampled
         updates = []
         if result.error is not None:
-            for rid, _ in members:
+            for rid in members:
                 r = self.requests.get(rid)
                 if r is not None and r.status is not Status.FINISHED:
                     self._finish(r, "error")
@@ -226,7 +225,7 @@ class Scheduler:
                 if reason:
                     self._finish(r, reason)
                 updates.append(TokenUpdate(rid, token_ids([tok]), reason, None if lp is None else [lp]))
-        for rid, _ in members:
+        for rid in members:
             r = self.requests.get(rid)
             if r is not None and r.status is Status.FINISHED and not r.in_flight:
                 self._release(r)
