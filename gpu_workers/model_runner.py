@@ -16,6 +16,7 @@ from gpu_workers.cuda_graphs import DecodeGraphs
 from gpu_workers.layers import fused_ops
 from gpu_workers.models.llama import LlamaForCausalLM, iter_required
 from gpu_workers.sampler import RowParams, Sampled, Sampler
+from gpu_workers.upload import upload
 from gpu_workers.weight_loader import init_dummy, load_checkpoint
 from nanoslg.config import EngineConfig
 from nanoslg.protocol import SeqChunk, StepPlan, StepResult, token_ids
@@ -172,13 +173,11 @@ class ModelRunner:
         slots = tables[seq_of_token, positions // ps] * ps + positions % ps
         dev = self.device
         layout = BatchLayout(q_lens=torch.from_numpy(q_lens).int(), start_pos=torch.from_numpy(starts).int(),
-                             page_tables=torch.from_numpy(tables).int(),
-                             positions=torch.from_numpy(positions).to(dev, non_blocking=True),
-                             slot_mapping=torch.from_numpy(slots).to(dev, non_blocking=True))
-        ids = torch.from_numpy(input_ids).to(dev, non_blocking=True)
+                             page_tables=torch.from_numpy(tables).int(), positions=upload(positions, dev),
+                             slot_mapping=upload(slots, dev))
+        ids = upload(input_ids, dev)
         if pending_at:  # tokens the previous step sampled, still on the device
-            at = torch.tensor(pending_at, device=dev)
-            ids[at] = self.token_slots.tokens[torch.tensor(pending_slots, device=dev)]
+            ids[upload(pending_at, dev)] = self.token_slots.tokens[upload(pending_slots, dev)]
         return ids, layout, cu
 
     @torch.inference_mode()
@@ -197,13 +196,13 @@ class ModelRunner:
                 self._forward(plan)
             return Launched(plan.step_id, [], None)
         hidden, cu = self._forward(plan)
-        last = torch.tensor([int(cu[b + 1]) - 1 for b, s in enumerate(plan.seqs) if s.sample], device=self.device)
+        last = upload([int(cu[b + 1]) - 1 for b, s in enumerate(plan.seqs) if s.sample], self.device)
         logits = self.model.compute_logits(hidden[last])
         positions = [s.start_pos + len(s.token_ids) + s.pending for s in sampling]
         rows = [self.rows[s.rid] for s in sampling]
         sampled = self.sampler(logits, rows, positions)
         # Keep each request's newest token on the device for a decode already planned on top of it.
-        slot_ids = torch.tensor([self.token_slots.slot(s.rid) for s in sampling], device=self.device)
+        slot_ids = upload([self.token_slots.slot(s.rid) for s in sampling], self.device)
         self.token_slots.tokens[slot_ids] = sampled.tokens
         sampled.start_copy()
         return Launched(plan.step_id, [s.rid for s in sampling], sampled)

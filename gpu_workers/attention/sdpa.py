@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gpu_workers.attention.base import AttentionBackend, BatchLayout
+from gpu_workers.upload import upload
 
 
 class SdpaBackend(AttentionBackend):
@@ -21,7 +22,7 @@ class SdpaBackend(AttentionBackend):
         kv_pos = torch.arange(max_kv)
         pages = layout.page_tables.long()[:, (kv_pos // ps).clamp(max=layout.page_tables.shape[1] - 1)]
         kv_valid = kv_pos[None, :] < kv_lens[:, None]
-        self.kv_index = torch.where(kv_valid, pages * ps + kv_pos % ps, 0).flatten().to(device)
+        self.kv_index = upload(torch.where(kv_valid, pages * ps + kv_pos % ps, 0).flatten(), device)
         self.max_kv = max_kv
         q_off = torch.arange(max_q)
         q_valid = q_off[None, :] < q_lens[:, None]
@@ -29,8 +30,8 @@ class SdpaBackend(AttentionBackend):
         mask = (kv_pos[None, None, :] <= q_pos[:, :, None]) & kv_valid[:, None, :]
         # Padding query rows attend to position 0 only, so no row is fully masked (which would give NaN).
         mask |= (~q_valid[:, :, None]) & (kv_pos[None, None, :] == 0)
-        self.mask = mask.unsqueeze(1).to(device)
-        self.q_index = (torch.arange(b)[:, None] * max_q + q_off[None, :])[q_valid].to(device)
+        self.mask = upload(mask.unsqueeze(1), device, torch.bool)
+        self.q_index = upload((torch.arange(b)[:, None] * max_q + q_off[None, :])[q_valid], device)
         self.batch, self.max_q = b, max_q
         self.slot_mapping = layout.slot_mapping
 

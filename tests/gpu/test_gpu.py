@@ -1,17 +1,21 @@
-"""GPU suite (scripts/gpu_check.sh runs it on the GPU machines; skipped without CUDA)."""
+"""GPU suite (scripts/gpu_check.sh runs it on the GPU machines; skipped without CUDA). The bf16 oracle and why it is
+not exact token equality: tests/gpu/bf16_oracle.py."""
 import json
 
 import pytest
 import torch
 
+from bf16_oracle import divergences, engine_logits, forced_error, hf_forced, hf_greedy, hf_model, rel
 from conftest import random_prompts
 from nanoslg import LLM, SamplingParams
 from tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-# head_dim 128 uses FlashInfer's prebuilt SM90 kernels; 4 query heads over 2 KV heads exercises GQA.
-HD128 = dict(hidden_size=512, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=2, head_dim=128)
+# head_dim 128 uses the kernels the GPU kit ships; 8 query heads over 2 KV heads is GQA with a group of 4, which
+# decodes on tensor cores as Llama-3.1-8B does.
+HD128 = dict(hidden_size=512, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=2, head_dim=128)
+STEPS = 32
 
 
 @pytest.fixture(scope="module")
@@ -20,43 +24,33 @@ def tiny_bf16(tmp_path_factory):
                            vocab_size=1024, dtype=torch.bfloat16, **HD128)
 
 
-def _logits(folder, backend, prompts):
-    """Prefill logits for every prompt then one decode step's, with the given attention backend."""
-    from gpu_workers.attention.context import forward_context
-    from gpu_workers.model_runner import ModelRunner
-    from nanoslg.config import EngineConfig
-    from nanoslg.protocol import SeqChunk, StepPlan, token_ids
+def tiny_prompts(n, seed):
+    return [[t % 1024 for t in p] for p in random_prompts(n, seed=seed)]
 
-    cfg = EngineConfig(model=folder, attention_backend=backend, enforce_eager=True, max_model_len=512,
-                       num_kv_pages=256).resolve()
-    runner = ModelRunner(cfg)
-    out = []
-    tables = [token_ids(range(i * 32, (i + 1) * 32)) for i in range(len(prompts))]
-    for step, chunks in enumerate([[(p, 0) for p in prompts], [([7], len(p)) for p in prompts]]):
-        plan = StepPlan(step, [SeqChunk(f"r{i}", token_ids(c), s, tables[i], True) for i, (c, s) in
-                               enumerate(chunks)])
-        input_ids, layout, cu = runner._layout(plan)
-        with torch.inference_mode(), forward_context(runner.backend):
-            runner.backend.plan(layout)
-            hidden = runner.model(layout.positions, input_ids=input_ids)
-            last = torch.tensor([int(cu[b + 1]) - 1 for b in range(len(chunks))], device=runner.device)
-            out.append(runner.model.compute_logits(hidden[last]).float().cpu())
-    return out, runner.backend.name
+
+def bf16_error(folder, prompts, conts) -> float:
+    """How far Hugging Face's own bf16 logits are from its fp32 ones, teacher-forced along conts."""
+    ref = hf_forced(hf_model(folder, torch.float32), prompts, conts)
+    return forced_error(hf_forced(hf_model(folder, torch.bfloat16), prompts, conts), ref), ref
 
 
 def test_flashinfer_matches_sdpa_within_bf16_tolerance(tiny_bf16):
-    prompts = random_prompts(6, seed=30, lengths=[5, 17, 64, 100, 1, 33])
-    prompts = [[t % 1024 for t in p] for p in prompts]
-    fi, name = _logits(tiny_bf16, "flashinfer", prompts)
-    assert name == "flashinfer"
-    sd, _ = _logits(tiny_bf16, "sdpa", prompts)
-    for a, b in zip(fi, sd):
-        rel = (a - b).norm() / b.norm()
-        assert rel < 2e-2, rel
+    """Teacher-forced logits (prefill, then decode steps over several pages): the two backends differ by less than
+    bf16 itself differs from fp32, and FlashInfer is as close to fp32 as Hugging Face's bf16 is."""
+    prompts = tiny_prompts(10, seed=30)
+    conts, _ = hf_greedy(hf_model(tiny_bf16, torch.float32), prompts, STEPS)
+    tolerance, ref32 = bf16_error(tiny_bf16, prompts, conts)
+    _, fi = engine_logits(tiny_bf16, "flashinfer", prompts, STEPS, forced=conts)
+    _, sd = engine_logits(tiny_bf16, "sdpa", prompts, STEPS, forced=conts)
+    between = sum(rel(a, b) for a, b in zip(fi, sd)) / len(prompts)
+    fi_err = forced_error(fi, ref32)
+    print(json.dumps({"hf_bf16_vs_fp32": tolerance, "flashinfer_vs_sdpa": between, "flashinfer_vs_fp32": fi_err}))
+    assert between <= tolerance
+    assert fi_err <= 1.25 * tolerance
 
 
 def test_cuda_graph_decode_equals_eager(tiny_bf16):
-    prompts = [[t % 1024 for t in p] for p in random_prompts(24, seed=31)]
+    prompts = tiny_prompts(24, seed=31)
     params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
     with LLM(tiny_bf16, enforce_eager=True, max_model_len=512) as llm:
         eager = [o.token_ids for o in llm.generate(prompts, params)]
@@ -66,35 +60,30 @@ def test_cuda_graph_decode_equals_eager(tiny_bf16):
     assert graphed == eager
 
 
-def _hf_bf16_greedy(folder, prompts, n):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).cuda().eval()
-    outs = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = torch.tensor([p], device="cuda")
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0)
-            outs.append(gen[0, len(p):].tolist())
-    return outs
-
-
-def _match_rate(ours, ref):
-    return sum(a == b for a, b in zip(ours, ref)) / len(ref)
-
-
-def test_tiny_model_matches_transformers_bf16(tiny_bf16):
-    prompts = [[t % 1024 for t in p] for p in random_prompts(20, seed=32)]
-    with LLM(tiny_bf16, max_model_len=512) as llm:
-        ours = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=32, temperature=0,
+def check_greedy_against_transformers(folder, prompts, label, **llm_args):
+    """The whole engine (FlashInfer, CUDA graphs, overlap) against Hugging Face bf16 on 32 greedy tokens: report
+    the exact-match rate next to Hugging Face's own eager-vs-sdpa rate, and require every divergence to start at
+    a tie within bf16's error."""
+    with LLM(folder, max_model_len=1024, **llm_args) as llm:
+        assert llm.engine.info["worker0"]["attention_backend"] == "flashinfer"
+        ours = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=STEPS, temperature=0,
                                                                          ignore_eos=True))]
-    rate = _match_rate(ours, _hf_bf16_greedy(tiny_bf16, prompts, 32))
-    print(json.dumps({"tiny_bf16_match_rate": rate}))
-    assert rate >= 0.95
+    theirs, their_logits = hf_greedy(hf_model(folder, torch.bfloat16), prompts, STEPS)
+    eager, _ = hf_greedy(hf_model(folder, torch.bfloat16, "eager"), prompts, STEPS)
+    error, _ = bf16_error(folder, prompts, theirs)
+    found = divergences(ours, theirs, their_logits, error)
+    rate = lambda a, b: sum(x == y for x, y in zip(a, b)) / len(prompts)  # noqa: E731
+    print(json.dumps({f"{label}_match_rate": rate(ours, theirs), "hf_eager_vs_sdpa": rate(eager, theirs),
+                      "bf16_rel_error": error,
+                      "divergences (prompt, step, margin, allowed)": [tuple(round(x, 3) for x in d) for d in found]}))
+    assert all(margin <= allowed for _, _, margin, allowed in found), found
 
 
-def test_smollm2_matches_transformers_bf16(smollm2_dir):
+def test_tiny_model_greedy_agrees_with_transformers_bf16(tiny_bf16):
+    check_greedy_against_transformers(tiny_bf16, tiny_prompts(20, seed=32), "tiny")
+
+
+def test_smollm2_greedy_agrees_with_transformers_bf16(smollm2_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
@@ -105,12 +94,7 @@ def test_smollm2_matches_transformers_bf16(smollm2_dir):
              "Photosynthesis converts", "A haiku about autumn:", "The stock market", "Roses are red,",
              "How do airplanes fly?", "The mitochondria is"]
     prompts = [tok(t).input_ids for t in texts]
-    with LLM(smollm2_dir, dtype="bfloat16", max_model_len=1024) as llm:
-        ours = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=32, temperature=0,
-                                                                         ignore_eos=True))]
-        chat = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                        SamplingParams(max_tokens=24, temperature=0))[0]
-    rate = _match_rate(ours, _hf_bf16_greedy(smollm2_dir, prompts, 32))
-    print(json.dumps({"smollm2_bf16_match_rate": rate, "chat": chat.text}))
-    assert "Paris" in chat.text
-    assert rate >= 0.95
+    chats = [[{"role": "user", "content": q}] for q in ("What is the capital of France?", "Name three fruits.")]
+    prompts += [list(tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True)["input_ids"])
+                for c in chats]
+    check_greedy_against_transformers(smollm2_dir, prompts, "smollm2", dtype="bfloat16")
