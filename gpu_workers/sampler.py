@@ -128,7 +128,10 @@ class Sampler:
                 row = logits[i]
                 penalised = torch.where(row > 0, row / r.repetition_penalty, row * r.repetition_penalty)
                 logits[i] = torch.where(present, penalised, row)
-            counts = torch.bincount(seen[r.prompt_len:], minlength=vocab)[:vocab].to(logits.dtype)
+            # index_add_, not bincount: bincount reads the ids' range back to the host, a sync per row and step.
+            generated = seen[r.prompt_len:]
+            counts = torch.zeros(vocab, dtype=logits.dtype, device=dev).index_add_(
+                0, generated, torch.ones(len(generated), dtype=logits.dtype, device=dev))
             logits[i] -= r.frequency_penalty * counts + r.presence_penalty * (counts > 0).to(logits.dtype)
         return logits
 

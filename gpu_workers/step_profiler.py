@@ -29,12 +29,15 @@ class StepProfiler:
             self.t0 = time.perf_counter()
         elif self.steps == self.start + self.count and self.prof is not None:
             import torch
+            from torch.autograd import DeviceType
 
             torch.cuda.synchronize()
             wall = time.perf_counter() - self.t0
             self.prof.__exit__(None, None, None)
             events = self.prof.key_averages()
-            gpu_us = sum(e.self_device_time_total for e in events)
+            # Only the device's own rows (kernels, memcpys): a CPU op's row repeats the time of the kernels it
+            # launched, which would count them twice.
+            gpu_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
             with open(self.path, "w") as f:
                 f.write(f"{self.count} steps in {wall * 1000:.1f} ms wall; GPU kernels {gpu_us / 1000:.1f} ms "
                         f"({100 * gpu_us / 1e6 / wall:.0f} % busy)\n")

@@ -3,12 +3,15 @@ queries over the paged cache) for prefill and mixed steps. The cache is the base
 (k, v) pages in FlashInfer's NHD layout."""
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from gpu_workers.attention.base import AttentionBackend, BatchLayout
 from gpu_workers.upload import pinned, upload
 
 WORKSPACE_BYTES = 256 * 1024 * 1024
+log = logging.getLogger("nanoslg.worker")
 
 
 def flashinfer_usable(device: torch.device) -> tuple:
@@ -53,10 +56,10 @@ class FlashInferBackend(AttentionBackend):
 
         device = self.kv_cache.device
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        # Decode on tensor cores (FlashInfer's fa2 prefill kernel) once 4+ query heads share a KV head: an A/B on
-        # an H100 gave 2.6 % more offline-1024-512 throughput for Llama-3.1-8B's group of 4 (BENCHMARKS.md).
-        self.decode_tc = self.num_heads // self.num_kv_heads >= 4
-        # Backends pinned to the kernels the GPU kit ships prebuilt for SM90 (fa3 prefill, fa2 decode).
+        # Decode on tensor cores (FlashInfer's fa2 prefill kernel) once 4+ query heads share a KV head: one A/B on
+        # an H100 (300 prompts of 1024/512, Llama-3.1-8B's group of 4) gave 2.6 % more throughput (BENCHMARKS.md).
+        self.decode_tc = self.num_heads // self.num_kv_heads >= 4 and self._tensor_core_decode_works()
+        # fa3 prefill on SM90 (prebuilt in the GPU kit), fa2 elsewhere.
         prefill_backend = "fa3" if torch.cuda.get_device_capability(device)[0] == 9 else "fa2"
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD",
                                                                       backend=prefill_backend)
@@ -64,6 +67,27 @@ class FlashInferBackend(AttentionBackend):
                                                                     use_tensor_cores=self.decode_tc)
         self.active = self.decode
         self._planned = None  # event after the last plan's host-to-device copies
+
+    def _tensor_core_decode_works(self) -> bool:
+        """Tensor-core decode loads FlashInfer's fa2 prefill module, which the GPU kit does not ship prebuilt: it is
+        compiled on first use. Where that fails (no compiler, say), decode stays on the CUDA-core kernel."""
+        import flashinfer
+
+        if self.kv_cache.shape[0] == 0:
+            return False
+        dev, dtype = self.kv_cache.device, self.kv_cache.dtype
+        try:
+            probe = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2",
+                                                                  use_tensor_cores=True)
+            probe.plan(torch.tensor([0, 1], dtype=torch.int32),
+                       torch.tensor([self.scratch_page], dtype=torch.int32, device=dev),
+                       torch.tensor([1], dtype=torch.int32), self.num_heads, self.num_kv_heads, self.head_dim,
+                       self.page_size, q_data_type=dtype, kv_data_type=dtype)
+            probe.run(torch.zeros(1, self.num_heads, self.head_dim, dtype=dtype, device=dev), self.layer_cache(0))
+            return True
+        except Exception as e:  # a JIT build failure surfaces as any of several exception types
+            log.warning("tensor-core decode unavailable (%s: %s); decoding on CUDA cores", type(e).__name__, e)
+            return False
 
     def _before_plan(self) -> None:
         # plan() stages its metadata in a pinned host buffer and copies it asynchronously. With overlap scheduling
@@ -101,7 +125,8 @@ class FlashInferBackend(AttentionBackend):
         return self.kv_cache[layer, 0].view(shape), self.kv_cache[layer, 1].view(shape)
 
     def plan(self, layout: BatchLayout) -> None:
-        # Host tensors: FlashInfer plans on the CPU and copies what the kernels need to the GPU itself.
+        # FlashInfer plans on the CPU from the host tensors (pinned, so its copies of them do not block); the page
+        # indices are already on the device.
         if layout.is_decode:
             self.plan_decode(self.decode, layout)
             return
@@ -111,8 +136,10 @@ class FlashInferBackend(AttentionBackend):
         torch.cumsum(layout.q_lens, 0, out=qo_indptr[1:])
         qo_indptr = pinned(qo_indptr)
         self._before_plan()
+        # seq_lens given (pinned): otherwise plan() derives them into pageable memory and copies from there.
         self.prefill.plan(qo_indptr, indptr, indices, last, self.num_heads, self.num_kv_heads, self.head_dim,
-                          self.page_size, causal=True, q_data_type=dtype, kv_data_type=dtype)
+                          self.page_size, causal=True, q_data_type=dtype, kv_data_type=dtype,
+                          seq_lens=pinned(layout.kv_lens.int()))
         self._after_plan()
         self.active = self.prefill
         self.slot_mapping = layout.slot_mapping
