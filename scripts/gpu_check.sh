@@ -11,12 +11,9 @@ export NANOSLG_MODELS_DIR=/tmp/nanoslg-models
 MODES=${*:-tests smoke}
 summary=()
 
-restore_jit_cache() {  # kernels compiled by earlier runs (fi-ops.tgz), carried as .fi-cache.txz or .fi-cache/
-  [ -n "${NANOSLG_FI_JIT_CACHE:-}" ] || return 0
-  mkdir -p "$NANOSLG_FI_JIT_CACHE"
-  [ -f .fi-cache.txz ] && tar xJf .fi-cache.txz -C "$NANOSLG_FI_JIT_CACHE"
-  [ -d .fi-cache ] && cp -rn .fi-cache/. "$NANOSLG_FI_JIT_CACHE/"
-  return 0
+restore_jit_cache() {  # kernels compiled by earlier runs (their fi-ops.tgz), carried as .fi-cache.txz
+  [ -n "${NANOSLG_FI_JIT_CACHE:-}" ] && [ -f .fi-cache.txz ] || return 0
+  mkdir -p "$NANOSLG_FI_JIT_CACHE" && tar xJf .fi-cache.txz -C "$NANOSLG_FI_JIT_CACHE"
 }
 
 prepare_smollm2() {
