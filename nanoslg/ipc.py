@@ -103,5 +103,7 @@ def run_child(name: str, run_dir: str, body: Callable) -> None:
             send(to_launcher, protocol.Failed(name, f"{type(e).__name__}: {e}"))
         log.error("%s failed:\n%s", name, traceback.format_exc())
     finally:
-        to_launcher.close(linger=2000)  # lets a FAILED message reach the launcher before we exit
+        # Linger only applies while the context terminates; os._exit alone would kill ZeroMQ's I/O thread with
+        # FAILED still queued, and the launcher would see a bare exit code instead of the reason.
+        ctx.destroy(linger=2000)
     os._exit(code)
