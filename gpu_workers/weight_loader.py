@@ -36,10 +36,6 @@ def _checkpoint_files(folder: str, names: set) -> dict:
     return {os.path.join(folder, f): names for f in shards}
 
 
-def _copy_whole(param: torch.Tensor, loaded: torch.Tensor, shard=None) -> None:
-    copy_checked(param, loaded)
-
-
 def load_checkpoint(targets: dict, required: set, folder: str, device: torch.device) -> None:
     """targets: checkpoint name -> (parameter, shard id). Raises WeightLoadError naming the file or tensor."""
     loaded: set = set()
@@ -54,7 +50,7 @@ def load_checkpoint(targets: dict, required: set, folder: str, device: torch.dev
                     param, shard = targets[name]
                     tensor = f.get_tensor(name)
                     try:
-                        loader = getattr(param, "weight_loader", _copy_whole)
+                        loader = getattr(param, "weight_loader", copy_checked)
                         loader(param, tensor.to(device=device, dtype=param.dtype), shard)
                     except (ValueError, RuntimeError) as e:
                         raise WeightLoadError(f"tensor {name} in {path}: {e}") from None

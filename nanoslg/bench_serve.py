@@ -219,11 +219,16 @@ async def run_requests(args, model: str, requests: list, headers: dict) -> tuple
     return results, duration, ""
 
 
+def _tpot_s(r) -> float:
+    """Seconds per output token after the first (vLLM's TPOT); defined for requests with 2+ output tokens."""
+    return (r.e2e - r.ttft) / (r.output_tokens - 1)
+
+
 def compute_metrics(results: list, duration: float) -> dict:
     ok = [r for r in results if r.success]
     ms = lambda xs: [1000.0 * x for x in xs]  # noqa: E731
     ttfts = ms([r.ttft for r in ok])
-    tpots = ms([(r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1])
+    tpots = ms([_tpot_s(r) for r in ok if r.output_tokens > 1])
     itls = ms([gap for r in ok for gap in r.itl])
     e2es = ms([r.e2e for r in ok])
     total_in = sum(r.prompt_tokens for r in ok)
@@ -288,7 +293,7 @@ def save_plot(path: str, results: list, metrics: dict, title: str) -> None:
     ax_e2e.set(xlabel="request (by start time)", ylabel="E2E latency (ms)", title="End-to-end latency per request")
     for ax in (ax_ttft, ax_e2e):
         ax.set_ylim(bottom=0)
-    tpots = [1000 * (r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
+    tpots = [1000 * _tpot_s(r) for r in ok if r.output_tokens > 1]
     ax_tpot.hist(tpots, bins=min(30, max(5, len(tpots))))
     ax_tpot.set(xlabel="TPOT (ms)", ylabel="requests", title="Time per output token")
     fig.suptitle(f"{title}\n{metrics['completed']} ok / {metrics['failed']} failed, "

@@ -82,15 +82,15 @@ def model_probe(folder):
 
     from transformers import AutoTokenizer
 
-    sys.path[:0] = ["."]
+    sys.path[:0] = ["tests/gpu", "."]
+    from bf16_oracle import CAPITAL_QUESTION, chat_ids
     from gpu_workers.attention.context import forward_context
     from gpu_workers.model_runner import ModelRunner
     from nanoslg.config import EngineConfig
     from nanoslg.protocol import SeqChunk, StepPlan, token_ids
 
     tok = AutoTokenizer.from_pretrained(folder)
-    ids = list(tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                       add_generation_prompt=True, tokenize=True)["input_ids"])
+    ids = chat_ids(tok, CAPITAL_QUESTION)
     os.environ["NANOSLG_FUSED_OPS"] = "0"
 
     def next_token(backend_name, mode, tokens):

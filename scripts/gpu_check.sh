@@ -29,6 +29,12 @@ prepare_smollm2() {
   fi
 }
 
+profile_decode() {  # per-kernel times of a decode-heavy steady-state window of a 1024/512 run
+  export NANOSLG_PROFILE_STEPS=300:60 NANOSLG_PROFILE_OUT="$OUT/profile-decode.txt"
+  bench profile-decode --input-len 1024 --output-len 512 --num-prompts 300 --max-num-seqs 256 \
+    --max-num-batched-tokens 8192
+}
+
 bench() {  # name, then bench throughput args
   local name=$1; shift
   python3 -m nanoslg.cli bench throughput llama-3.1-8b --load-format dummy --max-model-len 4096 \
@@ -89,9 +95,7 @@ for mode in $MODES; do
         --max-num-batched-tokens 8192
       ;;
     profile)  # a decode-heavy steady-state window and a prefill-heavy one of a 1024/512 run
-      export NANOSLG_PROFILE_STEPS=300:60 NANOSLG_PROFILE_OUT="$OUT/profile-decode.txt"
-      bench profile-decode --input-len 1024 --output-len 512 --num-prompts 300 --max-num-seqs 256 \
-        --max-num-batched-tokens 8192
+      profile_decode
       export NANOSLG_PROFILE_STEPS=12:16 NANOSLG_PROFILE_OUT="$OUT/profile-prefill.txt"
       bench profile-prefill --input-len 1024 --output-len 64 --num-prompts 300 --max-num-seqs 256 \
         --max-num-batched-tokens 8192
@@ -99,9 +103,7 @@ for mode in $MODES; do
       head -32 "$OUT/profile-decode.txt"; head -32 "$OUT/profile-prefill.txt"
       ;;
     profile-decode)
-      export NANOSLG_PROFILE_STEPS=300:60 NANOSLG_PROFILE_OUT="$OUT/profile-decode.txt"
-      bench profile-decode --input-len 1024 --output-len 512 --num-prompts 300 --max-num-seqs 256 \
-        --max-num-batched-tokens 8192
+      profile_decode
       unset NANOSLG_PROFILE_STEPS NANOSLG_PROFILE_OUT
       head -24 "$OUT/profile-decode.txt" | cut -c1-60,150-200
       ;;

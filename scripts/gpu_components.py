@@ -1,19 +1,19 @@
 """GPU component check: each fused kernel and attention backend against a plain torch reference, on random
 inputs, as relative error. Run on the GPU machine: python3 scripts/gpu_components.py"""
+import sys
+
 import torch
+
+sys.path[:0] = ["tests/gpu", "."]
+from bf16_oracle import rel  # noqa: E402
 
 torch.manual_seed(0)
 dev = "cuda"
 bf = torch.bfloat16
 
 
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
 def main():
     from gpu_workers.layers import fused_ops
-    from gpu_workers.layers.rotary import RotaryEmbedding, _rotate
 
     assert fused_ops.enable_for(torch.device(dev))
     for shape in ((8, 2, 128, 1024), (9, 3, 64, 576)):  # Llama-like and SmolLM2's shapes
@@ -42,18 +42,17 @@ def check_fused(H, Hkv, D, hidden):
     gu = torch.randn(T, 2 * hidden, device=dev, dtype=bf)
     g, u = gu.chunk(2, -1)
     print("silu_and_mul", rel(fused_ops.silu_and_mul(gu), torch.nn.functional.silu(g) * u))
-    for d in (D,):
-        rot = RotaryEmbedding(d, 4096, 10000.0, {"rope_type": "default"}).to(dev)
-        qkv = torch.randn(T, (H + 2 * Hkv) * d, device=dev, dtype=bf)
-        pos = torch.randint(0, 4000, (T,), device=dev)
-        q, k, _ = qkv.split([H * d, Hkv * d, Hkv * d], -1)
-        q, k = q.view(T, H, d), k.view(T, Hkv, d)
-        cos = rot.cos[pos].unsqueeze(1)
-        sin = rot.sin[pos].unsqueeze(1)
-        cs = (torch.cat((cos, cos), -1).to(bf), torch.cat((sin, sin), -1).to(bf))
-        q_ref, k_ref = _rotate(q.clone(), *cs), _rotate(k.clone(), *cs)
-        qf, kf = rot(pos, q, k)
-        print(f"rope d={d} q", rel(qf, q_ref), "k", rel(kf, k_ref))
+    rot = RotaryEmbedding(D, 4096, 10000.0, {"rope_type": "default"}).to(dev)
+    qkv = torch.randn(T, (H + 2 * Hkv) * D, device=dev, dtype=bf)
+    pos = torch.randint(0, 4000, (T,), device=dev)
+    q, k, _ = qkv.split([H * D, Hkv * D, Hkv * D], -1)
+    q, k = q.view(T, H, D), k.view(T, Hkv, D)
+    cos = rot.cos[pos].unsqueeze(1)
+    sin = rot.sin[pos].unsqueeze(1)
+    cs = (torch.cat((cos, cos), -1).to(bf), torch.cat((sin, sin), -1).to(bf))
+    q_ref, k_ref = _rotate(q.clone(), *cs), _rotate(k.clone(), *cs)
+    qf, kf = rot(pos, q, k)
+    print(f"rope d={D} q", rel(qf, q_ref), "k", rel(kf, k_ref))
 
 
 def attention_check():

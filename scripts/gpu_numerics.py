@@ -15,7 +15,8 @@ import tempfile
 import torch
 
 sys.path[:0] = ["tests", "tests/gpu", "."]
-from bf16_oracle import DEV, engine_logits, hf_forced, hf_greedy, hf_model, rel  # noqa: E402
+from bf16_oracle import (CAPITAL_QUESTION, DEV, SMOLLM2_TEXTS, chat_ids, engine_logits, hf_forced,  # noqa: E402
+                         hf_greedy, hf_model, rel)
 
 N = 32
 
@@ -55,9 +56,7 @@ def smollm2_chat(folder):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                  add_generation_prompt=True, tokenize=True)
-    ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    ids = chat_ids(tok, CAPITAL_QUESTION)
     for label, dtype in (("hf-fp32", torch.float32), ("hf-bf16-sdpa", torch.bfloat16)):
         m = hf_model(folder, dtype)
         print("CHAT", label, repr(tok.decode(hf_greedy(m, [ids], 24)[0][0])))
@@ -69,7 +68,7 @@ def smollm2_chat(folder):
 
     os.environ["NANOSLG_FUSED_OPS"] = "1"
     with LLM(folder, dtype="bfloat16", max_model_len=1024) as llm:  # the whole engine: graphs, overlap, caching
-        out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+        out = llm.chat([{"role": "user", "content": CAPITAL_QUESTION}],
                        SamplingParams(max_tokens=24, temperature=0))[0]
         print("CHAT", "LLM.chat", llm.engine.info["worker0"]["attention_backend"], repr(out.text))
 
@@ -83,16 +82,13 @@ def main():
         folder = make_tiny_model("llama", f"{tempfile.mkdtemp()}/tiny", num_layers=4, vocab_size=1024,
                                  dtype=torch.bfloat16, hidden_size=512, intermediate_size=1024,
                                  num_attention_heads=4, num_key_value_heads=2, head_dim=128)
-        study("tiny-hd128", folder, [[t % 1024 for t in p] for p in random_prompts(20, seed=32)])
+        study("tiny-hd128", folder, random_prompts(20, seed=32))
     if "smollm2" in which:
         from transformers import AutoTokenizer
 
         folder = os.path.join(os.environ.get("NANOSLG_MODELS_DIR", ""), "smollm2-135m-instruct")
         tok = AutoTokenizer.from_pretrained(folder)
-        texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "Water boils at",
-                 "The three primary colors are", "In 1969, the first", "The largest planet in the solar system",
-                 "To make a cup of tea,", "Machine learning is", "The Pythagorean theorem states"]
-        study("smollm2", folder, [tok(t).input_ids for t in texts])
+        study("smollm2", folder, [tok(t).input_ids for t in SMOLLM2_TEXTS[:10]])
         smollm2_chat(folder)
 
 

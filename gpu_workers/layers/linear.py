@@ -17,7 +17,8 @@ def _param(shape, bias_or_weight_loader, dtype) -> nn.Parameter:
     return p
 
 
-def copy_checked(param: torch.Tensor, loaded: torch.Tensor) -> None:
+def copy_checked(param: torch.Tensor, loaded: torch.Tensor, shard: Optional[str] = None) -> None:
+    """The whole checkpoint tensor into param (shard: accepted so this serves as any parameter's loader)."""
     if param.shape != loaded.shape:
         raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} does not fit parameter "
                          f"of shape {tuple(param.shape)}")
@@ -92,14 +93,12 @@ class RowParallelLinear(nn.Module):
         if in_features % tp:
             raise ValueError(f"{in_features} input features do not split over {tp} TP ranks")
         self.weight = _param((out_features, in_features // tp), self.load_weight, dtype)
-        self.bias = _param((out_features,), self.load_bias, dtype) if bias else None
+        # the bias is not sharded: every rank holds all of it
+        self.bias = _param((out_features,), copy_checked, dtype) if bias else None
 
     def load_weight(self, param: torch.Tensor, loaded: torch.Tensor, shard: Optional[str] = None) -> None:
         n = param.shape[1]
         copy_checked(param, loaded.narrow(1, parallel_state().tp_rank * n, n))
-
-    def load_bias(self, param: torch.Tensor, loaded: torch.Tensor, shard: Optional[str] = None) -> None:
-        copy_checked(param, loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)

@@ -17,6 +17,21 @@ import torch
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 MAX_LEN = 1024
+# SmolLM2 completion prompts: facts, code, stories, letters, so greedy decoding meets different kinds of ties
+SMOLLM2_TEXTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "The three primary colors are",
+                 "In 1969, the first", "Water boils at", "The largest planet in the solar system",
+                 "To make a cup of tea,", "Machine learning is", "The Pythagorean theorem states",
+                 "My favourite food is", "import numpy as np\n", "Dear Sir or Madam,", "The speed of light",
+                 "Photosynthesis converts", "A haiku about autumn:", "The stock market", "Roses are red,",
+                 "How do airplanes fly?", "The mitochondria is"]
+CAPITAL_QUESTION = "What is the capital of France?"
+
+
+def chat_ids(tok, question: str) -> list:
+    """Token ids of a one-turn chat asking question, ready for the assistant's answer."""
+    ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                  tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

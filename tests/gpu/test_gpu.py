@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from bf16_oracle import divergences, engine_logits, forced_errors, hf_forced, hf_greedy, hf_model
+from bf16_oracle import (CAPITAL_QUESTION, SMOLLM2_TEXTS, chat_ids, divergences, engine_logits, forced_errors,
+                         hf_forced, hf_greedy, hf_model)
 from conftest import random_prompts
 from nanoslg import LLM, SamplingParams
 from tiny_models import make_tiny_model
@@ -24,10 +25,6 @@ def tiny_bf16(tmp_path_factory):
                            vocab_size=1024, dtype=torch.bfloat16, **HD128)
 
 
-def tiny_prompts(n, seed):
-    return [[t % 1024 for t in p] for p in random_prompts(n, seed=seed)]
-
-
 def bf16_errors(folder, prompts, conts) -> tuple:
     """([prompts, steps] relative error of Hugging Face's bf16 logits against its fp32 ones, teacher-forced along
     conts; the fp32 logits)."""
@@ -39,7 +36,7 @@ def test_flashinfer_matches_sdpa_within_bf16_tolerance(tiny_bf16):
     """Teacher-forced logits (a prefill, then 31 decode steps over shuffled pages), compared per prompt and per step
     with fp32: each backend stays within 1.5x of Hugging Face bf16's own error for every prompt, no single step is
     off by more than 2x bf16's worst step, and the two backends differ by at most twice bf16's error."""
-    prompts = tiny_prompts(10, seed=30)
+    prompts = random_prompts(10, seed=30)
     conts, _ = hf_greedy(hf_model(tiny_bf16, torch.float32), prompts, STEPS)
     hf_err, ref32 = bf16_errors(tiny_bf16, prompts, conts)
     _, fi = engine_logits(tiny_bf16, "flashinfer", prompts, STEPS, forced=conts)
@@ -55,7 +52,7 @@ def test_flashinfer_matches_sdpa_within_bf16_tolerance(tiny_bf16):
 
 
 def test_cuda_graph_decode_equals_eager(tiny_bf16):
-    prompts = tiny_prompts(24, seed=31)
+    prompts = random_prompts(24, seed=31)
     params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
     with LLM(tiny_bf16, enforce_eager=True, max_model_len=512) as llm:
         eager = [o.token_ids for o in llm.generate(prompts, params)]
@@ -89,21 +86,13 @@ def check_greedy_against_transformers(folder, prompts, label, **llm_args):
 
 
 def test_tiny_model_greedy_agrees_with_transformers_bf16(tiny_bf16):
-    check_greedy_against_transformers(tiny_bf16, tiny_prompts(20, seed=32), "tiny")
+    check_greedy_against_transformers(tiny_bf16, random_prompts(20, seed=32), "tiny")
 
 
 def test_smollm2_greedy_agrees_with_transformers_bf16(smollm2_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "The three primary colors are",
-             "In 1969, the first", "Water boils at", "The largest planet in the solar system",
-             "To make a cup of tea,", "Machine learning is", "The Pythagorean theorem states",
-             "My favourite food is", "import numpy as np\n", "Dear Sir or Madam,", "The speed of light",
-             "Photosynthesis converts", "A haiku about autumn:", "The stock market", "Roses are red,",
-             "How do airplanes fly?", "The mitochondria is"]
-    prompts = [tok(t).input_ids for t in texts]
-    chats = [[{"role": "user", "content": q}] for q in ("What is the capital of France?", "Name three fruits.")]
-    prompts += [list(tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True)["input_ids"])
-                for c in chats]
+    prompts = [tok(t).input_ids for t in SMOLLM2_TEXTS]
+    prompts += [chat_ids(tok, q) for q in (CAPITAL_QUESTION, "Name three fruits.")]
     check_greedy_against_transformers(smollm2_dir, prompts, "smollm2", dtype="bfloat16")
