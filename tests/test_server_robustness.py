@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -163,9 +164,18 @@ def test_queue_full_and_dead_engine_get_503(tiny_chat_model):
     with Server(tiny_chat_model, "--max-model-len", "256", "--max-queued-requests", "0") as srv:
         _assert_error(httpx.post(f"{srv.url}/v1/completions", json={"prompt": "x"}), 503, "limit")
     with Server(tiny_chat_model, "--max-model-len", "256") as srv:
+        # one body of 300 prompts x 16 choices passes the default limit of 4096 in progress: refused whole
+        _assert_error(httpx.post(f"{srv.url}/v1/completions", json={"prompt": ["a"] * 300, "n": 16}), 503, "limit")
         children = [int(p) for p in open(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children").read().split()]
         worker = next(p for p in children if "gpu_workers.worker_proc" in open(f"/proc/{p}/cmdline").read())
-        os.kill(worker, signal.SIGKILL)
+        # a request already running when the engine dies fails with 503 too (instead of waiting forever)
+        os.kill(worker, signal.SIGSTOP)
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(httpx.post, f"{srv.url}/v1/completions", json={"prompt": "x", "max_tokens": 8},
+                                  timeout=30)
+            time.sleep(1.0)
+            os.kill(worker, signal.SIGKILL)
+            _assert_error(running.result(), 503, "engine stopped")
         deadline = time.monotonic() + 10
         while httpx.get(f"{srv.url}/health").status_code != 503 and time.monotonic() < deadline:
             time.sleep(0.2)

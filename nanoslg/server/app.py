@@ -106,15 +106,20 @@ class OpenAIServer:
             data = await self._json_body(request)
             try:
                 body = (ChatCompletionRequest if chat else CompletionRequest).model_validate(data)
-                request_id = uuid.uuid4().hex
+            except ValidationError as e:
+                raise _validation_error(e) from None
+            self._check_model(body.model)
+            if not chat and body.echo and body.logprobs is not None:
+                raise ApiError(400, "echo together with logprobs is not supported", param="echo")
+            # before building them: a body of many prompts times n must not hold up the event loop first
+            self.engine.check_room(body.n * (1 if chat else len(body.prompts())))
+            request_id = uuid.uuid4().hex
+            try:
                 reqs = chat_requests(body, request_id) if chat else completion_requests(body, request_id)
             except ValidationError as e:
                 raise _validation_error(e) from None
             except ValueError as e:  # SamplingParams' own checks
                 raise ApiError(400, str(e)) from None
-            self._check_model(body.model)
-            if not chat and body.echo and body.logprobs is not None:
-                raise ApiError(400, "echo together with logprobs is not supported", param="echo")
             gen = Generation(self.engine, self.metrics, reqs, body.n)
             responder = Responder(chat, self.settings.served_model_name, gen, body)
             deltas = gen.deltas()

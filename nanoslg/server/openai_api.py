@@ -26,37 +26,36 @@ class GenerationFailed(RuntimeError):
 class Choice:
     index: int
     prompt_index: int  # which prompt of the request this choice continues (n choices share one)
-    text: str = ""
+    text_parts: list = field(default_factory=list)  # joined once at the end: += per delta would be quadratic
+    text_len: int = 0
     num_tokens: int = 0
     num_prompt_tokens: int = 0
     finish_reason: Optional[str] = None
     logprobs: list = field(default_factory=list)  # (token text, logprob, [(text, logprob), ...])
     prompt_text: Optional[str] = None
 
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
 
 class Generation:
-    """One HTTP request's choices running in the engine, merged into a single stream of (choice, delta)."""
+    """One HTTP request's choices running in the engine, merged into a single stream of (choice, delta, logprobs)."""
 
     def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, reqs: list, choices_per_prompt: int):
         self.engine, self.metrics, self.reqs = engine, metrics, reqs
         self.choices = [Choice(i, i // choices_per_prompt) for i in range(len(reqs))]
         self.start = time.monotonic()
         self.first_token: Optional[float] = None
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._tasks = [asyncio.ensure_future(self._pump(i, r)) for i, r in enumerate(reqs)]
+        self._queue: asyncio.Queue = asyncio.Queue()  # (choice index, delta or exception), filled by the engine
         self._status = "aborted"
 
-    async def _pump(self, index: int, req: GenerateRequest) -> None:
-        try:
-            async for delta in self.engine.generate(req):
-                await self._queue.put((index, delta))
-        except Exception as e:  # reaches the consumer, which decides the HTTP outcome
-            await self._queue.put((index, e))
-
     async def deltas(self) -> AsyncIterator[tuple]:
-        """Yields (choice, delta) until every choice has finished; raises RequestRejected / GenerationFailed."""
+        """Starts the requests, then yields (choice, delta, the delta's new logprob entries) until every choice has
+        finished; raises RequestRejected / GenerationFailed / EngineUnavailable."""
         pending = len(self.reqs)
         try:
+            await self.engine.admit(self.reqs, self._queue)
             while pending:
                 index, item = await self._queue.get()
                 if isinstance(item, Exception):
@@ -66,10 +65,10 @@ class Generation:
                     if item.finish_reason == "rejected":
                         raise RequestRejected(item.error)
                     raise GenerationFailed(item.error)
-                self._apply(choice, item)
+                new_logprobs = self._apply(choice, item)
                 if item.finish_reason is not None:
                     pending -= 1
-                yield choice, item
+                yield choice, item, new_logprobs
             self._status = "ok"
         except RequestRejected:
             self._status = "rejected"
@@ -78,25 +77,30 @@ class Generation:
             self._status = "error"
             raise
         finally:
-            for t in self._tasks:
-                t.cancel()  # a client gone or an error: abort whatever still runs
+            self.engine.release(self.reqs)  # a client gone or an error: abort whatever still runs
             end = time.monotonic()
             self.metrics.observe_request(self._status, self.start, self.first_token, end,
                                          self.prompt_tokens, self.completion_tokens)
 
-    def _apply(self, choice: Choice, d: OutputDelta) -> None:
+    def _apply(self, choice: Choice, d: OutputDelta) -> list:
+        """Folds d into choice; returns the logprob entries it added."""
         if d.token_ids and self.first_token is None:
             self.first_token = time.monotonic()
-        choice.text += d.text
+        if d.text:
+            choice.text_parts.append(d.text)
+            choice.text_len += len(d.text)
         choice.num_tokens += len(d.token_ids)
         choice.num_prompt_tokens = d.num_prompt_tokens
         if d.prompt_text is not None:
             choice.prompt_text = d.prompt_text
         if d.finish_reason is not None:
             choice.finish_reason = d.finish_reason
+        new = []
         if d.logprobs:
             for (lp, top), (text, top_texts) in zip(d.logprobs, d.logprob_texts or []):
-                choice.logprobs.append((text, lp, [(t, v) for t, (_, v) in zip(top_texts, top)]))
+                new.append((text, lp, [(t, v) for t, (_, v) in zip(top_texts, top)]))
+            choice.logprobs.extend(new)
+        return new
 
     @property
     def prompt_tokens(self) -> int:
@@ -195,8 +199,7 @@ class Responder:
         try:
             item = first
             while item is not None:
-                choice, delta = item
-                new = choice.logprobs[len(choice.logprobs) - (len(delta.token_ids) if delta.logprobs else 0):]
+                choice, delta, new = item
                 text = delta.text
                 if not self.chat and delta.prompt_text:
                     text = delta.prompt_text + text
@@ -218,7 +221,7 @@ class Responder:
             return {"index": choice.index, "delta": {"content": text} if text else {},
                     "logprobs": _chat_logprobs(new_logprobs) if self.want_logprobs and new_logprobs else None,
                     "finish_reason": finish}
-        offset = len(choice.prompt_text or "") + len(choice.text) - len(text)
+        offset = len(choice.prompt_text or "") + choice.text_len - len(text)
         return {"index": choice.index, "text": text,
                 "logprobs": _completion_logprobs(new_logprobs, offset) if self.want_logprobs and new_logprobs
                 else None, "finish_reason": finish}
