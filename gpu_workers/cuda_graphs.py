@@ -1,5 +1,8 @@
 """Decode steps replayed from CUDA graphs captured for a ladder of batch sizes. A batch is padded up to the next
-captured size; padding rows decode a dummy token into the backend's scratch page and are dropped afterwards."""
+captured size; padding rows decode a dummy token into the backend's scratch page and are dropped afterwards.
+
+A graph holds this pipeline stage's layers, TP all-reduces included (every TP rank captures the same ladder in the
+same order, so the captured collectives match); activations between stages travel outside the graph."""
 from __future__ import annotations
 
 import bisect
@@ -19,14 +22,20 @@ def batch_size_ladder(max_batch: int) -> list:
 
 
 class DecodeGraphs:
-    def __init__(self, model, backend, max_batch: int, max_model_len: int, page_size: int):
+    def __init__(self, model, backend, max_batch: int, max_model_len: int, page_size: int, first_stage: bool):
         self.model, self.backend = model, backend
         self.sizes = batch_size_ladder(max_batch)
         self.max_pages_per_seq = -(-max_model_len // page_size)
-        device = backend.kv_cache.device
-        self.input_ids = torch.zeros(max_batch, dtype=torch.long, device=device)
+        device, spec = backend.kv_cache.device, model.spec
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.slots = torch.zeros(max_batch, dtype=torch.long, device=device)
+        # The stage's inputs: token ids on the first stage, the previous stage's (hidden, residual) on the others.
+        if first_stage:
+            self.inputs = {"input_ids": torch.zeros(max_batch, dtype=torch.long, device=device)}
+        else:
+            dtype = next(model.parameters()).dtype
+            self.inputs = {name: torch.zeros(max_batch, spec.hidden_size, dtype=dtype, device=device)
+                           for name in ("hidden", "residual")}
         self.graphs: dict = {}
         self.wrappers: dict = {}
         self.outputs: dict = {}
@@ -52,28 +61,33 @@ class DecodeGraphs:
         layout = self._padding_layout(bs)
         self.slots[:bs].fill_(self.backend.scratch_page * self.backend.page_size)
         self.backend.plan_decode(self.wrappers[bs], layout)
+        inputs = {name: t[:bs] for name, t in self.inputs.items()}
         with forward_context(self.backend):
-            self.model(self.positions[:bs], input_ids=self.input_ids[:bs])  # warm-up outside the graph
+            self.model(self.positions[:bs], **inputs)  # warm-up outside the graph
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[bs] = self.model(self.positions[:bs], input_ids=self.input_ids[:bs])
+                self.outputs[bs] = self.model(self.positions[:bs], **inputs)
         self.graphs[bs] = graph
 
     def can_run(self, layout: BatchLayout) -> bool:
         return layout.is_decode and len(layout.q_lens) <= self.sizes[-1] and \
             layout.page_tables.shape[1] <= self.max_pages_per_seq
 
-    def run(self, input_ids: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
+    def run(self, layout: BatchLayout, **inputs):
+        """The stage's output for layout's rows: final hidden states on the last stage, else (hidden, residual)."""
         n = len(layout.q_lens)
         bs = self.sizes[bisect.bisect_left(self.sizes, n)]
-        self.input_ids[:n].copy_(input_ids)
+        for name, value in inputs.items():
+            self.inputs[name][:n].copy_(value)
+            if bs > n:
+                self.inputs[name][n:bs].zero_()
         self.positions[:n].copy_(layout.positions)
         self.slots[:n].copy_(layout.slot_mapping)
         if bs > n:
-            self.input_ids[n:bs].zero_()
             self.positions[n:bs].zero_()
             self.slots[n:bs].fill_(self.backend.scratch_page * self.backend.page_size)
         self.backend.plan_decode(self.wrappers[bs], self._padding_layout(bs, layout))
         self.graphs[bs].replay()
-        return self.outputs[bs][:n]
+        out = self.outputs[bs]
+        return tuple(t[:n] for t in out) if isinstance(out, tuple) else out[:n]

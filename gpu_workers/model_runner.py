@@ -1,20 +1,24 @@
-"""Turns a StepPlan into one forward pass (and, on the driver rank, sampled tokens)."""
+"""Turns a StepPlan into this rank's part of one forward pass: the first pipeline stage embeds the plan's tokens, the
+others receive the previous stage's activations; every stage runs its layers (TP ranks all-reduce inside them);
+the last stage samples, the others send their activations on. The layout only changes which of these apply."""
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 
-from gpu_workers.attention.base import AttentionBackend, BatchLayout
+from gpu_workers.attention.base import AttentionBackend
 from gpu_workers.attention.context import forward_context
 from gpu_workers.attention.flashinfer_backend import FlashInferBackend, flashinfer_usable
 from gpu_workers.attention.sdpa import SdpaBackend
+from gpu_workers.batch_layout import TokenSlots, build_batch
 from gpu_workers.cuda_graphs import DecodeGraphs
 from gpu_workers.layers import fused_ops
 from gpu_workers.models.llama import LlamaForCausalLM, iter_required
+from gpu_workers.parallel import StageLink, parallel_state
 from gpu_workers.sampler import RowParams, Sampled, Sampler
 from gpu_workers.upload import upload
 from gpu_workers.weight_loader import init_dummy, load_checkpoint
@@ -31,6 +35,10 @@ def resolve_device(cfg: EngineConfig, local_rank: int) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but torch sees no CUDA GPU")
+    if local_rank >= torch.cuda.device_count():
+        raise RuntimeError(f"this node runs {cfg.ranks_per_node} workers, one per GPU, but torch sees "
+                           f"{torch.cuda.device_count()} GPU(s) (CUDA_VISIBLE_DEVICES="
+                           f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
 
@@ -41,35 +49,40 @@ def resolve_dtype(cfg: EngineConfig) -> torch.dtype:
 
 
 class ModelRunner:
-    def __init__(self, cfg: EngineConfig, local_rank: int = 0):
+    def __init__(self, cfg: EngineConfig, device: Optional[torch.device] = None):
         self.cfg = cfg
+        self.ps = parallel_state()
         spec = cfg.model_spec
-        self.device = resolve_device(cfg, local_rank)
+        self.device = device or resolve_device(cfg, 0)
         self.dtype = resolve_dtype(cfg)
         torch.manual_seed(cfg.seed)
         with torch.device(self.device):
             self.model = LlamaForCausalLM(spec, self.dtype, max_positions=max(cfg.max_model_len,
                                                                               spec.max_position_embeddings))
         self.model.eval()
+        self.weight_bytes_read = 0
         if cfg.load_format == "dummy":
             init_dummy(self.model, cfg.seed)
         else:
             targets = self.model.checkpoint_targets()
-            load_checkpoint(targets, set(iter_required(targets, spec)), cfg.model, self.device)
+            self.weight_bytes_read = load_checkpoint(targets, set(iter_required(targets, spec)), cfg.model)
+        self.stage_link = StageLink(spec.hidden_size, self.dtype, device) if self.ps.pp_size > 1 else None
         self.backend_cls = self._choose_backend()
         fused_ops.enable_for(self.device, wanted=self.backend_cls is FlashInferBackend)
         self.sampler = Sampler(self.device, cfg.seed)
         self.rows: dict = {}  # rid -> RowParams, kept while the scheduler may still schedule the request
         self.token_slots = TokenSlots(self.device)
+        self.graphs = None
         self.num_pages = self._count_kv_pages()
         self.backend = self._make_backend(self.num_pages)
-        log.warning("worker: %s %s, %d KV pages of %d tokens, attention backend %s (%s), fused ops %s",
-                    self.device, self.dtype, self.num_pages, cfg.page_size, self.backend.name, self.backend_reason,
+        log.warning("worker %d (tp %d/%d, pp %d/%d, layers %d-%d): %s %s, %d KV pages of %d tokens, attention "
+                    "backend %s (%s), fused ops %s", self.ps.rank, self.ps.tp_rank, self.ps.tp_size, self.ps.pp_rank,
+                    self.ps.pp_size, self.model.layer_range.start, self.model.layer_range.stop - 1, self.device,
+                    self.dtype, self.num_pages, cfg.page_size, self.backend.name, self.backend_reason,
                     "on" if fused_ops.enabled() else "off")
-        self.graphs = None
         if self.device.type == "cuda" and self.backend_cls is FlashInferBackend and not cfg.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.backend, min(cfg.cuda_graph_max_batch, cfg.max_num_seqs),
-                                       cfg.max_model_len, cfg.page_size)
+                                       cfg.max_model_len, cfg.page_size, self.ps.is_first_stage)
 
     def _choose_backend(self) -> type:
         choice = self.cfg.attention_backend
@@ -82,22 +95,19 @@ class ModelRunner:
         self.backend_reason = reason
         return FlashInferBackend
 
-    def _local_heads(self) -> tuple:
-        """(query heads, KV heads) on this rank, as its attention layers hold them."""
-        spec = self.cfg.model_spec
-        attn = self.model.layers[0].self_attn if len(self.model.layers) else None
-        return (attn.num_heads, attn.num_kv_heads) if attn else (spec.num_heads, spec.num_kv_heads)
-
     def _page_bytes(self) -> int:
-        return AttentionBackend.bytes_per_page(len(self.model.layers), self.cfg.page_size, self._local_heads()[1],
+        attn = self.model.layers[0].self_attn
+        return AttentionBackend.bytes_per_page(len(self.model.layers), self.cfg.page_size, attn.num_kv_heads,
                                                self.cfg.model_spec.head_dim, self.dtype, self.device)
 
     def _make_backend(self, num_pages: int) -> AttentionBackend:
-        heads, kv_heads = self._local_heads()
-        return self.backend_cls(len(self.model.layers), num_pages, self.cfg.page_size, heads, kv_heads,
-                                self.cfg.model_spec.head_dim, self.dtype, self.device)
+        attn = self.model.layers[0].self_attn
+        return self.backend_cls(len(self.model.layers), num_pages, self.cfg.page_size, attn.num_heads,
+                                attn.num_kv_heads, self.cfg.model_spec.head_dim, self.dtype, self.device)
 
     def _count_kv_pages(self) -> int:
+        """KV pages this rank can hold: each rank sizes from its own layers and heads; the scheduler takes the
+        smallest count over all ranks."""
         cfg = self.cfg
         if cfg.num_kv_pages:
             return cfg.num_kv_pages
@@ -106,8 +116,8 @@ class ModelRunner:
             budget = cfg.kv_cache_memory_gb * (1 << 30)
         else:
             budget = self._profile_free_memory()
-        # No point holding more pages than every sequence at full length could use.
-        ceiling = cfg.max_num_seqs * -(-cfg.max_model_len // cfg.page_size) + 1
+        # No point holding more pages than every sequence at full length could use, in every micro-batch.
+        ceiling = cfg.max_steps_in_flight * cfg.max_num_seqs * -(-cfg.max_model_len // cfg.page_size) + 1
         pages = min(int(budget // page_bytes), ceiling)
         if pages < 1:
             raise RuntimeError(f"no memory left for the KV cache (one page needs {page_bytes} bytes)")
@@ -115,7 +125,8 @@ class ModelRunner:
 
     def _profile_free_memory(self) -> float:
         """Bytes the KV cache may take: the GPU's share (gpu_memory_utilization) minus the peak of a forward pass at
-        the largest step the scheduler can form (max_num_batched_tokens prefill tokens, logits for max_num_seqs)."""
+        the largest step the scheduler can form (max_num_batched_tokens prefill tokens, logits for max_num_seqs).
+        The pass is stage-local: other stages' activations are stood in for, nothing is sent or received."""
         cfg = self.cfg
         tokens = cfg.max_num_batched_tokens
         torch.cuda.synchronize(self.device)
@@ -129,18 +140,15 @@ class ModelRunner:
             pages.append(list(range(first, first + -(-n // cfg.page_size))))
             offset = (first + len(pages[-1])) * cfg.page_size
         probe_pages = max(p[-1] for p in pages) + 1
-        probe = self._make_backend(probe_pages)
+        self.backend = self._make_backend(probe_pages)
         plan = StepPlan(-1, [SeqChunk(f"probe{i}", token_ids([1] * n), 0, token_ids(p), True,
                                       {"temperature": 1.0, "top_p": 0.9})
                              for i, (n, p) in enumerate(zip(lens, pages))])
-        backend, self.backend = getattr(self, "backend", None), probe
-        self.graphs = None
-        self.execute(plan)
-        self.execute(StepPlan(-1, [], [s.rid for s in plan.seqs]))
+        self.finish(self.launch(plan, stage_local=True))
+        self.launch(StepPlan(-1, [], [s.rid for s in plan.seqs]))
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
-        self.backend = backend
-        del probe
+        del self.backend
         torch.cuda.empty_cache()
         total = torch.cuda.mem_get_info(self.device)[1]
         kv_bytes = self._page_bytes() * probe_pages
@@ -150,39 +158,13 @@ class ModelRunner:
                     budget / 2 ** 30)
         return budget
 
-    def _layout(self, plan: StepPlan) -> tuple:
-        ps = self.cfg.page_size
-        seqs = plan.seqs
-        q_lens = np.fromiter((len(s.token_ids) + s.pending for s in seqs), dtype=np.int64, count=len(seqs))
-        starts = np.fromiter((s.start_pos for s in seqs), dtype=np.int64, count=len(seqs))
-        max_pages = max(len(s.page_table) for s in seqs)
-        tables = np.zeros((len(seqs), max_pages), dtype=np.int64)
-        for b, s in enumerate(seqs):
-            tables[b, :len(s.page_table)] = np.frombuffer(s.page_table, dtype=np.int32)
-        cu = np.concatenate([[0], np.cumsum(q_lens)])
-        input_ids = np.zeros(int(cu[-1]), dtype=np.int64)
-        pending_at, pending_slots = [], []
-        for b, s in enumerate(seqs):
-            n = len(s.token_ids)
-            input_ids[cu[b]:cu[b] + n] = np.frombuffer(s.token_ids, dtype=np.int32)
-            if s.pending:
-                pending_at.append(int(cu[b]) + n)
-                pending_slots.append(self.token_slots.slot(s.rid))
-        seq_of_token = np.repeat(np.arange(len(seqs)), q_lens)
-        positions = starts[seq_of_token] + (np.arange(len(input_ids)) - cu[seq_of_token])
-        slots = tables[seq_of_token, positions // ps] * ps + positions % ps
-        dev = self.device
-        layout = BatchLayout(q_lens=torch.from_numpy(q_lens).int(), start_pos=torch.from_numpy(starts).int(),
-                             page_tables=torch.from_numpy(tables).int(), positions=upload(positions, dev),
-                             slot_mapping=upload(slots, dev))
-        ids = upload(input_ids, dev)
-        if pending_at:  # tokens the previous step sampled, still on the device
-            ids[upload(pending_at, dev)] = self.token_slots.tokens[upload(pending_slots, dev)]
-        return ids, layout, cu
+    def layout(self, plan: StepPlan) -> tuple:
+        return build_batch(plan, self.cfg.page_size, self.token_slots, self.device)
 
     @torch.inference_mode()
-    def launch(self, plan: StepPlan) -> "Launched":
-        """Queue the plan's forward pass and sampling on the device without waiting for them."""
+    def launch(self, plan: StepPlan, stage_local: bool = False) -> "Launched":
+        """Queue this rank's part of the plan on the device without waiting for it. stage_local: stand in for
+        the activations of other stages instead of exchanging them (memory profiling)."""
         for rid in plan.released:
             self.rows.pop(rid, None)
             self.token_slots.free(rid)
@@ -190,12 +172,12 @@ class ModelRunner:
             if s.params is not None:
                 self.rows[s.rid] = RowParams.from_dict(s.params)
             self.rows[s.rid].record_input(s.start_pos, s.token_ids, s.pending)
-        sampling = [s for s in plan.seqs if s.sample]
-        if not sampling:
-            if plan.seqs:
-                self._forward(plan)
+        if not plan.seqs:
             return Launched(plan.step_id, [], None)
-        hidden, cu = self._forward(plan)
+        hidden, cu = self._forward(plan, stage_local)
+        sampling = [s for s in plan.seqs if s.sample]
+        if hidden is None or not sampling:  # not the last stage, or no sequence reached its end
+            return Launched(plan.step_id, [], None)
         last = upload([int(cu[b + 1]) - 1 for b, s in enumerate(plan.seqs) if s.sample], self.device)
         logits = self.model.compute_logits(hidden[last])
         positions = [s.start_pos + len(s.token_ids) + s.pending for s in sampling]
@@ -206,6 +188,30 @@ class ModelRunner:
         self.token_slots.tokens[slot_ids] = sampled.tokens
         sampled.start_copy()
         return Launched(plan.step_id, [s.rid for s in sampling], sampled)
+
+    def _forward(self, plan: StepPlan, stage_local: bool) -> tuple:
+        """(final hidden states on the last stage, else None; cumulative query lengths)."""
+        input_ids, layout, cu = self.layout(plan)
+        if self.ps.is_first_stage:
+            inputs = {"input_ids": input_ids}
+        elif stage_local:
+            stand_in = torch.zeros(len(input_ids), self.cfg.model_spec.hidden_size, dtype=self.dtype,
+                                   device=self.device)
+            inputs = {"hidden": stand_in, "residual": stand_in.clone()}
+        else:
+            hidden, residual = self.stage_link.recv(len(input_ids))
+            inputs = {"hidden": hidden, "residual": residual}
+        if self.graphs is not None and self.graphs.can_run(layout):
+            out = self.graphs.run(layout, **inputs)
+        else:
+            with forward_context(self.backend):
+                self.backend.plan(layout)
+                out = self.model(layout.positions, **inputs)
+        if self.ps.is_last_stage:
+            return out, cu
+        if not stage_local:
+            self.stage_link.send(*out)
+        return None, cu
 
     def finish(self, launched: "Launched") -> StepResult:
         """Wait for a launched step and report its tokens (the step's one host synchronisation)."""
@@ -231,41 +237,9 @@ class ModelRunner:
     def execute(self, plan: StepPlan) -> StepResult:
         return self.finish(self.launch(plan))
 
-    def _forward(self, plan: StepPlan) -> tuple:
-        input_ids, layout, cu = self._layout(plan)
-        if self.graphs is not None and self.graphs.can_run(layout):
-            return self.graphs.run(input_ids, layout), cu
-        with forward_context(self.backend):
-            self.backend.plan(layout)
-            return self.model(layout.positions, input_ids=input_ids), cu
-
 
 @dataclass(slots=True)
 class Launched:
     step_id: int
     rids: list
     sampled: Optional[Sampled]
-
-
-class TokenSlots:
-    """A device buffer with each live request's latest sampled token, indexed by a slot per request."""
-
-    def __init__(self, device: torch.device, capacity: int = 1024):
-        self.tokens = torch.zeros(capacity, dtype=torch.long, device=device)
-        self.slots: dict = {}
-        self.free_slots = list(range(capacity - 1, -1, -1))
-
-    def slot(self, rid: str) -> int:
-        s = self.slots.get(rid)
-        if s is None:
-            if not self.free_slots:  # grow: more live requests than slots
-                old = len(self.tokens)
-                self.tokens = torch.cat([self.tokens, torch.zeros_like(self.tokens)])
-                self.free_slots = list(range(2 * old - 1, old - 1, -1))
-            s = self.slots[rid] = self.free_slots.pop()
-        return s
-
-    def free(self, rid: str) -> None:
-        s = self.slots.pop(rid, None)
-        if s is not None:
-            self.free_slots.append(s)

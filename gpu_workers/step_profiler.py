@@ -1,7 +1,9 @@
-"""Optional torch-profiler window over a worker's steps, for finding where step time goes.
+"""Optional profiler window over a worker's steps, for finding where step time goes.
 
-NANOSLG_PROFILE_STEPS=START:COUNT profiles COUNT steps from step START and writes a kernel summary (and the GPU's
-busy fraction of the window's wall time) to NANOSLG_PROFILE_OUT (default /tmp/nanoslg-profile.txt)."""
+NANOSLG_PROFILE_STEPS=START:COUNT profiles COUNT steps from step START and writes, to NANOSLG_PROFILE_OUT (default
+/tmp/nanoslg-profile.txt; other ranks add -rankN): the device's busy fraction of the window's wall time, kernels by
+device time, host operations by CPU time, and each step's host timeline (plan received, launched, reported), which
+shows whether the host or the GPU sets the pace and how far TP ranks drift apart."""
 from __future__ import annotations
 
 import os
@@ -9,16 +11,19 @@ import time
 
 
 class StepProfiler:
-    def __init__(self):
+    def __init__(self, rank: int = 0):
         spec = os.environ.get("NANOSLG_PROFILE_STEPS")
         self.start, self.count = (int(x) for x in spec.split(":")) if spec else (-1, 0)
-        self.path = os.environ.get("NANOSLG_PROFILE_OUT", "/tmp/nanoslg-profile.txt")
+        path = os.environ.get("NANOSLG_PROFILE_OUT", "/tmp/nanoslg-profile.txt")
+        stem, ext = os.path.splitext(path)
+        self.path = path if rank == 0 else f"{stem}-rank{rank}{ext}"
         self.steps = 0
         self.prof = None
         self.t0 = 0.0
+        self.timeline: list = []  # [step id, plan received, launched, reported] in seconds since the epoch
 
-    def on_step(self) -> None:
-        """Call once per launched step."""
+    def on_plan(self, step_id: int) -> None:
+        """Call once per step, right after its plan arrived."""
         if self.count <= 0:
             return
         if self.steps == self.start:
@@ -28,19 +33,40 @@ class StepProfiler:
             self.prof.__enter__()
             self.t0 = time.perf_counter()
         elif self.steps == self.start + self.count and self.prof is not None:
-            import torch
-            from torch.autograd import DeviceType
-
-            torch.cuda.synchronize()
-            wall = time.perf_counter() - self.t0
-            self.prof.__exit__(None, None, None)
-            events = self.prof.key_averages()
-            # Only the device's own rows (kernels, memcpys): a CPU op's row repeats the time of the kernels it
-            # launched, which would count them twice.
-            gpu_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
-            with open(self.path, "w") as f:
-                f.write(f"{self.count} steps in {wall * 1000:.1f} ms wall; GPU kernels {gpu_us / 1000:.1f} ms "
-                        f"({100 * gpu_us / 1e6 / wall:.0f} % busy)\n")
-                f.write(events.table(sort_by="self_device_time_total", row_limit=25))
-            self.prof = None
+            self._write()
+        if self.prof is not None:
+            self.timeline.append([step_id, time.time(), None, None])
         self.steps += 1
+
+    def launched(self) -> None:
+        if self.prof is not None and self.timeline:
+            self.timeline[-1][2] = time.time()
+
+    def reported(self, step_id: int) -> None:
+        if self.prof is not None:
+            for row in reversed(self.timeline[-4:]):
+                if row[0] == step_id:
+                    row[3] = time.time()
+
+    def _write(self) -> None:
+        import torch
+        from torch.autograd import DeviceType
+
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - self.t0
+        self.prof.__exit__(None, None, None)
+        events = self.prof.key_averages()
+        # Only the device's own rows (kernels, memcpys): a CPU op's row repeats the time of the kernels it
+        # launched, which would count them twice.
+        gpu_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
+        with open(self.path, "w") as f:
+            f.write(f"{self.count} steps in {wall * 1000:.1f} ms wall; GPU kernels {gpu_us / 1000:.1f} ms "
+                    f"({100 * gpu_us / 1e6 / wall:.0f} % busy)\n")
+            f.write(events.table(sort_by="self_device_time_total", row_limit=25))
+            f.write("\nhost operations by CPU time\n")
+            f.write(events.table(sort_by="self_cpu_time_total", row_limit=25))
+            f.write("\nstep\tplan_received\tlaunched\treported\n")
+            for row in self.timeline:
+                f.write("\t".join("" if v is None else (f"{v:.6f}" if isinstance(v, float) else str(v))
+                                  for v in row) + "\n")
+        self.prof = None

@@ -16,6 +16,30 @@ class WeightLoadError(RuntimeError):
     pass
 
 
+class CheckpointTensor:
+    """A tensor of a safetensors file that is read only where it is narrowed to, so a tensor-parallel rank reads its
+    own slice of each weight from disk, not the whole tensor. Parameters' weight_loaders narrow it, then load()."""
+
+    def __init__(self, file_slice, shape: tuple, ranges: tuple = None, on_read=None):
+        self._slice, self._on_read = file_slice, on_read
+        self.ranges = ranges or tuple((0, n) for n in shape)
+        self.shape = torch.Size(stop - start for start, stop in self.ranges)
+
+    def narrow(self, dim: int, start: int, length: int) -> "CheckpointTensor":
+        if start < 0 or start + length > self.shape[dim]:
+            raise ValueError(f"slice [{start}, {start + length}) of dimension {dim} is outside shape "
+                             f"{tuple(self.shape)}")
+        base = self.ranges[dim][0]
+        ranges = self.ranges[:dim] + ((base + start, base + start + length),) + self.ranges[dim + 1:]
+        return CheckpointTensor(self._slice, (), ranges, self._on_read)
+
+    def load(self) -> torch.Tensor:
+        tensor = self._slice[tuple(slice(a, b) for a, b in self.ranges)]
+        if self._on_read is not None:
+            self._on_read(tensor.numel() * tensor.element_size())
+        return tensor
+
+
 def _checkpoint_files(folder: str, names: set) -> dict:
     """file path -> checkpoint names in it that we need."""
     index_path = os.path.join(folder, "model.safetensors.index.json")
@@ -36,9 +60,15 @@ def _checkpoint_files(folder: str, names: set) -> dict:
     return {os.path.join(folder, f): names for f in shards}
 
 
-def load_checkpoint(targets: dict, required: set, folder: str, device: torch.device) -> None:
-    """targets: checkpoint name -> (parameter, shard id). Raises WeightLoadError naming the file or tensor."""
+def load_checkpoint(targets: dict, required: set, folder: str) -> int:
+    """targets: checkpoint name -> (parameter, shard id). Returns the bytes read from disk; raises WeightLoadError
+    naming the file or tensor."""
     loaded: set = set()
+    read = [0]
+
+    def count(nbytes: int) -> None:
+        read[0] += nbytes
+
     for path, wanted in _checkpoint_files(folder, set(targets)).items():
         if not os.path.isfile(path):
             raise WeightLoadError(f"weight file {path} is missing")
@@ -48,10 +78,11 @@ def load_checkpoint(targets: dict, required: set, folder: str, device: torch.dev
                     if name not in wanted or name not in targets:
                         continue
                     param, shard = targets[name]
-                    tensor = f.get_tensor(name)
+                    file_slice = f.get_slice(name)
+                    tensor = CheckpointTensor(file_slice, tuple(file_slice.get_shape()), on_read=count)
                     try:
                         loader = getattr(param, "weight_loader", copy_checked)
-                        loader(param, tensor.to(device=device, dtype=param.dtype), shard)
+                        loader(param, tensor, shard)
                     except (ValueError, RuntimeError) as e:
                         raise WeightLoadError(f"tensor {name} in {path}: {e}") from None
                     loaded.add(name)
@@ -63,6 +94,7 @@ def load_checkpoint(targets: dict, required: set, folder: str, device: torch.dev
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise WeightLoadError(f"checkpoint in {folder} lacks {', '.join(missing[:5])}{more}")
+    return read[0]
 
 
 def init_dummy(model: torch.nn.Module, seed: int) -> None:

@@ -1,5 +1,6 @@
 """A worker process: one per device. The same loop serves every parallel layout: receive a plan, run this rank's
-part of the forward pass, and (on the driver rank) report the sampled tokens."""
+part of the forward pass, and (on the driver rank) report the sampled tokens. TP and PP differ only in the process
+groups and layer range the model runner was built with."""
 from __future__ import annotations
 
 import logging
@@ -9,63 +10,90 @@ import traceback
 
 import zmq
 
-from nanoslg import ipc
-from nanoslg.config import EngineConfig
 from gpu_workers.step_profiler import StepProfiler
-from nanoslg.protocol import ProtocolError, Shutdown, StepPlan, StepResult, token_ids
+from nanoslg import cluster, ipc
+from nanoslg.config import EngineConfig
+from nanoslg.protocol import ProtocolError, StepPlan, StepResult, token_ids
 
 log = logging.getLogger("nanoslg.worker")
 
 
-def serve(cfg: EngineConfig, rank: int, ready) -> None:
-    from gpu_workers.model_runner import ModelRunner
-    from gpu_workers.parallel import init_parallel, parallel_state
+def _dist_init_method(cfg: EngineConfig) -> str:
+    if cfg.nnodes > 1:
+        host, port = cfg.dist_host_port
+        return f"tcp://{host}:{port}"
+    return f"file://{os.path.join(cfg.run_dir, 'dist-init')}"
 
-    backend = "nccl" if cfg.device != "cpu" and _has_cuda() else "gloo"
-    init_parallel(cfg.tensor_parallel_size, cfg.pipeline_parallel_size, rank,
-                  f"file://{os.path.join(cfg.run_dir, 'dist-init')}", backend)
-    runner = ModelRunner(cfg, local_rank=rank)
+
+def _connect(ctx: zmq.Context, cfg: EngineConfig, kind: int, offset: int, name: str) -> zmq.Socket:
+    """A socket to the scheduler: ipc on node 0, CURVE over tcp from the other nodes."""
+    sock = ctx.socket(kind)
+    if kind == zmq.SUB:
+        sock.setsockopt(zmq.RCVHWM, 0)  # a plan is never dropped
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+    else:
+        sock.setsockopt(zmq.LINGER, 1000)
+    if cfg.node_rank == 0:
+        sock.connect(ipc.address(cfg.run_dir, name))
+    else:
+        cluster.connect_securely(sock, cfg, offset, cluster.cluster_secret(cfg))
+    return sock
+
+
+def serve(cfg: EngineConfig, rank: int, ready) -> None:
+    from gpu_workers.model_runner import ModelRunner, resolve_device
+    from gpu_workers.parallel import init_parallel
+
+    device = resolve_device(cfg, rank - cfg.local_ranks.start)
+    ps = init_parallel(cfg.tensor_parallel_size, cfg.pipeline_parallel_size, rank, _dist_init_method(cfg),
+                       "nccl" if device.type == "cuda" else "gloo", device, cfg.startup_timeout_s)
+    runner = ModelRunner(cfg, device)
     ctx = zmq.Context()
-    inbox = ipc.pull(ctx, cfg.run_dir, ipc.worker_inbox(rank))
-    to_scheduler = ipc.push(ctx, cfg.run_dir, ipc.SCHEDULER) if parallel_state().is_driver else None
+    plans = _connect(ctx, cfg, zmq.SUB, cluster.PLANS, ipc.PLANS)
+    to_scheduler = _connect(ctx, cfg, zmq.PUSH, cluster.RESULTS, ipc.SCHEDULER) if ps.is_driver else None
     ready({"num_pages": runner.num_pages, "device": str(runner.device), "dtype": str(runner.dtype),
-           "attention_backend": runner.backend.name})
+           "attention_backend": runner.backend.name, "layers": [runner.model.layer_range.start,
+                                                                runner.model.layer_range.stop],
+           "weight_bytes_read": runner.weight_bytes_read})
     # One step stays launched while the next plan is received and launched behind it on the device; only then
     # does the worker wait for the older step's tokens. With overlap scheduling the GPU never idles between steps.
-    profiler = StepProfiler()
+    profiler = StepProfiler(rank)
     in_flight = None
     while True:
         # Report the launched step as soon as the device is done with it, unless the next plan arrives first: then
         # launch that one before waiting, so the device always has the next step queued.
-        while in_flight is not None and not inbox.poll(1):
+        while in_flight is not None and not plans.poll(1):
             if runner.is_done(in_flight):
-                _report(runner, in_flight, to_scheduler)
+                _report(runner, in_flight, to_scheduler, profiler)
                 in_flight = None
         try:
-            msg = ipc.recv(inbox)
+            msg = ipc.recv(plans)
         except ProtocolError as e:
             log.warning("dropped a bad message: %s", e)
             continue
-        if isinstance(msg, Shutdown):
-            return
         if not isinstance(msg, StepPlan):
-            log.warning("unexpected %s on a worker inbox", type(msg).__name__)
+            log.warning("unexpected %s on the plan feed", type(msg).__name__)
             continue
         if in_flight is not None and runner.needs_sync_before(msg):
-            _report(runner, in_flight, to_scheduler)
+            _report(runner, in_flight, to_scheduler, profiler)
             in_flight = None
-        profiler.on_step()
+        profiler.on_plan(msg.step_id)
         try:
             launched = runner.launch(msg)
-        except Exception as e:  # one failed step fails its requests, not the engine
-            log.error("step %d failed:\n%s", msg.step_id, traceback.format_exc())
+        except Exception as e:
+            if cfg.world_size > 1:
+                # The other ranks ran (or wait in) this step's collectives: carrying on would desynchronise them.
+                # Dying makes the launcher fail the engine with this rank's name instead of hanging it.
+                raise
+            log.error("step %d failed:\n%s", msg.step_id, traceback.format_exc())  # fails its requests only
             launched = StepResult(msg.step_id, [], token_ids(), None, f"{type(e).__name__}: {e}")
+        profiler.launched()
         if in_flight is not None:
-            _report(runner, in_flight, to_scheduler)
+            _report(runner, in_flight, to_scheduler, profiler)
         in_flight = launched
 
 
-def _report(runner, launched, to_scheduler) -> None:
+def _report(runner, launched, to_scheduler, profiler) -> None:
     """Wait for a launched step and send its result (from the driver rank only)."""
     if isinstance(launched, StepResult):  # the launch itself failed
         result = launched
@@ -77,19 +105,14 @@ def _report(runner, launched, to_scheduler) -> None:
             result = StepResult(launched.step_id, [], token_ids(), None, f"{type(e).__name__}: {e}")
     if to_scheduler is not None:
         ipc.send(to_scheduler, result)
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    profiler.reported(result.step_id)
 
 
 def main() -> None:
     cfg = EngineConfig.from_arg(sys.argv[1])
     rank = int(sys.argv[2])
     ipc.setup_logging(cfg.log_level)
-    ipc.run_child(f"worker{rank}", cfg.run_dir, lambda ready: serve(cfg, rank, ready))
+    ipc.run_child(ipc.worker_name(rank), cfg.run_dir, lambda ready: serve(cfg, rank, ready))
 
 
 if __name__ == "__main__":

@@ -4,87 +4,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+from nanoslg.model_registry import resolve_model_path
+from nanoslg.model_spec import ConfigError, ModelSpec
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-class ConfigError(ValueError):
-    pass
-
-
-@dataclass(slots=True)
-class ModelSpec:
-    """The parts of a Hugging Face config.json the Llama-family model needs, normalised across config versions."""
-
-    architecture: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    qkv_bias: bool
-    qk_norm: bool
-    rope_theta: float
-    rope_scaling: dict  # rope_type plus its parameters
-    torch_dtype: str
-    eos_token_ids: list = field(default_factory=list)
-
-    @classmethod
-    def from_hf_config(cls, cfg: dict) -> "ModelSpec":
-        archs = cfg.get("architectures") or []
-        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-        if arch is None:
-            raise ConfigError(f"unsupported model architecture {archs or cfg.get('model_type')!r}; "
-                              f"nanoslg supports {', '.join(SUPPORTED_ARCHITECTURES)}")
-        try:
-            hidden = int(cfg["hidden_size"])
-            heads = int(cfg["num_attention_heads"])
-            rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-            rope_type = rope.get("rope_type") or rope.get("type") or "default"
-            theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-            if rope_type not in SUPPORTED_ROPE_TYPES:
-                raise ConfigError(f"unsupported rope scaling type {rope_type!r}; supported: "
-                                  f"{', '.join(SUPPORTED_ROPE_TYPES)}")
-            rope["rope_type"] = rope_type
-            eos = cfg.get("eos_token_id")
-            dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
-            return cls(
-                architecture=arch,
-                vocab_size=int(cfg["vocab_size"]),
-                hidden_size=hidden,
-                intermediate_size=int(cfg["intermediate_size"]),
-                num_layers=int(cfg["num_hidden_layers"]),
-                num_heads=heads,
-                num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-                head_dim=int(cfg.get("head_dim") or hidden // heads),
-                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                qkv_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
-                qk_norm=arch == "Qwen3ForCausalLM",
-                rope_theta=float(theta),
-                rope_scaling=rope,
-                torch_dtype=str(dtype).replace("torch.", ""),
-                eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
-            )
-        except KeyError as e:
-            raise ConfigError(f"config.json lacks required field {e.args[0]!r}") from None
-
-    @property
-    def num_params(self) -> int:
-        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
-        attn = h * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim + self.num_heads * self.head_dim * h
-        per_layer = attn + 3 * h * i + 2 * h
-        return self.num_layers * per_layer + v * h * (1 if self.tie_word_embeddings else 2) + h
+# Ports above --dist-init-addr's: torch.distributed's store takes PORT itself, ZeroMQ the next ones (cluster.py).
+CLUSTER_PORTS = 4
 
 
 @dataclass(slots=True)
@@ -96,14 +24,19 @@ class EngineConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     max_model_len: Optional[int] = None
-    max_num_seqs: int = 256
+    max_num_seqs: int = 256  # per step, i.e. per micro-batch with pipeline parallelism
     max_num_batched_tokens: int = 2048
     page_size: int = 16
     num_kv_pages: Optional[int] = None  # overrides sizing from memory
-    kv_cache_memory_gb: float = 1.0  # KV budget on CPU; on GPU it comes from gpu_memory_utilization
+    kv_cache_memory_gb: float = 1.0  # KV budget per rank on CPU; on GPU it comes from gpu_memory_utilization
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: Optional[str] = None  # HOST:PORT on node 0, for every node (multi-node only)
+    node_join_timeout_s: float = 120.0  # how long node 0 waits for another node to say hello
+    cluster_secret_file: Optional[str] = None  # else $NANOSLG_CLUSTER_SECRET (multi-node only)
     attention_backend: str = "auto"
     enforce_eager: bool = False  # no CUDA graphs
     overlap_schedule: bool = True  # plan step N+1 while step N runs
@@ -118,10 +51,35 @@ class EngineConfig:
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
+    @property
+    def ranks_per_node(self) -> int:
+        return self.world_size // self.nnodes
+
+    def node_of(self, rank: int) -> int:
+        return rank // self.ranks_per_node
+
+    @property
+    def local_ranks(self) -> range:
+        """The worker ranks this node runs (rank = pp_rank * tp_size + tp_rank)."""
+        return range(self.node_rank * self.ranks_per_node, (self.node_rank + 1) * self.ranks_per_node)
+
+    @property
+    def max_steps_in_flight(self) -> int:
+        """Plans the scheduler keeps in flight. One stage: the running step plus, with overlap, the next one chained
+        on its tokens. Several stages: one micro-batch per stage over disjoint requests, plus (with overlap) one
+        more, so that the first stage has work while a finished micro-batch's tokens travel back to the scheduler."""
+        pp = self.pipeline_parallel_size
+        if pp == 1:
+            return 2 if self.overlap_schedule else 1
+        return pp + 1 if self.overlap_schedule else pp
+
+    @property
+    def dist_host_port(self) -> tuple:
+        host, _, port = (self.dist_init_addr or "").rpartition(":")
+        return host.strip("[]"), int(port)
+
     def resolve(self) -> "EngineConfig":
         """Fill in the model folder and its spec, and check every value; raises ConfigError naming the problem."""
-        from nanoslg.model_registry import resolve_model_path
-
         self.model = resolve_model_path(self.model)
         cfg_path = os.path.join(self.model, "config.json")
         if not os.path.isfile(cfg_path):
@@ -133,9 +91,8 @@ class EngineConfig:
             raise ConfigError(f"cannot read {cfg_path}: {e}") from None
         self.model_spec = ModelSpec.from_hf_config(hf_cfg)
         self.tokenizer = self.tokenizer or self.model
-        spec = self.model_spec
         if self.max_model_len is None:
-            self.max_model_len = spec.max_position_embeddings
+            self.max_model_len = self.model_spec.max_position_embeddings
         checks = [
             (self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}"),
             (self.load_format in ("auto", "dummy"), "load_format", "must be auto or dummy"),
@@ -148,18 +105,43 @@ class EngineConfig:
             (0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]"),
             (self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1"),
             (self.pipeline_parallel_size >= 1, "pipeline_parallel_size", "must be >= 1"),
+            (self.nnodes >= 1, "nnodes", "must be >= 1"),
+            (self.node_join_timeout_s > 0, "node_join_timeout_s", "must be > 0"),
             (self.attention_backend in ("auto", "sdpa", "flashinfer"), "attention_backend",
              "must be auto, sdpa or flashinfer"),
         ]
         for ok, name, what in checks:
             if not ok:
                 raise ConfigError(f"{name} {what}, got {getattr(self, name)!r}")
-        if spec.num_heads % self.tensor_parallel_size:
-            raise ConfigError(f"{spec.num_heads} attention heads do not split over "
-                              f"tensor_parallel_size={self.tensor_parallel_size}")
-        if spec.num_layers < self.pipeline_parallel_size:
-            raise ConfigError(f"{spec.num_layers} layers cannot fill {self.pipeline_parallel_size} pipeline stages")
+        self._check_layout()
         return self
+
+    def _check_layout(self) -> None:
+        """Refuse at startup any parallel layout the model cannot be split into, rather than compute nonsense."""
+        spec, tp, pp = self.model_spec, self.tensor_parallel_size, self.pipeline_parallel_size
+        if spec.num_heads % tp:
+            raise ConfigError(f"{spec.num_heads} attention heads do not split over tensor_parallel_size={tp}")
+        if spec.num_kv_heads % tp and tp % spec.num_kv_heads:
+            raise ConfigError(f"{spec.num_kv_heads} KV heads can neither be split over nor replicated onto "
+                              f"tensor_parallel_size={tp} (one must divide the other)")
+        if spec.intermediate_size % tp:
+            raise ConfigError(f"intermediate size {spec.intermediate_size} does not split over "
+                              f"tensor_parallel_size={tp}")
+        if spec.num_layers < pp:
+            raise ConfigError(f"{spec.num_layers} layers cannot fill {pp} pipeline stages")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"node_rank must be in [0, {self.nnodes}), got {self.node_rank}")
+        if self.world_size % self.nnodes:
+            raise ConfigError(f"tensor_parallel_size x pipeline_parallel_size = {self.world_size} workers do not "
+                              f"split evenly over {self.nnodes} nodes")
+        if self.nnodes > 1:
+            try:
+                host, port = self.dist_host_port
+            except ValueError:
+                host, port = "", 0
+            if not host or not 0 < port <= 65535 - CLUSTER_PORTS:
+                raise ConfigError(f"--nnodes {self.nnodes} needs --dist-init-addr HOST:PORT (node 0's address, a "
+                                  f"port below {65535 - CLUSTER_PORTS}), got {self.dist_init_addr!r}")
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

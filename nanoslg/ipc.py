@@ -17,15 +17,16 @@ from nanoslg import protocol
 
 log = logging.getLogger("nanoslg")
 
-# One inbox (PULL) per process; everyone else PUSHes to it.
+# One inbox (PULL) per process; everyone else PUSHes to it. Workers instead subscribe to the scheduler's plan feed.
 LAUNCHER = "launcher"
 TOKENIZER = "tokenizer"
 SCHEDULER = "scheduler"
 CLIENT = "client"  # the API server or the offline LLM: receives OutputBatch
 DEBUG = "debug"  # the scheduler's ROUTER for `nanoslg debug`
+PLANS = "plans"  # the scheduler's XPUB: every worker subscribes to the step plans
 
 
-def worker_inbox(rank: int) -> str:
+def worker_name(rank: int) -> str:
     return f"worker{rank}"
 
 
@@ -65,6 +66,11 @@ class ShutdownRequested(Exception):
 
 
 def _on_sigterm(signum, frame):
+    # An exception raised inside a __del__ or a callback is printed and ignored, and the process would live on:
+    # whatever happens to this one, the process is gone a few seconds later.
+    timer = threading.Timer(5.0, os._exit, args=(0,))
+    timer.daemon = True
+    timer.start()
     raise ShutdownRequested(signal.Signals(signum).name)
 
 

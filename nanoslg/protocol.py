@@ -58,6 +58,26 @@ class Shutdown:
     reason: str = ""
 
 
+# ---------------------------------------------------------------- node 0's launcher <-> other nodes (cluster.py)
+@message
+class NodeHello:
+    node_rank: int
+    config_digest: str  # cluster.config_digest: every node must run the same engine configuration
+
+
+@message
+class Heartbeat:
+    node_rank: int
+
+
+@message
+class NodeDown:
+    """A node lost a worker (or is stopping): node 0 fails the engine with this reason."""
+
+    node_rank: int
+    reason: str
+
+
 # ---------------------------------------------------------------- client <-> tokenizer_proc
 @message
 class GenerateRequest:

@@ -4,10 +4,11 @@ from __future__ import annotations
 import itertools
 import logging
 import sys
+import time
 
 import zmq
 
-from nanoslg import ipc
+from nanoslg import cluster, ipc
 from nanoslg.config import EngineConfig
 from nanoslg.protocol import (AbortRequest, DebugReply, DebugStateQuery, DebugSubmit, ProtocolError, Shutdown,
                               StepResult, TokenBatch, TokenizedRequest)
@@ -25,35 +26,85 @@ class SchedulerProcess:
         if capacity < cfg.max_model_len:
             raise ValueError(f"the KV cache holds {capacity} tokens ({num_pages} pages), fewer than "
                              f"max_model_len={cfg.max_model_len}: lower --max-model-len or give the cache more room")
+        pp = cfg.pipeline_parallel_size
+        self.max_in_flight = cfg.max_steps_in_flight
         self.core = Scheduler(num_pages, cfg.page_size, cfg.max_num_seqs, cfg.max_num_batched_tokens,
-                              cfg.max_model_len, overlap=cfg.overlap_schedule)
-        # With overlap, one step runs while the next is already queued at the workers.
-        self.max_in_flight = cfg.pipeline_parallel_size * (2 if cfg.overlap_schedule else 1)
+                              cfg.max_model_len, overlap=cfg.overlap_schedule and pp == 1,
+                              micro_batches=self.max_in_flight if pp > 1 else 1)
         ctx = zmq.Context()
         self.inbox = ipc.pull(ctx, cfg.run_dir, ipc.SCHEDULER)
         self.debug = ctx.socket(zmq.ROUTER)
         self.debug.setsockopt(zmq.LINGER, 0)
         self.debug.bind(ipc.address(cfg.run_dir, ipc.DEBUG))
         self.to_tokenizer = ipc.push(ctx, cfg.run_dir, ipc.TOKENIZER)
-        self.to_workers = [ipc.push(ctx, cfg.run_dir, ipc.worker_inbox(r)) for r in range(cfg.world_size)]
+        # Plans go out once to every worker: an XPUB on ipc for this node's workers, and one on tcp (CURVE) for the
+        # other nodes', whose results (from the driver rank) arrive on a tcp PULL beside the ipc inbox.
+        self.plan_feeds = [self._plan_feed(ctx, ipc.address(cfg.run_dir, ipc.PLANS))]
+        self.remote_inbox, self.refusals = None, []
+        if cfg.nnodes > 1:
+            secret = cluster.cluster_secret(cfg)
+            remote_feed = self._plan_feed(ctx, None)
+            self.refusals.append(cluster.serve_securely(remote_feed, cfg, cluster.PLANS, secret))
+            self.plan_feeds.append(remote_feed)
+            self.remote_inbox = ctx.socket(zmq.PULL)
+            self.remote_inbox.setsockopt(zmq.LINGER, 0)
+            self.refusals.append(cluster.serve_securely(self.remote_inbox, cfg, cluster.RESULTS, secret))
         self.outbox: list = []  # TokenUpdates for the tokenizer, sent once per loop
         self.debug_ids = itertools.count()
         self.debug_requests: dict = {}  # rid -> {"prompt_ids", "output_ids", "finish_reason"}
 
+    @staticmethod
+    def _plan_feed(ctx: zmq.Context, address) -> zmq.Socket:
+        sock = ctx.socket(zmq.XPUB)
+        sock.setsockopt(zmq.XPUB_VERBOSE, 1)  # every worker's subscription arrives, so each can be counted
+        sock.setsockopt(zmq.SNDHWM, 0)  # a plan is never dropped for a slow worker
+        sock.setsockopt(zmq.LINGER, 0)
+        if address is not None:
+            sock.bind(address)
+        return sock
+
+    def _await_subscribers(self) -> None:
+        """Every worker subscribed before the first plan goes out (PUB drops what no subscriber has asked for)."""
+        cfg = self.cfg
+        local = cfg.ranks_per_node
+        expected = [local] + ([cfg.world_size - local] if len(self.plan_feeds) > 1 else [])
+        joined = [0] * len(expected)
+        deadline = time.monotonic() + cfg.startup_timeout_s
+        while joined != expected:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {sum(joined)} of {cfg.world_size} workers subscribed to the plan feed")
+            for i, feed in enumerate(self.plan_feeds):
+                while joined[i] < expected[i] and feed.poll(100):
+                    if feed.recv()[:1] == b"\x01":
+                        joined[i] += 1
+            for refusals in self.refusals:
+                refusals.drain()
+
+    def _publish_plan(self, plan) -> None:
+        frame = ipc.protocol.encode(plan)
+        for feed in self.plan_feeds:
+            feed.send(frame, copy=False)
+
     def run(self, ready) -> None:
+        self._await_subscribers()
         ready({"num_pages": self.core.blocks.num_pages})
         poller = zmq.Poller()
-        poller.register(self.inbox, zmq.POLLIN)
-        poller.register(self.debug, zmq.POLLIN)
+        inboxes = [self.inbox] + ([self.remote_inbox] if self.remote_inbox is not None else [])
+        for sock in inboxes + [self.debug] + [r.monitor for r in self.refusals]:
+            poller.register(sock, zmq.POLLIN)
         while True:
             # Every change the scheduler reacts to arrives on a socket, and each pass below schedules until it can
             # not, so blocking here never delays a step.
             events = dict(poller.poll(100))
-            if self.inbox in events:
-                while self._handle_inbox():
-                    pass
+            for inbox in inboxes:
+                if inbox in events:
+                    while self._handle_inbox(inbox):
+                        pass
             if self.debug in events:
                 self._handle_debug()
+            for refusals in self.refusals:
+                if refusals.monitor in events:
+                    refusals.drain()
             while len(self.core.steps_in_flight) < self.max_in_flight:
                 plan = self.core.schedule()
                 if self.core.unreported:
@@ -61,16 +112,15 @@ class SchedulerProcess:
                     self.core.unreported = []
                 if plan is None:
                     break
-                for sock in self.to_workers:
-                    ipc.send(sock, plan)
+                self._publish_plan(plan)
             # Tokens go to the tokenizer only after the next plan is out: the workers must not wait on that.
             if self.outbox:
                 ipc.send(self.to_tokenizer, TokenBatch(self.outbox))
                 self.outbox = []
 
-    def _handle_inbox(self) -> bool:
+    def _handle_inbox(self, inbox: zmq.Socket) -> bool:
         try:
-            msg = ipc.recv(self.inbox, zmq.NOBLOCK)
+            msg = ipc.recv(inbox, zmq.NOBLOCK)
         except zmq.Again:
             return False
         except ProtocolError as e:

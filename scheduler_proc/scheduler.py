@@ -2,7 +2,9 @@
 recompute. Pure logic with no sockets, so tests drive it directly or through the process against a stand-in worker.
 
 A request that is part of an in-flight step is skipped until that step's result arrives, and its pages are never
-freed meanwhile (an abort is deferred), so several steps may be in flight over disjoint requests.
+freed meanwhile (an abort is deferred), so several steps may be in flight over disjoint requests: the micro-batches
+of pipeline parallelism. With one stage, overlap scheduling also chains a request's next decode on the token its
+in-flight step will sample.
 """
 from __future__ import annotations
 
@@ -20,6 +22,12 @@ class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+
+
+@dataclass(slots=True)
+class InFlightStep:
+    rids: list
+    num_tokens: int
 
 
 @dataclass(slots=True, eq=False)
@@ -53,15 +61,17 @@ class Request:
 
 class Scheduler:
     def __init__(self, num_pages: int, page_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, overlap: bool = False):
+                 max_model_len: int, overlap: bool = False, micro_batches: int = 1):
         self.blocks = BlockManager(num_pages, page_size)
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.max_model_len = max_model_len
         self.overlap = overlap  # plan a decode while the step that samples its input token is still running
+        # Plans kept in flight over disjoint requests (pipeline stages): requests are spread evenly over them.
+        self.micro_batches = micro_batches
         self.requests: dict = {}
         self.waiting: deque = deque()
         self.running: list = []  # oldest first: preemption takes from the end
-        self.steps_in_flight: dict = {}  # step_id -> rids in that step
+        self.steps_in_flight: dict = {}  # step_id -> InFlightStep
         self.to_release: list = []  # finished rids whose worker-side state can go
         self.unreported: list = []  # updates decided while scheduling (not from a step result)
         self.step_ids = itertools.count()
@@ -104,12 +114,22 @@ class Scheduler:
         return (self.overlap and r.in_flight == 1 and r.num_computed == r.num_tokens
                 and len(r.output_ids) + 1 < r.max_tokens and r.num_tokens + 1 < self.max_model_len)
 
+    def _seq_cap(self) -> int:
+        """Sequences this plan may take. With several micro-batches, a fair share of the requests ready to run, so
+        every stage of the pipeline gets work even when few requests are running."""
+        if self.micro_batches == 1:
+            return self.max_num_seqs
+        free = max(1, self.micro_batches - len(self.steps_in_flight))
+        ready = sum(1 for r in self.running if not r.in_flight) + len(self.waiting)
+        return max(1, min(self.max_num_seqs, -(-ready // free)))
+
     def schedule(self) -> Optional[StepPlan]:
         budget = self.max_num_batched_tokens
+        max_seqs = self._seq_cap()
         chunks: list = []  # (request, start, end)
         scheduled: set = set()
         for r in list(self.running):
-            if len(chunks) >= self.max_num_seqs or budget == 0:
+            if len(chunks) >= max_seqs or budget == 0:
                 break
             if r.status is not Status.RUNNING:
                 continue
@@ -132,7 +152,7 @@ class Scheduler:
                 chunks.append((r, r.num_computed, end, 0))
                 scheduled.add(r)
                 budget -= end - r.num_computed
-        while self.waiting and len(chunks) < self.max_num_seqs and budget > 0:
+        while self.waiting and len(chunks) < max_seqs and budget > 0:
             r = self.waiting[0]
             end = min(r.num_tokens, r.num_computed + budget)
             if not self._grow(r, end):
@@ -166,7 +186,7 @@ class Scheduler:
             r.in_flight += 1
             members.append(r.rid)
         step_id = next(self.step_ids)
-        self.steps_in_flight[step_id] = members
+        self.steps_in_flight[step_id] = InFlightStep(members, sum(e - s for _, s, e, _ in chunks))
         plan = StepPlan(step_id, seqs, self.to_release)
         self.to_release = []
         if chunks:
@@ -198,7 +218,8 @@ class Scheduler:
     # ------------------------------------------------------------------ results
     def on_result(self, result: StepResult) -> list:
         """Apply a step's sampled tokens; returns TokenUpdates for the requests that advanced or ended."""
-        members = self.steps_in_flight.pop(result.step_id, [])
+        step = self.steps_in_flight.pop(result.step_id, None)
+        members = step.rids if step is not None else []
         for rid in members:
             r = self.requests.get(rid)
             if r is not None:
@@ -259,5 +280,8 @@ class Scheduler:
             "kv_pages_free": self.blocks.num_free,
             "kv_pages_total": self.blocks.num_pages,
             "steps_in_flight": len(self.steps_in_flight),
+            # one entry per plan in flight: with pipeline parallelism, the micro-batch each stage is working on
+            "micro_batches": [{"step_id": i, "num_seqs": len(s.rids), "num_tokens": s.num_tokens}
+                              for i, s in self.steps_in_flight.items()],
             "last_step": dict(self.last_step),
         }

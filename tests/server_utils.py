@@ -25,7 +25,7 @@ class Server:
     def __init__(self, model: str, *args: str, api_key: str | None = None, timeout: float = 180.0):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "nanoslg.cli", "serve", model, "--host", "127.0.0.1", "--port",
+        cmd = [sys.executable, "-m", "nanoslg", "serve", model, "--host", "127.0.0.1", "--port",
                str(self.port), *args]
         if api_key:
             cmd += ["--api-key", api_key]

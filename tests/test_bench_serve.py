@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from nanoslg import bench_serve as bs
+from nanoslg.entrypoints import bench_serve as bs
 from server_utils import free_port
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

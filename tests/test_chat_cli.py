@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from nanoslg.chat_cli import add_chat_arguments, run_chat
+from nanoslg.entrypoints.chat import add_chat_arguments, run_chat
 from server_utils import ROOT, Server, free_port
 
 STATS = re.compile(r"^\[(\d+) tokens, [\d.]+ tok/s[^\]]*\]$", re.M)
@@ -116,7 +116,7 @@ def chat(argv, stdin="", monkeypatch=None, capsys=None):
 
 
 def chat_proc(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "nanoslg.chat_cli", *args], cwd=ROOT, text=True,
+    return subprocess.Popen([sys.executable, "-m", "nanoslg.entrypoints.chat", *args], cwd=ROOT, text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1"}, **kw)
 
@@ -216,7 +216,7 @@ real_server = pytest.mark.skipif(importlib.util.find_spec("nanoslg.server") is N
 @pytest.mark.slow
 def test_real_server_smollm2_answers_paris(smollm2_dir):
     with Server(smollm2_dir, "--max-model-len", "1024") as srv:
-        r = subprocess.run([sys.executable, "-m", "nanoslg.chat_cli", "--url", srv.url, "--prompt",
+        r = subprocess.run([sys.executable, "-m", "nanoslg.entrypoints.chat", "--url", srv.url, "--prompt",
                             "What is the capital of France?", "--temperature", "0", "--max-tokens", "48"],
                            cwd=ROOT, capture_output=True, text=True, timeout=60,
                            env={**os.environ, "PYTHONPATH": ROOT})

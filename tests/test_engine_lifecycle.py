@@ -12,7 +12,7 @@ import pytest
 
 from conftest import random_prompts
 from nanoslg import LLM, SamplingParams
-from nanoslg.config import ConfigError
+from nanoslg.model_spec import ConfigError
 from nanoslg.launcher import EngineStartupError
 from nanoslg.protocol import GenerateRequest, token_ids
 
@@ -134,7 +134,7 @@ def test_bad_requests_fail_alone(tiny_model_dir):
 
 def test_debug_cli_follows_a_request_until_its_pages_are_free(tiny_model_dir):
     with LLM(tiny_model_dir("llama"), max_model_len=512) as llm:
-        out = subprocess.run([sys.executable, "-m", "nanoslg.cli", "debug", "--run-dir", llm.config.run_dir,
+        out = subprocess.run([sys.executable, "-m", "nanoslg", "debug", "--run-dir", llm.config.run_dir,
                               "submit", "5", "6", "7", "8", "--max-tokens", "300", "--ignore-eos", "--wait"],
                              capture_output=True, text=True, timeout=60, cwd=ROOT,
                              env={**os.environ, "PYTHONPATH": ROOT})
@@ -148,7 +148,7 @@ def test_debug_cli_follows_a_request_until_its_pages_are_free(tiny_model_dir):
         running = [json.loads(line.split(":", 1)[1]) for line in out.stdout.splitlines()
                    if line.startswith("running:")]
         assert all(s["kv_pages_used"] > 0 for s in running)
-        state = subprocess.run([sys.executable, "-m", "nanoslg.cli", "debug", "--run-dir", llm.config.run_dir,
+        state = subprocess.run([sys.executable, "-m", "nanoslg", "debug", "--run-dir", llm.config.run_dir,
                                 "state"], capture_output=True, text=True, timeout=60, cwd=ROOT,
                                env={**os.environ, "PYTHONPATH": ROOT})
         assert json.loads(state.stdout)["last_step"]["num_decode"] == 1

@@ -6,7 +6,8 @@ import time
 import pytest
 
 from nanoslg import model_registry as reg
-from nanoslg.config import ConfigError
+from nanoslg.entrypoints.cli import add_pull_arguments, run_pull
+from nanoslg.model_spec import ConfigError
 
 
 @pytest.fixture
@@ -28,8 +29,8 @@ def _fake_pulled(models, name):
 
 def _cli(argv):
     parser = argparse.ArgumentParser(prog="nanoslg pull")
-    reg.add_pull_arguments(parser)
-    return reg.run_pull(parser.parse_args(argv))
+    add_pull_arguments(parser)
+    return run_pull(parser.parse_args(argv))
 
 
 def test_models_dir_env_and_default(tmp_path, monkeypatch):

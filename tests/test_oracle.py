@@ -5,7 +5,7 @@ import pytest
 
 from conftest import random_prompts
 from nanoslg import LLM, SamplingParams
-from nanoslg.debug_client import DebugClient
+from nanoslg.entrypoints.debug import DebugClient
 from nanoslg.protocol import GenerateRequest, token_ids
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]

@@ -9,7 +9,7 @@ import zmq
 
 from nanoslg import ipc
 from nanoslg.config import EngineConfig
-from nanoslg.protocol import Ready, Shutdown, StepPlan, StepResult, TokenBatch, TokenizedRequest, token_ids
+from nanoslg.protocol import Ready, StepPlan, StepResult, TokenBatch, TokenizedRequest, token_ids
 from scheduler_proc.scheduler import Scheduler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,18 +99,18 @@ def test_scheduler_process_against_a_stand_in_worker(tiny_model_dir):
     ctx = zmq.Context()
     launcher = ipc.pull(ctx, run_dir, ipc.LAUNCHER)
     tokenizer_inbox = ipc.pull(ctx, run_dir, ipc.TOKENIZER)
-    worker_inbox = ipc.pull(ctx, run_dir, ipc.worker_inbox(0))
+    plan_feed = ctx.socket(zmq.SUB)
+    plan_feed.setsockopt(zmq.SUBSCRIBE, b"")
+    plan_feed.connect(ipc.address(run_dir, ipc.PLANS))  # before the scheduler binds it, as a worker does
     plans = []
+    stop = threading.Event()
 
     def stand_in_worker():
         to_scheduler = ipc.push(ctx, run_dir, ipc.SCHEDULER)
-        while True:
-            try:
-                plan = ipc.recv(worker_inbox)
-            except zmq.ZMQError:  # the test tore the context down
-                return
-            if not isinstance(plan, StepPlan):
-                return
+        while not stop.is_set():
+            if not plan_feed.poll(100):
+                continue
+            plan = ipc.recv(plan_feed)
             plans.append(plan)
             rids = [c.rid for c in plan.seqs if c.sample]
             ipc.send(to_scheduler, StepResult(plan.step_id, rids, token_ids([42] * len(rids))))
@@ -144,7 +144,7 @@ def test_scheduler_process_against_a_stand_in_worker(tiny_model_dir):
         proc.terminate()
         assert proc.wait(10) == 0
         # stop the stand-in before tearing down its sockets: a thread blocked in recv at exit can crash
-        ipc.send(ipc.push(ctx, run_dir, ipc.worker_inbox(0)), Shutdown())
+        stop.set()
         worker.join(10)
         ctx.destroy(linger=0)
 

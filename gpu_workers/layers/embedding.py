@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpu_workers.layers.linear import copy_checked
 from gpu_workers.parallel import parallel_state, tp_all_gather_last_dim, tp_all_reduce
 
 
@@ -20,12 +21,13 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.zeros(self.shard_size, hidden, dtype=dtype), requires_grad=False)
         self.weight.weight_loader = self.load_weight
 
-    def load_weight(self, param: torch.Tensor, loaded: torch.Tensor, shard: Optional[str] = None) -> None:
+    def load_weight(self, param: torch.Tensor, loaded, shard: Optional[str] = None) -> None:
         if loaded.shape[1] != param.shape[1] or loaded.shape[0] != self.vocab_size:
             raise ValueError(f"embedding of shape {tuple(loaded.shape)} does not match vocab {self.vocab_size} "
                              f"x hidden {param.shape[1]}")
         rows = max(0, min(self.shard_size, self.vocab_size - self.vocab_start))
-        param.data[:rows].copy_(loaded[self.vocab_start:self.vocab_start + rows])
+        if rows:
+            copy_checked(param.data[:rows], loaded.narrow(0, self.vocab_start, rows))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if parallel_state().tp_size == 1:

@@ -17,12 +17,13 @@ def _param(shape, bias_or_weight_loader, dtype) -> nn.Parameter:
     return p
 
 
-def copy_checked(param: torch.Tensor, loaded: torch.Tensor, shard: Optional[str] = None) -> None:
-    """The whole checkpoint tensor into param (shard: accepted so this serves as any parameter's loader)."""
+def copy_checked(param: torch.Tensor, loaded, shard: Optional[str] = None) -> None:
+    """The whole of loaded (a tensor, or a weight_loader.CheckpointTensor read only now) into param, converting
+    dtype and device (shard: accepted so this serves as any parameter's loader)."""
     if param.shape != loaded.shape:
         raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} does not fit parameter "
                          f"of shape {tuple(param.shape)}")
-    param.data.copy_(loaded)
+    param.data.copy_(loaded if isinstance(loaded, torch.Tensor) else loaded.load())
 
 
 class ColumnParallelLinear(nn.Module):

@@ -100,7 +100,7 @@ def engine_logits(folder: str, backend: str, prompts: list, n: int, forced: list
                   for i, p in enumerate(prompts)]
         plan = StepPlan(step, [SeqChunk(f"r{i}", token_ids(c), s, tables[i], True) for i, (c, s) in
                                enumerate(chunks)])
-        input_ids, layout, cu = runner._layout(plan)
+        input_ids, layout, cu = runner.layout(plan)
         with forward_context(runner.backend):
             runner.backend.plan(layout)
             hidden = runner.model(layout.positions, input_ids=input_ids)

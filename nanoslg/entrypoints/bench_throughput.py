@@ -11,12 +11,13 @@ import statistics
 import sys
 import time
 
-REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "configs")
+from nanoslg.engine_args import add_engine_arguments, engine_config_from_args, engine_fields
+
+REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks",
+                            "configs")
 
 
 def add_bench_throughput_arguments(parser) -> None:
-    from nanoslg.cli import add_engine_arguments
-
     add_engine_arguments(parser)
     g = parser.add_argument_group("workload")
     g.add_argument("--dataset", default="random", choices=["random", "sharegpt-like"])
@@ -112,8 +113,8 @@ def _decode_latency(llm, prompt: list, output_len: int, reps: int = 3) -> float:
 
 
 def run_bench_throughput(args) -> int:
-    from nanoslg.bench_serve import make_requests
-    from nanoslg.cli import engine_config_from_args
+    from nanoslg.entrypoints.bench_serve import make_requests
+    from nanoslg.launcher import run_worker_node
     from nanoslg.llm import LLM
     from nanoslg.sampling_params import SamplingParams
 
@@ -122,7 +123,9 @@ def run_bench_throughput(args) -> int:
         return 2
     args.model = resolve_model_arg(args.model)
     cfg = engine_config_from_args(args)
-    fields = {f: getattr(cfg, f) for f in cfg.__slots__ if f not in ("model_spec", "run_dir")}
+    if cfg.node_rank > 0:
+        return run_worker_node(cfg)
+    fields = engine_fields(cfg)
     requests = make_requests(args.dataset, "completions", args.num_prompts, args.input_len, args.output_len,
                              args.dataset_seed, cfg.max_model_len)
     with LLM(**fields) as llm:

@@ -5,12 +5,11 @@ import logging
 import os
 import sys
 
-from nanoslg.config import ConfigError
+from nanoslg.engine_args import add_engine_arguments, engine_config_from_args
+from nanoslg.model_spec import ConfigError
 
 
 def add_serve_arguments(parser) -> None:
-    from nanoslg.cli import add_engine_arguments
-
     add_engine_arguments(parser)
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1")
@@ -26,14 +25,15 @@ def add_serve_arguments(parser) -> None:
 def run_serve(args) -> int:
     import uvicorn
 
-    from nanoslg.cli import engine_config_from_args
-    from nanoslg.launcher import EngineStartupError
+    from nanoslg.launcher import EngineStartupError, run_worker_node
     from nanoslg.server.app import ServerSettings, build_app
     from nanoslg.server.async_engine import AsyncEngine
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.WARNING),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = engine_config_from_args(args)
+    if cfg.node_rank > 0:  # a worker node: no HTTP server, tokenizer or scheduler here
+        return run_worker_node(cfg)
     try:
         engine = AsyncEngine(cfg, args.max_queued_requests)
     except (ConfigError, EngineStartupError) as e:

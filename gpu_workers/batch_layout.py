@@ -1,0 +1,65 @@
+"""A plan's sequences as the flat token batch the model runs: input ids, positions, KV slots and page tables."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from gpu_workers.attention.base import BatchLayout
+from gpu_workers.upload import upload
+from nanoslg.protocol import StepPlan
+
+
+class TokenSlots:
+    """A device buffer with each live request's latest sampled token, indexed by a slot per request."""
+
+    def __init__(self, device: torch.device, capacity: int = 1024):
+        self.tokens = torch.zeros(capacity, dtype=torch.long, device=device)
+        self.slots: dict = {}
+        self.free_slots = list(range(capacity - 1, -1, -1))
+
+    def slot(self, rid: str) -> int:
+        s = self.slots.get(rid)
+        if s is None:
+            if not self.free_slots:  # grow: more live requests than slots
+                old = len(self.tokens)
+                self.tokens = torch.cat([self.tokens, torch.zeros_like(self.tokens)])
+                self.free_slots = list(range(2 * old - 1, old - 1, -1))
+            s = self.slots[rid] = self.free_slots.pop()
+        return s
+
+    def free(self, rid: str) -> None:
+        s = self.slots.pop(rid, None)
+        if s is not None:
+            self.free_slots.append(s)
+
+
+def build_batch(plan: StepPlan, page_size: int, token_slots: TokenSlots, device: torch.device) -> tuple:
+    """(input ids on the device, BatchLayout, cumulative query lengths). Pending tokens (planned before the step that
+    samples them had finished) are filled in from token_slots on the device."""
+    ps = page_size
+    seqs = plan.seqs
+    q_lens = np.fromiter((len(s.token_ids) + s.pending for s in seqs), dtype=np.int64, count=len(seqs))
+    starts = np.fromiter((s.start_pos for s in seqs), dtype=np.int64, count=len(seqs))
+    max_pages = max(len(s.page_table) for s in seqs)
+    tables = np.zeros((len(seqs), max_pages), dtype=np.int64)
+    for b, s in enumerate(seqs):
+        tables[b, :len(s.page_table)] = np.frombuffer(s.page_table, dtype=np.int32)
+    cu = np.concatenate([[0], np.cumsum(q_lens)])
+    input_ids = np.zeros(int(cu[-1]), dtype=np.int64)
+    pending_at, pending_slots = [], []
+    for b, s in enumerate(seqs):
+        n = len(s.token_ids)
+        input_ids[cu[b]:cu[b] + n] = np.frombuffer(s.token_ids, dtype=np.int32)
+        if s.pending:
+            pending_at.append(int(cu[b]) + n)
+            pending_slots.append(token_slots.slot(s.rid))
+    seq_of_token = np.repeat(np.arange(len(seqs)), q_lens)
+    positions = starts[seq_of_token] + (np.arange(len(input_ids)) - cu[seq_of_token])
+    slots = tables[seq_of_token, positions // ps] * ps + positions % ps
+    layout = BatchLayout(q_lens=torch.from_numpy(q_lens).int(), start_pos=torch.from_numpy(starts).int(),
+                         page_tables=torch.from_numpy(tables).int(), positions=upload(positions, device),
+                         slot_mapping=upload(slots, device))
+    ids = upload(input_ids, device)
+    if pending_at:  # tokens the previous step sampled, still on the device
+        ids[upload(pending_at, device)] = token_slots.tokens[upload(pending_slots, device)]
+    return ids, layout, cu

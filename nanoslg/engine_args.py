@@ -1,0 +1,66 @@
+"""The engine's command-line flags, one per EngineConfig field, with vLLM's (or SGLang's, for multi-node) names.
+Every entry point that starts an engine (serve, generate, bench throughput) adds these."""
+from __future__ import annotations
+
+import argparse
+
+from nanoslg.config import DTYPES, EngineConfig
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, with_model: bool = True) -> None:
+    d = EngineConfig()
+    if with_model:
+        parser.add_argument("model", nargs="?", default=None,
+                            help="HF model folder or pulled model name (default: smollm2-135m-instruct)")
+    g = parser.add_argument_group("engine")
+    g.add_argument("--tokenizer", default=None)
+    g.add_argument("--dtype", default=d.dtype, choices=DTYPES)
+    g.add_argument("--load-format", default=d.load_format, choices=["auto", "dummy"])
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
+                   help="sequences per step (per micro-batch with pipeline parallelism)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
+    g.add_argument("--page-size", "--block-size", dest="page_size", type=int, default=d.page_size)
+    g.add_argument("--num-kv-pages", type=int, default=None, help="fix the KV pool size instead of sizing it")
+    g.add_argument("--kv-cache-memory-gb", type=float, default=d.kv_cache_memory_gb, help="KV budget on CPU")
+    g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
+    g.add_argument("--attention-backend", default=d.attention_backend, choices=["auto", "sdpa", "flashinfer"])
+    g.add_argument("--enforce-eager", action="store_true", help="run decode steps without CUDA graphs")
+    g.add_argument("--disable-overlap-schedule", action="store_true",
+                   help="plan each step only after the previous one returned")
+    g.add_argument("--cuda-graph-max-batch", type=int, default=d.cuda_graph_max_batch)
+    g.add_argument("--log-level", default=d.log_level)
+    p = parser.add_argument_group("parallelism")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size)
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=d.pipeline_parallel_size)
+    p.add_argument("--nnodes", type=int, default=d.nnodes, help="nodes the tp x pp workers are spread over")
+    p.add_argument("--node-rank", type=int, default=d.node_rank,
+                   help="this node's index; node 0 runs the server, tokenizer and scheduler, the others workers")
+    p.add_argument("--dist-init-addr", default=None, metavar="HOST:PORT",
+                   help="node 0's address: torch.distributed uses PORT, nanoslg's control links the next "
+                        "ports (tcp, CURVE-encrypted)")
+    p.add_argument("--node-join-timeout", dest="node_join_timeout_s", type=float, default=d.node_join_timeout_s,
+                   help="seconds node 0 waits for every other node to connect")
+    p.add_argument("--cluster-secret-file", default=None,
+                   help="file holding the secret every node shares (default: $NANOSLG_CLUSTER_SECRET)")
+
+
+def engine_config_from_args(args) -> EngineConfig:
+    return EngineConfig(
+        model=getattr(args, "model", None), tokenizer=args.tokenizer, dtype=args.dtype,
+        load_format=args.load_format, seed=args.seed, device=args.device, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        page_size=args.page_size, num_kv_pages=args.num_kv_pages, kv_cache_memory_gb=args.kv_cache_memory_gb,
+        gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size, nnodes=args.nnodes, node_rank=args.node_rank,
+        dist_init_addr=args.dist_init_addr, node_join_timeout_s=args.node_join_timeout_s,
+        cluster_secret_file=args.cluster_secret_file, attention_backend=args.attention_backend,
+        enforce_eager=args.enforce_eager, overlap_schedule=not args.disable_overlap_schedule,
+        cuda_graph_max_batch=args.cuda_graph_max_batch, log_level=args.log_level)
+
+
+def engine_fields(cfg: EngineConfig) -> dict:
+    """The user-set fields of cfg, as keyword arguments for LLM(...)."""
+    return {f: getattr(cfg, f) for f in cfg.__slots__ if f not in ("model_spec", "run_dir")}
