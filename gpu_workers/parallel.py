@@ -101,12 +101,19 @@ class SymmMemAllReduce:
 
     @classmethod
     def create(cls, group, device: torch.device) -> Optional["SymmMemAllReduce"]:
+        """The all-reduce for group, or None where any of its ranks cannot set it up (all ranks must agree, or the
+        ones on this path would wait forever for peers on NCCL's)."""
         try:
-            return cls(group, device)
-        except Exception as e:  # no peer access, an old torch: NCCL does every all-reduce
-            log.warning("symmetric-memory all-reduce unavailable (%s: %s); NCCL does every all-reduce",
-                        type(e).__name__, e)
-            return None
+            made, error = cls(group, device), None
+        except Exception as e:  # no peer access, an old torch
+            made, error = None, f"{type(e).__name__}: {e}"
+        ok = torch.tensor([0 if made is None else 1], device=device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
+        if ok.item() == 1:
+            return made
+        log.warning("symmetric-memory all-reduce unavailable (%s); NCCL does every all-reduce",
+                    error or "a peer rank could not set it up")
+        return None
 
     def __call__(self, x: torch.Tensor) -> bool:
         """Reduce x in place and return True, or return False if x does not fit this path."""

@@ -52,7 +52,8 @@ class StepProfiler:
         import torch
         from torch.autograd import DeviceType
 
-        torch.cuda.synchronize()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         wall = time.perf_counter() - self.t0
         self.prof.__exit__(None, None, None)
         events = self.prof.key_averages()

@@ -40,11 +40,25 @@ def _connect(ctx: zmq.Context, cfg: EngineConfig, kind: int, offset: int, name: 
     return sock
 
 
+def _size_threads(cfg: EngineConfig, device) -> None:
+    """torch's intra-op threads: a GPU worker only launches kernels and needs few; the CPU ranks of one node share
+    its cores. Left at torch's default (every core each), workers spin on each other's cores and slow the host path
+    that feeds the GPU."""
+    import torch
+
+    cores = os.cpu_count() or 1
+    if device.type == "cuda":
+        torch.set_num_threads(max(1, min(4, cores // (cfg.ranks_per_node + 2))))
+    elif cfg.ranks_per_node > 1:
+        torch.set_num_threads(max(1, cores // cfg.ranks_per_node))
+
+
 def serve(cfg: EngineConfig, rank: int, ready) -> None:
     from gpu_workers.model_runner import ModelRunner, resolve_device
     from gpu_workers.parallel import init_parallel
 
     device = resolve_device(cfg, rank - cfg.local_ranks.start)
+    _size_threads(cfg, device)
     ps = init_parallel(cfg.tensor_parallel_size, cfg.pipeline_parallel_size, rank, _dist_init_method(cfg),
                        "nccl" if device.type == "cuda" else "gloo", device, cfg.startup_timeout_s)
     runner = ModelRunner(cfg, device)

@@ -45,7 +45,7 @@ class EngineClient:
         if not self.inbox.poll(timeout_ms):
             dead = self.launcher.dead_children()
             if dead:
-                raise EngineDeadError(f"engine process(es) {', '.join(dead)} died")
+                raise EngineDeadError(f"the engine stopped: {'; '.join(dead)}")
             return []
         deltas = []
         while True:

@@ -13,6 +13,7 @@ from nanoslg.config import EngineConfig
 from nanoslg.protocol import (AbortRequest, DebugReply, DebugStateQuery, DebugSubmit, ProtocolError, Shutdown,
                               StepResult, TokenBatch, TokenizedRequest)
 from scheduler_proc.scheduler import Scheduler
+from scheduler_proc.step_timeline import StepTimeline
 
 log = logging.getLogger("nanoslg.scheduler")
 
@@ -49,6 +50,7 @@ class SchedulerProcess:
             self.remote_inbox = ctx.socket(zmq.PULL)
             self.remote_inbox.setsockopt(zmq.LINGER, 0)
             self.refusals.append(cluster.serve_securely(self.remote_inbox, cfg, cluster.RESULTS, secret))
+        self.timeline = StepTimeline()
         self.outbox: list = []  # TokenUpdates for the tokenizer, sent once per loop
         self.debug_ids = itertools.count()
         self.debug_requests: dict = {}  # rid -> {"prompt_ids", "output_ids", "finish_reason"}
@@ -84,6 +86,7 @@ class SchedulerProcess:
         frame = ipc.protocol.encode(plan)
         for feed in self.plan_feeds:
             feed.send(frame, copy=False)
+        self.timeline.planned(plan.step_id)
 
     def run(self, ready) -> None:
         self._await_subscribers()
@@ -127,6 +130,7 @@ class SchedulerProcess:
             log.warning("dropped a bad message: %s", e)
             return True
         if isinstance(msg, StepResult):
+            self.timeline.result(msg.step_id)
             self._publish(self.core.on_result(msg))
         elif isinstance(msg, TokenizedRequest):
             error = self.core.add(msg)

