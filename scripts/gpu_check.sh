@@ -148,6 +148,7 @@ for mode in $MODES; do
       summary+=("decode-bs1: $(tail -1 "$OUT/decode-bs1.log")")
       ;;
   esac
+  tar czf "$FINAL_OUT/results.tgz" -C "$OUT" .  # after every mode, so a run cut off at its limit keeps what it did
 done
 [ -n "${NANOSLG_FI_JIT_CACHE:-}" ] && [ -d "$NANOSLG_FI_JIT_CACHE" ] && [ ! -f .fi-cache.txz ] && \
   tar czf "$FINAL_OUT/fi-ops.tgz" -C "$NANOSLG_FI_JIT_CACHE" .
