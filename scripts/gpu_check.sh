@@ -71,13 +71,29 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 restore_jit_cache
 for mode in $MODES; do
   case $mode in
-    scale-8b)  # TP=2 and PP=2 against one GPU in the same call (BENCHMARKS.md scale-8b, target 1.8x each)
+    scale-8b)  # TP=2 and PP=2 against one GPU, all at the same settings, in the same call (BENCHMARKS.md scale-8b)
       common="--input-len 1024 --output-len 512 --num-prompts ${SCALE_PROMPTS:-1000} --max-num-batched-tokens 8192"
       bench scale-1gpu $common --max-num-seqs 256
-      profiled scale-tp2 -tp 2 $common --max-num-seqs ${TP_SEQS:-256}
-      profiled scale-pp2 -pp 2 $common --max-num-seqs 256
+      bench scale-tp2 -tp 2 $common --max-num-seqs 256
+      bench scale-pp2 -pp 2 $common --max-num-seqs 256
       ratio "TP=2 / 1 GPU" scale-tp2 scale-1gpu
       ratio "PP=2 / 1 GPU" scale-pp2 scale-1gpu
+      ;;
+    scale-8b-tuned)  # each layout at the batch its memory allows, against one GPU at 256 and 512 sequences
+      common="--input-len 1024 --output-len 512 --num-prompts ${SCALE_PROMPTS:-1000}"
+      bench scale-1gpu $common --max-num-seqs 256 --max-num-batched-tokens 8192
+      bench scale-1gpu-512 $common --max-num-seqs 512 --max-num-batched-tokens 8192
+      bench scale-tp2-512 -tp 2 $common --max-num-seqs 512 --max-num-batched-tokens 8192
+      bench scale-pp2-384 -pp 2 $common --max-num-seqs 384 --max-num-batched-tokens 8192
+      bench scale-pp2-2k -pp 2 $common --max-num-seqs 256 --max-num-batched-tokens 2048
+      for run in scale-tp2-512 scale-pp2-384 scale-pp2-2k; do
+        ratio "$run / 1gpu-256" $run scale-1gpu; ratio "$run / 1gpu-512" $run scale-1gpu-512
+      done
+      ;;
+    scale-profile)  # where a TP=2 and a PP=2 decode step goes (the profiler's start stalls the run: not a benchmark)
+      common="--input-len 1024 --output-len 512 --num-prompts 400 --max-num-batched-tokens 8192 --no-peak"
+      profiled profile-tp2 -tp 2 $common --max-num-seqs 256
+      profiled profile-pp2 -pp 2 $common --max-num-seqs 256
       ;;
     tests-parallel)  # TP=2 / PP=2 against one GPU and Hugging Face (needs 2 GPUs)
       python3 -m pytest -q -s tests/gpu/test_gpu_parallel.py -p no:cacheprovider > "$OUT/gpu-tests-parallel.log" 2>&1

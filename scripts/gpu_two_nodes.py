@@ -62,7 +62,8 @@ def tokens_check() -> dict:
 def throughput(out: str, num_prompts: int) -> dict:
     bench = ["bench", "throughput", os.path.join(ROOT, "benchmarks", "configs", "llama-3.1-8b"), "--load-format",
              "dummy", "--max-model-len", "4096", "-pp", "2", "--input-len", "1024", "--output-len", "512",
-             "--num-prompts", str(num_prompts), "--max-num-seqs", "256", "--max-num-batched-tokens", "8192"]
+             "--num-prompts", str(num_prompts), "--max-num-seqs", os.environ.get("TWO_NODE_SEQS", "384"),
+             "--max-num-batched-tokens", "8192"]
     single = os.path.join(out, "pp2-one-node.json")
     subprocess.run([sys.executable, "-m", "nanoslg", *bench, "--output-json", single], check=True)
     port = free_port()
