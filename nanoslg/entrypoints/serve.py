@@ -23,17 +23,18 @@ def add_serve_arguments(parser) -> None:
 
 
 def run_serve(args) -> int:
-    import uvicorn
-
     from nanoslg.launcher import EngineStartupError, run_worker_node
-    from nanoslg.server.app import ServerSettings, build_app
-    from nanoslg.server.async_engine import AsyncEngine
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.WARNING),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = engine_config_from_args(args)
-    if cfg.node_rank > 0:  # a worker node: no HTTP server, tokenizer or scheduler here
+    if cfg.node_rank > 0:  # a worker node runs no HTTP server (and needs none of its packages)
         return run_worker_node(cfg)
+    import uvicorn
+
+    from nanoslg.server.app import ServerSettings, build_app
+    from nanoslg.server.async_engine import AsyncEngine
+
     try:
         engine = AsyncEngine(cfg, args.max_queued_requests)
     except (ConfigError, EngineStartupError) as e:
