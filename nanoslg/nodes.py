@@ -64,7 +64,7 @@ class ClusterHub:
                 self.refused = refusals.refused
             while sock.poll(0):
                 identity, frame = sock.recv_multipart()
-                self._on_message(identity, frame)
+                self._on_message(sock, identity, frame)
             now = time.monotonic()
             if now >= next_beat:
                 for identity, _ in self._nodes.values():
@@ -76,19 +76,23 @@ class ClusterHub:
         refusals.close()
         sock.close()
 
-    def _on_message(self, identity: bytes, frame: bytes) -> None:
+    def _on_message(self, sock: zmq.Socket, identity: bytes, frame: bytes) -> None:
         try:
             msg = protocol.decode(frame)
         except ProtocolError as e:
             log.warning("dropped a bad frame on the cluster link: %s", e)
             return
         if isinstance(msg, NodeHello):
+            refusal = None
             if not 0 < msg.node_rank < self.cfg.nnodes:
-                self._fail(f"a node announced itself as node {msg.node_rank}; this engine has nodes 1.."
+                refusal = (f"a node announced itself as node {msg.node_rank}; this engine has nodes 1.."
                            f"{self.cfg.nnodes - 1}")
             elif msg.config_digest != cluster.config_digest(self.cfg):
-                self._fail(f"node {msg.node_rank} runs a different engine configuration from node 0 (model shape, "
+                refusal = (f"node {msg.node_rank} runs a different engine configuration from node 0 (model shape, "
                            f"parallel layout or engine flags differ): start every node with the same flags")
+            if refusal:  # the refused node learns why and stops, rather than wait for heartbeats that never come
+                sock.send_multipart([identity, protocol.encode(Failed(f"node{msg.node_rank}", refusal))])
+                self._fail(refusal)
             else:
                 self._nodes[msg.node_rank] = [identity, time.monotonic()]
                 log.info("node %d joined", msg.node_rank)
@@ -152,6 +156,9 @@ class NodeUplink:
                 if isinstance(msg, Shutdown):
                     log.warning("node %d: node 0 asked to stop (%s)", self.cfg.node_rank, msg.reason)
                     return 0
+                if isinstance(msg, Failed):
+                    log.error("node %d: node 0 refused this node: %s", self.cfg.node_rank, msg.error)
+                    return 1
             now = time.monotonic()
             if now >= next_beat:
                 self.send(Heartbeat(self.cfg.node_rank))

@@ -185,3 +185,23 @@ def test_a_request_waits_for_pages_held_by_a_draining_step():
     assert s.schedule() is None and not s.unreported  # b waits rather than being failed
     s.on_result(StepResult(plan.step_id, ["a"], token_ids([1])))
     assert [c.rid for c in s.schedule().seqs] == ["b"]
+
+
+def test_micro_batches_take_disjoint_requests_spread_evenly():
+    """Pipeline parallelism: up to three plans in flight over disjoint requests, each a fair share of what is ready,
+    and no decode chained onto a token an in-flight step has yet to sample."""
+    s = Scheduler(num_pages=100, page_size=4, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64,
+                  micro_batches=3)
+    for i in range(7):
+        s.add(_req(f"r{i}", 4))
+    plans = [s.schedule() for _ in range(3)]
+    assert [len(p.seqs) for p in plans] == [3, 2, 2]
+    rids = [c.rid for p in plans for c in p.seqs]
+    assert sorted(rids) == sorted(f"r{i}" for i in range(7))  # each request in exactly one micro-batch
+    assert s.schedule() is None  # every request is in flight
+    assert [(m["num_seqs"], m["num_tokens"]) for m in s.state()["micro_batches"]] == [(3, 12), (2, 8), (2, 8)]
+    second = plans[1]
+    s.on_result(StepResult(second.step_id, [c.rid for c in second.seqs], token_ids([7, 7])))
+    again = s.schedule()
+    assert [c.rid for c in again.seqs] == [c.rid for c in second.seqs]  # only those whose step came back
+    assert all(c.pending == 0 and list(c.token_ids) == [7] for c in again.seqs)
