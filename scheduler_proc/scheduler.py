@@ -128,6 +128,7 @@ class Scheduler:
         max_seqs = self._seq_cap()
         chunks: list = []  # (request, start, end)
         scheduled: set = set()
+        blocked = False  # an older request waits for pages: newer ones take none before it
         for r in list(self.running):
             if len(chunks) >= max_seqs or budget == 0:
                 break
@@ -135,24 +136,20 @@ class Scheduler:
                 continue
             if r.in_flight:
                 # Never preempt under an in-flight step: it still writes these pages.
-                if self._can_chain(r) and self._grow(r, r.num_computed + 1):
+                if self._can_chain(r) and (not blocked or self._fits(r, r.num_computed + 1)) and \
+                        self._grow(r, r.num_computed + 1):
                     chunks.append((r, r.num_computed, r.num_computed + 1, 1))
                     scheduled.add(r)
                     budget -= 1
                 continue
             end = min(r.num_tokens, r.num_computed + budget)
-            while not self._grow(r, end):
-                victim = next((v for v in reversed(self.running)
-                               if v is not r and not v.in_flight and v not in scheduled), None)
-                if victim is None:
-                    self._preempt(r)
-                    break
-                self._preempt(victim)
-            if r.status is Status.RUNNING:
-                chunks.append((r, r.num_computed, end, 0))
-                scheduled.add(r)
-                budget -= end - r.num_computed
-        while self.waiting and len(chunks) < max_seqs and budget > 0:
+            if not self._make_room(r, end):
+                blocked = True
+                continue
+            chunks.append((r, r.num_computed, end, 0))
+            scheduled.add(r)
+            budget -= end - r.num_computed
+        while self.waiting and not blocked and len(chunks) < max_seqs and budget > 0:
             r = self.waiting[0]
             end = min(r.num_tokens, r.num_computed + budget)
             if not self._grow(r, end):
@@ -195,6 +192,25 @@ class Scheduler:
                               "num_prefill": len(chunks) - num_decode,
                               "num_tokens": sum(e - s for _, s, e, _ in chunks)}
         return plan
+
+    def _make_room(self, r: Request, end: int) -> bool:
+        """Give r pages for its tokens up to `end`, preempting the newest requests admitted after it that are not in
+        flight. False when r cannot run in this step: it waits, pages kept, for newer requests whose steps are in
+        flight to come back (preempting itself instead would hand its pages to lower priorities, and two requests
+        could take turns undoing each other's work forever); if nothing newer exists, r is the lowest priority and
+        is itself preempted."""
+        while not self._grow(r, end):
+            newer = self.running[self.running.index(r) + 1:]
+            victim = next((v for v in reversed(newer) if not v.in_flight), None)
+            if victim is None:
+                if not newer:
+                    self._preempt(r)
+                return False
+            self._preempt(victim)
+        return True
+
+    def _fits(self, r: Request, num_tokens: int) -> bool:
+        return self.blocks.pages_for(num_tokens) <= len(r.pages)
 
     def _grow(self, r: Request, num_tokens: int) -> bool:
         need = self.blocks.pages_for(num_tokens) - len(r.pages)

@@ -205,3 +205,35 @@ def test_micro_batches_take_disjoint_requests_spread_evenly():
     again = s.schedule()
     assert [c.rid for c in again.seqs] == [c.rid for c in second.seqs]  # only those whose step came back
     assert all(c.pending == 0 and list(c.token_ids) == [7] for c in again.seqs)
+
+
+def _drive(s: Scheduler, max_steps: int) -> dict:
+    """Run s against a stand-in pipeline that returns results oldest first; rid -> finish reason."""
+    in_flight, finished = [], {}
+    for _ in range(max_steps):
+        while len(in_flight) < s.micro_batches + 1:
+            plan = s.schedule()
+            if plan is None:
+                break
+            in_flight.append(plan)
+        if not in_flight:
+            break
+        plan = in_flight.pop(0)
+        rids = [c.rid for c in plan.seqs if c.sample]
+        for u in s.on_result(StepResult(plan.step_id, rids, token_ids([7] * len(rids)))):
+            if u.finish_reason:
+                finished[u.rid] = u.finish_reason
+    return finished
+
+
+def test_requests_too_big_to_share_the_pool_finish_one_after_another_with_steps_in_flight():
+    """Each request needs 9 of the 10 pages at full length. With steps in flight an older request waits for a newer
+    one's step to come back and then preempts it, instead of preempting itself: two requests that kept undoing each
+    other's work would never finish."""
+    for micro_batches in (1, 3):
+        s = Scheduler(num_pages=10, page_size=4, max_num_seqs=8, max_num_batched_tokens=8, max_model_len=64,
+                      overlap=micro_batches == 1, micro_batches=micro_batches)
+        for i in range(3):
+            s.add(_req(f"r{i}", 20, max_tokens=15))
+        assert _drive(s, 2000) == {f"r{i}": "length" for i in range(3)}
+        assert s.blocks.num_used == 0
