@@ -24,6 +24,10 @@ class ParallelState:
     pp_size: int = 1
     rank: int = 0
     tp_group: object = None
+    # one two-rank group per pair of neighbouring stages, so a stage's recv from the stage before and its send to the
+    # stage after run on different NCCL communicators instead of queueing behind each other on one stream
+    recv_group: object = None
+    send_group: object = None
     all_reduce: object = None  # a faster all-reduce for small payloads (SymmMemAllReduce), else None
 
     @property
@@ -78,6 +82,14 @@ def init_parallel(tp_size: int, pp_size: int, rank: int, init_method: str, backe
         group = dist.new_group(ranks) if tp_size > 1 else None
         if rank in ranks:
             _state.tp_group = group
+    for pp in range(pp_size - 1):
+        for tp in range(tp_size):
+            pair = [pp * tp_size + tp, (pp + 1) * tp_size + tp]
+            group = dist.new_group(pair)
+            if rank == pair[0]:
+                _state.send_group = group
+            elif rank == pair[1]:
+                _state.recv_group = group
     if backend == "nccl" and tp_size > 1 and os.environ.get("NANOSLG_TP_ALLREDUCE", "auto") != "nccl":
         _state.all_reduce = SymmMemAllReduce.create(_state.tp_group, device)
     return _state
@@ -159,13 +171,13 @@ class StageLink:
     def recv(self, num_tokens: int) -> tuple:
         buf = torch.empty(2, num_tokens, self.hidden_size, dtype=self.dtype, device=self.device)
         # On NCCL, wait() makes the current stream wait for the transfer; the host does not block. On gloo it does.
-        dist.irecv(buf, src=_state.prev_stage_rank).wait()
+        dist.irecv(buf, src=_state.prev_stage_rank, group=_state.recv_group).wait()
         return buf[0], buf[1]
 
     def send(self, hidden: torch.Tensor, residual: torch.Tensor) -> None:
         out = torch.stack((hidden, residual))
         self._sending = [(w, t) for w, t in self._sending if not w.is_completed()]
-        self._sending.append((dist.isend(out, dst=_state.next_stage_rank), out))
+        self._sending.append((dist.isend(out, dst=_state.next_stage_rank, group=_state.send_group), out))
 
     def drain(self) -> None:
         for work, _ in self._sending:

@@ -50,7 +50,7 @@ print(f'{sys.argv[1]:<24} {a / b:.2f}x')" "$1" "$OUT/$2.json" "$OUT/$3.json" 2>&
 
 bench() {  # name, then bench throughput args
   local name=$1; shift
-  python3 -m nanoslg bench throughput llama-3.1-8b --load-format dummy --max-model-len 4096 \
+  python3 -m nanoslg bench throughput "${BENCH_MODEL:-llama-3.1-8b}" --load-format dummy --max-model-len 4096 \
     --output-json "$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   tail -12 "$OUT/$name.log"
@@ -89,6 +89,15 @@ for mode in $MODES; do
       for run in scale-tp2-512 scale-pp2-384 scale-pp2-2k; do
         ratio "$run / 1gpu-256" $run scale-1gpu; ratio "$run / 1gpu-512" $run scale-1gpu-512
       done
+      ;;
+    scale-70b-tp4 | scale-70b-pp4 | scale-70b-tp2pp2)  # Llama-3-70B shape on 4 GPUs, one layout per mode
+      common="--input-len 1024 --output-len 512 --num-prompts ${SCALE_PROMPTS:-1000} --max-num-batched-tokens 8192"
+      case $mode in
+        scale-70b-tp4) layout="-tp 4 --max-num-seqs ${SEQS_TP4:-512}" ;;
+        scale-70b-pp4) layout="-pp 4 --max-num-seqs ${SEQS_PP4:-192}" ;;
+        scale-70b-tp2pp2) layout="-tp 2 -pp 2 --max-num-seqs ${SEQS_TP2PP2:-384}" ;;
+      esac
+      BENCH_MODEL=llama-3-70b bench "$mode" $layout $common
       ;;
     scale-profile)  # where a TP=2 and a PP=2 decode step goes (the profiler's start stalls the run: not a benchmark)
       common="--input-len 1024 --output-len 512 --num-prompts 400 --max-num-batched-tokens 8192 --no-peak"

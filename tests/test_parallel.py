@@ -176,3 +176,11 @@ def test_each_rank_reads_only_its_part_of_the_weights(tiny_model_dir):
         # Every byte is read by exactly one rank, but for the small norm weights every TP rank needs: no rank reads
         # a whole tensor to keep a slice of it. (Stage 0 holds 2 of 3 layers and the embedding: 60 %.)
         assert total <= sum(read) <= 1.02 * total and max(read) <= 0.61 * total, (layout, read, total)
+
+
+def test_kv_pages_are_sized_per_rank_and_the_scheduler_takes_the_fewest(tiny_model_dir):
+    # 3 layers over 2 stages: stage 0 holds 2 layers' KV per page, stage 1 one layer's, in the same budget
+    with LLM(tiny_model_dir("llama"), max_model_len=64, pipeline_parallel_size=2, kv_cache_memory_gb=0.002) as llm:
+        info = llm.engine.info
+    pages = [info["worker0"]["num_pages"], info["worker1"]["num_pages"]]
+    assert abs(pages[1] - 2 * pages[0]) <= 1 and info["scheduler"]["num_pages"] == min(pages)
