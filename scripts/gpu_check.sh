@@ -117,6 +117,9 @@ for mode in $MODES; do
       nvidia-smi topo -m > "$OUT/topo.txt" 2>&1; cat "$OUT/topo.txt"
       python3 scripts/gpu_comm_probe.py > "$OUT/comm.log" 2>&1; sed -n '/^COMM/,$p' "$OUT/comm.log" || tail "$OUT/comm.log"
       ;;
+    overlap)  # FlashInfer decode attention beside the model's GEMMs: streams and green-context SM splits
+      python3 scripts/gpu_overlap_probe.py > "$OUT/overlap.log" 2>&1; grep "^OVERLAP" "$OUT/overlap.log" || tail "$OUT/overlap.log"
+      ;;
     components)
       python3 scripts/gpu_components.py 2>&1 | tee "$OUT/components.log" | grep -v Warning
       ;;
