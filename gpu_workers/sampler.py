@@ -37,7 +37,7 @@ class RowParams:
                   float(d.get("presence_penalty", 0.0)), float(d.get("frequency_penalty", 0.0)),
                   float(d.get("repetition_penalty", 1.0)), int(d.get("prompt_len", 0)))
         if row.has_penalties:
-            row.history = []
+            row.history = list(d.get("prefix_ids", ()))  # a prompt prefix served from the prefix cache
         return row
 
     @property

@@ -40,6 +40,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     enforce_eager: bool = False  # no CUDA graphs
     overlap_schedule: bool = True  # plan step N+1 while step N runs
+    enable_prefix_caching: bool = True  # share the KV pages of common prompt prefixes between requests
     cuda_graph_max_batch: int = 512
     startup_timeout_s: float = 600.0
     log_level: str = "warning"

@@ -30,6 +30,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, with_model: bool = Tru
     g.add_argument("--enforce-eager", action="store_true", help="run decode steps without CUDA graphs")
     g.add_argument("--disable-overlap-schedule", action="store_true",
                    help="plan each step only after the previous one returned")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=d.enable_prefix_caching,
+                   help="reuse the KV pages of prompt prefixes seen before (--no-enable-prefix-caching: off)")
     g.add_argument("--cuda-graph-max-batch", type=int, default=d.cuda_graph_max_batch)
     g.add_argument("--log-level", default=d.log_level)
     p = parser.add_argument_group("parallelism")
@@ -58,7 +60,7 @@ def engine_config_from_args(args) -> EngineConfig:
         dist_init_addr=args.dist_init_addr, node_join_timeout_s=args.node_join_timeout_s,
         cluster_secret_file=args.cluster_secret_file, attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager, overlap_schedule=not args.disable_overlap_schedule,
-        cuda_graph_max_batch=args.cuda_graph_max_batch, log_level=args.log_level)
+        enable_prefix_caching=args.enable_prefix_caching, cuda_graph_max_batch=args.cuda_graph_max_batch, log_level=args.log_level)
 
 
 def engine_fields(cfg: EngineConfig) -> dict:

@@ -109,6 +109,7 @@ class OutputDelta:
     error: Optional[str] = None
     prompt_text: Optional[str] = None  # on the first delta, when the request asked for echo
     logprob_texts: Optional[list] = None  # per new token with logprobs: [text, [top-k texts]]
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 @message
@@ -132,6 +133,7 @@ class TokenUpdate:
     finish_reason: Optional[str] = None
     logprobs: Optional[list] = None
     error: Optional[str] = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 @message

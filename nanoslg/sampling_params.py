@@ -80,3 +80,9 @@ class SamplingParams:
         if unknown:
             raise ValueError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}")
         return cls(**d)
+
+
+def penalties_requested(params: dict) -> bool:
+    """Whether a request's params (as sent to the engine) need the full token history at sampling time."""
+    return (params.get("presence_penalty", 0.0) != 0 or params.get("frequency_penalty", 0.0) != 0
+            or params.get("repetition_penalty", 1.0) != 1)

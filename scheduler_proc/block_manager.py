@@ -1,45 +1,116 @@
-"""The paged KV block manager: fixed-size pages, a free list and reference counts (a page shared by several
-requests, e.g. through a cached prefix, returns to the free list only when its last holder lets go)."""
+"""The paged KV block manager: fixed-size pages with reference counts, and the prefix cache over them.
+
+Prefix caching keys every full page by a hash of its tokens chained with its parent page's hash, so one key stands
+for the whole token prefix up to that page's end and a lookup walks a prompt's keys until the first miss. A page
+keeps its key (and its KV) after its last holder lets go: it waits, evictable, in least-recently-used order, and is
+taken back by the next request that matches it or, when no clean page is left, reused for new tokens (its key
+dropped then). Pages without a key return to the clean free list.
+"""
 from __future__ import annotations
 
-from collections import deque
-from typing import Optional
+import hashlib
+from array import array
+from collections import OrderedDict, deque
+from typing import Iterable, Optional
+
+ROOT_HASH = b""
+
+
+def page_key(parent: bytes, tokens: Iterable[int]) -> bytes:
+    """The cache key of a full page: 16 bytes of BLAKE2b over the parent's key and the page's token ids (a
+    collision would silently serve another prompt's KV, so not Python's 64-bit hash)."""
+    return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest()
 
 
 class BlockManager:
-    def __init__(self, num_pages: int, page_size: int):
+    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = False):
         self.num_pages, self.page_size = num_pages, page_size
+        self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_pages
-        self.free_pages: deque = deque(range(num_pages))
+        self.free_pages: deque = deque(range(num_pages))  # no cached content
+        self.evictable: OrderedDict = OrderedDict()  # page -> None: unheld pages with a key, least recent first
+        self.page_keys: list = [None] * num_pages
+        self.cached: dict = {}  # key -> page
+        self.query_tokens = 0  # prompt tokens looked up in the cache, and those found (vLLM's counters)
+        self.hit_tokens = 0
 
     @property
     def num_free(self) -> int:
-        return len(self.free_pages)
+        """Pages a request can be given now: clean ones and evictable cached ones."""
+        return len(self.free_pages) + len(self.evictable)
 
     @property
     def num_used(self) -> int:
-        return self.num_pages - len(self.free_pages)
+        return self.num_pages - self.num_free
+
+    @property
+    def num_cached(self) -> int:
+        return len(self.cached)
 
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
 
     def allocate(self, n: int) -> Optional[list]:
-        """n fresh pages, or None (and nothing taken) when fewer are free."""
-        if n > len(self.free_pages):
+        """n pages for new tokens, or None (and nothing taken) when fewer are free."""
+        if n > self.num_free:
             return None
-        pages = [self.free_pages.popleft() for _ in range(n)]
-        for p in pages:
+        pages = []
+        for _ in range(n):
+            if self.free_pages:
+                p = self.free_pages.popleft()
+            else:
+                p, _ = self.evictable.popitem(last=False)
+                del self.cached[self.page_keys[p]]
+                self.page_keys[p] = None
             self.ref_counts[p] = 1
+            pages.append(p)
         return pages
 
     def share(self, pages: list) -> None:
         for p in pages:
+            if self.ref_counts[p] == 0:
+                del self.evictable[p]
             self.ref_counts[p] += 1
 
     def release(self, pages: list) -> None:
+        """Let go of pages. Pass a request's pages last-first: the deepest pages of a prefix then sit nearest the
+        front of the LRU order and are evicted before the shared roots."""
         for p in pages:
             if self.ref_counts[p] <= 0:
                 raise RuntimeError(f"KV page {p} released more often than it was taken")
             self.ref_counts[p] -= 1
             if self.ref_counts[p] == 0:
+                if self.page_keys[p] is not None:
+                    self.evictable[p] = None
+                else:
+                    self.free_pages.append(p)
+
+    # ---------------------------------------------------------------- prefix cache
+    def match(self, keys: list) -> list:
+        """The cached pages of the longest prefix of keys (not yet shared: call share())."""
+        pages = []
+        for key in keys:
+            p = self.cached.get(key)
+            if p is None:
+                break
+            pages.append(p)
+        return pages
+
+    def register(self, page: int, key: bytes) -> None:
+        """Offer a full page (its KV written, or being written by a step planned before any reader) to the cache.
+        A key already cached elsewhere keeps its page: the duplicate stays private and is freed clean."""
+        if self.enable_prefix_caching and key not in self.cached and self.page_keys[page] is None:
+            self.cached[key] = page
+            self.page_keys[page] = key
+
+    def forget(self, pages: list) -> None:
+        """Drop the keys of pages whose KV cannot be trusted (their step failed)."""
+        for p in pages:
+            key = self.page_keys[p]
+            if key is None:
+                continue
+            del self.cached[key]
+            self.page_keys[p] = None
+            if self.ref_counts[p] == 0:
+                del self.evictable[p]
                 self.free_pages.append(p)

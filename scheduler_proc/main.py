@@ -31,7 +31,8 @@ class SchedulerProcess:
         self.max_in_flight = cfg.max_steps_in_flight
         self.core = Scheduler(num_pages, cfg.page_size, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                               cfg.max_model_len, overlap=cfg.overlap_schedule and pp == 1,
-                              micro_batches=self.max_in_flight if pp > 1 else 1)
+                              micro_batches=self.max_in_flight if pp > 1 else 1,
+                              enable_prefix_caching=cfg.enable_prefix_caching)
         ctx = zmq.Context()
         self.inbox = ipc.pull(ctx, cfg.run_dir, ipc.SCHEDULER)
         self.debug = ctx.socket(zmq.ROUTER)

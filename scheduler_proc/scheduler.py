@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from nanoslg.protocol import SeqChunk, StepPlan, StepResult, TokenizedRequest, TokenUpdate, token_ids
-from scheduler_proc.block_manager import BlockManager
+from nanoslg.sampling_params import penalties_requested
+from scheduler_proc.block_manager import ROOT_HASH, BlockManager, page_key
 
 
 class Status(enum.Enum):
@@ -45,6 +46,9 @@ class Request:
     params_sent: bool = False
     num_preemptions: int = 0
     finish_reason: Optional[str] = None
+    page_keys: list = field(default_factory=list)  # prefix-cache keys of the full pages of the known tokens
+    num_registered: int = 0  # leading pages offered to the prefix cache
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
 
     @property
     def num_tokens(self) -> int:
@@ -61,8 +65,9 @@ class Request:
 
 class Scheduler:
     def __init__(self, num_pages: int, page_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, overlap: bool = False, micro_batches: int = 1):
-        self.blocks = BlockManager(num_pages, page_size)
+                 max_model_len: int, overlap: bool = False, micro_batches: int = 1,
+                 enable_prefix_caching: bool = False):
+        self.blocks = BlockManager(num_pages, page_size, enable_prefix_caching)
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.max_model_len = max_model_len
         self.overlap = overlap  # plan a decode while the step that samples its input token is still running
@@ -151,8 +156,10 @@ class Scheduler:
             budget -= end - r.num_computed
         while self.waiting and not blocked and len(chunks) < max_seqs and budget > 0:
             r = self.waiting[0]
+            self._reuse_cached_prefix(r)
             end = min(r.num_tokens, r.num_computed + budget)
             if not self._grow(r, end):
+                self._drop_pages(r)  # a waiting request holds no pages: they stay cached for it and others
                 if self.blocks.num_used == len(r.pages):
                     # Nothing else holds pages (not even a finished request draining an in-flight step), so this
                     # request can never fit: fail it rather than spin.
@@ -163,6 +170,9 @@ class Scheduler:
                     continue
                 break
             self.waiting.popleft()
+            if not r.num_preemptions:
+                self.blocks.query_tokens += len(r.prompt_ids)
+                self.blocks.hit_tokens += r.num_cached_tokens
             r.status = Status.RUNNING
             self.running.append(r)
             chunks.append((r, r.num_computed, end, 0))
@@ -176,10 +186,10 @@ class Scheduler:
         for r, start, end, pending in chunks:
             sample = pending > 0 or end == r.num_tokens
             seqs.append(SeqChunk(r.rid, token_ids(r.token_slice(start, end - pending)), start, token_ids(r.pages),
-                                 sample, None if r.params_sent else {**r.params, "prompt_len": len(r.prompt_ids)},
-                                 pending))
+                                 sample, None if r.params_sent else self._worker_params(r, start), pending))
             r.params_sent = True
             r.num_computed = end
+            self._register_full_pages(r, min(end, r.num_tokens))
             r.in_flight += 1
             members.append(r.rid)
         step_id = next(self.step_ids)
@@ -192,6 +202,48 @@ class Scheduler:
                               "num_prefill": len(chunks) - num_decode,
                               "num_tokens": sum(e - s for _, s, e, _ in chunks)}
         return plan
+
+    @staticmethod
+    def _worker_params(r: Request, start: int) -> dict:
+        params = {**r.params, "prompt_len": len(r.prompt_ids)}
+        if start and penalties_requested(r.params):
+            # Penalties count every token seen; those of a cached prefix reach the worker only through here.
+            params["prefix_ids"] = list(r.prompt_ids[:start])
+        return params
+
+    # ------------------------------------------------------------------ prefix cache
+    def _keys(self, r: Request, num_pages: int) -> list:
+        ps = self.blocks.page_size
+        while len(r.page_keys) < num_pages:
+            i = len(r.page_keys)
+            r.page_keys.append(page_key(r.page_keys[-1] if i else ROOT_HASH, r.token_slice(i * ps, (i + 1) * ps)))
+        return r.page_keys[:num_pages]
+
+    def _reuse_cached_prefix(self, r: Request) -> None:
+        """Start a request that holds no pages on the cached pages of its longest cached prefix."""
+        if not self.blocks.enable_prefix_caching or r.pages:
+            return
+        # At least one token is left to compute: the step that computes it yields the logits to sample from.
+        pages = self.blocks.match(self._keys(r, (r.num_tokens - 1) // self.blocks.page_size))
+        self.blocks.share(pages)
+        r.pages, r.num_registered = pages, len(pages)
+        r.num_computed = len(pages) * self.blocks.page_size
+        if not r.num_preemptions:
+            r.num_cached_tokens = r.num_computed
+
+    def _register_full_pages(self, r: Request, num_known: int) -> None:
+        """Offer r's pages that the step being planned fills to the cache: any later plan may read them, since
+        every rank runs plans in order."""
+        full = num_known // self.blocks.page_size
+        if not self.blocks.enable_prefix_caching or full <= r.num_registered:
+            return
+        for i, key in enumerate(self._keys(r, full)[r.num_registered:], r.num_registered):
+            self.blocks.register(r.pages[i], key)
+        r.num_registered = full
+
+    def _drop_pages(self, r: Request) -> None:
+        self.blocks.release(r.pages[::-1])
+        r.pages, r.num_computed, r.num_registered = [], 0, 0
 
     def _make_room(self, r: Request, end: int) -> bool:
         """Give r pages for its tokens up to `end`, preempting the newest requests admitted after it that are not in
@@ -225,8 +277,8 @@ class Scheduler:
     def _preempt(self, r: Request) -> None:
         """Free r's pages and queue it first in line; it recomputes prompt + output so far when resumed."""
         self.running.remove(r)
-        self.blocks.release(r.pages)
-        r.pages, r.num_computed, r.status = [], 0, Status.WAITING
+        self._drop_pages(r)
+        r.status = Status.WAITING
         r.num_preemptions += 1
         self.total_preemptions += 1
         self.waiting.appendleft(r)
@@ -245,6 +297,7 @@ class Scheduler:
             for rid in members:
                 r = self.requests.get(rid)
                 if r is not None and r.status is not Status.FINISHED:
+                    self.blocks.forget(r.pages)  # what the failed step was to write there is not in the cache
                     self._finish(r, "error")
                     updates.append(TokenUpdate(rid, token_ids(), "error", None, result.error))
         else:
@@ -261,7 +314,8 @@ class Scheduler:
                     reason = "length"
                 if reason:
                     self._finish(r, reason)
-                updates.append(TokenUpdate(rid, token_ids([tok]), reason, None if lp is None else [lp]))
+                updates.append(TokenUpdate(rid, token_ids([tok]), reason, None if lp is None else [lp],
+                                           num_cached_tokens=r.num_cached_tokens))
         for rid in members:
             r = self.requests.get(rid)
             if r is not None and r.status is Status.FINISHED and not r.in_flight:
@@ -279,8 +333,7 @@ class Scheduler:
             self._release(r)
 
     def _release(self, r: Request) -> None:
-        self.blocks.release(r.pages)
-        r.pages = []
+        self._drop_pages(r)
         del self.requests[r.rid]
         if r.params_sent:
             self.to_release.append(r.rid)
@@ -295,6 +348,10 @@ class Scheduler:
             "kv_pages_used": self.blocks.num_used,
             "kv_pages_free": self.blocks.num_free,
             "kv_pages_total": self.blocks.num_pages,
+            "kv_pages_cached": self.blocks.num_cached,  # pages holding a cached prefix, held or evictable
+            "kv_pages_evictable": len(self.blocks.evictable),
+            "prefix_cache_queries": self.blocks.query_tokens,  # prompt tokens looked up / found, since start
+            "prefix_cache_hits": self.blocks.hit_tokens,
             "steps_in_flight": len(self.steps_in_flight),
             # one entry per plan in flight: with pipeline parallelism, the micro-batch each stage is working on
             "micro_batches": [{"step_id": i, "num_seqs": len(s.rids), "num_tokens": s.num_tokens}

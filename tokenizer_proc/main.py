@@ -187,7 +187,8 @@ class TokenizerProcess:
             lp_texts = self._token_texts(list(zip(ids, u.logprobs))) if u.logprobs else None
             deltas.append(OutputDelta(u.rid, text, u.token_ids, finish, u.logprobs, len(stream.prompt_ids),
                                       stream.prompt_ids if stream.first else None, None,
-                                      stream.prompt_text if stream.first else None, lp_texts))
+                                      stream.prompt_text if stream.first else None, lp_texts,
+                                      u.num_cached_tokens))
             stream.first = False
             if finish is not None:
                 del self.streams[u.rid]

@@ -17,6 +17,13 @@ class ServerMetrics:
         self.running = Gauge("nanoslg_num_requests_running", "Requests the scheduler is running", registry=r)
         self.waiting = Gauge("nanoslg_num_requests_waiting", "Requests waiting for the scheduler", registry=r)
         self.kv_pages_used = Gauge("nanoslg_kv_pages_used", "KV cache pages in use", registry=r)
+        self.prefix_queries = Counter("nanoslg_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      registry=r)
+        self.prefix_hits = Counter("nanoslg_prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                                   registry=r)
+        self.kv_pages_cached = Gauge("nanoslg_kv_pages_cached", "KV pages holding a cached prompt prefix",
+                                     registry=r)
+        self._seen = {"prefix_cache_queries": 0, "prefix_cache_hits": 0}
         self.kv_usage = Gauge("nanoslg_kv_cache_usage_ratio", "Fraction of KV cache pages in use", registry=r)
         self.ttft = Histogram("nanoslg_time_to_first_token_seconds", "Time to first token", registry=r,
                               buckets=_LATENCY_BUCKETS)
@@ -42,6 +49,12 @@ class ServerMetrics:
         used, total = state.get("kv_pages_used", 0), state.get("kv_pages_total", 0)
         self.kv_pages_used.set(used)
         self.kv_usage.set(used / total if total else 0.0)
+        self.kv_pages_cached.set(state.get("kv_pages_cached", 0))
+        # The scheduler reports totals since its start; a restarted engine starts again from 0.
+        for key, counter in (("prefix_cache_queries", self.prefix_queries), ("prefix_cache_hits", self.prefix_hits)):
+            total = state.get(key, 0)
+            counter.inc(max(0, total - self._seen[key]) if total >= self._seen[key] else total)
+            self._seen[key] = total
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -30,6 +30,7 @@ class Choice:
     text_len: int = 0
     num_tokens: int = 0
     num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
     finish_reason: Optional[str] = None
     logprobs: list = field(default_factory=list)  # (token text, logprob, [(text, logprob), ...])
     prompt_text: Optional[str] = None
@@ -91,6 +92,7 @@ class Generation:
             choice.text_len += len(d.text)
         choice.num_tokens += len(d.token_ids)
         choice.num_prompt_tokens = d.num_prompt_tokens
+        choice.num_cached_tokens = max(choice.num_cached_tokens, d.num_cached_tokens)
         if d.prompt_text is not None:
             choice.prompt_text = d.prompt_text
         if d.finish_reason is not None:
@@ -102,13 +104,16 @@ class Generation:
             choice.logprobs.extend(new)
         return new
 
-    @property
-    def prompt_tokens(self) -> int:
+    def _per_prompt(self, field: str) -> int:
         # n choices of one prompt share it: count each distinct prompt once
         per_prompt: dict = {}
         for c in self.choices:
-            per_prompt[c.prompt_index] = max(per_prompt.get(c.prompt_index, 0), c.num_prompt_tokens)
+            per_prompt[c.prompt_index] = max(per_prompt.get(c.prompt_index, 0), getattr(c, field))
         return sum(per_prompt.values())
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self._per_prompt("num_prompt_tokens")
 
     @property
     def completion_tokens(self) -> int:
@@ -116,7 +121,8 @@ class Generation:
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self._per_prompt("num_cached_tokens")}}
 
 
 def _new_id(prefix: str) -> str:
