@@ -273,3 +273,30 @@ def test_real_server(tiny_chat_model, tmp_path, capsys):
         assert rc == 0 and res["metrics"]["completed"] == 4
         assert all(r["output_tokens"] == 8 and r["prompt_tokens"] > 16 for r in res["requests"])  # + template
         assert res["config"]["max_model_len"] == 512
+
+
+def test_multi_turn_conversations_of_token_ids_on_a_server_without_tokenizer(tiny_model_dir, tmp_path, capsys):
+    """Token ids both ways (--prompt-ids: the model has no tokenizer, as with dummy weights on a GPU), each turn
+    re-sending the history with the ids the server generated, and the prefix cache serving those histories."""
+    import httpx
+
+    from server_utils import Server
+
+    with Server(tiny_model_dir("llama"), "--max-model-len", "256", "--page-size", "4") as srv:
+        rc, res, _ = bench(srv.url, tmp_path, "--dataset", "multi-turn", "--num-prompts", "3", "--turns", "3",
+                           "--system-prompt-len", "40", "--input-len", "8", "--output-len", "6",
+                           "--max-concurrency", "2", "--num-warmups", "0", "--token-id-range", "3", "500")
+        out = capsys.readouterr().out
+        metrics = httpx.get(f"{srv.url}/metrics").text
+    assert rc == 0, out
+    reqs = res["requests"]
+    assert len(reqs) == 9 and all(r["success"] and len(r["output_ids"]) == 6 for r in reqs)
+    for conv in range(3):
+        turns = reqs[conv * 3:conv * 3 + 3]
+        assert [r["turn"] for r in turns] == [0, 1, 2]
+        assert [r["input_len"] for r in turns] == [48, 48 + 6 + 8, 48 + 2 * (6 + 8)]
+        assert all(r["ttft"] < r["e2e"] for r in turns)  # token-id chunks timed, not only the end
+    assert list(res["metrics"]["ttft_by_turn"]) == ["1", "2", "3"] and "TTFT by turn" in out
+    hits = next(float(line.split()[-1]) for line in metrics.splitlines()
+                if line.startswith("nanoslg_prefix_cache_hits_total"))
+    assert hits >= 3 * 2 * 40  # later turns find at least the whole system prompt's pages

@@ -18,33 +18,8 @@ from typing import Optional
 
 import numpy as np
 
-# Prompt token ids come from the middle of typical vocabularies: clear of special/byte tokens at the bottom
-# and still inside small vocabularies (the server tokenizes nothing, so lengths are exact).
-TOKEN_ID_RANGE = (1000, 20000)
-# Chat prompts must be text; common words that are one token each (with their leading space) in BPE
-# vocabularies keep the prompt length close to the requested number of tokens.
-WORDS = ("the of and to in is was for on with as by at from his her they this that have had not are but "
-         "one all were when there can more time if will each about many then them these some would like "
-         "into has two make first been its who now people my made over did down only way find use may "
-         "water long little very after words called just where most know get through back much go good "
-         "new write our used me man too any day same right look think also around another came come work "
-         "three word must because does part even place well such here take why things help put years "
-         "different away again off went old number great tell men say small every found still between name "
-         "should home big give air line set own under read last never us left end along while might next "
-         "sound below saw something thought both few those always looked show large often together asked "
-         "house world going want school important until form food keep children feet land side without boy "
-         "once animals life enough took sometimes four head above kind began almost live page got earth").split()
-# ShareGPT conversations average roughly 202 prompt and 179 completion tokens with a long right tail.
-SHAREGPT_MEAN_IN, SHAREGPT_MEAN_OUT, SHAREGPT_SIGMA = 202.0, 179.0, 0.9
-SHAREGPT_CLIP = (4, 1024)
-
-
-@dataclass
-class BenchRequest:
-    prompt: object  # list of token ids (completions) or a string (chat)
-    input_len: int  # requested prompt length in tokens
-    output_len: int  # max_tokens
-
+from nanoslg.entrypoints.bench_datasets import (TOKEN_ID_RANGE, BenchRequest, format_turns, make_conversations,
+                                                make_requests, run_conversations, ttft_by_turn)
 
 @dataclass
 class RequestResult:
@@ -60,13 +35,24 @@ class RequestResult:
     prompt_tokens: int = 0
     output_tokens: int = 0
     generated_text: str = ""
+    output_ids: list = field(default_factory=list)  # the generated token ids (the server's return_token_ids)
+    turn: int = 0  # multi-turn dataset: the turn of its conversation
 
 
 def add_bench_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-url", default="http://127.0.0.1:8000")
     parser.add_argument("--model", default=None, help="model name to send (default: first id of GET /v1/models)")
     parser.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
-    parser.add_argument("--dataset", choices=["random", "sharegpt-like"], default="random")
+    parser.add_argument("--dataset", choices=["random", "sharegpt-like", "multi-turn"], default="random",
+                        help="multi-turn: --num-prompts conversations of --turns turns after a shared system prompt "
+                             "(token ids, implies --prompt-ids)")
+    parser.add_argument("--prompt-ids", action="store_true",
+                        help="send token-id prompts to /v1/completions and read generated ids back "
+                             "(return_token_ids): drives a server with dummy weights and no tokenizer")
+    parser.add_argument("--turns", type=int, default=4, help="multi-turn: turns per conversation")
+    parser.add_argument("--token-id-range", type=int, nargs=2, default=list(TOKEN_ID_RANGE), metavar=("LOW", "HIGH"),
+                        help="multi-turn: prompt token ids are drawn from [LOW, HIGH)")
+    parser.add_argument("--system-prompt-len", type=int, default=2000, help="multi-turn: shared system prompt tokens")
     parser.add_argument("--num-prompts", type=int, default=100)
     parser.add_argument("--input-len", type=int, default=128, help="prompt tokens per request (random)")
     parser.add_argument("--output-len", type=int, default=128, help="output tokens per request (random)")
@@ -81,42 +67,6 @@ def add_bench_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", default=None, help="default: the result JSON's path with .png")
     parser.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                         help="ask the server to generate exactly max_tokens tokens (default on)")
-
-
-def make_requests(dataset: str, endpoint: str, num_prompts: int, input_len: int, output_len: int, seed: int,
-                  max_model_len: Optional[int] = None) -> list:
-    rng = np.random.default_rng(seed)
-    if dataset == "random":
-        lengths = [(input_len, output_len)] * num_prompts
-    else:
-        budget = max_model_len
-        if budget and endpoint == "chat":  # words are not exactly tokens and the chat template adds some
-            budget = max(8, int(budget * 0.9) - 32)
-        lengths = [_sharegpt_like_lengths(rng, budget) for _ in range(num_prompts)]
-    requests = []
-    for n_in, n_out in lengths:
-        if endpoint == "completions":
-            prompt = rng.integers(*TOKEN_ID_RANGE, size=n_in).tolist()
-        else:
-            prompt = " ".join(WORDS[i] for i in rng.integers(0, len(WORDS), size=n_in))
-        requests.append(BenchRequest(prompt, n_in, n_out))
-    return requests
-
-
-def _sharegpt_like_lengths(rng: np.random.Generator, max_model_len: Optional[int]) -> tuple:
-    # Lognormal with mean exp(mu + sigma^2 / 2) equal to the target mean (before clipping).
-    def draw(mean: float) -> int:
-        mu = math.log(mean) - SHAREGPT_SIGMA ** 2 / 2
-        return int(np.clip(round(rng.lognormal(mu, SHAREGPT_SIGMA)), *SHAREGPT_CLIP))
-
-    # Pairs that do not fit the server are drawn again, as vLLM drops ShareGPT conversations that are too
-    # long; with a tiny limit that could take forever, so after a while the pair is scaled down instead.
-    for _ in range(100):
-        n_in, n_out = draw(SHAREGPT_MEAN_IN), draw(SHAREGPT_MEAN_OUT)
-        if not max_model_len or n_in + n_out <= max_model_len:
-            return n_in, n_out
-    scale = max_model_len / (n_in + n_out)
-    return max(1, int(n_in * scale)), max(1, int(n_out * scale))
 
 
 def arrival_offsets(num: int, rate: float, seed: int) -> list:
@@ -154,11 +104,14 @@ async def send_request(client, url: str, payload: dict, chat: bool, result: Requ
                     usage = event["usage"]
                 for choice in event.get("choices") or []:
                     text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
-                    # Only chunks that carry text count as tokens: a chat stream's role-only first chunk and
-                    # the final finish_reason chunk would otherwise distort TTFT and ITL.
-                    if text:
+                    ids = choice.get("token_ids") or []
+                    # Only chunks that carry text (or token ids: a model served without a tokenizer) count as
+                    # tokens: a chat stream's role-only first chunk and the final finish_reason chunk would
+                    # otherwise distort TTFT and ITL.
+                    if text or ids:
                         chunk_times.append(time.perf_counter())
-                        texts.append(text)
+                        texts.append(text or "")
+                        result.output_ids.extend(ids)
         end = time.perf_counter()
     except Exception as e:  # connection drops, timeouts, malformed events: the request failed, the run goes on
         result.error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
@@ -186,6 +139,8 @@ async def run_requests(args, model: str, requests: list, headers: dict) -> tuple
     def payload(req: BenchRequest) -> dict:
         body = {"model": model, "max_tokens": req.output_len, "temperature": 0.0, "stream": True,
                 "stream_options": {"include_usage": True}}
+        if args.prompt_ids:
+            body["return_token_ids"] = True
         if args.ignore_eos:
             body["ignore_eos"] = True
         if chat:
@@ -214,9 +169,25 @@ async def run_requests(args, model: str, requests: list, headers: dict) -> tuple
         if warmups and not any(w.success for w in warmups):
             return results, 0.0, warmups[0].error
         t0 = time.perf_counter()
-        await asyncio.gather(*(one(i, client, t0) for i in range(len(requests))))
+        if args.dataset == "multi-turn":
+            results = await _conversations(args, client, url, payload, limit, t0)
+        else:
+            await asyncio.gather(*(one(i, client, t0) for i in range(len(requests))))
         duration = time.perf_counter() - t0
     return results, duration, ""
+
+
+async def _conversations(args, client, url: str, payload, limit, t0: float) -> list:
+    system, users = make_conversations(args.num_prompts, args.turns, args.system_prompt_len, args.input_len,
+                                       args.seed, tuple(args.token_id_range))
+
+    async def send(prompt: list, result: RequestResult) -> None:
+        async with (limit or contextlib.nullcontext()):
+            await send_request(client, url, payload(BenchRequest(prompt, len(prompt), args.output_len)), False,
+                               result, t0)
+
+    return await run_conversations(system, users, arrival_offsets(len(users), args.request_rate, args.seed), send,
+                                   lambda i, n: RequestResult(i, n, args.output_len))
 
 
 def _tpot_s(r) -> float:
@@ -335,8 +306,15 @@ def run_bench_serve(args) -> int:
         print("error: the server lists no models; pass --model", file=sys.stderr)
         return 1
 
-    requests = make_requests(args.dataset, args.endpoint, args.num_prompts, args.input_len, args.output_len,
-                             args.seed, max_model_len)
+    if args.dataset == "multi-turn":  # token ids through /v1/completions; the first turns make the warm-up
+        args.prompt_ids, args.endpoint = True, "completions"
+        system, users = make_conversations(args.num_prompts, args.turns, args.system_prompt_len, args.input_len,
+                                           args.seed, tuple(args.token_id_range))
+        requests = [BenchRequest(system + u[0], args.system_prompt_len + args.input_len, args.output_len)
+                    for u in users]
+    else:
+        requests = make_requests(args.dataset, args.endpoint, args.num_prompts, args.input_len, args.output_len,
+                                 args.seed, max_model_len)
     rate = "inf" if math.isinf(args.request_rate) else f"{args.request_rate:g} req/s"
     print(f"Benchmarking {model} at {args.base_url} ({args.endpoint}): {len(requests)} {args.dataset} prompts, "
           f"request rate {rate}, max concurrency {args.max_concurrency or 'unlimited'}", flush=True)
@@ -346,6 +324,9 @@ def run_bench_serve(args) -> int:
         return 1
     metrics = compute_metrics(results, duration)
     print(format_summary(metrics), flush=True)
+    if args.dataset == "multi-turn":
+        metrics["ttft_by_turn"] = ttft_by_turn(results)
+        print(format_turns(metrics["ttft_by_turn"]), flush=True)
 
     result_json = args.result_json or time.strftime("bench-serve-%Y%m%d-%H%M%S.json")
     plot = args.plot or (result_json[:-5] if result_json.endswith(".json") else result_json) + ".png"

@@ -113,7 +113,7 @@ def _decode_latency(llm, prompt: list, output_len: int, reps: int = 3) -> float:
 
 
 def run_bench_throughput(args) -> int:
-    from nanoslg.entrypoints.bench_serve import make_requests
+    from nanoslg.entrypoints.bench_datasets import make_requests
     from nanoslg.launcher import run_worker_node
     from nanoslg.llm import LLM
     from nanoslg.sampling_params import SamplingParams

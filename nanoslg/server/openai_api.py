@@ -31,6 +31,7 @@ class Choice:
     num_tokens: int = 0
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    token_ids: list = field(default_factory=list)
     finish_reason: Optional[str] = None
     logprobs: list = field(default_factory=list)  # (token text, logprob, [(text, logprob), ...])
     prompt_text: Optional[str] = None
@@ -91,6 +92,7 @@ class Generation:
             choice.text_parts.append(d.text)
             choice.text_len += len(d.text)
         choice.num_tokens += len(d.token_ids)
+        choice.token_ids.extend(d.token_ids)
         choice.num_prompt_tokens = d.num_prompt_tokens
         choice.num_cached_tokens = max(choice.num_cached_tokens, d.num_cached_tokens)
         if d.prompt_text is not None:
@@ -191,6 +193,8 @@ class Responder:
                 choice = {"index": c.index, "text": prefix + c.text,
                           "logprobs": _completion_logprobs(c.logprobs, len(prefix)) if self.want_logprobs else None,
                           "finish_reason": c.finish_reason}
+            if self.body.return_token_ids:
+                choice["token_ids"] = c.token_ids
             choices.append(choice)
         out = self._envelope("chat.completion" if self.chat else "text_completion", choices)
         out["usage"] = self.gen.usage()
@@ -209,8 +213,12 @@ class Responder:
                 text = delta.text
                 if not self.chat and delta.prompt_text:
                     text = delta.prompt_text + text
-                if text or delta.finish_reason is not None or new:
-                    yield self._sse([self._chunk_choice(choice, text, new, delta.finish_reason)], obj, include_usage)
+                ids = list(delta.token_ids) if self.body.return_token_ids else []
+                if text or ids or delta.finish_reason is not None or new:
+                    chunk = self._chunk_choice(choice, text, new, delta.finish_reason)
+                    if self.body.return_token_ids:
+                        chunk["token_ids"] = ids
+                    yield self._sse([chunk], obj, include_usage)
                 item = await anext(rest, None)
         except (RequestRejected, GenerationFailed, EngineUnavailable) as e:
             kind = "invalid_request_error" if isinstance(e, RequestRejected) else "server_error"

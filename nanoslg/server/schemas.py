@@ -51,6 +51,9 @@ class _Sampling(_Strict):
     repetition_penalty: float = Field(1.0, gt=0, le=10)
     ignore_eos: bool = False
     user: Optional[str] = None
+    # vLLM's extension: each choice (each streamed chunk) carries the generated token ids, so a client can follow
+    # a model served without a tokenizer, and re-send exactly what was generated
+    return_token_ids: bool = False
 
     @field_validator("stop")
     @classmethod
