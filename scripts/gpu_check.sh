@@ -67,6 +67,40 @@ PY
 )")
 }
 
+start_server() {  # a dummy-weight Llama-3.1-8B server on port 8000; its HTTP stack comes from .servekit
+  [ -d .servekit ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .servekit/*.whl
+  python3 -m nanoslg serve benchmarks/configs/llama-3.1-8b --load-format dummy --max-model-len 8192 \
+    --served-model-name llama-3.1-8b --port 8000 "$@" > "$OUT/server-$*.log" 2>&1 &
+  SERVER_PID=$!
+  for _ in $(seq 300); do
+    python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2)" 2> /dev/null && return 0
+    kill -0 $SERVER_PID 2> /dev/null || break
+    sleep 1
+  done
+  summary+=("server $* did not start: $(tail -2 "$OUT/server-$*.log")"); return 1
+}
+
+stop_server() { kill -TERM $SERVER_PID 2> /dev/null; wait $SERVER_PID 2> /dev/null; }
+
+serve_bench() {  # name, then bench serve args
+  local name=$1; shift
+  python3 -m nanoslg bench serve --base-url http://127.0.0.1:8000 --result-json "$OUT/$name.json" "$@" \
+    > "$OUT/$name.log" 2>&1
+  summary+=("$(python3 - "$OUT/$name.json" "$name" <<'PY'
+import json, sys
+path, name = sys.argv[1:]
+try:
+    m = json.load(open(path))["metrics"]
+    turns = " ".join(f"t{k}:{v['p50_ttft_ms']:.0f}" for k, v in m.get("ttft_by_turn", {}).items())
+    print(f"{name:<22} ok {m['completed']} fail {m['failed']} | {m['total_token_throughput']:.0f} tok/s | TTFT p50"
+          f" {m['median_ttft_ms']:.0f} p99 {m['p99_ttft_ms']:.0f} ms | TPOT p50 {m['median_tpot_ms']:.1f} p99"
+          f" {m['p99_tpot_ms']:.1f} ms | ITL p99 {m['p99_itl_ms']:.1f} | {turns}")
+except Exception as e:
+    print(f"{name:<22} FAILED: {e}")
+PY
+)")
+}
+
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 restore_jit_cache
 for mode in $MODES; do
@@ -119,6 +153,21 @@ for mode in $MODES; do
       ;;
     overlap)  # FlashInfer decode attention beside the model's GEMMs: streams and green-context SM splits
       python3 scripts/gpu_overlap_probe.py > "$OUT/overlap.log" 2>&1; grep "^OVERLAP" "$OUT/overlap.log" || tail "$OUT/overlap.log"
+      ;;
+    multi-turn)  # a served Llama-3.1-8B shape, conversations over a 2,000-token system prompt, cache on vs off
+      for cache in enable no-enable; do
+        start_server "--$cache-prefix-caching" || continue
+        serve_bench "multiturn-$cache" --dataset multi-turn --num-prompts "${MT_CONVERSATIONS:-64}" --turns 4 \
+          --system-prompt-len 2000 --input-len 100 --output-len 64 --max-concurrency "${MT_CONCURRENCY:-32}"
+        stop_server
+      done
+      ;;
+    online-poisson)  # sharegpt-like lengths at rising Poisson rates against one server
+      start_server --enable-prefix-caching && for rate in ${RATES:-8 16 24 32 48}; do
+        serve_bench "poisson-$rate" --dataset sharegpt-like --prompt-ids --num-prompts "${POISSON_PROMPTS:-1000}" \
+          --request-rate "$rate"
+      done
+      stop_server
       ;;
     components)
       python3 scripts/gpu_components.py 2>&1 | tee "$OUT/components.log" | grep -v Warning
