@@ -60,7 +60,8 @@ def engine_config_from_args(args) -> EngineConfig:
         dist_init_addr=args.dist_init_addr, node_join_timeout_s=args.node_join_timeout_s,
         cluster_secret_file=args.cluster_secret_file, attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager, overlap_schedule=not args.disable_overlap_schedule,
-        enable_prefix_caching=args.enable_prefix_caching, cuda_graph_max_batch=args.cuda_graph_max_batch, log_level=args.log_level)
+        enable_prefix_caching=args.enable_prefix_caching, cuda_graph_max_batch=args.cuda_graph_max_batch,
+        log_level=args.log_level)
 
 
 def engine_fields(cfg: EngineConfig) -> dict:

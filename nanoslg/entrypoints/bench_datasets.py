@@ -75,8 +75,6 @@ def _sharegpt_like_lengths(rng: np.random.Generator, max_model_len: Optional[int
     return max(1, int(n_in * scale)), max(1, int(n_out * scale))
 
 
-
-
 def make_conversations(num: int, turns: int, system_len: int, user_len: int, seed: int, id_range: tuple) -> tuple:
     """(system prompt ids, per conversation the user turns' ids)."""
     rng = np.random.default_rng([seed, 2])

@@ -21,6 +21,7 @@ import numpy as np
 from nanoslg.entrypoints.bench_datasets import (TOKEN_ID_RANGE, BenchRequest, format_turns, make_conversations,
                                                 make_requests, run_conversations, ttft_by_turn)
 
+
 @dataclass
 class RequestResult:
     index: int
@@ -126,8 +127,9 @@ async def send_request(client, url: str, payload: dict, chat: bool, result: Requ
     result.prompt_tokens = int((usage or {}).get("prompt_tokens") or result.input_len)
 
 
-async def run_requests(args, model: str, requests: list, headers: dict) -> tuple:
-    """(per-request results, benchmark duration in s, warm-up error or "")."""
+async def run_requests(args, model: str, requests: list, headers: dict, conversations=None) -> tuple:
+    """(per-request results, benchmark duration in s, warm-up error or ""). With conversations (system prompt ids,
+    user turns), those run instead of requests, which then only serve the warm-up."""
     import httpx
 
     chat = args.endpoint == "chat"
@@ -169,17 +171,16 @@ async def run_requests(args, model: str, requests: list, headers: dict) -> tuple
         if warmups and not any(w.success for w in warmups):
             return results, 0.0, warmups[0].error
         t0 = time.perf_counter()
-        if args.dataset == "multi-turn":
-            results = await _conversations(args, client, url, payload, limit, t0)
+        if conversations is not None:
+            results = await _conversations(args, conversations, client, url, payload, limit, t0)
         else:
             await asyncio.gather(*(one(i, client, t0) for i in range(len(requests))))
         duration = time.perf_counter() - t0
     return results, duration, ""
 
 
-async def _conversations(args, client, url: str, payload, limit, t0: float) -> list:
-    system, users = make_conversations(args.num_prompts, args.turns, args.system_prompt_len, args.input_len,
-                                       args.seed, tuple(args.token_id_range))
+async def _conversations(args, conversations: tuple, client, url: str, payload, limit, t0: float) -> list:
+    system, users = conversations
 
     async def send(prompt: list, result: RequestResult) -> None:
         async with (limit or contextlib.nullcontext()):
@@ -306,9 +307,10 @@ def run_bench_serve(args) -> int:
         print("error: the server lists no models; pass --model", file=sys.stderr)
         return 1
 
+    conversations = None
     if args.dataset == "multi-turn":  # token ids through /v1/completions; the first turns make the warm-up
         args.prompt_ids, args.endpoint = True, "completions"
-        system, users = make_conversations(args.num_prompts, args.turns, args.system_prompt_len, args.input_len,
+        system, users = conversations = make_conversations(args.num_prompts, args.turns, args.system_prompt_len, args.input_len,
                                            args.seed, tuple(args.token_id_range))
         requests = [BenchRequest(system + u[0], args.system_prompt_len + args.input_len, args.output_len)
                     for u in users]
@@ -318,7 +320,7 @@ def run_bench_serve(args) -> int:
     rate = "inf" if math.isinf(args.request_rate) else f"{args.request_rate:g} req/s"
     print(f"Benchmarking {model} at {args.base_url} ({args.endpoint}): {len(requests)} {args.dataset} prompts, "
           f"request rate {rate}, max concurrency {args.max_concurrency or 'unlimited'}", flush=True)
-    results, duration, warmup_error = asyncio.run(run_requests(args, model, requests, headers))
+    results, duration, warmup_error = asyncio.run(run_requests(args, model, requests, headers, conversations))
     if warmup_error:
         print(f"error: the warm-up request failed: {' '.join(warmup_error.split())}", file=sys.stderr)
         return 1

@@ -53,7 +53,7 @@ class ServerMetrics:
         # The scheduler reports totals since its start; a restarted engine starts again from 0.
         for key, counter in (("prefix_cache_queries", self.prefix_queries), ("prefix_cache_hits", self.prefix_hits)):
             total = state.get(key, 0)
-            counter.inc(max(0, total - self._seen[key]) if total >= self._seen[key] else total)
+            counter.inc(total - self._seen[key] if total >= self._seen[key] else total)
             self._seen[key] = total
 
     def render(self) -> bytes:
