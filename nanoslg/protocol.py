@@ -110,6 +110,8 @@ class OutputDelta:
     prompt_text: Optional[str] = None  # on the first delta, when the request asked for echo
     logprob_texts: Optional[list] = None  # per new token with logprobs: [text, [top-k texts]]
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    queue_time: Optional[float] = None  # on the first token: seconds queued in the scheduler (TokenUpdate)
+    prefill_time: Optional[float] = None  # on the first token: seconds from first scheduled to first token
 
 
 @message
@@ -134,6 +136,8 @@ class TokenUpdate:
     logprobs: Optional[list] = None
     error: Optional[str] = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    queue_time: Optional[float] = None  # on the first token only, see OutputDelta
+    prefill_time: Optional[float] = None
 
 
 @message

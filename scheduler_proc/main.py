@@ -52,6 +52,9 @@ class SchedulerProcess:
             self.remote_inbox.setsockopt(zmq.LINGER, 0)
             self.refusals.append(cluster.serve_securely(self.remote_inbox, cfg, cluster.RESULTS, secret))
         self.timeline = StepTimeline()
+        # Totals since start, for /metrics: time with a step in flight (the workers busy or waiting on a result),
+        # the scheduler's own time forming plans and applying results, and the steps run.
+        self.busy_s, self.busy_since, self.cpu_s, self.num_steps = 0.0, 0.0, 0.0, 0
         self.outbox: list = []  # TokenUpdates for the tokenizer, sent once per loop
         self.debug_ids = itertools.count()
         self.debug_requests: dict = {}  # rid -> {"prompt_ids", "output_ids", "finish_reason"}
@@ -110,12 +113,17 @@ class SchedulerProcess:
                 if refusals.monitor in events:
                     refusals.drain()
             while len(self.core.steps_in_flight) < self.max_in_flight:
+                started = time.perf_counter()
                 plan = self.core.schedule()
+                self.cpu_s += time.perf_counter() - started
                 if self.core.unreported:
                     self._publish(self.core.unreported)
                     self.core.unreported = []
                 if plan is None:
                     break
+                if len(self.core.steps_in_flight) == 1:
+                    self.busy_since = started
+                self.num_steps += 1
                 self._publish_plan(plan)
             # Tokens go to the tokenizer only after the next plan is out: the workers must not wait on that.
             if self.outbox:
@@ -132,7 +140,11 @@ class SchedulerProcess:
             return True
         if isinstance(msg, StepResult):
             self.timeline.result(msg.step_id)
+            started = time.perf_counter()
             self._publish(self.core.on_result(msg))
+            self.cpu_s += time.perf_counter() - started
+            if not self.core.steps_in_flight:
+                self.busy_s += started - self.busy_since
         elif isinstance(msg, TokenizedRequest):
             error = self.core.add(msg)
             if error:
@@ -167,7 +179,9 @@ class SchedulerProcess:
             if isinstance(msg, DebugSubmit):
                 reply = self._debug_submit(msg)
             elif isinstance(msg, DebugStateQuery):
-                reply = self.core.state() | {"debug_requests": self.debug_requests}
+                busy = self.busy_s + (time.perf_counter() - self.busy_since if self.core.steps_in_flight else 0.0)
+                reply = self.core.state() | {"debug_requests": self.debug_requests, "engine_busy_s": busy,
+                                             "scheduler_cpu_s": self.cpu_s, "num_steps": self.num_steps}
             else:
                 reply = {"error": f"unexpected {type(msg).__name__} on the debug socket"}
         self.debug.send_multipart([identity, ipc.protocol.encode(DebugReply(reply))])

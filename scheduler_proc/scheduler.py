@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
@@ -49,6 +50,8 @@ class Request:
     page_keys: list = field(default_factory=list)  # prefix-cache keys of the full pages of the known tokens
     num_registered: int = 0  # leading pages offered to the prefix cache
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
+    arrival: float = field(default_factory=time.monotonic)
+    first_scheduled: float = 0.0  # when it first left the waiting queue
 
     @property
     def num_tokens(self) -> int:
@@ -173,6 +176,7 @@ class Scheduler:
             if not r.num_preemptions:
                 self.blocks.query_tokens += len(r.prompt_ids)
                 self.blocks.hit_tokens += r.num_cached_tokens
+                r.first_scheduled = time.monotonic()
             r.status = Status.RUNNING
             self.running.append(r)
             chunks.append((r, r.num_computed, end, 0))
@@ -314,8 +318,12 @@ class Scheduler:
                     reason = "length"
                 if reason:
                     self._finish(r, reason)
-                updates.append(TokenUpdate(rid, token_ids([tok]), reason, None if lp is None else [lp],
-                                           num_cached_tokens=r.num_cached_tokens))
+                update = TokenUpdate(rid, token_ids([tok]), reason, None if lp is None else [lp],
+                                     num_cached_tokens=r.num_cached_tokens)
+                if len(r.output_ids) == 1:
+                    update.queue_time = r.first_scheduled - r.arrival
+                    update.prefill_time = time.monotonic() - r.first_scheduled
+                updates.append(update)
         for rid in members:
             r = self.requests.get(rid)
             if r is not None and r.status is Status.FINISHED and not r.in_flight:

@@ -95,6 +95,12 @@ try:
     print(f"{name:<22} ok {m['completed']} fail {m['failed']} | {m['total_token_throughput']:.0f} tok/s | TTFT p50"
           f" {m['median_ttft_ms']:.0f} p99 {m['p99_ttft_ms']:.0f} ms | TPOT p50 {m['median_tpot_ms']:.1f} p99"
           f" {m['p99_tpot_ms']:.1f} ms | ITL p99 {m['p99_itl_ms']:.1f} | {turns}")
+    b = m.get("server_breakdown")
+    if b:
+        print(f"{'':<22} mean TTFT = http {b['ttft_http_ms']:.1f} + tokenizer/ipc {b['ttft_tokenizer_ipc_ms']:.1f} +"
+              f" queue {b['ttft_queue_ms']:.1f} + prefill {b['ttft_prefill_ms']:.1f} ms | workers busy"
+              f" {b['workers_busy_fraction']:.2f} | step {b['step_ms']:.1f} ms, scheduler {b['scheduler_cpu_per_step_ms']:.2f}"
+              f" ms/step | preemptions {b['preemptions']}")
 except Exception as e:
     print(f"{name:<22} FAILED: {e}")
 PY
@@ -163,7 +169,7 @@ for mode in $MODES; do
       done
       ;;
     online-poisson)  # sharegpt-like lengths at rising Poisson rates against one server
-      start_server --enable-prefix-caching && for rate in ${RATES:-8 16 24 32 48}; do
+      start_server --enable-prefix-caching && for rate in ${RATES:-4 8 16 24 32 48}; do
         serve_bench "poisson-$rate" --dataset sharegpt-like --prompt-ids --num-prompts "${POISSON_PROMPTS:-1000}" \
           --request-rate "$rate"
       done
@@ -198,6 +204,12 @@ for mode in $MODES; do
     bench-1024)
       bench offline-1024-512 --input-len 1024 --output-len 512 --num-prompts 2000 --max-num-seqs 256 \
         --max-num-batched-tokens 8192
+      ;;
+    prefix-cache-offline)  # offline-1024-512 (random prompts: no shared prefix) with the prefix cache on and off
+      common="--input-len 1024 --output-len 512 --num-prompts ${OFFLINE_PROMPTS:-2000} --max-num-seqs 256"
+      bench offline-1024-512-cache-on $common --max-num-batched-tokens 8192 --enable-prefix-caching
+      bench offline-1024-512-cache-off $common --max-num-batched-tokens 8192 --no-enable-prefix-caching
+      ratio "cache on / off" offline-1024-512-cache-on offline-1024-512-cache-off
       ;;
     bench-short)
       bench offline-sharegpt-like --dataset sharegpt-like --num-prompts 1000 --max-num-seqs 256 \

@@ -267,6 +267,13 @@ def test_real_server(tiny_chat_model, tmp_path, capsys):
             assert res["metrics"]["completed"] == 8 and res["metrics"]["total_input_tokens"] == 8 * 32
             assert all(r["success"] and r["output_tokens"] == 16 for r in res["requests"])
             assert png.read_bytes()[:8] == PNG_MAGIC
+            # The TTFT split from the server's /metrics: parts that add up, workers busy part of the run.
+            b = res["metrics"]["server_breakdown"]
+            assert "Where the time goes" in out and b["steps"] >= 16 and b["preemptions"] == 0
+            parts = b["ttft_http_ms"] + b["ttft_tokenizer_ipc_ms"] + b["ttft_queue_ms"] + b["ttft_prefill_ms"]
+            assert parts == pytest.approx(res["metrics"]["mean_ttft_ms"])
+            assert min(b["ttft_queue_ms"], b["ttft_prefill_ms"], b["step_ms"]) > 0
+            assert 0 < b["workers_busy_fraction"] <= 1 and 0 < b["scheduler_cpu_per_step_ms"] < b["step_ms"]
         # The chat endpoint on the real server (its sharegpt-like clipping to max_model_len is unit-tested above).
         rc, res, _ = bench(srv.url, tmp_path, "--endpoint", "chat", "--num-prompts", "4", "--input-len", "16",
                            "--output-len", "8", "--max-concurrency", "2")

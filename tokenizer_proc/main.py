@@ -188,7 +188,7 @@ class TokenizerProcess:
             deltas.append(OutputDelta(u.rid, text, u.token_ids, finish, u.logprobs, len(stream.prompt_ids),
                                       stream.prompt_ids if stream.first else None, None,
                                       stream.prompt_text if stream.first else None, lp_texts,
-                                      u.num_cached_tokens))
+                                      u.num_cached_tokens, u.queue_time, u.prefill_time))
             stream.first = False
             if finish is not None:
                 del self.streams[u.rid]

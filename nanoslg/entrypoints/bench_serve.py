@@ -18,6 +18,7 @@ from typing import Optional
 
 import numpy as np
 
+from nanoslg.entrypoints.bench_breakdown import breakdown, format_breakdown, scrape
 from nanoslg.entrypoints.bench_datasets import (TOKEN_ID_RANGE, BenchRequest, format_turns, make_conversations,
                                                 make_requests, run_conversations, ttft_by_turn)
 
@@ -128,8 +129,9 @@ async def send_request(client, url: str, payload: dict, chat: bool, result: Requ
 
 
 async def run_requests(args, model: str, requests: list, headers: dict, conversations=None) -> tuple:
-    """(per-request results, benchmark duration in s, warm-up error or ""). With conversations (system prompt ids,
-    user turns), those run instead of requests, which then only serve the warm-up."""
+    """(per-request results, benchmark duration in s, warm-up error or "", the server's breakdown). With
+    conversations (system prompt ids, user turns), those run instead of requests, which then only serve the
+    warm-up."""
     import httpx
 
     chat = args.endpoint == "chat"
@@ -169,14 +171,18 @@ async def run_requests(args, model: str, requests: list, headers: dict, conversa
         await asyncio.gather(*(send_request(client, url, payload(requests[i]), chat, w, 0.0)
                                for i, w in enumerate(warmups)))
         if warmups and not any(w.success for w in warmups):
-            return results, 0.0, warmups[0].error
+            return results, 0.0, warmups[0].error, {}
+        server_before = await scrape(client, args.base_url)
         t0 = time.perf_counter()
         if conversations is not None:
             results = await _conversations(args, conversations, client, url, payload, limit, t0)
         else:
             await asyncio.gather(*(one(i, client, t0) for i in range(len(requests))))
         duration = time.perf_counter() - t0
-    return results, duration, ""
+        server_after = await scrape(client, args.base_url)
+    ok_ttfts = [r.ttft for r in results if r.success]
+    mean_ttft_ms = 1000 * sum(ok_ttfts) / len(ok_ttfts) if ok_ttfts else 0.0
+    return results, duration, "", breakdown(server_before, server_after, duration, mean_ttft_ms)
 
 
 async def _conversations(args, conversations: tuple, client, url: str, payload, limit, t0: float) -> list:
@@ -320,12 +326,16 @@ def run_bench_serve(args) -> int:
     rate = "inf" if math.isinf(args.request_rate) else f"{args.request_rate:g} req/s"
     print(f"Benchmarking {model} at {args.base_url} ({args.endpoint}): {len(requests)} {args.dataset} prompts, "
           f"request rate {rate}, max concurrency {args.max_concurrency or 'unlimited'}", flush=True)
-    results, duration, warmup_error = asyncio.run(run_requests(args, model, requests, headers, conversations))
+    results, duration, warmup_error, server = asyncio.run(run_requests(args, model, requests, headers,
+                                                                       conversations))
     if warmup_error:
         print(f"error: the warm-up request failed: {' '.join(warmup_error.split())}", file=sys.stderr)
         return 1
     metrics = compute_metrics(results, duration)
     print(format_summary(metrics), flush=True)
+    metrics["server_breakdown"] = server
+    if server:
+        print(format_breakdown(server), flush=True)
     if args.dataset == "multi-turn":
         metrics["ttft_by_turn"] = ttft_by_turn(results)
         print(format_turns(metrics["ttft_by_turn"]), flush=True)

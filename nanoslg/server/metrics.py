@@ -23,12 +23,30 @@ class ServerMetrics:
                                    registry=r)
         self.kv_pages_cached = Gauge("nanoslg_kv_pages_cached", "KV pages holding a cached prompt prefix",
                                      registry=r)
-        self._seen = {"prefix_cache_queries": 0, "prefix_cache_hits": 0}
+        self.preemptions = Counter("nanoslg_num_preemptions", "Requests preempted (their KV recomputed later)",
+                                   registry=r)
+        self.busy = Counter("nanoslg_engine_busy_seconds", "Time with a step in flight on the workers", registry=r)
+        self.scheduler_cpu = Counter("nanoslg_scheduler_cpu_seconds", "Scheduler time forming steps and applying "
+                                     "their results", registry=r)
+        self.steps = Counter("nanoslg_engine_steps", "Steps (batches) the workers ran", registry=r)
+        # scheduler state key -> the counter that follows it; the scheduler reports totals since its start
+        self._totals = {"prefix_cache_queries": self.prefix_queries, "prefix_cache_hits": self.prefix_hits,
+                        "total_preemptions": self.preemptions, "engine_busy_s": self.busy,
+                        "scheduler_cpu_s": self.scheduler_cpu, "num_steps": self.steps}
+        self._seen = dict.fromkeys(self._totals, 0)
+        self.aborts = Counter("nanoslg_request_aborts", "Requests ended before they finished, by reason", ["reason"],
+                              registry=r)
+        self.restarts = Counter("nanoslg_engine_restarts", "Times the engine was restarted after a process died",
+                                registry=r)
         self.kv_usage = Gauge("nanoslg_kv_cache_usage_ratio", "Fraction of KV cache pages in use", registry=r)
         self.ttft = Histogram("nanoslg_time_to_first_token_seconds", "Time to first token", registry=r,
                               buckets=_LATENCY_BUCKETS)
         self.tpot = Histogram("nanoslg_time_per_output_token_seconds", "Time per output token after the first",
                               registry=r, buckets=_LATENCY_BUCKETS)
+        self.queue_time = Histogram("nanoslg_request_queue_time_seconds", "Time a request waited in the "
+                                    "scheduler's queue before its first step", registry=r, buckets=_LATENCY_BUCKETS)
+        self.prefill_time = Histogram("nanoslg_request_prefill_time_seconds", "Time from a request's first step "
+                                      "to its first token", registry=r, buckets=_LATENCY_BUCKETS)
         self.e2e = Histogram("nanoslg_e2e_request_latency_seconds", "End-to-end request latency", registry=r,
                              buckets=_LATENCY_BUCKETS)
 
@@ -51,10 +69,14 @@ class ServerMetrics:
         self.kv_usage.set(used / total if total else 0.0)
         self.kv_pages_cached.set(state.get("kv_pages_cached", 0))
         # The scheduler reports totals since its start; a restarted engine starts again from 0.
-        for key, counter in (("prefix_cache_queries", self.prefix_queries), ("prefix_cache_hits", self.prefix_hits)):
+        for key, counter in self._totals.items():
             total = state.get(key, 0)
             counter.inc(total - self._seen[key] if total >= self._seen[key] else total)
             self._seen[key] = total
+
+    def observe_first_token(self, queue_time: float, prefill_time: float) -> None:
+        self.queue_time.observe(queue_time)
+        self.prefill_time.observe(prefill_time)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

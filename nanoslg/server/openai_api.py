@@ -88,6 +88,8 @@ class Generation:
         """Folds d into choice; returns the logprob entries it added."""
         if d.token_ids and self.first_token is None:
             self.first_token = time.monotonic()
+        if d.queue_time is not None:
+            self.metrics.observe_first_token(d.queue_time, d.prefill_time or 0.0)
         if d.text:
             choice.text_parts.append(d.text)
             choice.text_len += len(d.text)

@@ -1,0 +1,74 @@
+"""Where a `bench serve` run's time went, from nanoslg's /metrics read before and after the run: the client's TTFT
+split into HTTP (client to API server and back), tokenizer and message passing, the scheduler's queue and the
+prefill, plus how busy the workers were and the scheduler's own cost per step. A server that is not nanoslg (no
+such metrics) gives no breakdown."""
+from __future__ import annotations
+
+from typing import Optional
+
+_WANTED = ("nanoslg_time_to_first_token_seconds_sum", "nanoslg_time_to_first_token_seconds_count",
+           "nanoslg_request_queue_time_seconds_sum", "nanoslg_request_queue_time_seconds_count",
+           "nanoslg_request_prefill_time_seconds_sum", "nanoslg_request_prefill_time_seconds_count",
+           "nanoslg_engine_busy_seconds_total", "nanoslg_scheduler_cpu_seconds_total", "nanoslg_engine_steps_total",
+           "nanoslg_num_preemptions_total")
+
+
+async def scrape(client, base_url: str) -> Optional[dict]:
+    """The unlabelled nanoslg totals of GET /metrics (client: an httpx.AsyncClient), or None when the server has
+    none."""
+    import httpx
+
+    try:
+        resp = await client.get(base_url.rstrip("/") + "/metrics")
+        resp.raise_for_status()
+    except httpx.HTTPError:
+        return None
+    values = {}
+    for line in resp.text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in _WANTED:
+            values[name] = float(value)
+    return values if len(values) == len(_WANTED) else None
+
+
+def breakdown(before: Optional[dict], after: Optional[dict], duration_s: float, mean_ttft_ms: float) -> dict:
+    """Mean milliseconds per request of each part of the TTFT, and the workers' load, over the run."""
+    if not before or not after:
+        return {}
+    d = {k: after[k] - before[k] for k in _WANTED}
+
+    def mean_ms(metric: str) -> float:
+        count = d[f"{metric}_count"]
+        return 1000 * d[f"{metric}_sum"] / count if count else 0.0
+
+    server_ttft = mean_ms("nanoslg_time_to_first_token_seconds")
+    queue = mean_ms("nanoslg_request_queue_time_seconds")
+    prefill = mean_ms("nanoslg_request_prefill_time_seconds")
+    steps = d["nanoslg_engine_steps_total"]
+    return {
+        "ttft_http_ms": mean_ttft_ms - server_ttft,  # client to API server and back
+        "ttft_tokenizer_ipc_ms": server_ttft - queue - prefill,  # API -> tokenizer -> scheduler, tokens back
+        "ttft_queue_ms": queue,
+        "ttft_prefill_ms": prefill,
+        "workers_busy_fraction": d["nanoslg_engine_busy_seconds_total"] / duration_s if duration_s else 0.0,
+        "step_ms": 1000 * d["nanoslg_engine_busy_seconds_total"] / steps if steps else 0.0,
+        "scheduler_cpu_per_step_ms": 1000 * d["nanoslg_scheduler_cpu_seconds_total"] / steps if steps else 0.0,
+        "steps": int(steps),
+        "preemptions": int(d["nanoslg_num_preemptions_total"]),
+    }
+
+
+def format_breakdown(b: dict) -> str:
+    if not b:
+        return ""
+    return "\n".join([
+        f"{' Where the time goes (server /metrics) ':-^50}",
+        f"{'Mean TTFT: HTTP (ms):':<40}{b['ttft_http_ms']:<10.2f}",
+        f"{'Mean TTFT: tokenizer + IPC (ms):':<40}{b['ttft_tokenizer_ipc_ms']:<10.2f}",
+        f"{'Mean TTFT: scheduler queue (ms):':<40}{b['ttft_queue_ms']:<10.2f}",
+        f"{'Mean TTFT: prefill on the workers (ms):':<40}{b['ttft_prefill_ms']:<10.2f}",
+        f"{'Workers busy (fraction of the run):':<40}{b['workers_busy_fraction']:<10.3f}",
+        f"{'Mean step on the workers (ms):':<40}{b['step_ms']:<10.2f}",
+        f"{'Scheduler CPU per step (ms):':<40}{b['scheduler_cpu_per_step_ms']:<10.3f}",
+        f"{'Steps / preemptions:':<40}{b['steps']} / {b['preemptions']}",
+    ])
