@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from gpu_workers import cpu_features
 from gpu_workers.attention.base import AttentionBackend
 from gpu_workers.attention.context import forward_context
 from gpu_workers.attention.flashinfer_backend import FlashInferBackend, flashinfer_usable
@@ -43,9 +44,27 @@ def resolve_device(cfg: EngineConfig, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def resolve_dtype(cfg: EngineConfig) -> torch.dtype:
-    name = cfg.model_spec.torch_dtype if cfg.dtype == "auto" else cfg.dtype
-    return _DTYPES.get(name, torch.float32)
+def choose_dtype(asked: str, config_dtype: str, device_type: str, native=None) -> tuple[str, str]:
+    """(dtype name, why). An explicit --dtype wins; auto takes config.json's dtype, except that on CPU a dtype the
+    CPU does not compute natively becomes float32 (see cpu_features)."""
+    if asked != "auto":
+        return asked, "asked for"
+    if config_dtype not in _DTYPES:
+        return "float32", f"config says {config_dtype}, which nanoslg does not run"
+    if device_type != "cpu" or config_dtype == "float32":
+        return config_dtype, f"config says {config_dtype}"
+    ok, why = (native or cpu_features.native)(config_dtype)
+    if ok:
+        return config_dtype, f"config says {config_dtype} and {why}"
+    return "float32", f"config says {config_dtype}, but {why}"
+
+
+def resolve_dtype(cfg: EngineConfig, device: torch.device) -> torch.dtype:
+    name, why = choose_dtype(cfg.dtype, cfg.model_spec.torch_dtype, device.type)
+    if cfg.dtype == "auto" and device.type == "cpu" and cfg.model_spec.torch_dtype != "float32":
+        # The dtype decides CPU speed more than anything else, and auto may overrule config.json here: say so.
+        log.warning("dtype auto on cpu: %s (%s)", name, why)
+    return _DTYPES[name]
 
 
 class ModelRunner:
@@ -54,7 +73,7 @@ class ModelRunner:
         self.ps = parallel_state()
         spec = cfg.model_spec
         self.device = device or resolve_device(cfg, 0)
-        self.dtype = resolve_dtype(cfg)
+        self.dtype = resolve_dtype(cfg, self.device)
         torch.manual_seed(cfg.seed)
         with torch.device(self.device):
             self.model = LlamaForCausalLM(spec, self.dtype, max_positions=max(cfg.max_model_len,
@@ -75,11 +94,11 @@ class ModelRunner:
         self.graphs = None
         self.num_pages = self._count_kv_pages()
         self.backend = self._make_backend(self.num_pages)
-        log.warning("worker %d (tp %d/%d, pp %d/%d, layers %d-%d): %s %s, %d KV pages of %d tokens, attention "
-                    "backend %s (%s), fused ops %s", self.ps.rank, self.ps.tp_rank, self.ps.tp_size, self.ps.pp_rank,
-                    self.ps.pp_size, self.model.layer_range.start, self.model.layer_range.stop - 1, self.device,
-                    self.dtype, self.num_pages, cfg.page_size, self.backend.name, self.backend_reason,
-                    "on" if fused_ops.enabled() else "off")
+        log.warning("worker %d (tp %d/%d, pp %d/%d, layers %d-%d): %s %s, %d torch threads, %d KV pages of %d tokens, "
+                    "attention backend %s (%s), fused ops %s", self.ps.rank, self.ps.tp_rank, self.ps.tp_size,
+                    self.ps.pp_rank, self.ps.pp_size, self.model.layer_range.start, self.model.layer_range.stop - 1,
+                    self.device, self.dtype, torch.get_num_threads(), self.num_pages, cfg.page_size,
+                    self.backend.name, self.backend_reason, "on" if fused_ops.enabled() else "off")
         if self.device.type == "cuda" and self.backend_cls is FlashInferBackend and not cfg.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.backend, min(cfg.cuda_graph_max_batch, cfg.max_num_seqs),
                                        cfg.max_model_len, cfg.page_size, self.ps.is_first_stage)

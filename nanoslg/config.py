@@ -44,6 +44,7 @@ class EngineConfig:
     cuda_graph_max_batch: int = 512
     startup_timeout_s: float = 600.0
     log_level: str = "warning"
+    log_format: str = "text"  # text | json (one object per line)
     # Filled in by resolve(); never set these by hand.
     model_spec: Optional[ModelSpec] = None
     run_dir: str = ""
@@ -108,6 +109,7 @@ class EngineConfig:
             (self.pipeline_parallel_size >= 1, "pipeline_parallel_size", "must be >= 1"),
             (self.nnodes >= 1, "nnodes", "must be >= 1"),
             (self.node_join_timeout_s > 0, "node_join_timeout_s", "must be > 0"),
+            (self.log_format in ("text", "json"), "log_format", "must be text or json"),
             (self.attention_backend in ("auto", "sdpa", "flashinfer"), "attention_backend",
              "must be auto, sdpa or flashinfer"),
         ]

@@ -34,6 +34,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, with_model: bool = Tru
                    help="reuse the KV pages of prompt prefixes seen before (--no-enable-prefix-caching: off)")
     g.add_argument("--cuda-graph-max-batch", type=int, default=d.cuda_graph_max_batch)
     g.add_argument("--log-level", default=d.log_level)
+    g.add_argument("--log-format", default=d.log_format, choices=["text", "json"],
+                   help="json: one JSON object per log line, in every process")
     p = parser.add_argument_group("parallelism")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size)
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=d.pipeline_parallel_size)
@@ -61,7 +63,7 @@ def engine_config_from_args(args) -> EngineConfig:
         cluster_secret_file=args.cluster_secret_file, attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager, overlap_schedule=not args.disable_overlap_schedule,
         enable_prefix_caching=args.enable_prefix_caching, cuda_graph_max_batch=args.cuda_graph_max_batch,
-        log_level=args.log_level)
+        log_level=args.log_level, log_format=args.log_format)
 
 
 def engine_fields(cfg: EngineConfig) -> dict:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 import traceback
@@ -54,11 +53,6 @@ def send(sock: zmq.Socket, msg, flags: int = 0) -> None:
 
 def recv(sock: zmq.Socket, flags: int = 0):
     return protocol.decode(sock.recv(flags, copy=True))
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.WARNING), stream=sys.stderr,
-                        format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
 
 
 class ShutdownRequested(Exception):

@@ -42,6 +42,15 @@ def _die_with_parent() -> None:
         pass  # not Linux: the child's parent-pid watcher still catches it
 
 
+def _exit_status(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
 def _worker_names(ranks) -> list:
     return [ipc.worker_name(r) for r in ranks]
 
@@ -56,6 +65,7 @@ class Launcher:
         self._ctx = zmq.Context.instance()
         self.inbox = ipc.pull(self._ctx, cfg.run_dir, ipc.LAUNCHER)
         self.hub = ClusterHub(cfg, self._ctx, self.secret) if cfg.nnodes > 1 and cfg.node_rank == 0 else None
+        self._waited_for_nodes = False
         atexit.register(self.shutdown)
 
     def start(self) -> None:
@@ -121,9 +131,15 @@ class Launcher:
 
     def dead_children(self) -> list:
         """What has died: this node's children by name and exit code, and any other node's failure."""
-        dead = [f"{name} exited with code {p.poll()}" for name, p in self.children.items() if p.poll() is not None]
-        if self.hub is not None and self.hub.failure:
-            dead.append(self.hub.failure)
+        dead = [f"{name} {_exit_status(p.poll())}" for name, p in self.children.items() if p.poll() is not None]
+        if self.hub is not None:
+            if dead and not self._waited_for_nodes:
+                # A worker here that lost its peer on another node exits at once (its collective fails); that
+                # node's report of the cause comes within its watch period: wait for it, once.
+                self._waited_for_nodes = True
+                self.hub.failed.wait(cluster.HEARTBEAT_S)
+            if self.hub.failure:
+                dead.insert(0, self.hub.failure)
         return dead
 
     @property

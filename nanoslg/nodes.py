@@ -28,6 +28,7 @@ class ClusterHub:
         self.cfg, self.ctx, self.secret = cfg, ctx, secret
         self.ready: dict = {}  # remote worker name -> what its READY reported
         self.failure: Optional[str] = None
+        self.failed = threading.Event()  # set with failure
         self.refused = 0  # handshakes refused so far (tests read it)
         self._nodes: dict = {}  # node rank -> [router identity, last time heard from]
         self._stop = threading.Event()
@@ -39,6 +40,7 @@ class ClusterHub:
     def _fail(self, reason: str) -> None:
         if self.failure is None:
             self.failure = reason
+            self.failed.set()
             log.error("%s", reason)
 
     def _run(self) -> None:

@@ -10,6 +10,7 @@ import zmq
 
 from nanoslg import cluster, ipc
 from nanoslg.config import EngineConfig
+from nanoslg.logs import setup_logging
 from nanoslg.protocol import (AbortRequest, DebugReply, DebugStateQuery, DebugSubmit, ProtocolError, Shutdown,
                               StepResult, TokenBatch, TokenizedRequest)
 from scheduler_proc.scheduler import Scheduler
@@ -202,7 +203,7 @@ class SchedulerProcess:
 
 def main() -> None:
     cfg = EngineConfig.from_arg(sys.argv[1])
-    ipc.setup_logging(cfg.log_level)
+    setup_logging(cfg.log_level, cfg.log_format)
     num_pages = int(sys.argv[2])
 
     def body(ready):

@@ -90,7 +90,10 @@ serve_bench() {  # name, then bench serve args
 import json, sys
 path, name = sys.argv[1:]
 try:
-    m = json.load(open(path))["metrics"]
+    full = json.load(open(path))
+    m = full["metrics"]
+    # per-request records make each JSON ~7 MB: results.tgz would pass the device tool's 16 MiB limit
+    json.dump({"config": full["config"], "metrics": m}, open(path, "w"), indent=1)
     turns = " ".join(f"t{k}:{v['p50_ttft_ms']:.0f}" for k, v in m.get("ttft_by_turn", {}).items())
     print(f"{name:<22} ok {m['completed']} fail {m['failed']} | {m['total_token_throughput']:.0f} tok/s | TTFT p50"
           f" {m['median_ttft_ms']:.0f} p99 {m['p99_ttft_ms']:.0f} ms | TPOT p50 {m['median_tpot_ms']:.1f} p99"

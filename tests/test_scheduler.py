@@ -9,7 +9,7 @@ import zmq
 
 from nanoslg import ipc
 from nanoslg.config import EngineConfig
-from nanoslg.protocol import Ready, StepPlan, StepResult, TokenBatch, TokenizedRequest, token_ids
+from nanoslg.protocol import Ready, StepResult, TokenBatch, TokenizedRequest, token_ids
 from scheduler_proc.scheduler import Scheduler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

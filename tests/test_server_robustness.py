@@ -160,7 +160,7 @@ def test_non_streaming_disconnect_aborts(server):
     assert _kv_pages_used(server) == 0
 
 
-def test_queue_full_and_dead_engine_get_503(tiny_chat_model):
+def test_queue_full_and_engine_death_get_503(tiny_chat_model):
     with Server(tiny_chat_model, "--max-model-len", "256", "--max-queued-requests", "0") as srv:
         _assert_error(httpx.post(f"{srv.url}/v1/completions", json={"prompt": "x"}), 503, "limit")
     with Server(tiny_chat_model, "--max-model-len", "256") as srv:
@@ -176,8 +176,8 @@ def test_queue_full_and_dead_engine_get_503(tiny_chat_model):
             time.sleep(1.0)
             os.kill(worker, signal.SIGKILL)
             _assert_error(running.result(), 503, "engine stopped")
-        deadline = time.monotonic() + 10
-        while httpx.get(f"{srv.url}/health").status_code != 503 and time.monotonic() < deadline:
+        # then the engine heals (test_server_lifecycle covers the restart itself) and answers again
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{srv.url}/health").status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert httpx.get(f"{srv.url}/health").status_code == 503
-        _assert_error(httpx.post(f"{srv.url}/v1/completions", json={"prompt": "x"}), 503, "engine")
+        assert httpx.post(f"{srv.url}/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200

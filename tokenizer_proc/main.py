@@ -13,6 +13,7 @@ import zmq
 
 from nanoslg import ipc
 from nanoslg.config import EngineConfig
+from nanoslg.logs import setup_logging
 from nanoslg.protocol import (AbortRequest, GenerateRequest, OutputBatch, OutputDelta, ProtocolError, Shutdown,
                               TokenBatch, TokenizedRequest, token_ids)
 from nanoslg.sampling_params import SamplingParams
@@ -198,7 +199,7 @@ class TokenizerProcess:
 
 def main() -> None:
     cfg = EngineConfig.from_arg(sys.argv[1])
-    ipc.setup_logging(cfg.log_level)
+    setup_logging(cfg.log_level, cfg.log_format)
     ipc.run_child(ipc.TOKENIZER, cfg.run_dir, lambda ready: TokenizerProcess(cfg).run(ready))
 
 

@@ -1,11 +1,11 @@
 """`nanoslg serve`: start the engine, then the HTTP server in this process."""
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
 from nanoslg.engine_args import add_engine_arguments, engine_config_from_args
+from nanoslg.logs import setup_logging
 from nanoslg.model_spec import ConfigError
 
 
@@ -19,34 +19,54 @@ def add_serve_arguments(parser) -> None:
     g.add_argument("--served-model-name", default=None, help="the model id clients use (default: folder name)")
     g.add_argument("--max-queued-requests", type=int, default=4096,
                    help="requests in progress beyond which new ones get 503")
+    g.add_argument("--max-waiting-requests", type=int, default=2048,
+                   help="requests waiting to start (tokenizing or queued for the scheduler) beyond which new ones "
+                        "get 503 with Retry-After at once")
+    g.add_argument("--max-tokens-default", type=int, default=None,
+                   help="max_tokens of a request that sets none (default: up to max_model_len)")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds running requests get to finish before they are aborted")
+    g.add_argument("--no-restart", dest="restart", action="store_false",
+                   help="exit when an engine process dies instead of restarting the engine (it restarts up to "
+                        "3 times within 5 minutes, then exits non-zero)")
     g.add_argument("--max-body-mb", type=float, default=8.0, help="largest accepted request body")
 
 
 def run_serve(args) -> int:
     from nanoslg.launcher import EngineStartupError, run_worker_node
 
-    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.WARNING),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = engine_config_from_args(args)
+    setup_logging(cfg.log_level, cfg.log_format)
+    for flag, value in (("--max-waiting-requests", args.max_waiting_requests), ("--shutdown-timeout",
+                        args.shutdown_timeout), ("--max-queued-requests", args.max_queued_requests)):
+        if value < 0:
+            print(f"nanoslg serve: {flag} must be >= 0, got {value}", file=sys.stderr)
+            return 2
+    if args.max_tokens_default is not None and args.max_tokens_default < 1:
+        print(f"nanoslg serve: --max-tokens-default must be >= 1, got {args.max_tokens_default}", file=sys.stderr)
+        return 2
     if cfg.node_rank > 0:  # a worker node runs no HTTP server (and needs none of its packages)
         return run_worker_node(cfg)
     import uvicorn
 
     from nanoslg.server.app import ServerSettings, build_app
     from nanoslg.server.async_engine import AsyncEngine
+    from nanoslg.server.lifecycle import DrainingServer
 
     try:
-        engine = AsyncEngine(cfg, args.max_queued_requests)
+        engine = AsyncEngine(cfg, args.max_queued_requests, args.max_waiting_requests, args.restart)
     except (ConfigError, EngineStartupError) as e:
         print(f"nanoslg serve: {e}", file=sys.stderr)
         return 1
     name = args.served_model_name or os.path.basename(os.path.normpath(engine.cfg.model))
-    settings = ServerSettings(name, args.api_key, int(args.max_body_mb * 1024 * 1024))
+    settings = ServerSettings(name, args.api_key, int(args.max_body_mb * 1024 * 1024), args.max_tokens_default)
     print(f"nanoslg: serving {name} on http://{args.host}:{args.port} (engine run dir {engine.cfg.run_dir})",
           file=sys.stderr, flush=True)
+    # log_config=None: uvicorn's loggers go through ours (one format, --log-format json included)
+    config = uvicorn.Config(build_app(engine, settings), host=args.host, port=args.port, log_config=None,
+                            log_level=args.log_level, timeout_graceful_shutdown=5)
     try:
-        uvicorn.run(build_app(engine, settings), host=args.host, port=args.port, log_level=args.log_level,
-                    timeout_graceful_shutdown=5)
+        DrainingServer(config, engine, args.shutdown_timeout).run()
     finally:
         engine.close()
-    return 0
+    return engine.exit_code

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import os
 import time
@@ -13,6 +12,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from pydantic import ValidationError
+from pydantic_core import from_json
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -24,7 +24,7 @@ from nanoslg.server.async_engine import AsyncEngine, EngineUnavailable
 from nanoslg.server.metrics import ServerMetrics
 from nanoslg.server.openai_api import (Generation, GenerationFailed, RequestRejected, Responder, chat_requests,
                                        completion_requests)
-from nanoslg.server.schemas import ChatCompletionRequest, CompletionRequest, openapi_schema
+from nanoslg.server.schemas import ChatCompletionRequest, CompletionRequest, ServedModel, openapi_schema
 
 log = logging.getLogger("nanoslg.server")
 STATIC = os.path.join(os.path.dirname(__file__), "static")
@@ -35,6 +35,7 @@ class ServerSettings:
     served_model_name: str
     api_key: Optional[str] = None
     max_body_bytes: int = 8 * 1024 * 1024
+    max_tokens_default: Optional[int] = None  # for requests that set no max_tokens; None: up to max_model_len
 
 
 class ApiError(Exception):
@@ -43,23 +44,59 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
-    def response(self) -> JSONResponse:
+    def response(self, headers: Optional[dict] = None) -> JSONResponse:
         return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
+                                       "code": self.code}}, status_code=self.status, headers=headers)
+
+
+def _field_path(loc: tuple) -> str:
+    """The field a pydantic error location names, without the union members it also names ("str", "list[int]")."""
+    return ".".join(str(p) for p in loc if isinstance(p, int) or (
+        p.isidentifier() and p.islower() and p not in ("str", "int", "float", "bool")))
 
 
 def _validation_error(e: ValidationError) -> ApiError:
-    first = e.errors()[0]
-    param = ".".join(str(p) for p in first.get("loc", ()))
-    kind = first.get("type", "")
-    message = f"unsupported parameter: {param}" if kind == "extra_forbidden" else f"{param}: {first.get('msg')}"
-    return ApiError(400, message, param=param or None)
+    errors = e.errors()
+    first = errors[0]
+    param = _field_path(first.get("loc", ()))
+    if first.get("type") == "extra_forbidden":
+        return ApiError(400, f"unsupported parameter: {param}", param=param)
+
+    def message(err: dict) -> str:  # our own validators' messages stand alone
+        return str(err["ctx"]["error"]) if err.get("type") == "value_error" else err.get("msg", "")
+
+    same_field = [err for err in errors if _field_path(err.get("loc", ())).startswith(param)]
+    if len(same_field) > 1:  # a union: say why each of its forms failed
+        reasons = "; ".join(dict.fromkeys(f"{_field_path(err['loc'])}: {message(err)}" for err in same_field[:4]))
+        return ApiError(400, f"{param} matches none of its accepted forms ({reasons})", param=param or None)
+    return ApiError(400, f"{param}: {message(first)}" if param else message(first), param=param or None)
+
+
+def _rejection_code(message: str) -> Optional[str]:
+    """The code of the only 400s a schema-valid body can get: its prompt's length in tokens, which JSON Schema
+    cannot state, is too long (OpenAI's code) or zero (a text of characters the tokenizer drops, e.g. control
+    bytes missing from SmolLM2's vocabulary). The engine's rejections carry messages only."""
+    if "max_model_len" in message:
+        return "context_length_exceeded"
+    return "empty_prompt" if message == "the prompt is empty" else None
 
 
 class OpenAIServer:
     def __init__(self, engine: AsyncEngine, settings: ServerSettings):
         self.engine, self.settings = engine, settings
         self.metrics = ServerMetrics()
+        self._served: Optional[ServedModel] = None
+        self._openapi: Optional[dict] = None
+
+    @property
+    def served(self) -> ServedModel:
+        """The served model's limits: the validator enforces them and /openapi.json publishes them."""
+        if self._served is None:
+            cfg = self.engine.cfg
+            self._served = ServedModel(self.settings.served_model_name, cfg.max_model_len,
+                                       cfg.model_spec.vocab_size, self.settings.max_tokens_default,
+                                       self.settings.api_key is not None)
+        return self._served
 
     # ------------------------------------------------------------------ request plumbing
     def _check_auth(self, request: Request) -> None:
@@ -81,8 +118,10 @@ class OpenAIServer:
             if len(body) > limit:
                 raise ApiError(413, f"request body exceeds {limit} bytes")
         try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
+            # pydantic's parser, unlike json.loads, refuses lone surrogates (no UTF-8 for the tokenizer or the
+            # wire) and NaN / Infinity, which are not JSON
+            data = from_json(bytes(body), allow_inf_nan=False)
+        except ValueError as e:
             raise ApiError(400, f"invalid JSON body: {e}") from None
         if not isinstance(data, dict):
             raise ApiError(400, "the JSON body must be an object")
@@ -105,12 +144,11 @@ class OpenAIServer:
             self._check_auth(request)
             data = await self._json_body(request)
             try:
-                body = (ChatCompletionRequest if chat else CompletionRequest).model_validate(data)
+                body = (ChatCompletionRequest if chat else CompletionRequest).model_validate(data, context=self.served)
             except ValidationError as e:
                 raise _validation_error(e) from None
             self._check_model(body.model)
-            if not chat and body.echo and body.logprobs is not None:
-                raise ApiError(400, "echo together with logprobs is not supported", param="echo")
+            self._default_max_tokens(body, chat)
             # before building them: a body of many prompts times n must not hold up the event loop first
             self.engine.check_room(body.n * (1 if chat else len(body.prompts())))
             request_id = uuid.uuid4().hex
@@ -133,11 +171,21 @@ class OpenAIServer:
         except ApiError as e:
             return e.response()
         except RequestRejected as e:
-            return ApiError(400, str(e)).response()
+            return ApiError(400, str(e), code=_rejection_code(str(e))).response()
         except EngineUnavailable as e:
-            return ApiError(503, str(e), "service_unavailable").response()
+            headers = {"Retry-After": str(e.retry_after)} if e.retry_after else None
+            return ApiError(503, str(e), "service_unavailable").response(headers)
         except GenerationFailed as e:
             return ApiError(500, f"generation failed: {e}", "server_error").response()
+
+    def _default_max_tokens(self, body, chat: bool) -> None:
+        default = self.settings.max_tokens_default
+        if default is None:
+            return
+        if chat and body.max_tokens is None and body.max_completion_tokens is None:
+            body.max_completion_tokens = default
+        elif not chat and "max_tokens" not in body.model_fields_set:
+            body.max_tokens = default
 
     @staticmethod
     async def _drain(deltas) -> None:
@@ -174,6 +222,7 @@ class OpenAIServer:
         return JSONResponse({"version": nanoslg.__version__})
 
     async def metrics_endpoint(self, request: Request) -> Response:
+        self.metrics.count_restarts(self.engine.num_restarts)
         try:
             self.metrics.update_engine_state(await self.engine.scheduler_state())
         except EngineUnavailable:
@@ -181,7 +230,9 @@ class OpenAIServer:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def openapi(self, request: Request) -> Response:
-        return JSONResponse(openapi_schema(nanoslg.__version__))
+        if self._openapi is None:
+            self._openapi = openapi_schema(nanoslg.__version__, self.served)
+        return JSONResponse(self._openapi)
 
     async def index(self, request: Request) -> Response:
         return FileResponse(os.path.join(STATIC, "index.html"), media_type="text/html")
@@ -207,7 +258,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> Starlette:
         Route("/", server.index, methods=["GET"]),
     ]
     async def http_error(request: Request, exc: HTTPException) -> Response:
-        return ApiError(exc.status_code, str(exc.detail), "invalid_request_error").response()
+        # exc.headers carries a 405's Allow
+        return ApiError(exc.status_code, str(exc.detail), "invalid_request_error").response(exc.headers)
 
     async def unexpected_error(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s", request.url.path)

@@ -1,11 +1,17 @@
 """The engine as the asyncio server sees it: one task reads every OutputBatch from tokenizer_proc and routes each
 delta straight to the queue of the HTTP request it belongs to; requests released unfinished (client gone, error) are
-aborted, freeing their pages; one watcher fails every running request if the engine dies."""
+aborted, freeing their pages.
+
+A supervisor task watches the engine's processes. When one dies it fails every running request, stops the rest and
+starts the engine again with the same configuration, in the background; more than `max_restarts` deaths within
+`restart_window_s` (or any death with restarts off) end the server instead, so a supervisor sees a crash loop."""
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Optional
+import time
+from collections import deque
+from typing import Callable, Optional
 
 import zmq
 import zmq.asyncio
@@ -13,23 +19,43 @@ import zmq.asyncio
 from nanoslg import ipc, protocol
 from nanoslg.config import EngineConfig
 from nanoslg.engine_client import EngineClient
+from nanoslg.launcher import EngineStartupError
 from nanoslg.protocol import AbortRequest, DebugReply, DebugStateQuery, OutputBatch
 
 log = logging.getLogger("nanoslg.server")
 
+RUNNING, RESTARTING, DRAINING, STOPPED = "running", "restarting", "draining", "stopped"
+
 
 class EngineUnavailable(RuntimeError):
-    pass
+    """The engine cannot take (or finish) a request. reason labels the aborts metric; retry_after (seconds) goes to
+    the client as Retry-After when a retry can succeed."""
+
+    def __init__(self, message: str, reason: str = "engine_unavailable", retry_after: Optional[int] = None):
+        super().__init__(message)
+        self.reason, self.retry_after = reason, retry_after
 
 
 class AsyncEngine:
-    def __init__(self, cfg: EngineConfig, max_queued_requests: int):
+    def __init__(self, cfg: EngineConfig, max_queued_requests: int, max_waiting_requests: Optional[int] = None,
+                 restart: bool = True, max_restarts: int = 3, restart_window_s: float = 300.0):
         self.ctx = zmq.asyncio.Context()
         self.client = EngineClient(cfg, self.ctx)  # blocks until every process is READY
         self.cfg = self.client.cfg
-        self.max_queued_requests = max_queued_requests
+        self._pristine = self.cfg.to_dict()  # what each restart starts from (a restart gets a new run_dir)
+        self.max_queued_requests, self.max_waiting_requests = max_queued_requests, max_waiting_requests
+        # Several nodes cannot be restarted from here: the other nodes' workers leave when node 0's engine stops.
+        self.restart = restart and cfg.nnodes == 1
+        self.max_restarts, self.restart_window_s = max_restarts, restart_window_s
         self.routes: dict = {}  # rid -> (its generation's queue, its choice index), until the rid finishes
-        self._tasks: list = []  # the output router and the health watcher
+        self.unstarted: set = set()  # admitted rids without a first delta yet: tokenizing or waiting to be scheduled
+        self.state = RUNNING
+        self.restart_times: deque = deque()
+        self.num_restarts = 0
+        self.exit_code = 0
+        self.on_fatal: Callable[[], None] = lambda: None  # set by the HTTP server: stop serving
+        self._router: Optional[asyncio.Task] = None
+        self._supervisor: Optional[asyncio.Task] = None
         self._debug = self._connect_debug()
         self._debug_lock: Optional[asyncio.Lock] = None
 
@@ -40,13 +66,13 @@ class AsyncEngine:
         return sock
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._route_outputs()), loop.create_task(self._watch_health())]
         self._debug_lock = asyncio.Lock()
+        self._router = asyncio.get_running_loop().create_task(self._route_outputs(self.client))
+        self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
 
-    async def _route_outputs(self) -> None:
+    async def _route_outputs(self, client: EngineClient) -> None:
         while True:
-            frame = await self.client.inbox.recv()
+            frame = await client.inbox.recv()
             try:
                 msg = protocol.decode(frame)
             except protocol.ProtocolError as e:
@@ -54,52 +80,136 @@ class AsyncEngine:
                 continue
             if isinstance(msg, OutputBatch):
                 for d in msg.deltas:
+                    self.unstarted.discard(d.rid)
                     route = self.routes.get(d.rid)
                     if route is not None:
                         if d.finish_reason is not None:
                             del self.routes[d.rid]
                         route[0].put_nowait((route[1], d))
 
-    async def _watch_health(self) -> None:
-        """Fails every running request once the engine is gone, so no client waits on a queue nobody fills."""
-        while self.healthy:
-            await asyncio.sleep(0.5)
-        failure = EngineUnavailable("the engine stopped while the request was running")
-        while True:
-            routes, self.routes = self.routes, {}
-            for queue, index in routes.values():
-                queue.put_nowait((index, failure))
-            await asyncio.sleep(0.5)  # requests admitted in between are refused by admit()
+    # ------------------------------------------------------------------ supervision
+    def _deaths(self) -> list:
+        dead = self.client.launcher.dead_children()
+        if not dead and self._router is not None and self._router.done():
+            dead = ["the output router stopped"]
+        return dead
 
+    async def _supervise(self) -> None:
+        while self.state != STOPPED:
+            await asyncio.sleep(0.1)
+            if self.state in (RUNNING, DRAINING):
+                dead = self._deaths()
+                if dead:
+                    await self._on_death("; ".join(dead))
+
+    async def _on_death(self, what: str) -> None:
+        log.error("engine process died: %s", what)
+        draining = self.state == DRAINING
+        self.state = RESTARTING
+        self.fail_all(EngineUnavailable(f"the engine stopped while the request was running ({what})",
+                                        "engine_died"))
+        await self._stop_client()
+        now = time.monotonic()
+        while self.restart_times and now - self.restart_times[0] > self.restart_window_s:
+            self.restart_times.popleft()
+        if draining or not self.restart or len(self.restart_times) >= self.max_restarts:
+            why = ("restarts are off" if not self.restart else "the server is shutting down" if draining else
+                   f"{len(self.restart_times)} restarts within {self.restart_window_s:.0f} s already")
+            log.error("not restarting the engine (%s): the server exits", why)
+            self.exit_code = 0 if draining else 1
+            self.state = STOPPED
+            self.on_fatal()
+            return
+        self.restart_times.append(now)
+        log.warning("restarting the engine (restart %d within %.0f s)", len(self.restart_times),
+                    self.restart_window_s)
+        try:
+            # Started from an executor thread, which lives as long as the server: the children's parent-death
+            # signal (launcher.py) follows the thread that spawned them.
+            client = await asyncio.to_thread(EngineClient, EngineConfig.from_dict(self._pristine), self.ctx)
+        except (EngineStartupError, OSError) as e:
+            log.error("the engine did not restart: %s", e)
+            self.exit_code, self.state = 1, STOPPED
+            self.on_fatal()
+            return
+        if self.state == STOPPED:  # the server stopped while the engine was starting
+            client.close()
+            return
+        self.client, self.cfg = client, client.cfg
+        self._debug = self._connect_debug()
+        self._router = asyncio.get_running_loop().create_task(self._route_outputs(client))
+        self.num_restarts += 1
+        self.state = RUNNING
+        log.warning("engine restarted (run dir %s)", self.cfg.run_dir)
+
+    async def _stop_client(self) -> None:
+        if self._router is not None:
+            self._router.cancel()
+        self._debug.close(linger=0)
+        client = self.client
+        await asyncio.to_thread(client.launcher.shutdown)  # stops the survivors; may wait for a slow one
+        client.close()
+
+    def fail_all(self, failure: EngineUnavailable) -> None:
+        """End every running request with failure (its stream gets an error event)."""
+        routes, self.routes = self.routes, {}
+        self.unstarted.clear()
+        for queue, index in routes.values():
+            queue.put_nowait((index, failure))
+
+    async def drain(self, timeout_s: float) -> None:
+        """Refuse new requests, let the running ones finish for up to timeout_s, then fail the rest."""
+        if self.state == RUNNING:
+            self.state = DRAINING
+        log.warning("draining: %d requests running, waiting up to %.0f s", len(self.routes), timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while self.routes and time.monotonic() < deadline and self.state == DRAINING:
+            await asyncio.sleep(0.05)
+        if self.routes:
+            log.warning("aborting %d requests still running at shutdown", len(self.routes))
+            self.fail_all(EngineUnavailable("the server is shutting down; the request was aborted", "shutdown"))
+            await asyncio.sleep(0.1)  # let their streams send the error event before the server closes them
+
+    # ------------------------------------------------------------------ requests
     @property
     def healthy(self) -> bool:
-        return (not self.client.closed and len(self._tasks) == 2 and not self._tasks[0].done()
-                and not self.client.launcher.dead_children())
+        return self.state == RUNNING and not self.client.closed and not self._deaths()
 
     def check_room(self, num: int) -> None:
-        """Refuse num more requests while the engine is down or they would pass max_queued_requests."""
+        """Refuse num more requests while the engine is down or they would pass the queue limits."""
+        if self.state == DRAINING or self.state == STOPPED:
+            raise EngineUnavailable("the server is shutting down", "shutdown")
         if not self.healthy:
-            raise EngineUnavailable("the engine is not running")
+            raise EngineUnavailable("the engine is restarting, retry shortly" if self.state == RESTARTING else
+                                    "the engine is not running", retry_after=5)
         if len(self.routes) + num > self.max_queued_requests:
             raise EngineUnavailable(f"the server has {len(self.routes)} requests in progress and this one adds "
-                                    f"{num}; its limit is {self.max_queued_requests}, retry later")
+                                    f"{num}; its limit is {self.max_queued_requests}, retry later", retry_after=1)
+        limit = self.max_waiting_requests
+        if limit is not None and len(self.unstarted) + num > limit:
+            raise EngineUnavailable(f"the server is overloaded: {len(self.unstarted)} requests wait to start and "
+                                    f"this one adds {num} (limit {limit}); retry later", retry_after=1)
 
     async def admit(self, reqs: list, queue: asyncio.Queue) -> None:
         """Start reqs (all or none); request i's deltas arrive on queue as (i, delta), or (i, EngineUnavailable)."""
         self.check_room(len(reqs))
         for i, req in enumerate(reqs):
             self.routes[req.rid] = (queue, i)
+            self.unstarted.add(req.rid)
         for req in reqs:
             await self.client.to_tokenizer.send(protocol.encode(req))
 
     def release(self, reqs: list) -> None:
         """Abort whichever of reqs have not finished (their client is gone or the request failed)."""
         for req in reqs:
-            if self.routes.pop(req.rid, None) is not None:
+            self.unstarted.discard(req.rid)
+            if self.routes.pop(req.rid, None) is not None and self.state in (RUNNING, DRAINING):
                 self.client.to_tokenizer.send(protocol.encode(AbortRequest(req.rid)))
 
     async def scheduler_state(self) -> dict:
         """KV and queue figures from the scheduler's debug socket (for /metrics)."""
+        if self.state not in (RUNNING, DRAINING):
+            raise EngineUnavailable("the engine is not running")
         async with self._debug_lock:
             await self._debug.send(protocol.encode(DebugStateQuery()))
             if not await self._debug.poll(2000):
@@ -111,7 +221,9 @@ class AsyncEngine:
         return reply.state if isinstance(reply, DebugReply) else {}
 
     def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
+        self.state = STOPPED
+        for task in (self._router, self._supervisor):
+            if task is not None:
+                task.cancel()
         self._debug.close(linger=0)
         self.client.close()

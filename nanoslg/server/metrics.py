@@ -38,6 +38,7 @@ class ServerMetrics:
                               registry=r)
         self.restarts = Counter("nanoslg_engine_restarts", "Times the engine was restarted after a process died",
                                 registry=r)
+        self._restarts_seen = 0
         self.kv_usage = Gauge("nanoslg_kv_cache_usage_ratio", "Fraction of KV cache pages in use", registry=r)
         self.ttft = Histogram("nanoslg_time_to_first_token_seconds", "Time to first token", registry=r,
                               buckets=_LATENCY_BUCKETS)
@@ -73,6 +74,10 @@ class ServerMetrics:
             total = state.get(key, 0)
             counter.inc(total - self._seen[key] if total >= self._seen[key] else total)
             self._seen[key] = total
+
+    def count_restarts(self, total: int) -> None:
+        self.restarts.inc(total - self._restarts_seen)
+        self._restarts_seen = total
 
     def observe_first_token(self, queue_time: float, prefill_time: float) -> None:
         self.queue_time.observe(queue_time)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -12,6 +13,9 @@ from nanoslg.protocol import GenerateRequest, OutputDelta, token_ids
 from nanoslg.server.async_engine import AsyncEngine, EngineUnavailable
 from nanoslg.server.metrics import ServerMetrics
 from nanoslg.server.schemas import ChatCompletionRequest, CompletionRequest
+
+
+log = logging.getLogger("nanoslg.server")
 
 
 class RequestRejected(ValueError):
@@ -56,8 +60,11 @@ class Generation:
         """Starts the requests, then yields (choice, delta, the delta's new logprob entries) until every choice has
         finished; raises RequestRejected / GenerationFailed / EngineUnavailable."""
         pending = len(self.reqs)
+        admitted = False
+        abort_reason = "client_disconnected"  # unless it ends otherwise: the consumer stopped iterating
         try:
             await self.engine.admit(self.reqs, self._queue)
+            admitted = True
             while pending:
                 index, item = await self._queue.get()
                 if isinstance(item, Exception):
@@ -75,14 +82,29 @@ class Generation:
         except RequestRejected:
             self._status = "rejected"
             raise
+        except EngineUnavailable as e:
+            self._status, abort_reason = "error", e.reason
+            raise
         except Exception:
-            self._status = "error"
+            self._status, abort_reason = "error", "error"
             raise
         finally:
             self.engine.release(self.reqs)  # a client gone or an error: abort whatever still runs
             end = time.monotonic()
+            if admitted:
+                self._log_end(end, abort_reason)
+                if self._status not in ("ok", "rejected"):
+                    self.metrics.aborts.labels(reason=abort_reason).inc()
             self.metrics.observe_request(self._status, self.start, self.first_token, end,
                                          self.prompt_tokens, self.completion_tokens)
+
+    def _log_end(self, end: float, abort_reason: str) -> None:
+        request_id = self.reqs[0].rid.partition("-")[0].partition(".")[0]  # the HTTP request's id (uuid hex)
+        ttft = "-" if self.first_token is None else f"{self.first_token - self.start:.3f} s"
+        outcome = self._status if self._status in ("ok", "rejected") else f"{self._status} ({abort_reason})"
+        log.info("request %s: %s, %d prompt + %d output tokens, TTFT %s, total %.3f s", request_id, outcome,
+                 self.prompt_tokens, self.completion_tokens, ttft, end - self.start,
+                 extra={"request_id": request_id})
 
     def _apply(self, choice: Choice, d: OutputDelta) -> list:
         """Folds d into choice; returns the logprob entries it added."""

@@ -1,19 +1,55 @@
-"""Request bodies of the OpenAI-compatible endpoints (pydantic models, which also give /openapi.json its schemas).
+"""Request bodies of the OpenAI-compatible endpoints (pydantic models) and the /openapi.json built from them.
 
-Unknown fields are refused rather than silently ignored: a client relying on a parameter we do not implement
-(tools, response_format...) learns so from a 400 naming it.
+The published schema and the validator must agree: every body the schema allows is accepted, and every body it
+forbids gets a 4xx. The exception is a prompt's length in tokens, which JSON Schema cannot express: a text or
+conversation too long for max_model_len (400, OpenAI's code context_length_exceeded) or a text of no tokens at
+all (400, code empty_prompt), both documented. So:
+- unknown fields are refused rather than silently ignored (a client relying on tools, response_format... learns
+  so from a 400 naming it), and types are strict like OpenAI's (no "1" for 1, no true for 1);
+- limits that depend on the served model (token ids below the vocabulary size, a token-id prompt shorter than
+  max_model_len) reach the validator as pydantic's validation context and the schema through openapi_schema;
+- every integer is bounded: ids travel as int32, seeds as int64, and an unbounded one would fail on the wire (5xx).
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from dataclasses import dataclass
+from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from nanoslg.sampling_params import MAX_LOGPROBS, SamplingParams
 
+INT32_MAX = 2 ** 31 - 1
+
+
+def _integral(v):
+    # JSON Schema's "integer" includes 64.0; strict mode would refuse it, yet still refuses true and "64"
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def Int(ge: int, le: int):
+    """A bounded integer (the bounds inside the annotation, or pydantic would publish them as "ge"/"le")."""
+    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_integral)]
+
+
+TokenId = Int(0, INT32_MAX)
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+# An empty text prompt tokenizes to nothing (SmolLM2 and Llama 3 tokenizers add no BOS): vLLM refuses it too.
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+
+
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    """What the schema and the validator both need to know about the served model and the server's settings."""
+    name: str
+    max_model_len: int
+    vocab_size: int
+    max_tokens_default: Optional[int] = None
+    api_key: bool = False
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(_Strict):
@@ -34,16 +70,24 @@ class ChatMessage(_Strict):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+def _check_vocab(ids: list, info: ValidationInfo) -> None:
+    served = info.context
+    if isinstance(served, ServedModel):
+        bad = next((t for t in ids if t >= served.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {served.vocab_size})")
+
+
 class _Sampling(_Strict):
-    model: Optional[str] = None
+    model: Optional[str] = Field(None, description="the served model's id (GET /v1/models); null: that model")
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=-1)
+    top_k: Int(-1, INT32_MAX) = Field(0, description="0 or -1: no top-k")
     min_p: float = Field(0.0, ge=0, le=1)
-    n: int = Field(1, ge=1, le=16)
-    stop: Union[str, list[str], None] = None
-    stop_token_ids: Optional[list[int]] = None
-    seed: Optional[int] = None
+    n: Int(1, 16) = 1
+    stop: Union[NonEmptyStr, Annotated[list[NonEmptyStr], Field(max_length=16)], None] = None
+    stop_token_ids: Optional[list[TokenId]] = None
+    seed: Optional[Int(-2 ** 63, 2 ** 63 - 1)] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
@@ -55,12 +99,10 @@ class _Sampling(_Strict):
     # a model served without a tokenizer, and re-send exactly what was generated
     return_token_ids: bool = False
 
-    @field_validator("stop")
+    @field_validator("stop_token_ids")
     @classmethod
-    def _stop_strings(cls, v):
-        items = [v] if isinstance(v, str) else (v or [])
-        if len(items) > 16 or any(not s for s in items):
-            raise ValueError("stop takes up to 16 non-empty strings")
+    def _stop_ids_in_vocab(cls, v, info: ValidationInfo):
+        _check_vocab(v or [], info)
         return v
 
     def sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int], seed_offset: int) -> SamplingParams:
@@ -78,10 +120,10 @@ class _Sampling(_Strict):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: Optional[int] = Field(None, ge=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    max_tokens: Optional[Int(1, INT32_MAX)] = None
+    max_completion_tokens: Optional[Int(1, INT32_MAX)] = None
     logprobs: bool = False
-    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: Optional[Int(0, MAX_LOGPROBS)] = None
 
     def conversation(self) -> list:
         # "developer" is OpenAI's newer name for the system role
@@ -92,18 +134,37 @@ class ChatCompletionRequest(_Sampling):
         return self.sampling_params(self.max_completion_tokens or self.max_tokens, logprobs, index)
 
 
+_ECHO_WITH_LOGPROBS = {"required": ["echo", "logprobs"],
+                       "properties": {"echo": {"const": True}, "logprobs": {"type": "integer"}}}
+
+
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: Optional[int] = Field(16, ge=1)
-    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    # the schema's "not" says what the model validator refuses: prompt logprobs are not implemented
+    model_config = ConfigDict(json_schema_extra={"not": _ECHO_WITH_LOGPROBS})
+
+    prompt: Union[NonEmptyStr, Annotated[list[NonEmptyStr], Field(min_length=1)], TokenIds,
+                  Annotated[list[TokenIds], Field(min_length=1)]]
+    max_tokens: Optional[Int(1, INT32_MAX)] = 16
+    logprobs: Optional[Int(0, MAX_LOGPROBS)] = None
     echo: bool = False
 
     @field_validator("prompt")
     @classmethod
-    def _non_empty(cls, v):
-        if isinstance(v, list) and (not v or any(isinstance(p, list) and not p for p in v)):
-            raise ValueError("prompt must not be empty")
+    def _ids_fit(cls, v, info: ValidationInfo):
+        served = info.context
+        id_lists = [] if isinstance(v, str) or isinstance(v[0], str) else v if isinstance(v[0], list) else [v]
+        for ids in id_lists:
+            _check_vocab(ids, info)
+            if isinstance(served, ServedModel) and len(ids) >= served.max_model_len:
+                raise ValueError(f"the prompt has {len(ids)} tokens, but max_model_len is {served.max_model_len} "
+                                 f"(prompt and output must fit in it)")
         return v
+
+    @model_validator(mode="after")
+    def _no_echo_with_logprobs(self):
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo together with logprobs is not supported")
+        return self
 
     def prompts(self) -> list:
         """Each prompt as a str or a list of token ids."""
@@ -118,46 +179,149 @@ class CompletionRequest(_Sampling):
         return self.sampling_params(self.max_tokens, self.logprobs, index)
 
 
-def openapi_schema(version: str) -> dict:
-    """A real OpenAPI 3 document for the endpoints and their bodies."""
+# ---------------------------------------------------------------------------------------------- /openapi.json
+def _error(description: str, retry_after: bool = False) -> dict:
+    out = {"description": description, "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/Error"}}}}
+    if retry_after:
+        out["headers"] = {"Retry-After": {"description": "seconds after which a retry can succeed (absent when the "
+                                                         "server is shutting down)", "schema": {"type": "integer"}}}
+    return out
+
+
+def _obj(required: list, **props) -> dict:
+    return {"type": "object", "required": required, "properties": props}
+
+
+_INT, _STR, _NULLABLE_OBJ = {"type": "integer"}, {"type": "string"}, {"type": ["object", "null"]}
+_FINISH = {"enum": ["stop", "length"]}  # a whole response has finished every choice
+
+
+def _response_schemas() -> dict:
+    usage = _obj(["prompt_tokens", "completion_tokens", "total_tokens"], prompt_tokens=_INT, completion_tokens=_INT,
+                 total_tokens=_INT, prompt_tokens_details=_obj(["cached_tokens"], cached_tokens=_INT))
+    token_ids = {"type": "array", "items": _INT, "description": "only with return_token_ids"}
+
+    def envelope(obj: str, choice: dict) -> dict:
+        return _obj(["id", "object", "created", "model", "choices", "usage"], id=_STR, object={"const": obj},
+                    created=_INT, model=_STR, choices={"type": "array", "items": choice}, usage=usage)
+
+    message = _obj(["role", "content"], role={"const": "assistant"}, content=_STR)
+
+    def chunk(obj: str, choice: dict) -> dict:  # usage is null on each chunk, or absent without include_usage
+        return _obj(["id", "object", "created", "model", "choices"], id=_STR, object={"const": obj}, created=_INT,
+                    model=_STR, choices={"type": "array", "items": choice}, usage={"anyOf": [usage, {"type": "null"}]})
+
+    streamed_finish = {"enum": ["stop", "length", None]}
+    return {
+        "ChatCompletionChunk": chunk("chat.completion.chunk", _obj(
+            ["index", "delta", "logprobs", "finish_reason"], index=_INT, logprobs=_NULLABLE_OBJ,
+            delta=_obj([], role={"const": "assistant"}, content=_STR), finish_reason=streamed_finish,
+            token_ids=token_ids)),
+        "CompletionChunk": chunk("text_completion", _obj(
+            ["index", "text", "logprobs", "finish_reason"], index=_INT, text=_STR, logprobs=_NULLABLE_OBJ,
+            finish_reason=streamed_finish, token_ids=token_ids)),
+        "ChatCompletion": envelope("chat.completion", _obj(
+            ["index", "message", "logprobs", "finish_reason"], index=_INT, message=message, logprobs=_NULLABLE_OBJ,
+            finish_reason=_FINISH, token_ids=token_ids)),
+        "Completion": envelope("text_completion", _obj(
+            ["index", "text", "logprobs", "finish_reason"], index=_INT, text=_STR, logprobs=_NULLABLE_OBJ,
+            finish_reason=_FINISH, token_ids=token_ids)),
+        "ModelList": _obj(["object", "data"], object={"const": "list"}, data={"type": "array", "items": _obj(
+            ["id", "object", "created", "owned_by"], id=_STR, object={"const": "model"}, created=_INT,
+            owned_by=_STR, max_model_len=_INT)}),
+        "Error": _obj(["error"], error=_obj(["message", "type", "param", "code"], message=_STR, type=_STR,
+                                            param={"type": ["string", "null"]}, code={"type": ["string", "null"]})),
+    }
+
+
+def _apply_served_model(schemas: dict, served: ServedModel) -> None:
+    """The served model's limits, where the static models can only say "an int32"."""
+    top_id = served.vocab_size - 1
+    max_ids = max(1, served.max_model_len - 1)  # the prompt must leave room for one generated token
+    for name in ("ChatCompletionRequest", "CompletionRequest"):
+        props = schemas[name]["properties"]
+        props["model"]["anyOf"][0] = {"const": served.name}
+        props["stop_token_ids"]["anyOf"][0]["items"]["maximum"] = top_id
+    prompt = schemas["CompletionRequest"]["properties"]["prompt"]
+    for ids in (prompt["anyOf"][2], prompt["anyOf"][3]["items"]):
+        ids["items"]["maximum"], ids["maxItems"] = top_id, max_ids
+    prompt["description"] = (f"text, texts, token ids or lists of token ids (each id below {served.vocab_size}); a "
+                             f"text of {served.max_model_len} tokens or more gets a 400 with code "
+                             f"context_length_exceeded, one of no tokens (only characters the tokenizer drops) a "
+                             f"400 with code empty_prompt")
+    default = served.max_tokens_default
+    stop = f"generation always stops at max_model_len ({served.max_model_len}) tokens of prompt plus output"
+    completion_max = schemas["CompletionRequest"]["properties"]["max_tokens"]
+    completion_max["default"] = default or 16
+    completion_max["description"] = (f"unset: {default or 16} (the server's --max-tokens-default, else 16 as in "
+                                     f"OpenAI's API); null: no limit; {stop}")
+    chat = schemas["ChatCompletionRequest"]["properties"]
+    for key in ("max_tokens", "max_completion_tokens"):
+        chat[key]["default"] = default
+        chat[key]["description"] = (f"max_completion_tokens wins over max_tokens; both unset: "
+                                    f"{default or 'no limit'} (the server's --max-tokens-default); {stop}")
+
+
+def openapi_schema(version: str, served: ServedModel) -> dict:
+    """The OpenAPI 3.1 document of this server: its endpoints, the served model's limits, its real responses."""
     from pydantic.json_schema import models_json_schema
 
     _, defs = models_json_schema([(ChatCompletionRequest, "validation"), (CompletionRequest, "validation")],
                                  ref_template="#/components/schemas/{model}")
-    schemas = defs.get("$defs", {})
-    schemas["Error"] = {
-        "type": "object", "required": ["error"],
-        "properties": {"error": {"type": "object", "required": ["message", "type"], "properties": {
-            "message": {"type": "string"}, "type": {"type": "string"},
-            "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
-    errors = {str(code): {"description": desc, "content": {"application/json": {
-        "schema": {"$ref": "#/components/schemas/Error"}}}}
-        for code, desc in [(400, "invalid request"), (401, "missing or wrong API key"), (404, "unknown model"),
-                           (413, "body too large"), (503, "engine unavailable or busy")]}
+    schemas = {**defs["$defs"], **_response_schemas()}
+    _apply_served_model(schemas, served)
+    errors = {
+        "400": _error("invalid request: the body breaks this schema, or its prompt (conversation) has too many "
+                      "tokens for max_model_len (code context_length_exceeded) or none (code empty_prompt)"),
+        "404": _error("the model is not the served one"),
+        "413": _error("the body is larger than --max-body-mb"),
+        "500": _error("the engine failed while generating"),
+        "503": _error("the engine is restarting, overloaded or shutting down", retry_after=True),
+    }
+    if served.api_key:
+        errors["401"] = _error("missing or wrong API key")
+    security = {"security": [{"bearer": []}]} if served.api_key else {}
 
-    def post(body: str, summary: str) -> dict:
-        return {"post": {"summary": summary, "requestBody": {"required": True, "content": {"application/json": {
-            "schema": {"$ref": f"#/components/schemas/{body}"}}}},
-            "responses": {"200": {"description": "the completion (JSON), or server-sent events when stream is true",
-                                  "content": {"application/json": {"schema": {"type": "object"}},
-                                              "text/event-stream": {"schema": {"type": "string"}}}},
-                          **errors}}}
+    def event(chunk: str) -> dict:
+        """One server-sent event: a chunk, an error met after the stream began, or the closing [DONE]."""
+        payload = {"anyOf": [{"$ref": f"#/components/schemas/{chunk}"}, {"$ref": "#/components/schemas/Error"}]}
+        return _obj(["data"], data={"anyOf": [{"const": "[DONE]"}, {
+            "type": "string", "contentMediaType": "application/json", "contentSchema": payload}]})
 
-    def get(summary: str) -> dict:
-        return {"get": {"summary": summary, "responses": {"200": {"description": "OK"}}}}
+    def post(body: str, response: str, summary: str) -> dict:
+        return {"post": {"summary": summary, **security, "requestBody": {"required": True, "content": {
+            "application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}}},
+            "responses": {"200": {
+                "description": "the completion, or with stream true server-sent events (data: lines of chunks, "
+                               "then data: [DONE])",
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{response}"}},
+                            "text/event-stream": {"schema": event(f"{response}Chunk")}}}, **errors}}}
 
+    def get(summary: str, media: str, schema: dict, **more) -> dict:
+        return {"get": {"summary": summary, "responses": {
+            "200": {"description": "OK", "content": {media: {"schema": schema}}}, **more}}}
+
+    models = get("List the served model", "application/json", {"$ref": "#/components/schemas/ModelList"})
+    if served.api_key:
+        models["get"].update(security)
+        models["get"]["responses"]["401"] = errors["401"]
     return {
         "openapi": "3.1.0",
         "info": {"title": "nanoslg OpenAI-compatible API", "version": version},
         "paths": {
-            "/v1/chat/completions": post("ChatCompletionRequest", "Create a chat completion"),
-            "/v1/completions": post("CompletionRequest", "Create a text completion"),
-            "/v1/models": get("List the served model"),
-            "/health": {"get": {"summary": "200 while every engine process is alive and ready",
+            "/v1/chat/completions": post("ChatCompletionRequest", "ChatCompletion", "Create a chat completion"),
+            "/v1/completions": post("CompletionRequest", "Completion", "Create a text completion"),
+            "/v1/models": models,
+            "/health": {"get": {"summary": "200 while every engine process is alive and ready (no body)",
                                 "responses": {"200": {"description": "healthy"},
-                                              "503": {"description": "an engine process is down"}}}},
-            "/metrics": get("Prometheus metrics"),
-            "/version": get("Server version"),
+                                              "503": {"description": "the engine is down or restarting"}}}},
+            "/metrics": get("Prometheus metrics", "text/plain", {"type": "string"}),
+            "/version": get("Server version", "application/json", _obj(["version"], version=_STR)),
+            "/openapi.json": get("This document", "application/json", {"type": "object"}),
+            "/": get("The web chat page", "text/html", {"type": "string"}),
         },
-        "components": {"schemas": schemas},
+        "components": {"schemas": schemas,
+                       **({"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}
+                          if served.api_key else {})},
     }
