@@ -163,6 +163,10 @@ for mode in $MODES; do
     overlap)  # FlashInfer decode attention beside the model's GEMMs: streams and green-context SM splits
       python3 scripts/gpu_overlap_probe.py > "$OUT/overlap.log" 2>&1; grep "^OVERLAP" "$OUT/overlap.log" || tail "$OUT/overlap.log"
       ;;
+    overlap-persistent)  # Triton GEMM and decode attention, each persistent on its own share of the SMs
+      python3 scripts/gpu_persistent_overlap_probe.py > "$OUT/overlap-persistent.log" 2>&1
+      grep "^PROBE" "$OUT/overlap-persistent.log" || tail -30 "$OUT/overlap-persistent.log"
+      ;;
     multi-turn)  # a served Llama-3.1-8B shape, conversations over a 2,000-token system prompt, cache on vs off
       for cache in enable no-enable; do
         start_server "--$cache-prefix-caching" || continue
