@@ -15,7 +15,7 @@ class EngineDeadError(RuntimeError):
 
 
 class EngineClient:
-    def __init__(self, cfg: EngineConfig, ctx: zmq.Context | None = None):
+    def __init__(self, cfg: EngineConfig, ctx: zmq.Context | None = None, start: bool = True):
         self.cfg = cfg.resolve() if cfg.model_spec is None else cfg
         self.launcher = Launcher(self.cfg)
         self.ctx = ctx or zmq.Context.instance()
@@ -24,6 +24,11 @@ class EngineClient:
         self.inbox = ipc.pull(self.ctx, self.cfg.run_dir, ipc.CLIENT)
         self.to_tokenizer = ipc.push(self.ctx, self.cfg.run_dir, ipc.TOKENIZER)
         self.closed = False
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Start every process and wait until each is READY (launcher.cancel() from another thread stops it)."""
         try:
             self.launcher.start()
         except BaseException:

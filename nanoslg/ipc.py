@@ -55,8 +55,9 @@ def recv(sock: zmq.Socket, flags: int = 0):
     return protocol.decode(sock.recv(flags, copy=True))
 
 
-class ShutdownRequested(Exception):
-    pass
+class ShutdownRequested(BaseException):
+    """SIGTERM or a shutdown message: a BaseException, so that no `except Exception` (a worker's failed-step
+    handler, say) takes it for an error and carries on."""
 
 
 def _on_sigterm(signum, frame):

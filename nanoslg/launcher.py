@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import zmq
@@ -66,6 +67,7 @@ class Launcher:
         self.inbox = ipc.pull(self._ctx, cfg.run_dir, ipc.LAUNCHER)
         self.hub = ClusterHub(cfg, self._ctx, self.secret) if cfg.nnodes > 1 and cfg.node_rank == 0 else None
         self._waited_for_nodes = False
+        self._cancelled = threading.Event()
         atexit.register(self.shutdown)
 
     def start(self) -> None:
@@ -97,10 +99,16 @@ class Launcher:
         self.children[name] = subprocess.Popen([sys.executable, "-m", module, self.cfg.to_arg(), *args], env=env,
                                                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
 
+    def cancel(self) -> None:
+        """Make a start() running in another thread give up within 200 ms (it stops what it started itself)."""
+        self._cancelled.set()
+
     def _await_ready(self, names: list) -> None:
         pending = set(names)
         deadline = time.monotonic() + self.cfg.startup_timeout_s
         while pending:
+            if self._cancelled.is_set():
+                raise EngineStartupError("the engine's start was cancelled (the server is stopping)")
             if self.hub is not None:
                 if self.hub.failure:
                     raise EngineStartupError(self.hub.failure)

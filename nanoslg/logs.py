@@ -27,7 +27,8 @@ class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         request_id = getattr(record, "request_id", None)
-        line = line if request_id is None else f"{line} [request {request_id}]"
+        if request_id is not None and str(request_id) not in line:
+            line = f"{line} [request {request_id}]"
         return line.replace("\n", "\n    ")  # a traceback stays visibly part of its event
 
 

@@ -161,11 +161,21 @@ def test_non_streaming_disconnect_aborts(server):
 
 
 def test_queue_full_and_engine_death_get_503(tiny_chat_model):
-    with Server(tiny_chat_model, "--max-model-len", "256", "--max-queued-requests", "0") as srv:
-        _assert_error(httpx.post(f"{srv.url}/v1/completions", json={"prompt": "x"}), 503, "limit")
+    with Server(tiny_chat_model, "--max-model-len", "256", "--max-queued-requests", "1") as srv:
+        body = {"prompt": "x", "max_tokens": 200, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{srv.url}/v1/completions", json=body, timeout=30) as running:
+            lines = running.iter_lines()  # kept: a dropped iterator closes the stream (the client leaves)
+            next(lines)  # it holds the only place: the next request is told to come back
+            full = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "x"})
+            _assert_error(full, 503, "limit")
+            assert full.headers["Retry-After"] == "1"
+        # more choices than the server ever runs at once: no retry can help, so the client's error
+        err = _assert_error(httpx.post(f"{srv.url}/v1/completions", json={"prompt": "x", "n": 2}), 400, "at once")
+        assert err["code"] == "too_many_choices"
     with Server(tiny_chat_model, "--max-model-len", "256") as srv:
-        # one body of 300 prompts x 16 choices passes the default limit of 4096 in progress: refused whole
-        _assert_error(httpx.post(f"{srv.url}/v1/completions", json={"prompt": ["a"] * 300, "n": 16}), 503, "limit")
+        # one body of 300 prompts x 16 choices passes the default limits (2048 waiting, 4096 in progress)
+        _assert_error(httpx.post(f"{srv.url}/v1/completions", json={"prompt": ["a"] * 300, "n": 16}), 400,
+                      "4800 completions")
         children = [int(p) for p in open(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children").read().split()]
         worker = next(p for p in children if "gpu_workers.worker_proc" in open(f"/proc/{p}/cmdline").read())
         # a request already running when the engine dies fails with 503 too (instead of waiting forever)

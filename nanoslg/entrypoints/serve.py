@@ -1,6 +1,7 @@
 """`nanoslg serve`: start the engine, then the HTTP server in this process."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -37,10 +38,11 @@ def run_serve(args) -> int:
 
     cfg = engine_config_from_args(args)
     setup_logging(cfg.log_level, cfg.log_format)
-    for flag, value in (("--max-waiting-requests", args.max_waiting_requests), ("--shutdown-timeout",
-                        args.shutdown_timeout), ("--max-queued-requests", args.max_queued_requests)):
-        if value < 0:
-            print(f"nanoslg serve: {flag} must be >= 0, got {value}", file=sys.stderr)
+    for flag, value, least in (("--max-waiting-requests", args.max_waiting_requests, 1),
+                               ("--max-queued-requests", args.max_queued_requests, 1),
+                               ("--shutdown-timeout", args.shutdown_timeout, 0)):
+        if value < least:  # a queue limit of 0 would refuse every request
+            print(f"nanoslg serve: {flag} must be >= {least}, got {value}", file=sys.stderr)
             return 2
     if args.max_tokens_default is not None and args.max_tokens_default < 1:
         print(f"nanoslg serve: --max-tokens-default must be >= 1, got {args.max_tokens_default}", file=sys.stderr)
@@ -60,8 +62,11 @@ def run_serve(args) -> int:
         return 1
     name = args.served_model_name or os.path.basename(os.path.normpath(engine.cfg.model))
     settings = ServerSettings(name, args.api_key, int(args.max_body_mb * 1024 * 1024), args.max_tokens_default)
-    print(f"nanoslg: serving {name} on http://{args.host}:{args.port} (engine run dir {engine.cfg.run_dir})",
-          file=sys.stderr, flush=True)
+    serving = f"nanoslg: serving {name} on http://{args.host}:{args.port} (engine run dir {engine.cfg.run_dir})"
+    if cfg.log_format == "json":  # a log shipper reads JSON lines only
+        logging.getLogger("nanoslg.server").warning(serving)
+    else:
+        print(serving, file=sys.stderr, flush=True)
     # log_config=None: uvicorn's loggers go through ours (one format, --log-format json included)
     config = uvicorn.Config(build_app(engine, settings), host=args.host, port=args.port, log_config=None,
                             log_level=args.log_level, timeout_graceful_shutdown=5)

@@ -20,7 +20,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 import nanoslg
-from nanoslg.server.async_engine import AsyncEngine, EngineUnavailable
+from nanoslg.server.async_engine import AsyncEngine, EngineUnavailable, TooManyChoices
 from nanoslg.server.metrics import ServerMetrics
 from nanoslg.server.openai_api import (Generation, GenerationFailed, RequestRejected, Responder, chat_requests,
                                        completion_requests)
@@ -172,6 +172,8 @@ class OpenAIServer:
             return e.response()
         except RequestRejected as e:
             return ApiError(400, str(e), code=_rejection_code(str(e))).response()
+        except TooManyChoices as e:
+            return ApiError(400, str(e), param="n", code="too_many_choices").response()
         except EngineUnavailable as e:
             headers = {"Retry-After": str(e.retry_after)} if e.retry_after else None
             return ApiError(503, str(e), "service_unavailable").response(headers)

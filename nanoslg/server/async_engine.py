@@ -19,7 +19,6 @@ import zmq.asyncio
 from nanoslg import ipc, protocol
 from nanoslg.config import EngineConfig
 from nanoslg.engine_client import EngineClient
-from nanoslg.launcher import EngineStartupError
 from nanoslg.protocol import AbortRequest, DebugReply, DebugStateQuery, OutputBatch
 
 log = logging.getLogger("nanoslg.server")
@@ -34,6 +33,10 @@ class EngineUnavailable(RuntimeError):
     def __init__(self, message: str, reason: str = "engine_unavailable", retry_after: Optional[int] = None):
         super().__init__(message)
         self.reason, self.retry_after = reason, retry_after
+
+
+class TooManyChoices(ValueError):
+    """One request asks for more completions (prompts x n) than the server's queue limits hold: a 400."""
 
 
 class AsyncEngine:
@@ -54,6 +57,7 @@ class AsyncEngine:
         self.num_restarts = 0
         self.exit_code = 0
         self.on_fatal: Callable[[], None] = lambda: None  # set by the HTTP server: stop serving
+        self._starting: Optional[EngineClient] = None  # an engine being restarted, until it is READY
         self._router: Optional[asyncio.Task] = None
         self._supervisor: Optional[asyncio.Task] = None
         self._debug = self._connect_debug()
@@ -95,16 +99,24 @@ class AsyncEngine:
         return dead
 
     async def _supervise(self) -> None:
-        while self.state != STOPPED:
-            await asyncio.sleep(0.1)
-            if self.state in (RUNNING, DRAINING):
-                dead = self._deaths()
-                if dead:
-                    await self._on_death("; ".join(dead))
+        try:
+            while self.state != STOPPED:
+                await asyncio.sleep(0.1)
+                if self.state in (RUNNING, DRAINING):
+                    dead = self._deaths()
+                    if dead:
+                        await self._on_death("; ".join(dead))
+        except Exception:  # a server that can no longer heal must not linger half alive: it exits
+            log.exception("the engine supervisor failed: the server exits")
+            self._give_up(1)
+
+    def _give_up(self, exit_code: int) -> None:
+        self.exit_code, self.state = exit_code, STOPPED
+        self.on_fatal()
 
     async def _on_death(self, what: str) -> None:
         log.error("engine process died: %s", what)
-        draining = self.state == DRAINING
+        draining, running = self.state == DRAINING, len(self.routes)
         self.state = RESTARTING
         self.fail_all(EngineUnavailable(f"the engine stopped while the request was running ({what})",
                                         "engine_died"))
@@ -116,23 +128,26 @@ class AsyncEngine:
             why = ("restarts are off" if not self.restart else "the server is shutting down" if draining else
                    f"{len(self.restart_times)} restarts within {self.restart_window_s:.0f} s already")
             log.error("not restarting the engine (%s): the server exits", why)
-            self.exit_code = 0 if draining else 1
-            self.state = STOPPED
-            self.on_fatal()
+            # a death while draining is still a crash when it cost running requests
+            self._give_up(1 if running or not draining else 0)
             return
         self.restart_times.append(now)
         log.warning("restarting the engine (restart %d within %.0f s)", len(self.restart_times),
                     self.restart_window_s)
         try:
+            client = EngineClient(EngineConfig.from_dict(self._pristine), self.ctx, start=False)
+            self._starting = client
             # Started from an executor thread, which lives as long as the server: the children's parent-death
-            # signal (launcher.py) follows the thread that spawned them.
-            client = await asyncio.to_thread(EngineClient, EngineConfig.from_dict(self._pristine), self.ctx)
-        except (EngineStartupError, OSError) as e:
-            log.error("the engine did not restart: %s", e)
-            self.exit_code, self.state = 1, STOPPED
-            self.on_fatal()
+            # signal (launcher.py) follows the thread that spawned them. stop() cancels it.
+            await asyncio.to_thread(client.start)
+        except Exception as e:
+            if self.state != STOPPED:  # else the server stopped meanwhile and cancelled the start
+                log.error("the engine did not restart: %s", e)
+                self._give_up(1)
             return
-        if self.state == STOPPED:  # the server stopped while the engine was starting
+        finally:
+            self._starting = None
+        if self.state == STOPPED:  # the server stopped as the engine became ready
             client.close()
             return
         self.client, self.cfg = client, client.cfg
@@ -145,16 +160,26 @@ class AsyncEngine:
     async def _stop_client(self) -> None:
         if self._router is not None:
             self._router.cancel()
-        self._debug.close(linger=0)
         client = self.client
         await asyncio.to_thread(client.launcher.shutdown)  # stops the survivors; may wait for a slow one
         client.close()
+        async with self._debug_lock:  # after a scrape in progress, which gives up within 2 s
+            self._debug.close(linger=0)
+
+    def stop(self) -> None:
+        """The server is going away: no more restarts, and an engine still starting gives up (its thread would
+        otherwise hold the event loop's exit until the engine is ready)."""
+        self.state = STOPPED
+        if self._starting is not None:
+            self._starting.launcher.cancel()
 
     def fail_all(self, failure: EngineUnavailable) -> None:
-        """End every running request with failure (its stream gets an error event)."""
+        """End every running request with failure (its stream gets an error event); a live engine stops them."""
         routes, self.routes = self.routes, {}
         self.unstarted.clear()
-        for queue, index in routes.values():
+        for rid, (queue, index) in routes.items():
+            if self.state in (RUNNING, DRAINING):
+                self.client.to_tokenizer.send(protocol.encode(AbortRequest(rid)))
             queue.put_nowait((index, failure))
 
     async def drain(self, timeout_s: float) -> None:
@@ -182,6 +207,10 @@ class AsyncEngine:
         if not self.healthy:
             raise EngineUnavailable("the engine is restarting, retry shortly" if self.state == RESTARTING else
                                     "the engine is not running", retry_after=5)
+        largest = min(self.max_queued_requests, self.max_waiting_requests or self.max_queued_requests)
+        if num > largest:  # no retry can succeed: the client's error, not the server's
+            raise TooManyChoices(f"the request asks for {num} completions (prompts x n), more than this server "
+                                 f"runs at once ({largest})")
         if len(self.routes) + num > self.max_queued_requests:
             raise EngineUnavailable(f"the server has {len(self.routes)} requests in progress and this one adds "
                                     f"{num}; its limit is {self.max_queued_requests}, retry later", retry_after=1)
@@ -211,17 +240,22 @@ class AsyncEngine:
         if self.state not in (RUNNING, DRAINING):
             raise EngineUnavailable("the engine is not running")
         async with self._debug_lock:
-            await self._debug.send(protocol.encode(DebugStateQuery()))
-            if not await self._debug.poll(2000):
-                # A late reply would otherwise answer the next query: start over on a fresh socket.
-                self._debug.close(linger=0)
-                self._debug = self._connect_debug()
-                raise EngineUnavailable("the scheduler did not answer")
-            reply = protocol.decode(await self._debug.recv())
+            if self.state not in (RUNNING, DRAINING):  # it died while this scrape waited for the lock
+                raise EngineUnavailable("the engine is not running")
+            try:
+                await self._debug.send(protocol.encode(DebugStateQuery()))
+                if not await self._debug.poll(2000):
+                    # A late reply would otherwise answer the next query: start over on a fresh socket.
+                    self._debug.close(linger=0)
+                    self._debug = self._connect_debug()
+                    raise EngineUnavailable("the scheduler did not answer")
+                reply = protocol.decode(await self._debug.recv())
+            except zmq.ZMQError as e:
+                raise EngineUnavailable(f"the scheduler cannot be asked: {e}") from None
         return reply.state if isinstance(reply, DebugReply) else {}
 
     def close(self) -> None:
-        self.state = STOPPED
+        self.stop()
         for task in (self._router, self._supervisor):
             if task is not None:
                 task.cancel()

@@ -25,7 +25,10 @@ class DrainingServer(uvicorn.Server):
 
     async def serve(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
-        await super().serve(sockets)
+        try:
+            await super().serve(sockets)
+        finally:
+            self.engine.stop()  # before the loop closes: it would wait for an engine still being restarted
 
     def handle_exit(self, sig: int, frame) -> None:
         # Replaces uvicorn's handler, which would re-raise the signal after shutdown (the exit status would be

@@ -273,7 +273,9 @@ def openapi_schema(version: str, served: ServedModel) -> dict:
     _apply_served_model(schemas, served)
     errors = {
         "400": _error("invalid request: the body breaks this schema, or its prompt (conversation) has too many "
-                      "tokens for max_model_len (code context_length_exceeded) or none (code empty_prompt)"),
+                      "tokens for max_model_len (code context_length_exceeded) or none (code empty_prompt), or it "
+                      "asks for more completions (prompts x n) than the server runs at once (code "
+                      "too_many_choices: --max-waiting-requests and --max-queued-requests)"),
         "404": _error("the model is not the served one"),
         "413": _error("the body is larger than --max-body-mb"),
         "500": _error("the engine failed while generating"),
