@@ -157,9 +157,18 @@ class Scheduler:
             chunks.append((r, r.num_computed, end, 0))
             scheduled.add(r)
             budget -= end - r.num_computed
+        filling = None  # prefix-cache keys of the pages this step computes, once a waiting request needs them
         while self.waiting and not blocked and len(chunks) < max_seqs and budget > 0:
             r = self.waiting[0]
             self._reuse_cached_prefix(r)
+            if self.blocks.enable_prefix_caching:
+                filling = filling if filling is not None else {k for c in chunks for k in self._filled_keys(*c)}
+                if self._next_page_in(r, filling):
+                    # Cache-aware admission: this step already computes r's next page for another request, so r
+                    # starts one step later and reads it from the cache. It waits no longer than the sharer takes
+                    # to compute the shared prefix, and those behind it keep their order.
+                    self._drop_pages(r)
+                    break
             end = min(r.num_tokens, r.num_computed + budget)
             if not self._grow(r, end):
                 self._drop_pages(r)  # a waiting request holds no pages: they stay cached for it and others
@@ -180,6 +189,8 @@ class Scheduler:
             r.status = Status.RUNNING
             self.running.append(r)
             chunks.append((r, r.num_computed, end, 0))
+            if filling is not None:
+                filling.update(self._filled_keys(r, r.num_computed, end, 0))
             budget -= end - r.num_computed
         if not chunks and not self.to_release:
             return None
@@ -234,6 +245,17 @@ class Scheduler:
         r.num_computed = len(pages) * self.blocks.page_size
         if not r.num_preemptions:
             r.num_cached_tokens = r.num_computed
+
+    def _filled_keys(self, r: Request, start: int, end: int, pending: int) -> list:
+        """Keys of the full pages that a chunk of r completes (none for a chained decode: its token is unknown)."""
+        ps = self.blocks.page_size
+        first, full = start // ps, min(end, r.num_tokens) // ps
+        return self._keys(r, full)[first:] if not pending and full > first else []
+
+    def _next_page_in(self, r: Request, keys: set) -> bool:
+        """Whether the first page r would compute (a full page of its prompt) has one of keys."""
+        i = len(r.pages)
+        return i < (r.num_tokens - 1) // self.blocks.page_size and self._keys(r, i + 1)[i] in keys
 
     def _register_full_pages(self, r: Request, num_known: int) -> None:
         """Offer r's pages that the step being planned fills to the cache: any later plan may read them, since

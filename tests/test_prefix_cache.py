@@ -96,6 +96,25 @@ def test_a_request_sharing_a_running_requests_prefix_starts_after_the_shared_pag
     assert st["kv_pages_used"] == 0 and st["kv_pages_free"] == 64 and st["kv_pages_cached"] > 0
 
 
+def test_requests_arriving_together_share_the_prefix_instead_of_computing_it_twice():
+    s = Scheduler(64, PS, 8, 64, 256, enable_prefix_caching=True)
+    prompt = list(range(10, 40))  # 30 tokens: 7 full pages
+    for rid, tail in (("a", [1, 2]), ("b", [3, 4, 5]), ("c", [6])):
+        s.add(TokenizedRequest(rid, token_ids(prompt + tail), {"max_tokens": 2}, []))
+    s.add(TokenizedRequest("other", token_ids([200] * 9), {"max_tokens": 2}, []))
+    first = s.schedule()
+    # b would compute the pages a computes in this very step: it (and, in order, those behind it) waits one step
+    assert [c.rid for c in first.seqs] == ["a"]
+    second = s.schedule()
+    starts = {c.rid: c.start_pos for c in second.seqs}
+    assert starts["b"] == starts["c"] == 28 and starts["other"] == 0  # 7 pages from the cache, each
+    s.on_result(_result(first, 7))
+    s.on_result(_result(second, 7))
+    _run_to_end(s)
+    st = s.state()
+    assert st["prefix_cache_hits"] == 2 * 28 and st["kv_pages_used"] == 0
+
+
 def test_a_flood_of_distinct_prompts_evicts_cached_pages_and_never_fails_for_want_of_them():
     s = Scheduler(12, PS, 4, 64, 64, enable_prefix_caching=True)  # 12 pages: ~2 requests at a time
     for i in range(30):
@@ -125,6 +144,20 @@ def test_shared_prefixes_of_every_length_give_hf_tokens(arch, tiny_model_dir, hf
     assert [o.token_ids for o in outs] == hf_reference(folder, prompts, 10)
     # hits: 0 + 1 + 6 + 9 + 9 pages (base itself: all but its last page)
     assert state["prefix_cache_hits"] >= 25 * PS
+    assert state["kv_pages_used"] == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_prompts_sent_together_hit_each_others_pages_and_give_hf_tokens(arch, tiny_model_dir, hf_reference):
+    folder = tiny_model_dir(arch)
+    base = random_prompts(1, seed=43, lengths=[10 * PS])[0]
+    prompts = _variants(base, seed=44)  # no warm-up: the shared pages are first computed within this batch
+    with LLM(folder, max_model_len=128, page_size=PS) as llm:
+        outs = llm.generate(prompts, GREEDY)
+        state = _state(llm)
+    assert [o.token_ids for o in outs] == hf_reference(folder, prompts, 10)
+    # each variant reads what the one before it computed: 1 + 6 + 9 pages (base: its last page is recomputed)
+    assert state["prefix_cache_hits"] >= (1 + 6 + 9) * PS
     assert state["kv_pages_used"] == 0
 
 
