@@ -5,14 +5,14 @@ chosen number of programs that loop over their tiles (work items), so a GEMM on 
 rest can hold disjoint SMs for the whole pass. Shapes: Llama-3.1-8B (the four GEMMs of a layer for M tokens; GQA
 decode over a paged cache of 16-token pages, S sequences at context 1280), x 32 layers, best of 3, ms.
 Run on the GPU machine: python3 scripts/gpu_persistent_overlap_probe.py"""
-import time
-
 import torch
 import triton
 import triton.language as tl
 
-dev, bf = torch.device("cuda"), torch.bfloat16
-HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, LAYERS, PAGE, CTX = 4096, 14336, 32, 8, 128, 32, 16, 1280
+# the first probe's shapes and timing (this script runs from scripts/, next to it)
+from gpu_overlap_probe import (CTX, HEAD_DIM, HEADS, HIDDEN, INTER, KV_HEADS, LAYERS, PAGE, bf, dev, side_by_side,
+                               timed)
+
 GROUP = HEADS // KV_HEADS
 
 
@@ -91,30 +91,6 @@ def linear(a, w, out, progs, cfg):
     M, K = a.shape
     N = w.shape[0]
     persistent_linear[(progs,)](a, w, out, M, N, K, progs, **cfg)
-
-
-def timed(fn, reps=3) -> float:
-    fn()
-    best = 1e9
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - t) * 1e3)
-    return best
-
-
-def side_by_side(stream_a, fa, stream_b, fb):
-    def run():
-        torch.cuda.current_stream().synchronize()
-        with torch.cuda.stream(stream_a):
-            fa()
-        with torch.cuda.stream(stream_b):
-            fb()
-        stream_a.synchronize()
-        stream_b.synchronize()
-    return run
 
 
 class Gemms:

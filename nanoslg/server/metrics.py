@@ -38,7 +38,6 @@ class ServerMetrics:
                               registry=r)
         self.restarts = Counter("nanoslg_engine_restarts", "Times the engine was restarted after a process died",
                                 registry=r)
-        self._restarts_seen = 0
         self.kv_usage = Gauge("nanoslg_kv_cache_usage_ratio", "Fraction of KV cache pages in use", registry=r)
         self.ttft = Histogram("nanoslg_time_to_first_token_seconds", "Time to first token", registry=r,
                               buckets=_LATENCY_BUCKETS)
@@ -71,13 +70,16 @@ class ServerMetrics:
         self.kv_pages_cached.set(state.get("kv_pages_cached", 0))
         # The scheduler reports totals since its start; a restarted engine starts again from 0.
         for key, counter in self._totals.items():
-            total = state.get(key, 0)
-            counter.inc(total - self._seen[key] if total >= self._seen[key] else total)
-            self._seen[key] = total
+            self._advance(key, counter, state.get(key, 0))
 
     def count_restarts(self, total: int) -> None:
-        self.restarts.inc(total - self._restarts_seen)
-        self._restarts_seen = total
+        self._advance("engine_restarts", self.restarts, total)
+
+    def _advance(self, key: str, counter: Counter, total: int) -> None:
+        """Moves counter on to a total counted elsewhere since its start."""
+        seen = self._seen.get(key, 0)
+        counter.inc(total - seen if total >= seen else total)
+        self._seen[key] = total
 
     def observe_first_token(self, queue_time: float, prefill_time: float) -> None:
         self.queue_time.observe(queue_time)
