@@ -1,10 +1,13 @@
 """A plan's sequences as the flat token batch the model runs: input ids, positions, KV slots and page tables."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from gpu_workers.attention.base import BatchLayout
+from gpu_workers.nano_batch import split_rows
 from gpu_workers.upload import upload
 from nanoslg.protocol import StepPlan
 
@@ -33,11 +36,31 @@ class TokenSlots:
             self.free_slots.append(s)
 
 
-def build_batch(plan: StepPlan, page_size: int, token_slots: TokenSlots, device: torch.device) -> tuple:
-    """(input ids on the device, BatchLayout, cumulative query lengths). Pending tokens (planned before the step that
-    samples them had finished) are filled in from token_slots on the device."""
+@dataclass(slots=True)
+class StepBatch:
+    """A plan's sequences as the flat token batch the model runs, decode rows first (the attention runs them on the
+    decode kernel, the rest on the prefill kernel), and its split into nano-batches of whole rows."""
+
+    seqs: list  # the plan's SeqChunks in batch order
+    input_ids: torch.Tensor  # [T] on the device
+    layout: BatchLayout
+    cu: np.ndarray  # cumulative query lengths, [B + 1]
+    parts: list  # nano-batches: [(first row, end row)]
+
+    @property
+    def token_bounds(self) -> list:
+        return [(int(self.cu[a]), int(self.cu[b])) for a, b in self.parts]
+
+    def part_layouts(self) -> list:
+        return [self.layout.rows(a, b, t0, t1) for (a, b), (t0, t1) in zip(self.parts, self.token_bounds)]
+
+
+def build_batch(plan: StepPlan, page_size: int, token_slots: TokenSlots, device: torch.device,
+                nano_batches: int = 1) -> StepBatch:
+    """The plan as a StepBatch. Pending tokens (planned before the step that samples them had finished) are filled
+    in from token_slots on the device."""
     ps = page_size
-    seqs = plan.seqs
+    seqs = sorted(plan.seqs, key=lambda s: len(s.token_ids) + s.pending != 1)  # stable: decodes first
     q_lens = np.fromiter((len(s.token_ids) + s.pending for s in seqs), dtype=np.int64, count=len(seqs))
     starts = np.fromiter((s.start_pos for s in seqs), dtype=np.int64, count=len(seqs))
     max_pages = max(len(s.page_table) for s in seqs)
@@ -62,4 +85,4 @@ def build_batch(plan: StepPlan, page_size: int, token_slots: TokenSlots, device:
     ids = upload(input_ids, device)
     if pending_at:  # tokens the previous step sampled, still on the device
         ids[upload(pending_at, device)] = token_slots.tokens[upload(pending_slots, device)]
-    return ids, layout, cu
+    return StepBatch(seqs, ids, layout, cu, split_rows(q_lens.tolist(), nano_batches))

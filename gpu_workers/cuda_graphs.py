@@ -12,6 +12,7 @@ import torch
 
 from gpu_workers.attention.base import BatchLayout
 from gpu_workers.attention.context import forward_context
+from gpu_workers.nano_batch import OpRunner, split_rows
 
 log = logging.getLogger("nanoslg.worker")
 
@@ -22,8 +23,12 @@ def batch_size_ladder(max_batch: int) -> list:
 
 
 class DecodeGraphs:
-    def __init__(self, model, backend, max_batch: int, max_model_len: int, page_size: int, first_stage: bool):
-        self.model, self.backend = model, backend
+    """Captured decode steps. With nano-batches each graph holds the split too: its rows in fixed parts, each with
+    its own decode wrapper, and the side streams' work as parallel branches of the graph."""
+
+    def __init__(self, model, backend, runner: OpRunner, max_batch: int, max_model_len: int, page_size: int,
+                 first_stage: bool, nano_batches: int = 1):
+        self.model, self.backend, self.runner = model, backend, runner
         self.sizes = batch_size_ladder(max_batch)
         self.max_pages_per_seq = -(-max_model_len // page_size)
         device, spec = backend.kv_cache.device, model.spec
@@ -37,13 +42,16 @@ class DecodeGraphs:
             self.inputs = {name: torch.zeros(max_batch, spec.hidden_size, dtype=dtype, device=device)
                            for name in ("hidden", "residual")}
         self.graphs: dict = {}
-        self.wrappers: dict = {}
+        self.parts: dict = {}  # batch size -> [(first row, end row)] of its nano-batches
+        self.wrappers: dict = {}  # batch size -> one decode wrapper per part
         self.outputs: dict = {}
         pool = torch.cuda.graph_pool_handle()
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
-            self.wrappers[bs] = backend.graph_decode_wrapper(bs, bs * self.max_pages_per_seq)
+            self.parts[bs] = split_rows([1] * bs, nano_batches)
+            self.wrappers[bs] = [backend.graph_decode_wrapper(b - a, (b - a) * self.max_pages_per_seq)
+                                 for a, b in self.parts[bs]]
             self._capture(bs, pool)
-        log.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
+        log.info("captured decode CUDA graphs for batch sizes %s (%d nano-batches)", self.sizes, nano_batches)
 
     def _padding_layout(self, bs: int, layout: BatchLayout = None) -> BatchLayout:
         """layout's rows plus padding rows (one token at position 0 in the scratch page) up to bs."""
@@ -57,17 +65,26 @@ class DecodeGraphs:
             tables[:n] = layout.page_tables
         return BatchLayout(q_lens, start, tables, self.positions[:bs], self.slots[:bs])
 
-    def _capture(self, bs: int, pool) -> None:
-        layout = self._padding_layout(bs)
-        self.slots[:bs].fill_(self.backend.scratch_page * self.backend.page_size)
-        self.backend.plan_decode(self.wrappers[bs], layout)
+    def _plan(self, bs: int, layout: BatchLayout) -> list:
+        self.backend.begin_planning()
+        plans = [self.backend.plan_decode(w, layout.rows(a, b, a, b))
+                 for w, (a, b) in zip(self.wrappers[bs], self.parts[bs])]
+        self.backend.finish_planning()
+        return plans
+
+    def _forward(self, bs: int, plans: list):
         inputs = {name: t[:bs] for name, t in self.inputs.items()}
+        return self.model(self.positions[:bs], plans, self.parts[bs], self.runner, **inputs)
+
+    def _capture(self, bs: int, pool) -> None:
+        self.slots[:bs].fill_(self.backend.scratch_page * self.backend.page_size)
+        plans = self._plan(bs, self._padding_layout(bs))
         with forward_context(self.backend):
-            self.model(self.positions[:bs], **inputs)  # warm-up outside the graph
+            self._forward(bs, plans)  # warm-up outside the graph
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[bs] = self.model(self.positions[:bs], **inputs)
+                self.outputs[bs] = self._forward(bs, plans)
         self.graphs[bs] = graph
 
     def can_run(self, layout: BatchLayout) -> bool:
@@ -87,7 +104,7 @@ class DecodeGraphs:
         if bs > n:
             self.positions[n:bs].zero_()
             self.slots[n:bs].fill_(self.backend.scratch_page * self.backend.page_size)
-        self.backend.plan_decode(self.wrappers[bs], self._padding_layout(bs, layout))
+        self._plan(bs, self._padding_layout(bs, layout))
         self.graphs[bs].replay()
         out = self.outputs[bs]
         return tuple(t[:n] for t in out) if isinstance(out, tuple) else out[:n]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -15,10 +16,11 @@ from gpu_workers.attention.base import AttentionBackend
 from gpu_workers.attention.context import forward_context
 from gpu_workers.attention.flashinfer_backend import FlashInferBackend, flashinfer_usable
 from gpu_workers.attention.sdpa import SdpaBackend
-from gpu_workers.batch_layout import TokenSlots, build_batch
+from gpu_workers.batch_layout import StepBatch, TokenSlots, build_batch
 from gpu_workers.cuda_graphs import DecodeGraphs
 from gpu_workers.layers import fused_ops
 from gpu_workers.models.llama import LlamaForCausalLM, iter_required
+from gpu_workers.nano_batch import GEMM, OTHER, OpRunner, OpTimer
 from gpu_workers.parallel import StageLink, parallel_state
 from gpu_workers.sampler import RowParams, Sampled, Sampler
 from gpu_workers.upload import upload
@@ -92,6 +94,8 @@ class ModelRunner:
         self.rows: dict = {}  # rid -> RowParams, kept while the scheduler may still schedule the request
         self.token_slots = TokenSlots(self.device)
         self.graphs = None
+        self.nano_batches = cfg.nano_batches
+        self.op_runner = self.make_op_runner(cfg.nano_overlap)
         self.num_pages = self._count_kv_pages()
         self.backend = self._make_backend(self.num_pages)
         log.warning("worker %d (tp %d/%d, pp %d/%d, layers %d-%d): %s %s, %d torch threads, %d KV pages of %d tokens, "
@@ -100,8 +104,17 @@ class ModelRunner:
                     self.device, self.dtype, torch.get_num_threads(), self.num_pages, cfg.page_size,
                     self.backend.name, self.backend_reason, "on" if fused_ops.enabled() else "off")
         if self.device.type == "cuda" and self.backend_cls is FlashInferBackend and not cfg.enforce_eager:
-            self.graphs = DecodeGraphs(self.model, self.backend, min(cfg.cuda_graph_max_batch, cfg.max_num_seqs),
-                                       cfg.max_model_len, cfg.page_size, self.ps.is_first_stage)
+            self.graphs = DecodeGraphs(self.model, self.backend, self.op_runner,
+                                       min(cfg.cuda_graph_max_batch, cfg.max_num_seqs), cfg.max_model_len,
+                                       cfg.page_size, self.ps.is_first_stage, self.nano_batches)
+
+    def make_op_runner(self, overlap: str) -> OpRunner:
+        """The runner for nano-batches whose operations of the overlap classes ("network", "memory", joined by
+        +) run on their own streams; side streams only where the attention backend allocates nothing."""
+        classes = frozenset(c for c in overlap.split("+") if c in ("network", "memory"))
+        if not self.backend_cls.runs_on_side_streams:
+            classes = frozenset()
+        return OpRunner(self.device, classes)
 
     def _choose_backend(self) -> type:
         choice = self.cfg.attention_backend
@@ -177,8 +190,8 @@ class ModelRunner:
                     budget / 2 ** 30)
         return budget
 
-    def layout(self, plan: StepPlan) -> tuple:
-        return build_batch(plan, self.cfg.page_size, self.token_slots, self.device)
+    def batch(self, plan: StepPlan) -> StepBatch:
+        return build_batch(plan, self.cfg.page_size, self.token_slots, self.device, self.nano_batches)
 
     @torch.inference_mode()
     def launch(self, plan: StepPlan, stage_local: bool = False) -> "Launched":
@@ -193,55 +206,90 @@ class ModelRunner:
             self.rows[s.rid].record_input(s.start_pos, s.token_ids, s.pending)
         if not plan.seqs:
             return Launched(plan.step_id, [], None)
-        hidden, cu = self._forward(plan, stage_local)
-        sampling = [s for s in plan.seqs if s.sample]
-        if hidden is None or not sampling:  # not the last stage, or no sequence reached its end
-            return Launched(plan.step_id, [], None)
-        last = upload([int(cu[b + 1]) - 1 for b, s in enumerate(plan.seqs) if s.sample], self.device)
-        logits = self.model.compute_logits(hidden[last])
-        positions = [s.start_pos + len(s.token_ids) + s.pending for s in sampling]
-        rows = [self.rows[s.rid] for s in sampling]
-        sampled = self.sampler(logits, rows, positions)
+        every = self.cfg.op_timing_every
+        timer = OpTimer(self.device.type == "cuda") if every and plan.step_id % every == 0 else None
+        span = StepSpan(self.device)
+        batch = self.batch(plan)
+        self.op_runner.timer = timer
+        try:
+            hidden = self._forward(batch, stage_local, timer)
+            sampling = [b for b, s in enumerate(batch.seqs) if s.sample]
+            if hidden is None or not sampling:  # not the last stage, or no sequence reached its end
+                span.end()
+                return Launched(plan.step_id, [], None, span, timer)
+            seqs = [batch.seqs[b] for b in sampling]
+            last = upload([int(batch.cu[b + 1]) - 1 for b in sampling], self.device)
+            logits = self._timed(timer, GEMM, self.model.compute_logits, hidden[last])
+            positions = [s.start_pos + len(s.token_ids) + s.pending for s in seqs]
+            sampled = self._timed(timer, OTHER, self.sampler, logits, [self.rows[s.rid] for s in seqs], positions)
+        finally:
+            self.op_runner.timer = None
         # Keep each request's newest token on the device for a decode already planned on top of it.
-        slot_ids = upload([self.token_slots.slot(s.rid) for s in sampling], self.device)
+        slot_ids = upload([self.token_slots.slot(s.rid) for s in seqs], self.device)
         self.token_slots.tokens[slot_ids] = sampled.tokens
+        span.end()
         sampled.start_copy()
-        return Launched(plan.step_id, [s.rid for s in sampling], sampled)
+        return Launched(plan.step_id, [s.rid for s in seqs], sampled, span, timer)
 
-    def _forward(self, plan: StepPlan, stage_local: bool) -> tuple:
-        """(final hidden states on the last stage, else None; cumulative query lengths)."""
-        input_ids, layout, cu = self.layout(plan)
+    @staticmethod
+    def _timed(timer: Optional[OpTimer], kind: str, fn, *args):
+        return fn(*args) if timer is None else timer.time(kind, fn, *args)
+
+    def _forward(self, batch: StepBatch, stage_local: bool, timer: Optional[OpTimer]) -> Optional[torch.Tensor]:
+        """Final hidden states on the last stage, else None (the activations went on to the next stage)."""
+        n = len(batch.input_ids)
         if self.ps.is_first_stage:
-            inputs = {"input_ids": input_ids}
+            inputs = {"input_ids": batch.input_ids}
         elif stage_local:
-            stand_in = torch.zeros(len(input_ids), self.cfg.model_spec.hidden_size, dtype=self.dtype,
-                                   device=self.device)
+            stand_in = torch.zeros(n, self.cfg.model_spec.hidden_size, dtype=self.dtype, device=self.device)
             inputs = {"hidden": stand_in, "residual": stand_in.clone()}
         else:
-            hidden, residual = self.stage_link.recv(len(input_ids))
+            hidden, residual = self.stage_link.recv(n)
             inputs = {"hidden": hidden, "residual": residual}
-        if self.graphs is not None and self.graphs.can_run(layout):
-            out = self.graphs.run(layout, **inputs)
+        if timer is None and self.graphs is not None and self.graphs.can_run(batch.layout):
+            out = self.graphs.run(batch.layout, **inputs)
         else:
             with forward_context(self.backend):
-                self.backend.plan(layout)
-                out = self.model(layout.positions, **inputs)
+                self.backend.begin_planning()
+                plans = [self.backend.plan(layout, slot=i) for i, layout in enumerate(batch.part_layouts())]
+                self.backend.finish_planning()
+                out = self.model(batch.layout.positions, plans, batch.token_bounds, self.op_runner, **inputs)
         if self.ps.is_last_stage:
-            return out, cu
+            return out
         if not stage_local:
             self.stage_link.send(*out)
-        return None, cu
+        return None
+
+    @torch.inference_mode()
+    def logits(self, plan: StepPlan) -> torch.Tensor:
+        """Logits at each sequence's last token, in the plan's order, from one forward pass that samples nothing
+        and keeps no request state (the GPU tests' teacher forcing)."""
+        batch = self.batch(plan)
+        hidden = self._forward(batch, stage_local=True, timer=None)
+        row = {s.rid: b for b, s in enumerate(batch.seqs)}
+        last = upload([int(batch.cu[row[s.rid] + 1]) - 1 for s in plan.seqs], self.device)
+        return self.model.compute_logits(hidden[last])
 
     def finish(self, launched: "Launched") -> StepResult:
-        """Wait for a launched step and report its tokens (the step's one host synchronisation)."""
+        """Wait for a launched step and report its tokens (the step's one host synchronisation), with its device
+        time (and, on a timed step, the time of each operation class)."""
         if launched.sampled is None:
-            return StepResult(launched.step_id, [], token_ids())
-        tokens, logprobs = launched.sampled.to_host()
-        for rid, tok in zip(launched.rids, tokens):
-            row = self.rows.get(rid)
-            if row is not None:
-                row.record_sampled(tok)
-        return StepResult(launched.step_id, launched.rids, token_ids(tokens), logprobs)
+            result = StepResult(launched.step_id, [], token_ids())
+        else:
+            tokens, logprobs = launched.sampled.to_host()
+            for rid, tok in zip(launched.rids, tokens):
+                row = self.rows.get(rid)
+                if row is not None:
+                    row.record_sampled(tok)
+            result = StepResult(launched.step_id, launched.rids, token_ids(tokens), logprobs)
+        if launched.span is not None:
+            result.gpu_ms = launched.span.ms()
+            if launched.timer is not None:
+                op_ms = launched.timer.result()
+                # what no operation covers (the embedding, index building, waits inside the step) counts as other
+                op_ms[OTHER] += max(0.0, result.gpu_ms - sum(op_ms.values()))
+                result.op_ms = op_ms
+        return result
 
     @staticmethod
     def is_done(launched) -> bool:
@@ -257,8 +305,34 @@ class ModelRunner:
         return self.finish(self.launch(plan))
 
 
+class StepSpan:
+    """A step's device time: CUDA events around it (host time on CPU, where the step runs as it is launched)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.start, self.stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0, self.t1 = time.perf_counter(), None
+
+    def end(self) -> None:
+        if self.cuda:
+            self.stop.record()
+        else:
+            self.t1 = time.perf_counter()
+
+    def ms(self) -> float:
+        if self.cuda:
+            self.stop.synchronize()
+            return self.start.elapsed_time(self.stop)
+        return 1000 * ((self.t1 or time.perf_counter()) - self.t0)
+
+
 @dataclass(slots=True)
 class Launched:
     step_id: int
     rids: list
     sampled: Optional[Sampled]
+    span: Optional[StepSpan] = None
+    timer: Optional[OpTimer] = None

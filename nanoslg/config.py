@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Optional
 
+from nanoslg import tuned_config
 from nanoslg.model_registry import resolve_model_path
 from nanoslg.model_spec import ConfigError, ModelSpec
+
+log = logging.getLogger("nanoslg.config")
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Ports above --dist-init-addr's: torch.distributed's store takes PORT itself, ZeroMQ the next ones (cluster.py).
@@ -24,8 +28,20 @@ class EngineConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     max_model_len: Optional[int] = None
-    max_num_seqs: int = 256  # per step, i.e. per micro-batch with pipeline parallelism
-    max_num_batched_tokens: int = 2048
+    # Caps on a step (per micro-batch with pipeline parallelism); None: the tuned config's, else the defaults below.
+    max_num_seqs: Optional[int] = None
+    max_num_batched_tokens: Optional[int] = None
+    # NanoFlow's global batch: the running set's target (R) and the tokens a step carries (D); None: the tuned
+    # config's, else R = max_num_seqs and D derived from the traffic (scheduler_proc/global_batch.py).
+    running_target: Optional[int] = None
+    dense_batch_tokens: Optional[int] = None
+    # Nano-batching: each step's batch split in this many parts whose operations of the overlap classes run on
+    # their own CUDA streams beside the others' (gpu_workers/nano_batch.py); None: the tuned config's, else 1.
+    nano_batches: Optional[int] = None
+    nano_overlap: Optional[str] = None  # none | network | memory | network+memory; None: tuned, else by layout
+    tuned_config: Optional[str] = None  # a tuned config file; None: the one `nanoslg tune` wrote for this engine
+    use_tuned_config: bool = True  # False: ignore tuned configs (--no-tuned-config)
+    op_timing_every: int = 0  # time each operation class on every Nth step (bench throughput --breakdown)
     page_size: int = 16
     num_kv_pages: Optional[int] = None  # overrides sizing from memory
     kv_cache_memory_gb: float = 1.0  # KV budget per rank on CPU; on GPU it comes from gpu_memory_utilization
@@ -47,6 +63,8 @@ class EngineConfig:
     log_format: str = "text"  # text | json (one object per line)
     # Filled in by resolve(); never set these by hand.
     model_spec: Optional[ModelSpec] = None
+    device_name: str = ""  # "cpu" or the GPU's name, the key of tuned configs
+    tuned_config_path: str = ""  # the tuned config applied, "" if none
     run_dir: str = ""
 
     @property
@@ -95,6 +113,7 @@ class EngineConfig:
         self.tokenizer = self.tokenizer or self.model
         if self.max_model_len is None:
             self.max_model_len = self.model_spec.max_position_embeddings
+        self._apply_tuned_config()
         checks = [
             (self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}"),
             (self.load_format in ("auto", "dummy"), "load_format", "must be auto or dummy"),
@@ -102,6 +121,12 @@ class EngineConfig:
             (self.max_model_len >= 1, "max_model_len", "must be >= 1"),
             (self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1"),
             (self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1"),
+            (self.running_target is None or self.running_target >= 1, "running_target", "must be >= 1"),
+            (self.dense_batch_tokens is None or self.dense_batch_tokens >= 1, "dense_batch_tokens", "must be >= 1"),
+            (self.nano_batches >= 1, "nano_batches", "must be >= 1"),
+            (self.nano_overlap in tuned_config.NANO_OVERLAPS, "nano_overlap",
+             f"must be one of {', '.join(tuned_config.NANO_OVERLAPS)}"),
+            (self.op_timing_every >= 0, "op_timing_every", "must be >= 0"),
             (self.page_size >= 1, "page_size", "must be >= 1"),
             (self.num_kv_pages is None or self.num_kv_pages >= 1, "num_kv_pages", "must be >= 1"),
             (0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]"),
@@ -118,6 +143,32 @@ class EngineConfig:
                 raise ConfigError(f"{name} {what}, got {getattr(self, name)!r}")
         self._check_layout()
         return self
+
+    def _apply_tuned_config(self) -> None:
+        """Fill the settings left unset from the tuned config for this model, device and layout (or the file
+        given), then from the built-in defaults."""
+        self.device_name = tuned_config.device_name(self.device)
+        ident = tuned_config.identity(self.model, self.model_spec, self.device_name, self.tensor_parallel_size,
+                                      self.pipeline_parallel_size)
+        tuned: dict = {}
+        if self.use_tuned_config:
+            path = self.tuned_config or tuned_config.default_path(ident)
+            if self.tuned_config or os.path.isfile(path):
+                tuned = tuned_config.load(path, ident)
+                self.tuned_config_path = path
+        applied = {}
+        for key, value in tuned.items():
+            if getattr(self, key) is None and value is not None:
+                setattr(self, key, value)
+                applied[key] = value
+        if self.tuned_config_path:
+            log.warning("tuned config %s: %s", self.tuned_config_path,
+                        ", ".join(f"{k}={v}" for k, v in applied.items()) or "every value set by hand")
+        defaults = {"max_num_seqs": 256, "max_num_batched_tokens": 2048, "nano_batches": 1,
+                    "nano_overlap": "network" if self.tensor_parallel_size > 1 else "memory"}
+        for key, value in defaults.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
 
     def _check_layout(self) -> None:
         """Refuse at startup any parallel layout the model cannot be split into, rather than compute nonsense."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from nanoslg.config import DTYPES, EngineConfig
+from nanoslg.tuned_config import NANO_OVERLAPS
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, with_model: bool = True) -> None:
@@ -19,9 +20,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser, with_model: bool = Tru
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
     g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
-                   help="sequences per step (per micro-batch with pipeline parallelism)")
-    g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
+    g.add_argument("--max-num-seqs", type=int, default=None,
+                   help="most sequences in a step, per micro-batch with pipeline parallelism (default: the tuned "
+                        "config's, else 256)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="most tokens in a step (default: the tuned config's, else 2048)")
     g.add_argument("--page-size", "--block-size", dest="page_size", type=int, default=d.page_size)
     g.add_argument("--num-kv-pages", type=int, default=None, help="fix the KV pool size instead of sizing it")
     g.add_argument("--kv-cache-memory-gb", type=float, default=d.kv_cache_memory_gb, help="KV budget on CPU")
@@ -33,6 +36,24 @@ def add_engine_arguments(parser: argparse.ArgumentParser, with_model: bool = Tru
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=d.enable_prefix_caching,
                    help="reuse the KV pages of prompt prefixes seen before (--no-enable-prefix-caching: off)")
     g.add_argument("--cuda-graph-max-batch", type=int, default=d.cuda_graph_max_batch)
+    n = parser.add_argument_group("global batch and nano-batching (NanoFlow; `nanoslg tune` finds these)")
+    n.add_argument("--running-target", type=int, default=None,
+                   help="requests kept running, the global batch's target (default: the tuned config's, else "
+                        "--max-num-seqs)")
+    n.add_argument("--dense-batch-tokens", type=int, default=None,
+                   help="tokens each step carries: every running decode plus prefill chunks filling the rest "
+                        "(default: the tuned config's, else running target x (1 + mean prompt / mean output))")
+    n.add_argument("--nano-batches", default="auto", type=_auto_or_int,
+                   help="split each step's batch in N nano-batches whose operations overlap (auto: the tuned "
+                        "config's, else 1)")
+    n.add_argument("--nano-overlap", default=None, choices=NANO_OVERLAPS,
+                   help="which operations of one nano-batch run beside the others' GEMMs, on their own CUDA stream "
+                        "(default: the tuned config's, else network with TP, memory without)")
+    n.add_argument("--tuned-config", default=None, metavar="PATH",
+                   help="use this tuned config instead of the one `nanoslg tune` wrote for this model, GPU and "
+                        "layout")
+    n.add_argument("--no-tuned-config", dest="use_tuned_config", action="store_false",
+                   help="ignore tuned configs: built-in defaults for whatever is not set")
     g.add_argument("--log-level", default=d.log_level)
     g.add_argument("--log-format", default=d.log_format, choices=["text", "json"],
                    help="json: one JSON object per log line, in every process")
@@ -51,6 +72,18 @@ def add_engine_arguments(parser: argparse.ArgumentParser, with_model: bool = Tru
                    help="file holding the secret every node shares (default: $NANOSLG_CLUSTER_SECRET)")
 
 
+def _auto_or_int(value: str):
+    if value == "auto":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected auto or a positive integer, got {value!r}")
+    return n
+
+
 def engine_config_from_args(args) -> EngineConfig:
     return EngineConfig(
         model=getattr(args, "model", None), tokenizer=args.tokenizer, dtype=args.dtype,
@@ -63,9 +96,12 @@ def engine_config_from_args(args) -> EngineConfig:
         cluster_secret_file=args.cluster_secret_file, attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager, overlap_schedule=not args.disable_overlap_schedule,
         enable_prefix_caching=args.enable_prefix_caching, cuda_graph_max_batch=args.cuda_graph_max_batch,
-        log_level=args.log_level, log_format=args.log_format)
+        log_level=args.log_level, log_format=args.log_format, running_target=args.running_target,
+        dense_batch_tokens=args.dense_batch_tokens, nano_batches=args.nano_batches, nano_overlap=args.nano_overlap,
+        tuned_config=args.tuned_config, use_tuned_config=args.use_tuned_config)
 
 
 def engine_fields(cfg: EngineConfig) -> dict:
     """The user-set fields of cfg, as keyword arguments for LLM(...)."""
-    return {f: getattr(cfg, f) for f in cfg.__slots__ if f not in ("model_spec", "run_dir")}
+    resolved = ("model_spec", "run_dir", "device_name", "tuned_config_path")
+    return {f: getattr(cfg, f) for f in cfg.__slots__ if f not in resolved}

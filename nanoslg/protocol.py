@@ -176,6 +176,26 @@ class StepResult:
     token_ids: array
     logprobs: Optional[list] = None  # aligned with rids; None entries where not asked
     error: Optional[str] = None  # the step failed as a whole (e.g. out of memory)
+    gpu_ms: float = 0.0  # the driver rank's device time for the step (CUDA events around it; 0 on CPU)
+    op_ms: Optional[dict] = None  # on sampled steps: device ms per operation class (gemm, attention, ...)
+
+
+@message
+class ProfileRequest:
+    """Sent on the plan feed (every rank runs it, in plan order, so collectives match): time this rank's real
+    operations at the shapes asked for. kind: "ops" (GEMMs, attention, collectives) or "step" (whole steps)."""
+
+    kind: str
+    shapes: dict
+
+
+@message
+class ProfileResult:
+    """The driver rank's timings for a ProfileRequest (error set if it could not run)."""
+
+    kind: str
+    timings: dict
+    error: Optional[str] = None
 
 
 # ---------------------------------------------------------------- debug socket
@@ -193,6 +213,22 @@ class DebugStateQuery:
 @message
 class DebugReply:
     state: dict
+
+
+@message
+class DebugSetTargets:
+    """Change the global batch's running target and dense batch on a live engine (nanoslg tune)."""
+
+    running_target: Optional[int] = None
+    dense_batch_tokens: Optional[int] = None
+
+
+@message
+class DebugProfile:
+    """Ask the workers, through the scheduler, to run a ProfileRequest; the reply carries the ProfileResult."""
+
+    kind: str
+    shapes: dict
 
 
 # ---------------------------------------------------------------- codec

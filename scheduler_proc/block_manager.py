@@ -11,7 +11,10 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict, deque
-from typing import Iterable, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
+
+if TYPE_CHECKING:
+    from scheduler_proc.request import Request
 
 ROOT_HASH = b""
 
@@ -114,3 +117,60 @@ class BlockManager:
             if self.ref_counts[p] == 0:
                 del self.evictable[p]
                 self.free_pages.append(p)
+
+    # ---------------------------------------------------------------- a request's pages and prefix keys
+    def keys(self, r: "Request", num_pages: int) -> list:
+        """The cache keys of r's first num_pages full pages (computed once, kept on the request)."""
+        ps = self.page_size
+        while len(r.page_keys) < num_pages:
+            i = len(r.page_keys)
+            r.page_keys.append(page_key(r.page_keys[-1] if i else ROOT_HASH, r.token_slice(i * ps, (i + 1) * ps)))
+        return r.page_keys[:num_pages]
+
+    def reuse_cached_prefix(self, r: "Request") -> None:
+        """Start a request that holds no pages on the cached pages of its longest cached prefix."""
+        if not self.enable_prefix_caching or r.pages:
+            return
+        # At least one token is left to compute: the step that computes it yields the logits to sample from.
+        pages = self.match(self.keys(r, (r.num_tokens - 1) // self.page_size))
+        self.share(pages)
+        r.pages, r.num_registered = pages, len(pages)
+        r.num_computed = len(pages) * self.page_size
+        if not r.num_preemptions:
+            r.num_cached_tokens = r.num_computed
+
+    def filled_keys(self, r: "Request", start: int, end: int, pending: int) -> list:
+        """Keys of the full pages that a chunk of r completes (none for a chained decode: its token is unknown)."""
+        ps = self.page_size
+        first, full = start // ps, min(end, r.num_tokens) // ps
+        return self.keys(r, full)[first:] if not pending and full > first else []
+
+    def next_page_in(self, r: "Request", keys: set) -> bool:
+        """Whether the first page r would compute (a full page of its prompt) has one of keys."""
+        i = len(r.pages)
+        return i < (r.num_tokens - 1) // self.page_size and self.keys(r, i + 1)[i] in keys
+
+    def register_full_pages(self, r: "Request", num_known: int) -> None:
+        """Offer r's pages that the step being planned fills to the cache: any later plan may read them, since
+        every rank runs plans in order."""
+        full = num_known // self.page_size
+        if not self.enable_prefix_caching or full <= r.num_registered:
+            return
+        for i, key in enumerate(self.keys(r, full)[r.num_registered:], r.num_registered):
+            self.register(r.pages[i], key)
+        r.num_registered = full
+
+    def drop_pages(self, r: "Request") -> None:
+        self.release(r.pages[::-1])
+        r.pages, r.num_computed, r.num_registered = [], 0, 0
+
+    def grow(self, r: "Request", num_tokens: int) -> bool:
+        """Give r pages for its first num_tokens tokens; False (nothing taken) when too few are free."""
+        need = self.pages_for(num_tokens) - len(r.pages)
+        if need <= 0:
+            return True
+        pages = self.allocate(need)
+        if pages is None:
+            return False
+        r.pages.extend(pages)
+        return True

@@ -5,14 +5,16 @@ import itertools
 import logging
 import sys
 import time
+from typing import Optional
 
 import zmq
 
 from nanoslg import cluster, ipc
 from nanoslg.config import EngineConfig
 from nanoslg.logs import setup_logging
-from nanoslg.protocol import (AbortRequest, DebugReply, DebugStateQuery, DebugSubmit, ProtocolError, Shutdown,
-                              StepResult, TokenBatch, TokenizedRequest)
+from nanoslg.protocol import (AbortRequest, DebugProfile, DebugReply, DebugSetTargets, DebugStateQuery, DebugSubmit,
+                              ProfileRequest, ProfileResult, ProtocolError, Shutdown, StepPlan, StepResult, TokenBatch,
+                              TokenizedRequest)
 from scheduler_proc.scheduler import Scheduler
 from scheduler_proc.step_timeline import StepTimeline
 
@@ -33,7 +35,8 @@ class SchedulerProcess:
         self.core = Scheduler(num_pages, cfg.page_size, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                               cfg.max_model_len, overlap=cfg.overlap_schedule and pp == 1,
                               micro_batches=self.max_in_flight if pp > 1 else 1,
-                              enable_prefix_caching=cfg.enable_prefix_caching)
+                              enable_prefix_caching=cfg.enable_prefix_caching, running_target=cfg.running_target,
+                              dense_batch_tokens=cfg.dense_batch_tokens)
         ctx = zmq.Context()
         self.inbox = ipc.pull(ctx, cfg.run_dir, ipc.SCHEDULER)
         self.debug = ctx.socket(zmq.ROUTER)
@@ -57,6 +60,9 @@ class SchedulerProcess:
         # the scheduler's own time forming plans and applying results, and the steps run.
         self.busy_s, self.busy_since, self.cpu_s, self.num_steps = 0.0, 0.0, 0.0, 0
         self.outbox: list = []  # TokenUpdates for the tokenizer, sent once per loop
+        # A DebugProfile waiting for the steps in flight to drain (no new step starts meanwhile), then for the
+        # driver's ProfileResult: (debug identity, request, sent).
+        self.profile: Optional[list] = None
         self.debug_ids = itertools.count()
         self.debug_requests: dict = {}  # rid -> {"prompt_ids", "output_ids", "finish_reason"}
 
@@ -91,7 +97,8 @@ class SchedulerProcess:
         frame = ipc.protocol.encode(plan)
         for feed in self.plan_feeds:
             feed.send(frame, copy=False)
-        self.timeline.planned(plan.step_id)
+        if isinstance(plan, StepPlan):
+            self.timeline.planned(plan.step_id)
 
     def run(self, ready) -> None:
         self._await_subscribers()
@@ -113,7 +120,9 @@ class SchedulerProcess:
             for refusals in self.refusals:
                 if refusals.monitor in events:
                     refusals.drain()
-            while len(self.core.steps_in_flight) < self.max_in_flight:
+            if self.profile is not None:
+                self._start_profile()
+            while self.profile is None and len(self.core.steps_in_flight) < self.max_in_flight:
                 started = time.perf_counter()
                 plan = self.core.schedule()
                 self.cpu_s += time.perf_counter() - started
@@ -146,6 +155,10 @@ class SchedulerProcess:
             self.cpu_s += time.perf_counter() - started
             if not self.core.steps_in_flight:
                 self.busy_s += started - self.busy_since
+        elif isinstance(msg, ProfileResult):
+            if self.profile is not None and self.profile[2]:
+                self._debug_reply(self.profile[0], {"kind": msg.kind, "timings": msg.timings, "error": msg.error})
+                self.profile = None
         elif isinstance(msg, TokenizedRequest):
             error = self.core.add(msg)
             if error:
@@ -181,11 +194,36 @@ class SchedulerProcess:
                 reply = self._debug_submit(msg)
             elif isinstance(msg, DebugStateQuery):
                 busy = self.busy_s + (time.perf_counter() - self.busy_since if self.core.steps_in_flight else 0.0)
+                cfg = self.cfg
                 reply = self.core.state() | {"debug_requests": self.debug_requests, "engine_busy_s": busy,
-                                             "scheduler_cpu_s": self.cpu_s, "num_steps": self.num_steps}
+                                             "scheduler_cpu_s": self.cpu_s, "num_steps": self.num_steps,
+                                             "max_num_seqs": cfg.max_num_seqs,
+                                             "max_num_batched_tokens": cfg.max_num_batched_tokens,
+                                             "nano_batches": cfg.nano_batches, "nano_overlap": cfg.nano_overlap,
+                                             "tuned_config": cfg.tuned_config_path or None,
+                                             "device_name": cfg.device_name}
+            elif isinstance(msg, DebugSetTargets):
+                self.core.set_targets(msg.running_target, msg.dense_batch_tokens)
+                reply = {"running_target": self.core.targets.target,
+                         "dense_batch_tokens": self.core.targets.dense_batch_tokens}
+            elif isinstance(msg, DebugProfile):
+                if self.profile is not None:
+                    reply = {"error": "a profile is already running"}
+                else:
+                    self.profile = [identity, ProfileRequest(msg.kind, msg.shapes), False]
+                    return  # answered when the driver's result comes back
             else:
                 reply = {"error": f"unexpected {type(msg).__name__} on the debug socket"}
+        self._debug_reply(identity, reply)
+
+    def _debug_reply(self, identity: bytes, reply: dict) -> None:
         self.debug.send_multipart([identity, ipc.protocol.encode(DebugReply(reply))])
+
+    def _start_profile(self) -> None:
+        """Send the waiting ProfileRequest once no step is in flight: the workers run it between steps."""
+        if not self.profile[2] and not self.core.steps_in_flight:
+            self._publish_plan(self.profile[1])
+            self.profile[2] = True
 
     def _debug_submit(self, msg: DebugSubmit) -> dict:
         rid = f"debug-{next(self.debug_ids)}"

@@ -1,77 +1,37 @@
-"""Batch formation: continuous batching with chunked prefill, mixed prefill + decode steps and preemption by
-recompute. Pure logic with no sockets, so tests drive it directly or through the process against a stand-in worker.
+"""Batch formation: continuous batching with chunked prefill, NanoFlow's dense global batch (global_batch.py) and
+preemption by recompute as the last resort. Pure logic with no sockets, so tests drive it directly or through the
+process against a stand-in worker.
 
-A request that is part of an in-flight step is skipped until that step's result arrives, and its pages are never
-freed meanwhile (an abort is deferred), so several steps may be in flight over disjoint requests: the micro-batches
-of pipeline parallelism. With one stage, overlap scheduling also chains a request's next decode on the token its
-in-flight step will sample.
+Each step takes every running decode first, then prefill chunks of running requests (oldest first) up to the dense
+budget, then admits waiting requests (first come, first served) while the running set is below its target and the
+KV pool can hold what they are predicted to use. A request that is part of an in-flight step is skipped until that
+step's result arrives, and its pages are never freed meanwhile (an abort is deferred), so several steps may be in
+flight over disjoint requests: the micro-batches of pipeline parallelism. With one stage, overlap scheduling also
+chains a request's next decode on the token its in-flight step will sample.
 """
 from __future__ import annotations
 
-import enum
 import itertools
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Optional
 
 from nanoslg.protocol import SeqChunk, StepPlan, StepResult, TokenizedRequest, TokenUpdate, token_ids
 from nanoslg.sampling_params import penalties_requested
-from scheduler_proc.block_manager import ROOT_HASH, BlockManager, page_key
-
-
-class Status(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
-@dataclass(slots=True)
-class InFlightStep:
-    rids: list
-    num_tokens: int
-
-
-@dataclass(slots=True, eq=False)
-class Request:
-    rid: str
-    prompt_ids: list
-    params: dict
-    stop_token_ids: frozenset
-    max_tokens: int
-    output_ids: list = field(default_factory=list)
-    pages: list = field(default_factory=list)
-    num_computed: int = 0  # tokens whose KV is in the cache (or being written by an in-flight step)
-    status: Status = Status.WAITING
-    in_flight: int = 0  # steps in flight that include this request
-    params_sent: bool = False
-    num_preemptions: int = 0
-    finish_reason: Optional[str] = None
-    page_keys: list = field(default_factory=list)  # prefix-cache keys of the full pages of the known tokens
-    num_registered: int = 0  # leading pages offered to the prefix cache
-    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
-    arrival: float = field(default_factory=time.monotonic)
-    first_scheduled: float = 0.0  # when it first left the waiting queue
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
-
-    def token_slice(self, start: int, end: int) -> list:
-        p = len(self.prompt_ids)
-        if end <= p:
-            return self.prompt_ids[start:end]
-        if start >= p:  # decode steps: avoid copying the whole prompt
-            return self.output_ids[start - p:end - p]
-        return self.prompt_ids[start:] + self.output_ids[:end - p]
-
+from scheduler_proc.block_manager import BlockManager
+from scheduler_proc.global_batch import BatchTargets, LengthStats, predicted_tokens
+from scheduler_proc.request import InFlightStep, Request, Status
+from scheduler_proc.step_stats import StepStats
 
 class Scheduler:
     def __init__(self, num_pages: int, page_size: int, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, overlap: bool = False, micro_batches: int = 1,
-                 enable_prefix_caching: bool = False):
+                 enable_prefix_caching: bool = False, running_target: Optional[int] = None,
+                 dense_batch_tokens: Optional[int] = None):
         self.blocks = BlockManager(num_pages, page_size, enable_prefix_caching)
-        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.targets = BatchTargets(max_num_seqs, max_num_batched_tokens, running_target, dense_batch_tokens,
+                                    page_size)
+        self.lengths = LengthStats()
         self.max_model_len = max_model_len
         self.overlap = overlap  # plan a decode while the step that samples its input token is still running
         # Plans kept in flight over disjoint requests (pipeline stages): requests are spread evenly over them.
@@ -84,7 +44,12 @@ class Scheduler:
         self.unreported: list = []  # updates decided while scheduling (not from a step result)
         self.step_ids = itertools.count()
         self.total_preemptions = 0
+        self.stats = StepStats()
         self.last_step: dict = {}
+
+    def set_targets(self, running_target: Optional[int], dense_batch_tokens: Optional[int]) -> None:
+        """Change R and D on a live engine (nanoslg tune validates its candidates this way)."""
+        self.targets.running_target, self.targets.dense_batch_tokens = running_target, dense_batch_tokens
 
     # ------------------------------------------------------------------ intake
     def add(self, req: TokenizedRequest) -> Optional[TokenUpdate]:
@@ -103,8 +68,9 @@ class Scheduler:
         if error:
             return TokenUpdate(req.rid, token_ids(), "rejected", None, error)
         params = req.params
+        max_tokens = params.get("max_tokens")
         r = Request(req.rid, list(req.prompt_ids), params, frozenset(req.stop_token_ids),
-                    int(params.get("max_tokens") or self.max_model_len))
+                    int(max_tokens or self.max_model_len), max_tokens_given=bool(max_tokens))
         self.requests[r.rid] = r
         self.waiting.append(r)
         return None
@@ -125,54 +91,76 @@ class Scheduler:
     def _seq_cap(self) -> int:
         """Sequences this plan may take. With several micro-batches, a fair share of the requests ready to run, so
         every stage of the pipeline gets work even when few requests are running."""
+        cap = self.targets.max_num_seqs
         if self.micro_batches == 1:
-            return self.max_num_seqs
+            return cap
         free = max(1, self.micro_batches - len(self.steps_in_flight))
         ready = sum(1 for r in self.running if not r.in_flight) + len(self.waiting)
-        return max(1, min(self.max_num_seqs, -(-ready // free)))
+        return max(1, min(cap, -(-ready // free)))
 
     def schedule(self) -> Optional[StepPlan]:
-        budget = self.max_num_batched_tokens
-        max_seqs = self._seq_cap()
-        chunks: list = []  # (request, start, end)
-        scheduled: set = set()
-        blocked = False  # an older request waits for pages: newer ones take none before it
-        for r in list(self.running):
-            if len(chunks) >= max_seqs or budget == 0:
-                break
-            if r.status is not Status.RUNNING:
-                continue
-            if r.in_flight:
-                # Never preempt under an in-flight step: it still writes these pages.
-                if self._can_chain(r) and (not blocked or self._fits(r, r.num_computed + 1)) and \
-                        self._grow(r, r.num_computed + 1):
-                    chunks.append((r, r.num_computed, r.num_computed + 1, 1))
-                    scheduled.add(r)
-                    budget -= 1
-                continue
-            end = min(r.num_tokens, r.num_computed + budget)
-            if not self._make_room(r, end):
-                blocked = True
-                continue
-            chunks.append((r, r.num_computed, end, 0))
-            scheduled.add(r)
-            budget -= end - r.num_computed
+        step = _StepDraft(self._seq_cap(), self.targets.max_num_batched_tokens,
+                          self.targets.dense_tokens(self.lengths))
+        self._schedule_running(step)
+        self._admit(step)
+        if not step.chunks and not self.to_release:
+            return None
+        return self._make_plan(step.chunks)
+
+    def _schedule_running(self, step: "_StepDraft") -> None:
+        """Every running decode first (decodes never wait behind prefill), then unfinished prompts, oldest first,
+        within the dense budget."""
+        for decodes in (True, False):
+            for r in list(self.running):
+                if step.full or r.status is not Status.RUNNING or r in step.scheduled:
+                    continue
+                if r.in_flight:
+                    # Never preempt under an in-flight step: it still writes these pages.
+                    if decodes and self._can_chain(r) and step.room(True) > 0 and \
+                            (not step.blocked or self._fits(r, r.num_computed + 1)) and \
+                            self.blocks.grow(r, r.num_computed + 1):
+                        step.add(r, r.num_computed, r.num_computed + 1, 1)
+                    continue
+                left = r.num_tokens - r.num_computed
+                if (left == 1) != decodes:
+                    continue
+                room = step.room(decodes)
+                if room <= 0:
+                    continue
+                end = r.num_computed + min(left, room)
+                if not self._make_room(r, end, step.scheduled):
+                    step.blocked = True
+                    continue
+                step.add(r, r.num_computed, end, 0)
+
+    def _admit(self, step: "_StepDraft") -> None:
+        """Waiting requests, first come first served, while the running set is below its target, the step has
+        budget and the pool can hold what the running requests and this one are predicted to use."""
+        target = self.targets.target * self.micro_batches
         filling = None  # prefix-cache keys of the pages this step computes, once a waiting request needs them
-        while self.waiting and not blocked and len(chunks) < max_seqs and budget > 0:
+        reserved = None  # pages the running requests are predicted to take beyond what they hold
+        while self.waiting and not step.blocked and not step.full and step.room(False) > 0 and \
+                len(self.running) < target:
             r = self.waiting[0]
-            self._reuse_cached_prefix(r)
+            self.blocks.reuse_cached_prefix(r)
             if self.blocks.enable_prefix_caching:
-                filling = filling if filling is not None else {k for c in chunks for k in self._filled_keys(*c)}
-                if self._next_page_in(r, filling):
+                filling = filling if filling is not None else \
+                    {k for c in step.chunks for k in self.blocks.filled_keys(*c)}
+                if self.blocks.next_page_in(r, filling):
                     # Cache-aware admission: this step already computes r's next page for another request, so r
                     # starts one step later and reads it from the cache. It waits no longer than the sharer takes
                     # to compute the shared prefix, and those behind it keep their order.
-                    self._drop_pages(r)
-                    break
-            end = min(r.num_tokens, r.num_computed + budget)
-            if not self._grow(r, end):
-                self._drop_pages(r)  # a waiting request holds no pages: they stay cached for it and others
-                if self.blocks.num_used == len(r.pages):
+                    self.blocks.drop_pages(r)
+                    return
+            if reserved is None:
+                reserved = sum(self._future_pages(x) for x in self.running)
+            if self.running and self._future_pages(r) > self.blocks.num_free - reserved:
+                self.blocks.drop_pages(r)  # the pool cannot hold it at its predicted size: admit less
+                return
+            end = min(r.num_tokens, r.num_computed + step.room(False))
+            if not self.blocks.grow(r, end):
+                self.blocks.drop_pages(r)  # a waiting request holds no pages: they stay cached for it and others
+                if self.blocks.num_used == 0:
                     # Nothing else holds pages (not even a finished request draining an in-flight step), so this
                     # request can never fit: fail it rather than spin.
                     self.waiting.popleft()
@@ -180,21 +168,23 @@ class Scheduler:
                     self.unreported.append(TokenUpdate(r.rid, token_ids(), "rejected", None,
                                                        "the request needs more KV pages than the cache holds"))
                     continue
-                break
+                return
             self.waiting.popleft()
             if not r.num_preemptions:
                 self.blocks.query_tokens += len(r.prompt_ids)
                 self.blocks.hit_tokens += r.num_cached_tokens
                 r.first_scheduled = time.monotonic()
+                self.lengths.admitted(r)
             r.status = Status.RUNNING
             self.running.append(r)
-            chunks.append((r, r.num_computed, end, 0))
+            reserved += self._future_pages(r)
+            step.add(r, r.num_computed, end, 0)
             if filling is not None:
-                filling.update(self._filled_keys(r, r.num_computed, end, 0))
-            budget -= end - r.num_computed
-        if not chunks and not self.to_release:
-            return None
-        return self._make_plan(chunks)
+                filling.update(self.blocks.filled_keys(r, r.num_computed, end, 0))
+
+    def _future_pages(self, r: Request) -> int:
+        """Pages r is predicted to need beyond those it holds."""
+        return max(0, self.blocks.pages_for(predicted_tokens(r, self.lengths, self.max_model_len)) - len(r.pages))
 
     def _make_plan(self, chunks: list) -> StepPlan:
         seqs, members = [], []
@@ -204,18 +194,17 @@ class Scheduler:
                                  sample, None if r.params_sent else self._worker_params(r, start), pending))
             r.params_sent = True
             r.num_computed = end
-            self._register_full_pages(r, min(end, r.num_tokens))
+            self.blocks.register_full_pages(r, min(end, r.num_tokens))
             r.in_flight += 1
             members.append(r.rid)
         step_id = next(self.step_ids)
-        self.steps_in_flight[step_id] = InFlightStep(members, sum(e - s for _, s, e, _ in chunks))
+        shape = self.stats.shape(chunks)
+        self.steps_in_flight[step_id] = InFlightStep(members, shape.num_tokens, shape)
         plan = StepPlan(step_id, seqs, self.to_release)
         self.to_release = []
         if chunks:
-            num_decode = sum(1 for r, s, e, _ in chunks if e - s == 1 and s >= len(r.prompt_ids))
-            self.last_step = {"step_id": step_id, "num_seqs": len(chunks), "num_decode": num_decode,
-                              "num_prefill": len(chunks) - num_decode,
-                              "num_tokens": sum(e - s for _, s, e, _ in chunks)}
+            self.last_step = {"step_id": step_id, "num_seqs": len(chunks), "num_decode": shape.num_decode,
+                              "num_prefill": len(chunks) - shape.num_decode, "num_tokens": shape.num_tokens}
         return plan
 
     @staticmethod
@@ -226,60 +215,15 @@ class Scheduler:
             params["prefix_ids"] = list(r.prompt_ids[:start])
         return params
 
-    # ------------------------------------------------------------------ prefix cache
-    def _keys(self, r: Request, num_pages: int) -> list:
-        ps = self.blocks.page_size
-        while len(r.page_keys) < num_pages:
-            i = len(r.page_keys)
-            r.page_keys.append(page_key(r.page_keys[-1] if i else ROOT_HASH, r.token_slice(i * ps, (i + 1) * ps)))
-        return r.page_keys[:num_pages]
-
-    def _reuse_cached_prefix(self, r: Request) -> None:
-        """Start a request that holds no pages on the cached pages of its longest cached prefix."""
-        if not self.blocks.enable_prefix_caching or r.pages:
-            return
-        # At least one token is left to compute: the step that computes it yields the logits to sample from.
-        pages = self.blocks.match(self._keys(r, (r.num_tokens - 1) // self.blocks.page_size))
-        self.blocks.share(pages)
-        r.pages, r.num_registered = pages, len(pages)
-        r.num_computed = len(pages) * self.blocks.page_size
-        if not r.num_preemptions:
-            r.num_cached_tokens = r.num_computed
-
-    def _filled_keys(self, r: Request, start: int, end: int, pending: int) -> list:
-        """Keys of the full pages that a chunk of r completes (none for a chained decode: its token is unknown)."""
-        ps = self.blocks.page_size
-        first, full = start // ps, min(end, r.num_tokens) // ps
-        return self._keys(r, full)[first:] if not pending and full > first else []
-
-    def _next_page_in(self, r: Request, keys: set) -> bool:
-        """Whether the first page r would compute (a full page of its prompt) has one of keys."""
-        i = len(r.pages)
-        return i < (r.num_tokens - 1) // self.blocks.page_size and self._keys(r, i + 1)[i] in keys
-
-    def _register_full_pages(self, r: Request, num_known: int) -> None:
-        """Offer r's pages that the step being planned fills to the cache: any later plan may read them, since
-        every rank runs plans in order."""
-        full = num_known // self.blocks.page_size
-        if not self.blocks.enable_prefix_caching or full <= r.num_registered:
-            return
-        for i, key in enumerate(self._keys(r, full)[r.num_registered:], r.num_registered):
-            self.blocks.register(r.pages[i], key)
-        r.num_registered = full
-
-    def _drop_pages(self, r: Request) -> None:
-        self.blocks.release(r.pages[::-1])
-        r.pages, r.num_computed, r.num_registered = [], 0, 0
-
-    def _make_room(self, r: Request, end: int) -> bool:
-        """Give r pages for its tokens up to `end`, preempting the newest requests admitted after it that are not in
-        flight. False when r cannot run in this step: it waits, pages kept, for newer requests whose steps are in
-        flight to come back (preempting itself instead would hand its pages to lower priorities, and two requests
-        could take turns undoing each other's work forever); if nothing newer exists, r is the lowest priority and
-        is itself preempted."""
-        while not self._grow(r, end):
+    def _make_room(self, r: Request, end: int, scheduled: set) -> bool:
+        """Give r pages for its tokens up to `end`, preempting the newest requests admitted after it that are
+        neither in flight nor already in this step. False when r cannot run in this step: it waits, pages kept, for
+        newer requests whose steps are in flight to come back (preempting itself instead would hand its pages to
+        lower priorities, and two requests could take turns undoing each other's work forever); if nothing newer
+        exists, r is the lowest priority and is itself preempted."""
+        while not self.blocks.grow(r, end):
             newer = self.running[self.running.index(r) + 1:]
-            victim = next((v for v in reversed(newer) if not v.in_flight), None)
+            victim = next((v for v in reversed(newer) if not v.in_flight and v not in scheduled), None)
             if victim is None:
                 if not newer:
                     self._preempt(r)
@@ -290,20 +234,10 @@ class Scheduler:
     def _fits(self, r: Request, num_tokens: int) -> bool:
         return self.blocks.pages_for(num_tokens) <= len(r.pages)
 
-    def _grow(self, r: Request, num_tokens: int) -> bool:
-        need = self.blocks.pages_for(num_tokens) - len(r.pages)
-        if need <= 0:
-            return True
-        pages = self.blocks.allocate(need)
-        if pages is None:
-            return False
-        r.pages.extend(pages)
-        return True
-
     def _preempt(self, r: Request) -> None:
         """Free r's pages and queue it first in line; it recomputes prompt + output so far when resumed."""
         self.running.remove(r)
-        self._drop_pages(r)
+        self.blocks.drop_pages(r)
         r.status = Status.WAITING
         r.num_preemptions += 1
         self.total_preemptions += 1
@@ -314,6 +248,8 @@ class Scheduler:
         """Apply a step's sampled tokens; returns TokenUpdates for the requests that advanced or ended."""
         step = self.steps_in_flight.pop(result.step_id, None)
         members = step.rids if step is not None else []
+        if step is not None and result.error is None:
+            self.stats.record(step.shape, result.gpu_ms, result.op_ms)
         for rid in members:
             r = self.requests.get(rid)
             if r is not None:
@@ -359,11 +295,13 @@ class Scheduler:
         elif r.status is Status.WAITING and r in self.waiting:
             self.waiting.remove(r)
         r.status, r.finish_reason = Status.FINISHED, reason
+        if reason in ("stop", "length"):
+            self.lengths.finished(len(r.output_ids))
         if not r.in_flight:
             self._release(r)
 
     def _release(self, r: Request) -> None:
-        self._drop_pages(r)
+        self.blocks.drop_pages(r)
         del self.requests[r.rid]
         if r.params_sent:
             self.to_release.append(r.rid)
@@ -387,4 +325,33 @@ class Scheduler:
             "micro_batches": [{"step_id": i, "num_seqs": len(s.rids), "num_tokens": s.num_tokens}
                               for i, s in self.steps_in_flight.items()],
             "last_step": dict(self.last_step),
+            "running_target": self.targets.target * self.micro_batches,
+            "dense_batch_tokens": self.targets.dense_tokens(self.lengths),
+            "step_stats": self.stats.totals(),
         }
+
+
+class _StepDraft:
+    """The step being formed: its chunks (request, start, end, pending) and the budget they leave. Decodes may use
+    up to max_num_batched_tokens; prefill chunks fill the step up to the dense budget."""
+
+    __slots__ = ("chunks", "scheduled", "blocked", "used", "max_seqs", "cap", "dense")
+
+    def __init__(self, max_seqs: int, cap: int, dense: int):
+        self.chunks: list = []
+        self.scheduled: set = set()
+        self.blocked = False  # an older request waits for pages: newer ones take none before it
+        self.used = 0
+        self.max_seqs, self.cap, self.dense = max_seqs, cap, min(dense, cap)
+
+    @property
+    def full(self) -> bool:
+        return len(self.chunks) >= self.max_seqs
+
+    def room(self, decode: bool) -> int:
+        return (self.cap if decode else self.dense) - self.used
+
+    def add(self, r: Request, start: int, end: int, pending: int) -> None:
+        self.chunks.append((r, start, end, pending))
+        self.scheduled.add(r)
+        self.used += end - start

@@ -37,6 +37,22 @@ def hf_reference():
 
 
 @pytest.fixture(scope="session")
+def hf_to_max_len(hf_reference):
+    """HF greedy continuations of requests without max_tokens: each runs until prompt + output = max_model_len."""
+
+    def get(folder, prompts, max_model_len):
+        full = hf_reference(folder, prompts, max_model_len - min(len(p) for p in prompts))
+        return [out[:max_model_len - len(p)] for p, out in zip(prompts, full)]
+
+    return get
+
+
+# A request without max_tokens runs to max_model_len, and the admission cannot know how long it will run until
+# requests like it have finished: requests that can outgrow the KV pool and be preempted.
+UNBOUNDED = dict(max_tokens=None, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir():
     from nanoslg.model_registry import pull
 

@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from conftest import random_prompts
+from conftest import UNBOUNDED, random_prompts
 from nanoslg import LLM, SamplingParams
 from nanoslg.entrypoints.debug import DebugClient
 from nanoslg.protocol import GenerateRequest, token_ids
@@ -12,9 +12,9 @@ ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 
-def _generate(folder, prompts, **engine_args):
+def _generate(folder, prompts, params=GREEDY, **engine_args):
     with LLM(folder, **engine_args) as llm:
-        outs = llm.generate(prompts, GREEDY)
+        outs = llm.generate(prompts, params)
         with DebugClient(llm.config.run_dir) as debug:
             state = debug.state()
     assert all(o.error is None and o.finish_reason == "length" for o in outs)
@@ -40,12 +40,25 @@ def test_chunked_prefill(arch, tiny_model_dir, hf_reference):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_preemption(arch, tiny_model_dir, hf_reference):
+def test_preemption(arch, tiny_model_dir, hf_to_max_len):
     folder = tiny_model_dir(arch)
     prompts = random_prompts(8, seed=3, lengths=[30, 25, 40, 20, 35, 28, 22, 38])
-    # 28 pages of 4 tokens cannot hold 8 sequences of ~40 tokens: the newest get preempted and recomputed.
-    got, state = _generate(folder, prompts, max_model_len=100, page_size=4, num_kv_pages=28)
+    # 28 pages of 4 tokens cannot hold 8 sequences running to 52 tokens, and without max_tokens the admission
+    # cannot see that coming: the newest get preempted and recomputed.
+    got, state = _generate(folder, prompts, SamplingParams(**UNBOUNDED), max_model_len=52, page_size=4,
+                           num_kv_pages=28)
     assert state["total_preemptions"] > 0
+    assert state["kv_pages_used"] == 0
+    assert got == hf_to_max_len(folder, prompts, 52)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_predicted_memory_admission_never_preempts(arch, tiny_model_dir, hf_reference):
+    folder = tiny_model_dir(arch)
+    prompts = random_prompts(8, seed=3, lengths=[30, 25, 40, 20, 35, 28, 22, 38])
+    # The same pool, but every request says how long it runs: the admission holds back what would not fit.
+    got, state = _generate(folder, prompts, max_model_len=100, page_size=4, num_kv_pages=28)
+    assert state["total_preemptions"] == 0
     assert state["kv_pages_used"] == 0
     assert got == hf_reference(folder, prompts, 12)
 

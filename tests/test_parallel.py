@@ -1,21 +1,20 @@
 """Tensor, pipeline and hybrid parallelism on CPU (gloo): greedy tokens identical to Hugging Face fp32 for every layout
-and model family, with several micro-batches in flight at once, preemption, requests arriving mid-decode and aborts;
-unsupported layouts refused at startup; each rank reading only its part of the weights."""
+and model family, with several micro-batches in flight at once, preemption, requests arriving mid-decode, prefix
+hits and aborts (tests/scenario.py); unsupported layouts refused at startup; each rank reading only its part of the
+weights."""
 import json
 import math
 import os
 import subprocess
 import sys
-import threading
-import time
 
 import pytest
 
 from conftest import random_prompts
 from nanoslg import LLM, SamplingParams
-from nanoslg.entrypoints.debug import DebugClient
 from nanoslg.model_spec import ConfigError
 from nanoslg.protocol import GenerateRequest, token_ids
+from scenario import run_scenario
 from tiny_models import make_tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,102 +27,12 @@ LAYOUTS = {
     "pp3": dict(pipeline_parallel_size=3),
     "tp2pp2": dict(tensor_parallel_size=2, pipeline_parallel_size=2),
 }
-# 28 pages of 4 tokens cannot hold 8 sequences of ~50 tokens (preemption); 16 tokens per step split every prompt
-# into chunks and keep up to pp+1 micro-batches in flight.
-ENGINE = dict(max_model_len=100, page_size=4, num_kv_pages=28, max_num_batched_tokens=16)
-
-
-class InFlightWatcher:
-    """Polls the scheduler's debug state from a thread and records the most micro-batches seen in flight."""
-
-    def __init__(self, run_dir: str):
-        self.most, self._stop = 0, threading.Event()
-        self._client = DebugClient(run_dir)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.most = max(self.most, len(self._client.state()["micro_batches"]))
-            time.sleep(0.002)
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join(10)
-        self._client.close()
-        return self.most
-
-
-def _collect(llm, rids: set, seen: dict = None, deadline_s: float = 120) -> dict:
-    """rid -> (tokens, finish reason) for every rid in rids, reading the engine's deltas until all finished; seen:
-    tokens already read."""
-    out = {rid: ((seen or {}).get(rid, []), None) for rid in rids}
-    deadline = time.monotonic() + deadline_s
-    while any(out[r][1] is None for r in rids):
-        assert time.monotonic() < deadline, "requests did not finish"
-        for d in llm.engine.poll_deltas(50):
-            if d.rid in out:
-                assert d.error is None, d.error
-                out[d.rid] = (out[d.rid][0] + list(d.token_ids), d.finish_reason)
-    return out
-
-
-def _wait_idle(debug: DebugClient) -> dict:
-    deadline = time.monotonic() + 30
-    while True:
-        state = debug.state()
-        if (state["running"], state["waiting"], state["kv_pages_used"], state["steps_in_flight"]) == (0, 0, 0, 0):
-            return state
-        assert time.monotonic() < deadline, state
-        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("arch", ARCHS)
-def test_layout_gives_transformers_tokens(arch, layout, tiny_model_dir, hf_reference):
-    folder = tiny_model_dir(arch)
-    batch = random_prompts(8, seed=3, lengths=[30, 25, 40, 20, 35, 28, 22, 38])
-    first, late = random_prompts(3, seed=4), random_prompts(3, seed=5)
-    doomed = random_prompts(4, seed=6, lengths=[10, 12, 14, 16])
-    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    long = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True).to_dict()
-    with LLM(folder, **ENGINE, **LAYOUTS[layout]) as llm, DebugClient(llm.config.run_dir) as debug:
-        in_flight_limit = llm.config.max_steps_in_flight
-        watcher = InFlightWatcher(llm.config.run_dir)
-        # 1. more sequences than the KV pool holds: chunked prefill, micro-batches, preemption and recompute
-        got = [o.token_ids for o in llm.generate(batch, params)]
-        most_in_flight = watcher.stop()
-        preemptions = debug.state()["total_preemptions"]
-        # 2. requests arriving while others decode
-        for i, p in enumerate(first):
-            llm.engine.submit(GenerateRequest(f"first-{i}", long, prompt_ids=token_ids(p)))
-        seen = {}
-        while sum(len(t) for t in seen.values()) < 3 * 6:
-            for d in llm.engine.poll_deltas(50):
-                seen[d.rid] = seen.get(d.rid, []) + list(d.token_ids)
-        assert all(len(t) < 40 for t in seen.values()), "late requests must join mid-decode"
-        for i, p in enumerate(late):
-            llm.engine.submit(GenerateRequest(f"late-{i}", long, prompt_ids=token_ids(p)))
-        joined = _collect(llm, {f"late-{i}" for i in range(3)} | {f"first-{i}" for i in range(3)}, seen)
-        # 3. aborts while the requests' steps are in flight: the survivors' tokens stand, every page comes back
-        for i, p in enumerate(doomed):
-            llm.engine.submit(GenerateRequest(f"doomed-{i}", long, prompt_ids=token_ids(p)))
-        started = {}
-        while len(started) < 4:
-            for d in llm.engine.poll_deltas(20):
-                started[d.rid] = started.get(d.rid, []) + list(d.token_ids)
-        llm.engine.abort("doomed-1")
-        llm.engine.abort("doomed-3")
-        survivors = _collect(llm, {"doomed-0", "doomed-2"}, started)
-        idle = _wait_idle(debug)
-    assert got == hf_reference(folder, batch, 12)
-    assert preemptions > 0
-    assert most_in_flight == in_flight_limit, (most_in_flight, in_flight_limit)
-    assert [joined[f"first-{i}"][0] for i in range(3)] + [joined[f"late-{i}"][0] for i in range(3)] == \
-        hf_reference(folder, first + late, 40)
-    ref = hf_reference(folder, doomed, 40)
-    assert [survivors["doomed-0"][0], survivors["doomed-2"][0]] == [ref[0], ref[2]]
-    assert idle["kv_pages_free"] == idle["kv_pages_total"]
+def test_layout_gives_transformers_tokens(arch, layout, tiny_model_dir, hf_reference, hf_to_max_len):
+    run_scenario(tiny_model_dir(arch), hf_reference, hf_to_max_len, **LAYOUTS[layout])
 
 
 def test_debug_state_shows_each_micro_batch(tiny_model_dir):

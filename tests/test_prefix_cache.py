@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from conftest import random_prompts
+from conftest import UNBOUNDED, random_prompts
 from nanoslg import LLM, SamplingParams
 from nanoslg.entrypoints.debug import DebugClient
 from nanoslg.protocol import GenerateRequest, TokenizedRequest, token_ids
@@ -186,21 +186,22 @@ def test_hits_on_pages_of_a_request_still_running(arch, tiny_model_dir, hf_refer
 
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen2"])
-def test_hits_after_preemption_and_after_eviction(arch, tiny_model_dir, hf_reference):
+def test_hits_after_preemption_and_after_eviction(arch, tiny_model_dir, hf_reference, hf_to_max_len):
     folder = tiny_model_dir(arch)
     base = random_prompts(1, seed=43, lengths=[24])[0]
     shared = [base[:16] + p for p in random_prompts(6, seed=44, lengths=[14, 9, 20, 11, 17, 6])]
     flood = random_prompts(8, seed=45, lengths=[30] * 8)
-    # 24 pages of 4 tokens: six ~40-token sequences cannot all fit, so the newest are preempted and come back
-    # through the cache; then the flood evicts everything, and base is recomputed from scratch.
+    # 24 pages of 4 tokens: six sequences running to 64 tokens (no max_tokens, so the admission cannot plan for
+    # it) cannot all fit, so the newest are preempted and come back through the cache; then the flood evicts
+    # everything, and base is recomputed from scratch.
     with LLM(folder, max_model_len=64, page_size=PS, num_kv_pages=24) as llm:
-        first = llm.generate(shared, GREEDY)
+        first = llm.generate(shared, SamplingParams(**UNBOUNDED))
         mid = _state(llm)
         llm.generate(flood, GREEDY)
         again = llm.generate(shared[:2], GREEDY)
         state = _state(llm)
     assert mid["total_preemptions"] > 0 and mid["prefix_cache_hits"] > 0
-    assert [o.token_ids for o in first] == hf_reference(folder, shared, 10)
+    assert [o.token_ids for o in first] == hf_to_max_len(folder, shared, 64)
     assert [o.token_ids for o in again] == hf_reference(folder, shared[:2], 10)
     assert state["kv_pages_used"] == 0 and state["kv_pages_cached"] <= 24
 

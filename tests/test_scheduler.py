@@ -57,9 +57,11 @@ def test_finish_frees_pages_and_releases_worker_state():
 
 
 def test_preemption_frees_the_newest_and_recomputes_it():
+    # No max_tokens: the admission cannot predict how long they run (and nothing has finished to learn from), so
+    # both start and the pool runs out under them.
     s = Scheduler(num_pages=4, page_size=4, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=16)
-    s.add(_req("old", 7, max_tokens=8))
-    s.add(_req("new", 7, max_tokens=8))
+    s.add(_req("old", 7, max_tokens=None))
+    s.add(_req("new", 7, max_tokens=None))
     _run_step(s)  # both prefilled: 2 pages each, pool full
     _run_step(s)  # both at 8 tokens... next decode needs a third page each
     plan, _ = _run_step(s)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -10,7 +11,8 @@ import torch
 @dataclass(slots=True)
 class BatchLayout:
     """Where a step's flattened tokens sit: sequence b owns tokens [cu_q[b], cu_q[b+1]) at positions
-    start_pos[b].. and its KV lives in pages page_tables[b, :ceil(kv_lens[b] / page_size)]."""
+    start_pos[b].. and its KV lives in pages page_tables[b, :ceil(kv_lens[b] / page_size)]. Rows of one token
+    (decodes) come first: num_decode of them."""
 
     q_lens: torch.Tensor  # [B] int32, host
     start_pos: torch.Tensor  # [B] int32, host
@@ -23,8 +25,19 @@ class BatchLayout:
         return self.start_pos + self.q_lens
 
     @property
+    def num_decode(self) -> int:
+        """Leading rows of one token each."""
+        ones = (self.q_lens == 1).int()
+        return len(ones) if bool(ones.all()) else int(ones.argmin())
+
+    @property
     def is_decode(self) -> bool:
         return bool((self.q_lens == 1).all())
+
+    def rows(self, start: int, end: int, token_start: int, token_end: int) -> "BatchLayout":
+        """Rows [start, end), whose tokens are [token_start, token_end): one nano-batch's layout."""
+        return BatchLayout(self.q_lens[start:end], self.start_pos[start:end], self.page_tables[start:end],
+                           self.positions[token_start:token_end], self.slot_mapping[token_start:token_end])
 
 
 class AttentionBackend(ABC):
@@ -56,11 +69,23 @@ class AttentionBackend(ABC):
         self.kv_cache[layer, 0].index_copy_(0, slot_mapping, k.to(self.kv_cache.dtype))
         self.kv_cache[layer, 1].index_copy_(0, slot_mapping, v.to(self.kv_cache.dtype))
 
-    @abstractmethod
-    def plan(self, layout: BatchLayout) -> None:
-        """Prepare everything this step's layers share (indices, masks, kernel plans)."""
+    # Whether forward() writes into a given `out` without allocating, so it may run on a side CUDA stream (the
+    # caching allocator serves a side stream's allocations outside a CUDA graph's memory pool).
+    runs_on_side_streams = False
 
     @abstractmethod
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: [T, heads, D], k/v: [T, kv_heads, D] for this step's new tokens. Stores k/v in the cache and returns
-        the attention output [T, heads, D]."""
+    def plan(self, layout: BatchLayout, slot: int = 0) -> object:
+        """Prepare everything a batch's layers share (indices, masks, kernel plans) and return it. slot: which
+        nano-batch of the step this is; plans of different slots stay valid side by side."""
+
+    @abstractmethod
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: object,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """q: [T, heads, D], k/v: [T, kv_heads, D] for the batch's new tokens. Stores k/v in the cache and returns
+        the attention output [T, heads, D] (in out when given)."""
+
+    def begin_planning(self) -> None:
+        """Called once before a step's plans are made."""
+
+    def finish_planning(self) -> None:
+        """Called once after a step's plans are made."""

@@ -4,6 +4,8 @@ queries over the paged cache) for prefill and mixed steps. The cache is the base
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -47,26 +49,34 @@ class PageTables:
         return pinned(indptr), upload(indices, device, torch.int32), pinned(last)
 
 
+@dataclass(slots=True)
+class FlashInferPlan:
+    """A batch's attention: the decode kernel over its leading one-token rows, the prefill kernel over the rest."""
+
+    decode: Optional[object]  # a decode wrapper planned for rows [0, num_decode), or None
+    prefill: Optional[object]  # a prefill wrapper planned for the other rows, or None
+    num_decode: int
+    slot_mapping: torch.Tensor
+
+
 class FlashInferBackend(AttentionBackend):
     name = "flashinfer"
+    runs_on_side_streams = True  # forward() writes into `out` and allocates nothing
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        import flashinfer
-
         device = self.kv_cache.device
+        # One float workspace for every wrapper: their kernels all run on one stream (the main one, or the memory
+        # stream of nano-batching), never two at once. Each wrapper keeps its plan in its own int workspace.
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         # Decode on tensor cores (FlashInfer's fa2 prefill kernel) once 4+ query heads share a KV head: one A/B on
         # an H100 (300 prompts of 1024/512, Llama-3.1-8B's group of 4) gave 2.6 % more throughput (BENCHMARKS.md).
         self.decode_tc = self.num_heads // self.num_kv_heads >= 4 and self._tensor_core_decode_works()
         # fa3 prefill on SM90 (prebuilt in the GPU kit), fa2 elsewhere.
-        prefill_backend = "fa3" if torch.cuda.get_device_capability(device)[0] == 9 else "fa2"
-        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD",
-                                                                      backend=prefill_backend)
-        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2",
-                                                                    use_tensor_cores=self.decode_tc)
-        self.active = self.decode
-        self._planned = None  # event after the last plan's host-to-device copies
+        sm90 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+        self.prefill_backend = "fa3" if sm90 else "fa2"
+        self._wrappers: dict = {}  # nano-batch slot -> (decode wrapper, prefill wrapper)
+        self._planned = None  # event after the last step's plan copies
 
     def _tensor_core_decode_works(self) -> bool:
         """Tensor-core decode loads FlashInfer's fa2 prefill module, which the GPU kit does not ship prebuilt: it is
@@ -89,15 +99,26 @@ class FlashInferBackend(AttentionBackend):
             log.warning("tensor-core decode unavailable (%s: %s); decoding on CUDA cores", type(e).__name__, e)
             return False
 
-    def _before_plan(self) -> None:
+    def _slot_wrappers(self, slot: int) -> tuple:
+        if slot not in self._wrappers:
+            import flashinfer
+
+            self._wrappers[slot] = (
+                flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2",
+                                                              use_tensor_cores=self.decode_tc),
+                flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend=self.prefill_backend))
+        return self._wrappers[slot]
+
+    def begin_planning(self) -> None:
         # plan() stages its metadata in a pinned host buffer and copies it asynchronously. With overlap scheduling
-        # the previous step may not have reached its copy yet: wait for it before the buffer is rewritten.
+        # the previous step may not have reached its copies yet: wait for them before the buffers are rewritten.
         if self._planned is not None:
             self._planned.synchronize()
 
-    def _after_plan(self) -> None:
-        self._planned = torch.cuda.Event()
-        self._planned.record()
+    def finish_planning(self) -> None:
+        if self.kv_cache.device.type == "cuda":
+            self._planned = torch.cuda.Event()
+            self._planned.record()
 
     def graph_decode_wrapper(self, batch_size: int, max_pages: int):
         """A decode wrapper whose plan lives in fixed buffers, so a captured CUDA graph can replay it."""
@@ -110,40 +131,50 @@ class FlashInferBackend(AttentionBackend):
             paged_kv_indices_buffer=torch.zeros(max_pages, dtype=torch.int32, device=device),
             paged_kv_last_page_len_buffer=torch.zeros(batch_size, dtype=torch.int32, device=device))
 
-    def plan_decode(self, wrapper, layout: BatchLayout) -> None:
+    def plan_decode(self, wrapper, layout: BatchLayout) -> FlashInferPlan:
+        """Plan a decode-only batch on the given wrapper (a CUDA graph's own, or a slot's)."""
         indptr, indices, last = PageTables.build(layout, self.page_size, self.kv_cache.device)
         dtype = self.kv_cache.dtype
-        self._before_plan()
         wrapper.plan(indptr, indices, last, self.num_heads, self.num_kv_heads, self.head_dim, self.page_size,
                      q_data_type=dtype, kv_data_type=dtype)
-        self._after_plan()
-        self.active = wrapper
-        self.slot_mapping = layout.slot_mapping
+        return FlashInferPlan(wrapper, None, len(layout.q_lens), layout.slot_mapping)
 
     def layer_cache(self, layer: int) -> tuple:
         shape = (self.num_pages + 1, self.page_size, self.num_kv_heads, self.head_dim)
         return self.kv_cache[layer, 0].view(shape), self.kv_cache[layer, 1].view(shape)
 
-    def plan(self, layout: BatchLayout) -> None:
-        # FlashInfer plans on the CPU from the host tensors (pinned, so its copies of them do not block); the page
-        # indices are already on the device.
-        if layout.is_decode:
-            self.plan_decode(self.decode, layout)
-            return
-        indptr, indices, last = PageTables.build(layout, self.page_size, self.kv_cache.device)
-        dtype = self.kv_cache.dtype
-        qo_indptr = torch.zeros(len(layout.q_lens) + 1, dtype=torch.int32)
-        torch.cumsum(layout.q_lens, 0, out=qo_indptr[1:])
-        qo_indptr = pinned(qo_indptr)
-        self._before_plan()
-        # seq_lens given (pinned): otherwise plan() derives them into pageable memory and copies from there.
-        self.prefill.plan(qo_indptr, indptr, indices, last, self.num_heads, self.num_kv_heads, self.head_dim,
-                          self.page_size, causal=True, q_data_type=dtype, kv_data_type=dtype,
-                          seq_lens=pinned(layout.kv_lens.int()))
-        self._after_plan()
-        self.active = self.prefill
-        self.slot_mapping = layout.slot_mapping
+    def plan(self, layout: BatchLayout, slot: int = 0) -> FlashInferPlan:
+        """Decode rows on the decode kernel, the others on the prefill kernel: a decode row run through the
+        prefill kernel costs far more than on its own (a mixed step cost more than its parts)."""
+        decode, prefill = self._slot_wrappers(slot)
+        nd, rows = layout.num_decode, len(layout.q_lens)
+        plan = FlashInferPlan(None, None, nd, layout.slot_mapping)
+        if nd:
+            plan.decode = self.plan_decode(decode, layout.rows(0, nd, 0, nd)).decode
+        if nd < rows:
+            part = layout.rows(nd, rows, nd, len(layout.positions))
+            # FlashInfer plans on the CPU from the host tensors (pinned, so its copies of them do not block); the
+            # page indices are already on the device.
+            indptr, indices, last = PageTables.build(part, self.page_size, self.kv_cache.device)
+            qo_indptr = torch.zeros(len(part.q_lens) + 1, dtype=torch.int32)
+            torch.cumsum(part.q_lens, 0, out=qo_indptr[1:])
+            dtype = self.kv_cache.dtype
+            # seq_lens given (pinned): otherwise plan() derives them into pageable memory and copies from there.
+            prefill.plan(pinned(qo_indptr), indptr, indices, last, self.num_heads, self.num_kv_heads, self.head_dim,
+                         self.page_size, causal=True, q_data_type=dtype, kv_data_type=dtype,
+                         seq_lens=pinned(part.kv_lens.int()))
+            plan.prefill = prefill
+        return plan
 
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        self.write_kv(layer, k, v, self.slot_mapping)
-        return self.active.run(q.contiguous(), self.layer_cache(layer))
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: FlashInferPlan,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self.write_kv(layer, k, v, plan.slot_mapping)
+        cache = self.layer_cache(layer)
+        q = q if q.is_contiguous() else q.contiguous()
+        out = torch.empty_like(q) if out is None else out
+        nd = plan.num_decode
+        if plan.decode is not None:
+            plan.decode.run(q[:nd], cache, out=out[:nd])
+        if plan.prefill is not None:
+            plan.prefill.run(q[nd:], cache, out=out[nd:])
+        return out

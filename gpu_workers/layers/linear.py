@@ -101,8 +101,16 @@ class RowParallelLinear(nn.Module):
         n = param.shape[1]
         copy_checked(param, loaded.narrow(1, parallel_state().tp_rank * n, n))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
-        y = tp_all_reduce(y)
+    def local(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's partial product (the GEMM alone)."""
+        return F.linear(x, self.weight)
+
+    def reduce_(self, y: torch.Tensor) -> torch.Tensor:
+        """Sum the partial products over the TP ranks, in place, and add the bias (allocates nothing, so it may
+        run on a side stream)."""
+        tp_all_reduce(y)
         # The bias is added once, after the reduction, not once per rank.
-        return y + self.bias if self.bias is not None else y
+        return y.add_(self.bias) if self.bias is not None else y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reduce_(self.local(x))

@@ -41,18 +41,19 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         self._cos_sin_table = None  # [max_positions, head_dim] fp32, the fused kernel's layout
 
-        self._step_key = None
-        self._step_cos_sin = None
+        self._step_tables: list = []  # (positions, dtype, cos, sin) of the step's nano-batches, newest last
 
     def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
-        # Every layer of a step rotates at the same positions: build the tables once per step, not once per layer.
-        key = (positions, dtype)
-        if self._step_key is None or self._step_key[0] is not positions or self._step_key[1] != dtype:
-            cos = self.cos[positions].unsqueeze(1)
-            sin = self.sin[positions].unsqueeze(1)
-            self._step_cos_sin = (torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((sin, sin), dim=-1).to(dtype))
-            self._step_key = key
-        return self._step_cos_sin
+        # Every layer of a step rotates at the same positions: build the tables once per step (per nano-batch),
+        # not once per layer.
+        for pos, dt, cos, sin in self._step_tables:
+            if pos is positions and dt == dtype:
+                return cos, sin
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        tables = (torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((sin, sin), dim=-1).to(dtype))
+        self._step_tables = self._step_tables[-7:] + [(positions, dtype, *tables)]
+        return tables
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q: [T, heads, D], k: [T, kv_heads, D]; returns both rotated, in their dtype."""

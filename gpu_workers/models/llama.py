@@ -13,6 +13,7 @@ from gpu_workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from gpu_workers.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from gpu_workers.layers.norm import RMSNorm
 from gpu_workers.layers.rotary import RotaryEmbedding
+from gpu_workers.nano_batch import ATTENTION, COLLECTIVE, GEMM, OTHER, NanoState, OpRunner
 from gpu_workers.parallel import parallel_state
 from nanoslg.config import ModelSpec
 
@@ -33,7 +34,8 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def project(self, positions: torch.Tensor, x: torch.Tensor) -> tuple:
+        """(q, k, v) for x, rotated; q contiguous, as the attention kernels read it."""
         d = self.head_dim
         q, k, v = self.qkv_proj(x).split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], -1)
         q = q.view(-1, self.num_heads, d)
@@ -42,8 +44,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
-        out = current_backend().forward(self.layer_index, q, k, v)
-        return self.o_proj(out.reshape(-1, self.num_heads * d))
+        return q.contiguous(), k, v
 
 
 class MLP(nn.Module):
@@ -58,21 +59,50 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """A decoder layer as a list of operations over a nano-batch's state, each tagged with its class (see
+    gpu_workers/nano_batch.py); run in order they are the usual pre-norm layer."""
+
     def __init__(self, spec: ModelSpec, layer_index: int, rotary: RotaryEmbedding, dtype: torch.dtype):
         super().__init__()
         self.self_attn = Attention(spec, layer_index, rotary, dtype)
         self.mlp = MLP(spec, dtype)
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+        reduces = parallel_state().tp_size > 1  # one rank: o_proj and down_proj have no bias to add either
+        self.ops = [(OTHER, self._norm_in), (GEMM, self._qkv), (ATTENTION, self._attend), (GEMM, self._o_proj)] + \
+            ([(COLLECTIVE, self._reduce_attn)] if reduces else []) + \
+            [(OTHER, self._norm_post), (GEMM, self._mlp)] + ([(COLLECTIVE, self._reduce_mlp)] if reduces else [])
 
-    def forward(self, positions, hidden, residual: Optional[torch.Tensor]):
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
+    def _norm_in(self, s: NanoState) -> None:
+        if s.residual is None:
+            s.residual, s.hidden = s.hidden, self.input_layernorm(s.hidden)
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+            s.hidden, s.residual = self.input_layernorm(s.hidden, s.residual)
+
+    def _qkv(self, s: NanoState) -> None:
+        s.q, s.k, s.v = self.self_attn.project(s.positions, s.hidden)
+        s.hidden = torch.empty_like(s.q)  # the attention's output, made here so the attention allocates nothing
+
+    def _attend(self, s: NanoState) -> None:
+        current_backend().forward(self.self_attn.layer_index, s.q, s.k, s.v, s.plan, out=s.hidden)
+        s.q = s.k = s.v = None
+
+    def _o_proj(self, s: NanoState) -> None:
+        attn = self.self_attn
+        s.hidden = attn.o_proj.local(s.hidden.view(-1, attn.num_heads * attn.head_dim))
+
+    def _reduce_attn(self, s: NanoState) -> None:
+        self.self_attn.o_proj.reduce_(s.hidden)
+
+    def _norm_post(self, s: NanoState) -> None:
+        s.hidden, s.residual = self.post_attention_layernorm(s.hidden, s.residual)
+
+    def _mlp(self, s: NanoState) -> None:
+        mlp = self.mlp
+        s.hidden = mlp.down_proj.local(silu_and_mul(mlp.gate_up_proj(s.hidden)))
+
+    def _reduce_mlp(self, s: NanoState) -> None:
+        self.mlp.down_proj.reduce_(s.hidden)
 
 
 def stage_layer_range(num_layers: int, pp_size: int, pp_rank: int) -> range:
@@ -102,14 +132,22 @@ class LlamaForCausalLM(nn.Module):
         else:
             self.norm = self.lm_head = None
 
-    def forward(self, positions: torch.Tensor, input_ids: Optional[torch.Tensor] = None,
-                hidden: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None):
-        """Stage 0 takes input_ids; later stages take the previous stage's (hidden, residual). The last stage
-        returns final-normed hidden states; others return (hidden, residual) to pass on."""
+    def forward(self, positions: torch.Tensor, plans: list, bounds: list, runner: OpRunner,
+                input_ids: Optional[torch.Tensor] = None, hidden: Optional[torch.Tensor] = None,
+                residual: Optional[torch.Tensor] = None):
+        """Stage 0 takes input_ids; later stages take the previous stage's (hidden, residual). The batch runs as
+        nano-batches: tokens [start, end) of each bound, with the attention plan beside it. The last stage returns
+        final-normed hidden states; others return (hidden, residual) to pass on."""
         if self.embed_tokens is not None:
             hidden, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual)
+        states = [NanoState(positions[a:b], plan, hidden[a:b], None if residual is None else residual[a:b])
+                  for (a, b), plan in zip(bounds, plans)]
+        runner.run(self.layers, states)
+        if len(states) == 1:
+            hidden, residual = states[0].hidden, states[0].residual
+        else:
+            hidden = torch.cat([s.hidden for s in states])
+            residual = torch.cat([s.residual for s in states])
         if self.norm is None:
             return hidden, residual
         hidden, _ = self.norm(hidden, residual)

@@ -71,9 +71,7 @@ def hf_forced(model, prompts: list, conts: list) -> list:
 def engine_logits(folder: str, backend: str, prompts: list, n: int, forced: list = None, fused: str = "1") -> tuple:
     """(greedy tokens, per-prompt [n, V] logits) from the engine's model runner: one prefill of every prompt, then
     n - 1 decode steps fed the engine's own tokens or, teacher-forced, forced[i]. Eager, one batch."""
-    from gpu_workers.attention.context import forward_context
     from gpu_workers.model_runner import ModelRunner
-    from gpu_workers.upload import upload
     from nanoslg.config import EngineConfig
     from nanoslg.protocol import SeqChunk, StepPlan, token_ids
 
@@ -100,11 +98,7 @@ def engine_logits(folder: str, backend: str, prompts: list, n: int, forced: list
                   for i, p in enumerate(prompts)]
         plan = StepPlan(step, [SeqChunk(f"r{i}", token_ids(c), s, tables[i], True) for i, (c, s) in
                                enumerate(chunks)])
-        input_ids, layout, cu = runner.layout(plan)
-        with forward_context(runner.backend):
-            runner.backend.plan(layout)
-            hidden = runner.model(layout.positions, input_ids=input_ids)
-        out = runner.model.compute_logits(hidden[upload(cu[1:] - 1, runner.device)]).float().cpu()
+        out = runner.logits(plan).float().cpu()
         for i in range(len(prompts)):
             logits[i].append(out[i])
             toks[i].append(int(out[i].argmax()))

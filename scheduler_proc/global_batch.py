@@ -1,0 +1,95 @@
+"""NanoFlow's global batch, as the scheduler forms it: every step carries about D tokens (every running decode plus
+prefill chunks that fill the rest), the running set is held near a target R, and a request is admitted only when
+the KV pool can hold what it is predicted to use (its prompt plus its expected output), so a full pool means
+admitting less rather than preempting.
+
+Why a dense batch of about R x (1 + prompt / output) tokens: in a steady state each step finishes about R / output
+requests, and admitting as many again costs R x prompt / output prefill tokens. A budget of that size spreads new
+prompts over the steps instead of letting requests that finish together come back together (the waves of equal
+output lengths), and keeps every step's GEMMs at the same, large token count."""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Optional
+
+from scheduler_proc.request import Request
+
+# D auto leaves this much room over the steady-state need, so the prefill keeps up with small fluctuations.
+DENSE_MARGIN = 1.1
+OUTPUT_WINDOW = 512  # finished requests the output-length estimate looks back on
+OUTPUT_QUANTILE = 0.9
+
+
+class LengthStats:
+    """Running means of prompt lengths and a quantile of observed output lengths, for D auto and for predicting
+    how long a request without max_tokens will run."""
+
+    def __init__(self) -> None:
+        self.outputs: deque = deque(maxlen=OUTPUT_WINDOW)
+        self.prompt_sum = self.prompt_count = 0
+        self.bound_sum = self.bound_count = 0  # max_tokens of admitted requests that gave one
+
+    def admitted(self, r: Request) -> None:
+        self.prompt_sum += len(r.prompt_ids)
+        self.prompt_count += 1
+        if r.max_tokens_given:
+            self.bound_sum += r.max_tokens
+            self.bound_count += 1
+
+    def finished(self, num_output: int) -> None:
+        self.outputs.append(num_output)
+
+    def output_estimate(self) -> Optional[int]:
+        """A high quantile of recent output lengths (None before any request finished)."""
+        if not self.outputs:
+            return None
+        ordered = sorted(self.outputs)
+        return ordered[min(len(ordered) - 1, int(OUTPUT_QUANTILE * len(ordered)))]
+
+    def mean_prompt(self) -> Optional[float]:
+        return self.prompt_sum / self.prompt_count if self.prompt_count else None
+
+    def mean_output(self) -> Optional[float]:
+        if self.outputs:
+            return sum(self.outputs) / len(self.outputs)
+        return self.bound_sum / self.bound_count if self.bound_count else None
+
+
+@dataclass(slots=True)
+class BatchTargets:
+    """The step's shape. running_target (R) and dense_batch_tokens (D, None: derived from the traffic) come from the
+    tuned config or flags; max_num_seqs and max_num_batched_tokens cap them (vLLM's names)."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    running_target: Optional[int] = None  # None: max_num_seqs
+    dense_batch_tokens: Optional[int] = None
+    page_size: int = 16
+
+    @property
+    def target(self) -> int:
+        return min(self.running_target or self.max_num_seqs, self.max_num_seqs)
+
+    def dense_tokens(self, lengths: LengthStats) -> int:
+        """Tokens a step should carry: D, or R x (1 + mean prompt / mean output) with a margin, capped."""
+        cap = self.max_num_batched_tokens
+        if self.dense_batch_tokens:
+            return min(self.dense_batch_tokens, cap)
+        prompt, output = lengths.mean_prompt(), lengths.mean_output()
+        if prompt is None or not output:
+            return cap
+        auto = int(self.target * (1 + prompt / output) * DENSE_MARGIN)
+        return max(min(cap, 4 * self.page_size), min(cap, auto))
+
+
+def expected_output(r: Request, lengths: LengthStats) -> int:
+    """Tokens r is expected to generate in all: its max_tokens when it gave one (a bound the admission can keep),
+    else the estimate from finished requests, never less than what it has already generated plus one."""
+    if r.max_tokens_given:
+        return r.max_tokens
+    return min(r.max_tokens, max(len(r.output_ids) + 1, lengths.output_estimate() or 0))
+
+
+def predicted_tokens(r: Request, lengths: LengthStats, max_model_len: int) -> int:
+    return min(len(r.prompt_ids) + expected_output(r, lengths), max_model_len)
