@@ -29,6 +29,7 @@ class DecodeGraphs:
     def __init__(self, model, backend, runner: OpRunner, max_batch: int, max_model_len: int, page_size: int,
                  first_stage: bool, nano_batches: int = 1):
         self.model, self.backend, self.runner = model, backend, runner
+        self.nano_batches = nano_batches
         self.sizes = batch_size_ladder(max_batch)
         self.max_pages_per_seq = -(-max_model_len // page_size)
         device, spec = backend.kv_cache.device, model.spec

@@ -246,7 +246,8 @@ class ModelRunner:
         else:
             hidden, residual = self.stage_link.recv(n)
             inputs = {"hidden": hidden, "residual": residual}
-        if timer is None and self.graphs is not None and self.graphs.can_run(batch.layout):
+        if timer is None and self.graphs is not None and self.graphs.nano_batches == self.nano_batches and \
+                self.graphs.can_run(batch.layout):
             out = self.graphs.run(batch.layout, **inputs)
         else:
             with forward_context(self.backend):
@@ -259,6 +260,14 @@ class ModelRunner:
         if not stage_local:
             self.stage_link.send(*out)
         return None
+
+    def forward(self, batch: StepBatch, timer: Optional[OpTimer] = None) -> None:
+        """A whole step's forward pass, the LM head on its sampling rows included, without sampling and without
+        touching any request's state (nanoslg tune's step timings)."""
+        hidden = self._forward(batch, False, timer)
+        rows = [int(batch.cu[b + 1]) - 1 for b, s in enumerate(batch.seqs) if s.sample]
+        if hidden is not None and rows:
+            self._timed(timer, GEMM, self.model.compute_logits, hidden[upload(rows, self.device)])
 
     @torch.inference_mode()
     def logits(self, plan: StepPlan) -> torch.Tensor:

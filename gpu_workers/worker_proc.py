@@ -14,7 +14,7 @@ from gpu_workers.step_profiler import StepProfiler
 from nanoslg import cluster, ipc
 from nanoslg.config import EngineConfig
 from nanoslg.logs import setup_logging
-from nanoslg.protocol import ProtocolError, StepPlan, StepResult, token_ids
+from nanoslg.protocol import ProfileRequest, ProfileResult, ProtocolError, StepPlan, StepResult, token_ids
 
 log = logging.getLogger("nanoslg.worker")
 
@@ -116,6 +116,12 @@ def serve(cfg: EngineConfig, rank: int, ready) -> None:
         except ProtocolError as e:
             log.warning("dropped a bad message: %s", e)
             continue
+        if isinstance(msg, ProfileRequest):
+            if in_flight is not None:
+                _report(runner, in_flight, to_scheduler, profiler)
+                in_flight = None
+            _profile(runner, msg, to_scheduler)
+            continue
         if not isinstance(msg, StepPlan):
             log.warning("unexpected %s on the plan feed", type(msg).__name__)
             continue
@@ -136,6 +142,21 @@ def serve(cfg: EngineConfig, rank: int, ready) -> None:
         if in_flight is not None:
             _report(runner, in_flight, to_scheduler, profiler)
         in_flight = launched
+
+
+def _profile(runner, msg: ProfileRequest, to_scheduler) -> None:
+    """Time this rank's operations as asked (nanoslg tune); the driver sends the result."""
+    from gpu_workers.op_profiler import run_profile
+
+    try:
+        result = ProfileResult(msg.kind, run_profile(runner, msg.kind, msg.shapes))
+    except Exception as e:
+        if runner.cfg.world_size > 1:
+            raise  # the other ranks are inside the same collectives: see the step failure above
+        log.error("profile failed:\n%s", traceback.format_exc())
+        result = ProfileResult(msg.kind, {}, f"{type(e).__name__}: {e}")
+    if to_scheduler is not None:
+        ipc.send(to_scheduler, result)
 
 
 def _report(runner, launched, to_scheduler, profiler) -> None:

@@ -17,7 +17,7 @@ from scheduler_proc.request import Request
 
 # D auto leaves this much room over the steady-state need, so the prefill keeps up with small fluctuations.
 DENSE_MARGIN = 1.1
-OUTPUT_WINDOW = 512  # finished requests the output-length estimate looks back on
+OUTPUT_WINDOW = 512  # requests the length estimates look back on
 OUTPUT_QUANTILE = 0.9
 
 
@@ -26,16 +26,15 @@ class LengthStats:
     how long a request without max_tokens will run."""
 
     def __init__(self) -> None:
+        # recent requests only, so the estimates follow traffic that changes
         self.outputs: deque = deque(maxlen=OUTPUT_WINDOW)
-        self.prompt_sum = self.prompt_count = 0
-        self.bound_sum = self.bound_count = 0  # max_tokens of admitted requests that gave one
+        self.prompts: deque = deque(maxlen=OUTPUT_WINDOW)
+        self.bounds: deque = deque(maxlen=OUTPUT_WINDOW)  # max_tokens of admitted requests that gave one
 
     def admitted(self, r: Request) -> None:
-        self.prompt_sum += len(r.prompt_ids)
-        self.prompt_count += 1
+        self.prompts.append(len(r.prompt_ids))
         if r.max_tokens_given:
-            self.bound_sum += r.max_tokens
-            self.bound_count += 1
+            self.bounds.append(r.max_tokens)
 
     def finished(self, num_output: int) -> None:
         self.outputs.append(num_output)
@@ -48,12 +47,11 @@ class LengthStats:
         return ordered[min(len(ordered) - 1, int(OUTPUT_QUANTILE * len(ordered)))]
 
     def mean_prompt(self) -> Optional[float]:
-        return self.prompt_sum / self.prompt_count if self.prompt_count else None
+        return sum(self.prompts) / len(self.prompts) if self.prompts else None
 
     def mean_output(self) -> Optional[float]:
-        if self.outputs:
-            return sum(self.outputs) / len(self.outputs)
-        return self.bound_sum / self.bound_count if self.bound_count else None
+        recent = self.outputs or self.bounds
+        return sum(recent) / len(recent) if recent else None
 
 
 @dataclass(slots=True)

@@ -22,14 +22,14 @@ def free_port() -> int:
 class Server:
     """`with Server(model, "--max-model-len", "512") as srv:` then srv.url ("http://127.0.0.1:PORT")."""
 
-    def __init__(self, model: str, *args: str, api_key: str | None = None, timeout: float = 180.0):
+    def __init__(self, model: str, *args: str, api_key: str | None = None, timeout: float = 180.0, stderr=None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "nanoslg", "serve", model, "--host", "127.0.0.1", "--port",
                str(self.port), *args]
         if api_key:
             cmd += ["--api-key", api_key]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, stderr=stderr)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:

@@ -1,6 +1,7 @@
 """Attention with torch's scaled_dot_product_attention over the paged cache: each sequence's pages are gathered into
-a padded contiguous batch, so one SDPA call per layer serves prefill, decode and mixed steps. Runs anywhere torch
-does (CPU, any CUDA GPU)."""
+a padded contiguous batch, one SDPA call per layer. A mixed step's decode rows and prefill rows are two such batches:
+padded together, every decode row would carry the longest prefill chunk's query length (a 64-row decode beside a
+128-token chunk took 25 ms per step instead of 1.4 on CPU). Runs anywhere torch does (CPU, any CUDA GPU)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,12 +23,22 @@ class SdpaPlan:
     max_q: int
     max_kv: int
     slot_mapping: torch.Tensor
+    rest: Optional["SdpaPlan"] = None  # a mixed batch's prefill rows, after this plan's decode rows
 
 
 class SdpaBackend(AttentionBackend):
     name = "sdpa"
 
     def plan(self, layout: BatchLayout, slot: int = 0) -> SdpaPlan:
+        nd, rows = layout.num_decode, len(layout.q_lens)
+        if 0 < nd < rows:
+            plan = self._plan(layout.rows(0, nd, 0, nd))
+            plan.rest = self._plan(layout.rows(nd, rows, nd, len(layout.positions)))
+            plan.slot_mapping = layout.slot_mapping
+            return plan
+        return self._plan(layout)
+
+    def _plan(self, layout: BatchLayout) -> SdpaPlan:
         device = self.kv_cache.device
         q_lens, start = layout.q_lens.long(), layout.start_pos.long()
         kv_lens = start + q_lens
@@ -50,6 +61,15 @@ class SdpaBackend(AttentionBackend):
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SdpaPlan,
                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
         self.write_kv(layer, k, v, plan.slot_mapping)
+        if plan.rest is None:
+            return self._attend(layer, q, plan, out)
+        out = torch.empty_like(q) if out is None else out
+        nd = plan.batch
+        self._attend(layer, q[:nd], plan, out[:nd])
+        self._attend(layer, q[nd:], plan.rest, out[nd:])
+        return out
+
+    def _attend(self, layer: int, q: torch.Tensor, plan: SdpaPlan, out: Optional[torch.Tensor]) -> torch.Tensor:
         shape = (plan.batch, plan.max_kv, self.num_kv_heads, self.head_dim)
         keys = self.kv_cache[layer, 0].index_select(0, plan.kv_index).view(shape).transpose(1, 2)
         values = self.kv_cache[layer, 1].index_select(0, plan.kv_index).view(shape).transpose(1, 2)

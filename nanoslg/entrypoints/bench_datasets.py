@@ -32,6 +32,19 @@ SHAREGPT_MEAN_IN, SHAREGPT_MEAN_OUT, SHAREGPT_SIGMA = 202.0, 179.0, 0.9
 SHAREGPT_CLIP = (4, 1024)
 
 
+def range_ratio_arg(value: str) -> float:
+    """argparse type of --random-range-ratio: a number in [0, 1)."""
+    import argparse
+
+    try:
+        r = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value!r}") from None
+    if not 0 <= r < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value!r}")
+    return r
+
+
 @dataclass
 class BenchRequest:
     prompt: object  # list of token ids (completions) or a string (chat)
@@ -40,10 +53,17 @@ class BenchRequest:
 
 
 def make_requests(dataset: str, endpoint: str, num_prompts: int, input_len: int, output_len: int, seed: int,
-                  max_model_len: Optional[int] = None) -> list:
+                  max_model_len: Optional[int] = None, range_ratio: float = 0.0) -> list:
+    """range_ratio (vLLM's --random-range-ratio): random lengths drawn uniformly from [len x (1 - r), len x (1 + r)]
+    instead of exactly len."""
     rng = np.random.default_rng(seed)
     if dataset == "random":
-        lengths = [(input_len, output_len)] * num_prompts
+        if range_ratio:
+            draw = lambda n: rng.integers(max(1, int(n * (1 - range_ratio))), int(n * (1 + range_ratio)) + 1,  # noqa: E731
+                                          size=num_prompts).tolist()
+            lengths = list(zip(draw(input_len), draw(output_len)))
+        else:
+            lengths = [(input_len, output_len)] * num_prompts
     else:
         budget = max_model_len
         if budget and endpoint == "chat":  # words are not exactly tokens and the chat template adds some

@@ -20,7 +20,7 @@ import numpy as np
 
 from nanoslg.entrypoints.bench_breakdown import breakdown, format_breakdown, scrape
 from nanoslg.entrypoints.bench_datasets import (TOKEN_ID_RANGE, BenchRequest, format_turns, make_conversations,
-                                                make_requests, run_conversations, ttft_by_turn)
+                                                make_requests, range_ratio_arg, run_conversations, ttft_by_turn)
 
 
 @dataclass
@@ -58,6 +58,8 @@ def add_bench_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-prompts", type=int, default=100)
     parser.add_argument("--input-len", type=int, default=128, help="prompt tokens per request (random)")
     parser.add_argument("--output-len", type=int, default=128, help="output tokens per request (random)")
+    parser.add_argument("--random-range-ratio", type=range_ratio_arg, default=0.0,
+                        help="random: draw lengths uniformly within +-ratio of --input-len / --output-len (vLLM's)")
     parser.add_argument("--request-rate", type=float, default=float("inf"),
                         help="requests/s with Poisson arrivals (default inf: send all at once)")
     parser.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
@@ -322,7 +324,7 @@ def run_bench_serve(args) -> int:
                     for u in users]
     else:
         requests = make_requests(args.dataset, args.endpoint, args.num_prompts, args.input_len, args.output_len,
-                                 args.seed, max_model_len)
+                                 args.seed, max_model_len, args.random_range_ratio)
     rate = "inf" if math.isinf(args.request_rate) else f"{args.request_rate:g} req/s"
     print(f"Benchmarking {model} at {args.base_url} ({args.endpoint}): {len(requests)} {args.dataset} prompts, "
           f"request rate {rate}, max concurrency {args.max_concurrency or 'unlimited'}", flush=True)

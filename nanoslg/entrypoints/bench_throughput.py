@@ -12,6 +12,11 @@ import sys
 import time
 
 from nanoslg.engine_args import add_engine_arguments, engine_config_from_args, engine_fields
+from nanoslg.entrypoints.bench_datasets import range_ratio_arg
+from nanoslg.entrypoints.roofline import RankCosts, breakdown, format_breakdown
+from scheduler_proc.step_stats import difference
+
+BREAKDOWN_EVERY = 16  # steps between two whose operation classes are timed
 
 REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks",
                             "configs")
@@ -23,6 +28,12 @@ def add_bench_throughput_arguments(parser) -> None:
     g.add_argument("--dataset", default="random", choices=["random", "sharegpt-like"])
     g.add_argument("--input-len", type=int, default=1024)
     g.add_argument("--output-len", type=int, default=512)
+    g.add_argument("--random-range-ratio", type=range_ratio_arg, default=0.0,
+                   help="random: draw each prompt and output length uniformly within +-ratio of --input-len and "
+                        "--output-len (vLLM's)")
+    g.add_argument("--breakdown", action="store_true",
+                   help="report where the GPU's time went: by step kind and by operation class against its "
+                        "roofline (operation classes are timed on every 16th step), and the serial ceiling")
     g.add_argument("--num-prompts", type=int, default=1000)
     g.add_argument("--dataset-seed", type=int, default=0)
     g.add_argument("--warmup-prompts", type=int, default=16)
@@ -114,6 +125,7 @@ def _decode_latency(llm, prompt: list, output_len: int, reps: int = 3) -> float:
 
 def run_bench_throughput(args) -> int:
     from nanoslg.entrypoints.bench_datasets import make_requests
+    from nanoslg.entrypoints.debug import DebugClient
     from nanoslg.launcher import run_worker_node
     from nanoslg.llm import LLM
     from nanoslg.sampling_params import SamplingParams
@@ -126,8 +138,10 @@ def run_bench_throughput(args) -> int:
     if cfg.node_rank > 0:
         return run_worker_node(cfg)
     fields = engine_fields(cfg)
+    if args.breakdown:
+        fields["op_timing_every"] = BREAKDOWN_EVERY
     requests = make_requests(args.dataset, "completions", args.num_prompts, args.input_len, args.output_len,
-                             args.dataset_seed, cfg.max_model_len)
+                             args.dataset_seed, cfg.max_model_len, args.random_range_ratio)
     with LLM(**fields) as llm:
         spec = llm.config.model_spec
         limit = llm.config.max_model_len
@@ -141,10 +155,14 @@ def run_bench_throughput(args) -> int:
             return _report_decode_latency(args, cfg, spec, tpot)
         if args.warmup_prompts:
             llm.generate(prompts[:args.warmup_prompts], SamplingParams(max_tokens=8, ignore_eos=True))
-        start = time.perf_counter()
-        outs = llm.generate(prompts, params)
-        elapsed = time.perf_counter() - start
+        with DebugClient(llm.config.run_dir) as debug:
+            before = debug.state()
+            start = time.perf_counter()
+            outs = llm.generate(prompts, params)
+            elapsed = time.perf_counter() - start
+            after = debug.state()
         engine_info = llm.engine.info
+        resolved = llm.config
     failed = [o for o in outs if o.error]
     if failed:
         print(f"nanoslg bench throughput: {len(failed)} requests failed, e.g. {failed[0].error}", file=sys.stderr)
@@ -157,7 +175,10 @@ def run_bench_throughput(args) -> int:
         "requests_per_s": len(prompts) / elapsed, "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
         "total_tokens_per_s": (prompt_tokens + output_tokens) / elapsed, "output_tokens_per_s": output_tokens / elapsed,
         "engine": {k: v for k, v in engine_info.get("worker0", {}).items()},
-        "config": {k: v for k, v in fields.items() if k != "model"},
+        "config": {k: getattr(resolved, k) for k in fields if k != "model"},
+        "tuned_config": resolved.tuned_config_path or None, "random_range_ratio": args.random_range_ratio,
+        "preemptions": after["total_preemptions"] - before["total_preemptions"],
+        "steps": after["num_steps"] - before["num_steps"],
     }
     peak = _peak_or_none(args, cfg)
     if peak is not None:
@@ -166,8 +187,19 @@ def run_bench_throughput(args) -> int:
         result.update(peak, optimum_tokens_per_s=optimum,
                       percent_of_optimum=100 * result["total_tokens_per_s"] / optimum)
     print(format_summary(result))
+    if args.breakdown:
+        result["breakdown"] = _breakdown(result, resolved, before, after, elapsed)
+        print(format_breakdown(result["breakdown"]))
     _write_json(args, result)
     return 0
+
+
+def _breakdown(result: dict, cfg, before: dict, after: dict, elapsed: float) -> dict:
+    dtype_bytes = 4 if "float32" in result["engine"].get("dtype", "") else 2
+    costs = RankCosts.of(cfg.model_spec, cfg.tensor_parallel_size, cfg.pipeline_parallel_size, dtype_bytes)
+    stats = difference(after["step_stats"], before["step_stats"])
+    return breakdown(stats, costs, result.get("matmul_tflops"), result.get("copy_tbps"), elapsed,
+                     result.get("optimum_tokens_per_s"))
 
 
 def _report_decode_latency(args, cfg, spec, tpot: float) -> int:
@@ -194,7 +226,9 @@ def format_summary(r: dict) -> str:
              f"{'Elapsed (s):':<34}{r['elapsed_s']:.2f}",
              f"{'Request throughput (req/s):':<34}{r['requests_per_s']:.2f}",
              f"{'Output token throughput (tok/s):':<34}{r['output_tokens_per_s']:.1f}",
-             f"{'Total token throughput (tok/s):':<34}{r['total_tokens_per_s']:.1f}"]
+             f"{'Total token throughput (tok/s):':<34}{r['total_tokens_per_s']:.1f}",
+             f"{'Steps / preemptions:':<34}{r['steps']} / {r['preemptions']}",
+             f"{'Tuned config:':<34}{r['tuned_config'] or 'none'}"]
     if "percent_of_optimum" in r:
         lines += [f"{'Matmul peak (TFLOP/s):':<34}{r['matmul_tflops']:.1f} ({r['gpu']})",
                   f"{'Compute-bound optimum (tok/s):':<34}{r['optimum_tokens_per_s']:.1f}",

@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     add_bench_serve_arguments(bench.add_parser("serve", help="load-test a running server (like vLLM's)"))
     add_bench_throughput_arguments(bench.add_parser("throughput", help="offline engine throughput"))
+    from nanoslg.entrypoints.tune import add_tune_arguments
+
+    add_tune_arguments(sub.add_parser("tune", help="measure this machine and write the engine's tuned config "
+                                                    "(global batch, nano-batching, layout)"))
     return parser
 
 
@@ -112,6 +116,10 @@ def main(argv=None) -> int:
             from nanoslg.entrypoints.serve import run_serve
 
             return run_serve(args)
+        if args.command == "tune":
+            from nanoslg.entrypoints.tune import run_tune
+
+            return run_tune(args)
         if args.command == "debug":
             from nanoslg.entrypoints.debug import run_debug
 

@@ -1,0 +1,266 @@
+"""`nanoslg tune MODEL [-tp N] [-pp M] [--gpus G]`: NanoFlow's automated parameter search, measured on this machine.
+
+For each layout it starts the engine once, has every worker time the model's real operations (GEMMs over a range of
+token counts, attention over a range of sequences and contexts, all-reduces) and whole steps (unsplit, and split in
+nano-batches with each overlap), fits a cost model (tune_model.py), searches the running target R, the dense batch D
+and the nano-batch split, checks the best candidates with short real runs on the same engine (R and D change live
+through the scheduler's debug socket), and writes what it decided, with why, to the tuned config that `serve` and
+`bench throughput` load for this model, device and layout.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import sys
+import time
+
+from nanoslg import tuned_config
+from nanoslg.engine_args import add_engine_arguments, engine_config_from_args, engine_fields
+from nanoslg.entrypoints.tune_model import CostModel, search
+
+OVERLAP_NAMES = {"memory": "attention beside GEMMs", "network": "all-reduce beside GEMMs",
+                 "network+memory": "attention and all-reduce beside GEMMs"}
+
+
+def add_tune_arguments(parser) -> None:
+    add_engine_arguments(parser)
+    g = parser.add_argument_group("tune")
+    g.add_argument("--gpus", type=int, default=None,
+                   help="also choose the layout: try every TP x PP split of this many GPUs the model allows")
+    g.add_argument("--dataset", default="random", choices=["random", "sharegpt-like"],
+                   help="the traffic to tune for (its mean prompt and output lengths)")
+    g.add_argument("--input-len", type=int, default=1024)
+    g.add_argument("--output-len", type=int, default=512)
+    g.add_argument("--validate", type=int, default=3, help="best candidates checked with a short real run each")
+    g.add_argument("--window", type=float, default=None,
+                   help="seconds of steady state each check measures (default: 10 on a GPU, 2 on CPU)")
+    g.add_argument("--max-running", type=int, default=None,
+                   help="largest running target searched (default: 1024 on a GPU, 64 on CPU)")
+    g.add_argument("--output", default=None, help="write the tuned config here instead of its default place")
+
+
+def _workload(args, vocab_size: int, max_model_len: int) -> tuple:
+    """(prompts, output lengths) of the traffic tuned for: token ids folded into the vocabulary, each pair fitting
+    max_model_len."""
+    from nanoslg.entrypoints.bench_datasets import make_requests
+
+    reqs = make_requests(args.dataset, "completions", 256, args.input_len, args.output_len, 0, max_model_len)
+    outputs = [max(1, min(r.output_len, max_model_len // 2)) for r in reqs]
+    prompts = [[t % vocab_size for t in r.prompt[:max_model_len - 1 - n]] for r, n in zip(reqs, outputs)]
+    return prompts, outputs
+
+
+def _layouts(base, gpus: int) -> list:
+    """Every (tp, pp) with tp x pp = gpus that the model splits into."""
+    from nanoslg.model_spec import ConfigError
+
+    out = []
+    for tp in range(1, gpus + 1):
+        if gpus % tp:
+            continue
+        try:
+            dataclasses.replace(base, tensor_parallel_size=tp, pipeline_parallel_size=gpus // tp)._check_layout()
+            out.append((tp, gpus // tp))
+        except ConfigError:
+            continue
+    return out
+
+
+def run_tune(args) -> int:
+    from tqdm import tqdm
+
+    from nanoslg.entrypoints.bench_throughput import resolve_model_arg
+
+    args.model = resolve_model_arg(args.model)
+    base = engine_config_from_args(args)
+    base.use_tuned_config = False
+    base.resolve()
+    layouts = _layouts(base, args.gpus) if args.gpus else \
+        [(base.tensor_parallel_size, base.pipeline_parallel_size)]
+    if not layouts:
+        print(f"nanoslg tune: {base.model_spec.num_heads} heads split over no layout of {args.gpus} GPUs",
+              file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    steps = len(layouts) * (3 + args.validate)
+    results = []
+    with tqdm(total=steps, desc="tune", unit="phase", file=sys.stderr) as bar:
+        for tp, pp in layouts:
+            results.append(_tune_layout(args, base, tp, pp, bar))
+    best = max(results, key=lambda r: r["best"]["measured_tokens_per_s"] or 0)
+    for r in results:
+        r["doc"]["layout_search"] = [{"tensor_parallel_size": x["tp"], "pipeline_parallel_size": x["pp"],
+                                      "measured_tokens_per_s": x["best"]["measured_tokens_per_s"]} for x in results]
+        r["doc"]["best_layout"] = {"tensor_parallel_size": best["tp"], "pipeline_parallel_size": best["pp"]}
+        r["doc"]["elapsed_s"] = time.monotonic() - started
+        path = args.output if args.output and len(results) == 1 else tuned_config.default_path(r["doc"]["identity"])
+        tuned_config.write(path, r["doc"])
+        r["path"] = path
+    for r in results:
+        print(_report(r))
+    if len(results) > 1:
+        print(f"best layout for {args.gpus} GPUs: -tp {best['tp']} -pp {best['pp']} "
+              f"({best['best']['measured_tokens_per_s']:.0f} tok/s measured)")
+    print(f"tuned in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+def _tune_layout(args, base, tp: int, pp: int, bar) -> dict:
+    from nanoslg.entrypoints.debug import DebugClient
+    from nanoslg.llm import LLM
+
+    gpu = base.device_name != "cpu"
+    max_running = args.max_running or (1024 if gpu else 64)
+    max_tokens = base.max_num_batched_tokens if args.max_num_batched_tokens else (8192 if gpu else 512)
+    cfg = dataclasses.replace(base, tensor_parallel_size=tp, pipeline_parallel_size=pp, max_num_seqs=max_running,
+                              max_num_batched_tokens=max_tokens, running_target=None, dense_batch_tokens=None,
+                              nano_batches=1, enable_prefix_caching=False, model_spec=None, run_dir="")
+    bar.set_postfix_str(f"tp={tp} pp={pp}: starting the engine")
+    fields = engine_fields(cfg)
+    with LLM(**fields) as llm, DebugClient(llm.config.run_dir, timeout_s=600) as debug:
+        prompts, outputs = _workload(args, llm.config.model_spec.vocab_size, llm.config.max_model_len)
+        mean_in, mean_out = sum(map(len, prompts)) / len(prompts), sum(outputs) / len(outputs)
+        pages = debug.state()["kv_pages_total"]
+        ps, max_len = llm.config.page_size, llm.config.max_model_len
+        bar.update(1)
+        bar.set_postfix_str(f"tp={tp} pp={pp}: timing operations")
+        ops = _profile(debug, "ops", {**_op_shapes(gpu, max_tokens, pages, ps, max_len), "max_pages": pages})
+        bar.update(1)
+        bar.set_postfix_str(f"tp={tp} pp={pp}: timing whole steps")
+        overlaps = ["network", "network+memory"] if tp > 1 else ["memory"]
+        step_shapes = _step_shapes(mean_in, mean_out, max_running, pages, ps, max_len)
+        nano = [[1, "none"]] + [[2, o] for o in overlaps]
+        steps = _profile(debug, "steps", {"steps": step_shapes, "nano": nano, "max_pages": pages})["steps"]
+        bar.update(1)
+        speedups, decisions = _nano_decisions(steps, gpu)
+        model = CostModel.fit(ops, steps)
+        mem_running = max(1, int(0.95 * pages * ps / (mean_in + mean_out)))
+        candidates = search(model, mean_in, mean_out, min(max_running, mem_running), max_tokens,
+                            {k: v for k, v in speedups.items() if v >= 1.0 or k == (1, "none")})
+        checked, seen = [], set()
+        for c in candidates:
+            if len(checked) >= args.validate:
+                break
+            if (c.running_target, c.dense_batch_tokens) in seen:
+                continue
+            seen.add((c.running_target, c.dense_batch_tokens))
+            bar.set_postfix_str(f"tp={tp} pp={pp}: checking R={c.running_target} D={c.dense_batch_tokens or 'auto'}")
+            c.measured_tokens_per_s = _measure(llm, debug, c, prompts, outputs, args.window or (10 if gpu else 2))
+            checked.append(c)
+            bar.update(1)
+    best = max(checked, key=lambda c: c.measured_tokens_per_s)
+    decisions.append(f"running target {best.running_target}, dense batch {best.dense_batch_tokens or 'auto'}: "
+                     f"{best.measured_tokens_per_s:.0f} tok/s measured, best of {len(checked)} checked "
+                     f"(predicted {best.predicted_tokens_per_s:.0f}); memory holds {mem_running} requests of "
+                     f"{mean_in:.0f} + {mean_out:.0f} tokens")
+    ident = tuned_config.identity(cfg.model, llm.config.model_spec, base.device_name, tp, pp)
+    engine = {"max_num_seqs": best.running_target, "running_target": best.running_target,
+              "max_num_batched_tokens": max_tokens, "dense_batch_tokens": best.dense_batch_tokens,
+              "nano_batches": best.nano_batches, "nano_overlap": best.nano_overlap}
+    doc = {"identity": ident, "engine": engine,
+           "workload": {"dataset": args.dataset, "mean_input_len": mean_in, "mean_output_len": mean_out},
+           "decisions": decisions, "created": datetime.datetime.now().isoformat(timespec="seconds"),
+           "candidates": [dataclasses.asdict(c) for c in checked],
+           "predicted_top": [dataclasses.asdict(c) for c in candidates[:10]],
+           "profile": {"ops": ops, "steps": steps}}
+    return {"tp": tp, "pp": pp, "doc": doc, "best": dataclasses.asdict(best), "checked": checked}
+
+
+def _profile(debug, kind: str, shapes: dict) -> dict:
+    from nanoslg.protocol import DebugProfile
+
+    reply = debug._call(DebugProfile(kind, shapes))
+    if reply.get("error"):
+        raise RuntimeError(f"profiling {kind} failed on the workers: {reply['error']}")
+    return reply["timings"]
+
+
+def _op_shapes(gpu: bool, max_tokens: int, pages: int, ps: int, max_len: int) -> dict:
+    tokens = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192) if gpu else \
+        (8, 16, 32, 64, 128, 256, 512)
+    seqs = (1, 8, 32, 64, 128, 256, 512) if gpu else (1, 4, 16, 32)
+    ctxs = (256, 1024, 2048, 4096) if gpu else (32, 128)
+    fits = lambda b, c: c <= max_len and b * -(-c // ps) <= pages  # noqa: E731
+    return {"tokens": [t for t in tokens if t <= max_tokens],
+            "decode": [[b, c] for b in seqs for c in ctxs if fits(b, c)],
+            "prefill": [[q, c] for q in ((64, 512, 2048) if gpu else (16, 64)) for c in ((0, 1024) if gpu else (0, 64))
+                        if fits(1, q + c)]}
+
+
+def _step_shapes(mean_in: float, mean_out: float, max_running: int, pages: int, ps: int, max_len: int) -> list:
+    """Steady-state steps of the global batch at a few running sizes, and decode-only ones, that fit the pool."""
+    ctx = min(max_len - 1, int(mean_in + mean_out / 2))
+    out = []
+    for r in sorted({max(1, max_running // 8), max(1, max_running // 4), max(1, max_running // 2), max_running}):
+        if (r + 1) * -(-(ctx + int(r * mean_in / mean_out)) // ps) > pages:
+            r = max(1, pages // (2 * -(-ctx // ps)))
+        out += [[r, ctx, int(r * mean_in / mean_out)], [r, ctx, 0]]
+    return [list(s) for s in dict.fromkeys(map(tuple, out))]
+
+
+def _nano_decisions(steps: list, gpu: bool) -> tuple:
+    """(speed-up of each (nano, overlap) over the unsplit step on the mixed shapes, what was decided and why)."""
+    base = {(d, c, p): ms for d, c, p, n, _, ms, _ in steps if n == 1}
+    speedups, decisions = {(1, "none"): 1.0}, []
+    for key in {(n, o) for _, _, _, n, o, _, _ in steps if n > 1}:
+        ratios = [base[(d, c, p)] / ms for d, c, p, n, o, ms, _ in steps if (n, o) == key and p and (d, c, p) in base]
+        if not ratios:
+            continue
+        ratios.sort()
+        speedup = ratios[len(ratios) // 2]
+        speedups[key] = speedup
+        what = OVERLAP_NAMES.get(key[1], key[1])
+        used = speedup >= 1.0 and gpu
+        why = "used" if used else ("not used on this GPU" if gpu else "not used (no streams on CPU)")
+        decisions.append(f"{what} in {key[0]} nano-batches: {speedup:.2f}x measured on the real step, {why}")
+        if not used:
+            speedups[key] = 0.0
+    return speedups, decisions
+
+
+def _measure(llm, debug, c, prompts: list, outputs: list, window_s: float) -> float:
+    """Tokens/s of a steady-state window of the candidate on the live engine: the first requests have finished (so
+    the batch has turned over), the queue is still full; then everything is aborted."""
+    from nanoslg.protocol import DebugSetTargets, GenerateRequest, token_ids
+    from nanoslg.sampling_params import SamplingParams
+
+    debug._call(DebugSetTargets(c.running_target, c.dense_batch_tokens))
+    n = 3 * c.running_target + 32
+    rids = [f"tune-{time.monotonic_ns()}-{i}" for i in range(n)]
+    for i, rid in enumerate(rids):
+        params = SamplingParams(max_tokens=outputs[i % len(outputs)], temperature=0, ignore_eos=True)
+        llm.engine.submit(GenerateRequest(rid, params.to_dict(), prompt_ids=token_ids(prompts[i % len(prompts)])))
+    tokens = lambda: sum(k["tokens"] for k in debug.state()["step_stats"]["counts"].values())  # noqa: E731
+    live, start = set(rids), None
+    try:
+        while live:
+            for d in llm.engine.poll_deltas(50):
+                if d.finish_reason is not None:
+                    live.discard(d.rid)
+                    if start is None:
+                        start = (time.monotonic(), tokens())
+            if start is not None and time.monotonic() - start[0] >= window_s:
+                break
+        # (every request may have finished before the window closed: then the rate until the last one finished)
+        return (tokens() - start[1]) / max(1e-6, time.monotonic() - start[0])
+    finally:
+        for rid in live:
+            llm.engine.abort(rid)
+        deadline = time.monotonic() + 120
+        while live and time.monotonic() < deadline:
+            for d in llm.engine.poll_deltas(50):
+                if d.finish_reason is not None:
+                    live.discard(d.rid)
+
+
+def _report(r: dict) -> str:
+    doc = r["doc"]
+    lines = [f"== tp={r['tp']} pp={r['pp']}: {r['path']}",
+             f"{'R':>6}{'D':>8}{'nano':>6}{'predicted tok/s':>18}{'measured tok/s':>16}"]
+    for c in r["checked"]:
+        lines.append(f"{c.running_target:>6}{c.dense_batch_tokens or 'auto':>8}{c.nano_batches:>6}"
+                     f"{c.predicted_tokens_per_s:>18.0f}{c.measured_tokens_per_s:>16.0f}")
+    lines += [f"- {d}" for d in doc["decisions"]]
+    lines.append("engine: " + json.dumps(doc["engine"]))
+    return "\n".join(lines)

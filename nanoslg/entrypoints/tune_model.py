@@ -1,0 +1,125 @@
+"""`nanoslg tune`'s cost model and search. The model is fitted to the engine's own timings (gpu_workers/op_profiler.py):
+a step of d decode rows at context c plus p prefill tokens costs the GEMMs at d + p tokens, the decode attention
+over d x c KV entries, the prefill attention, the LM head on the rows that sample, the all-reduces, and the rest
+(norms, rotary, sampling, launch), which is fitted from whole-step timings as the part the operations do not explain.
+
+The search is exhaustive (a few hundred candidates): for each running target R and dense batch D it predicts the
+steady state of the global batch (each step finishes d / O requests and admits as many, so it carries d decodes and
+d x I / O prefill tokens, d = min(R, D / (1 + I / O))) and its throughput; the nano-batch split is priced by the
+speed-up measured on the real step, so an overlap that does not win on this GPU is never picked."""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+R_GRID = (8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024)
+D_FACTORS = (1.0, 1.25, 1.5, 2.0)  # D as a multiple of the steady-state need R x (1 + I / O)
+
+
+def _interp(points: list, x: float) -> float:
+    """Piecewise-linear through (x, y) points, extended linearly past the last two (GEMM time grows linearly with
+    tokens once the GPU is full) and proportionally below the first."""
+    pts = sorted(points)
+    xs = [p[0] for p in pts]
+    if not pts:
+        return 0.0
+    if x <= xs[0]:
+        return pts[0][1] * max(x, 0) / xs[0] if xs[0] else pts[0][1]
+    i = min(max(1, bisect.bisect_left(xs, x)), len(pts) - 1)
+    (x0, y0), (x1, y1) = pts[i - 1], pts[i]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+def _fit(rows: list, features) -> np.ndarray:
+    """Least squares, non-negative coefficients (a negative cost per token would reward bigger steps for free)."""
+    if not rows:
+        return np.zeros(len(features(*([1] * 2))))
+    a = np.array([features(*r[:-1]) for r in rows], dtype=float)
+    y = np.array([r[-1] for r in rows], dtype=float)
+    coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+    return np.clip(coef, 0, None)
+
+
+def _decode_features(b: float, c: float) -> list:
+    return [1.0, b, b * c]
+
+
+def _prefill_features(q: float, c: float) -> list:
+    return [1.0, q, q * (c + q / 2)]
+
+
+@dataclass
+class CostModel:
+    gemm: list  # [[tokens, ms]]
+    lm_head: list  # [[rows, ms]]
+    allreduce: list  # [[tokens, ms]]
+    decode_coef: np.ndarray
+    prefill_coef: np.ndarray
+    other_coef: np.ndarray  # ms = a + b * tokens, the rest of a step
+
+    @classmethod
+    def fit(cls, ops: dict, steps: list) -> "CostModel":
+        model = cls(ops["gemm"], ops["lm_head"], ops["allreduce"], _fit(ops["decode_attention"], _decode_features),
+                    _fit(ops["prefill_attention"], _prefill_features), np.zeros(2))
+        # the rest: whole unsplit steps minus what the operations explain
+        rest = [[d + p, ms - model.parts_ms(d, c, p, c if p else 0)] for d, c, p, nano, _, ms, _ in steps
+                if nano == 1]
+        model.other_coef = _fit(rest, lambda m, _=None: [1.0, m]) if rest else np.zeros(2)
+        return model
+
+    def parts_ms(self, decodes: float, context: float, prefill: float, prefill_context: float) -> float:
+        m = decodes + prefill
+        sampled = decodes + (1 if prefill else 0)
+        t = _interp(self.gemm, m) + _interp(self.lm_head, sampled) + _interp(self.allreduce, m)
+        if decodes:
+            t += float(np.dot(self.decode_coef, _decode_features(decodes, context)))
+        if prefill:
+            t += float(np.dot(self.prefill_coef, _prefill_features(prefill, prefill_context)))
+        return t
+
+    def step_ms(self, decodes: float, context: float, prefill: float, prefill_context: float) -> float:
+        m = decodes + prefill
+        return self.parts_ms(decodes, context, prefill, prefill_context) + float(self.other_coef[0]) + \
+            float(self.other_coef[1]) * m
+
+
+@dataclass
+class Candidate:
+    running_target: int
+    dense_batch_tokens: Optional[int]  # None: derived from the traffic (the built-in default)
+    nano_batches: int
+    nano_overlap: str
+    predicted_tokens_per_s: float
+    decodes: float  # the predicted steady state: decode rows, prefill tokens and step time
+    prefill: float
+    step_ms: float
+    measured_tokens_per_s: Optional[float] = None
+
+
+def steady_state(model: CostModel, r: int, d_tokens: Optional[int], mean_in: float, mean_out: float) -> tuple:
+    """(decodes, prefill tokens, step ms, tokens/s) of the global batch's steady state."""
+    ratio = mean_in / mean_out
+    dense = d_tokens if d_tokens else r * (1 + ratio) * 1.1
+    decodes = min(float(r), dense / (1 + ratio))
+    prefill = decodes * ratio
+    step = model.step_ms(decodes, mean_in + mean_out / 2, prefill, mean_in / 2)
+    return decodes, prefill, step, 1000 * (decodes + prefill) / step
+
+
+def search(model: CostModel, mean_in: float, mean_out: float, max_running: int, max_tokens: int,
+           nano_speedups: dict) -> list:
+    """Every candidate, best predicted first. nano_speedups: (nano, overlap) -> unsplit step time / split time,
+    measured; (1, "none") is 1."""
+    out = []
+    ratio = mean_in / mean_out
+    for r in [x for x in R_GRID if x <= max_running] or [max_running]:
+        need = r * (1 + ratio)
+        dense_options = [None] + sorted({int(need * f) for f in D_FACTORS if r < int(need * f) <= max_tokens})
+        for d in dense_options:
+            decodes, prefill, step, tps = steady_state(model, r, d, mean_in, mean_out)
+            for (nano, overlap), speedup in nano_speedups.items():
+                out.append(Candidate(r, d, nano, overlap, tps * speedup, decodes, prefill, step / speedup))
+    return sorted(out, key=lambda c: -c.predicted_tokens_per_s)

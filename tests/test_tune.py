@@ -1,0 +1,116 @@
+"""`nanoslg tune` on CPU: it measures a tiny model, writes its tuned config, and `serve` and `bench throughput`
+pick that file up for the same model, device and layout (a log line says so; `nanoslg debug state` shows the
+values). A tuned config that is corrupt or made for another engine is an error naming the file."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from nanoslg import LLM, tuned_config
+from nanoslg.entrypoints.debug import DebugClient
+from nanoslg.model_spec import ConfigError
+from server_utils import Server
+from tiny_models import make_tiny_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _nanoslg(*args, env_dir, timeout=300):
+    env = {**os.environ, "PYTHONPATH": ROOT, "NANOSLG_TUNED_DIR": env_dir}
+    return subprocess.run([sys.executable, "-m", "nanoslg", *args], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """(model folder, tuned-config folder, tune's output, its wall time) after one `nanoslg tune` run."""
+    root = tmp_path_factory.mktemp("tune")
+    folder = make_tiny_model("qwen2", str(root / "model"))
+    tuned_dir = str(root / "tuned")
+    started = time.monotonic()
+    out = _nanoslg("tune", folder, "--max-model-len", "256", "--input-len", "32", "--output-len", "16",
+                   env_dir=tuned_dir)
+    return folder, tuned_dir, out, time.monotonic() - started
+
+
+def test_tune_writes_a_config_with_its_decisions_in_under_two_minutes(tuned):
+    folder, tuned_dir, out, elapsed = tuned
+    assert out.returncode == 0, out.stderr
+    assert elapsed < 120
+    files = os.listdir(tuned_dir)
+    assert len(files) == 1 and files[0].endswith("__cpu__tp1-pp1.json")
+    doc = json.load(open(os.path.join(tuned_dir, files[0])))
+    engine = doc["engine"]
+    assert engine["running_target"] >= 8 and engine["max_num_seqs"] >= engine["running_target"]
+    assert engine["nano_batches"] == 1  # no streams on CPU: an overlap never wins there
+    checked = doc["candidates"]
+    assert 1 <= len(checked) <= 3 and all(c["measured_tokens_per_s"] > 0 for c in checked)
+    assert any("nano-batches" in d and "measured on the real step" in d for d in doc["decisions"])
+    assert doc["profile"]["ops"]["gemm"] and doc["profile"]["steps"]
+    # the table of predicted against measured, and the decisions, are printed
+    assert "predicted tok/s" in out.stdout and "measured tok/s" in out.stdout and "not used" in out.stdout
+
+
+def test_bench_and_the_offline_engine_pick_the_tuned_config_up(tuned, monkeypatch):
+    folder, tuned_dir, _, _ = tuned
+    engine = json.load(open(os.path.join(tuned_dir, os.listdir(tuned_dir)[0])))["engine"]
+    out = _nanoslg("bench", "throughput", folder, "--max-model-len", "256", "--input-len", "16", "--output-len",
+                   "8", "--num-prompts", "8", "--warmup-prompts", "0", env_dir=tuned_dir)
+    assert out.returncode == 0, out.stderr
+    assert f"tuned config {tuned_dir}" in out.stderr and f"running_target={engine['running_target']}" in out.stderr
+    assert f"Tuned config:" in out.stdout and tuned_dir in out.stdout
+    monkeypatch.setenv("NANOSLG_TUNED_DIR", tuned_dir)
+    with LLM(folder, max_model_len=256, max_num_seqs=4) as llm, DebugClient(llm.config.run_dir) as debug:
+        state = debug.state()
+    assert state["tuned_config"].startswith(tuned_dir)
+    assert state["running_target"] == min(4, engine["running_target"])  # a flag still caps it
+    assert state["max_num_seqs"] == 4 and state["nano_batches"] == engine["nano_batches"]
+    with LLM(folder, max_model_len=256, use_tuned_config=False) as llm:
+        assert llm.config.tuned_config_path == "" and llm.config.running_target is None
+
+
+def test_serve_picks_the_tuned_config_up(tuned, tmp_path, monkeypatch):
+    folder, tuned_dir, _, _ = tuned
+    monkeypatch.setenv("NANOSLG_TUNED_DIR", tuned_dir)
+    log = open(tmp_path / "serve.log", "w+")
+    with Server(folder, "--max-model-len", "256", stderr=log):
+        out = _nanoslg("debug", "state", env_dir=tuned_dir, timeout=60)
+    log.seek(0)
+    assert f"tuned config {tuned_dir}" in log.read()
+    state = json.loads(out.stdout)
+    engine = json.load(open(os.path.join(tuned_dir, os.listdir(tuned_dir)[0])))["engine"]
+    assert state["tuned_config"].startswith(tuned_dir)
+    assert (state["running_target"], state["max_num_seqs"]) == (engine["running_target"], engine["max_num_seqs"])
+
+
+def test_a_corrupt_or_mismatched_tuned_config_is_an_error_naming_the_file(tuned, tmp_path, monkeypatch):
+    folder, tuned_dir, _, _ = tuned
+    good = os.path.join(tuned_dir, os.listdir(tuned_dir)[0])
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    corrupt = bad_dir / os.path.basename(good)
+    corrupt.write_text('{"format": "nanoslg-tuned-config/1", "identity": ')
+    monkeypatch.setenv("NANOSLG_TUNED_DIR", str(bad_dir))
+    with pytest.raises(ConfigError, match=f"tuned config {corrupt}: not valid JSON"):
+        LLM(folder, max_model_len=256)
+    out = _nanoslg("generate", folder, "-p", "1 2 3", "--max-model-len", "256", env_dir=str(bad_dir), timeout=60)
+    assert out.returncode == 2 and str(corrupt) in out.stderr
+    with LLM(folder, max_model_len=256, use_tuned_config=False) as llm:  # --no-tuned-config: ignored
+        assert llm.config.tuned_config_path == ""
+    # made for another model: refused, naming the file and what differs
+    other = make_tiny_model("llama", str(tmp_path / "other"), hidden_size=96, num_attention_heads=6,
+                            num_key_value_heads=2)
+    with pytest.raises(ConfigError, match=f"tuned config {good} was made for another engine: model 'model'"):
+        LLM(other, max_model_len=256, tuned_config=good)
+    doc = json.load(open(good))
+    doc["engine"]["running_target"] = -3
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match=f"tuned config {wrong}: engine.running_target = -3"):
+        LLM(folder, max_model_len=256, tuned_config=str(wrong))
+    with pytest.raises(ConfigError, match="cannot read it"):
+        LLM(folder, max_model_len=256, tuned_config=str(tmp_path / "missing.json"))
+    assert tuned_config.FORMAT in open(good).read()
