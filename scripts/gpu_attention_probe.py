@@ -84,7 +84,6 @@ def model_probe(folder):
 
     sys.path[:0] = ["tests/gpu", "."]
     from bf16_oracle import CAPITAL_QUESTION, chat_ids
-    from gpu_workers.attention.context import forward_context
     from gpu_workers.model_runner import ModelRunner
     from nanoslg.config import EngineConfig
     from nanoslg.protocol import SeqChunk, StepPlan, token_ids
@@ -100,28 +99,24 @@ def model_probe(folder):
         run = backend.forward
         notes = []
 
-        def patched(layer, q, k, v):
+        def patched(layer, q, k, v, plan, out=None):
             if mode == "reference":
-                backend.write_kv(layer, k, v, backend.slot_mapping)
-                return reference(q, k, v, [q.shape[0]]).to(q.dtype)
+                backend.write_kv(layer, k, v, plan.slot_mapping)
+                return out.copy_(reference(q, k, v, [q.shape[0]]).to(q.dtype))
             if mode == "guarded":
-                backend.write_kv(layer, k, v, backend.slot_mapping)
+                backend.write_kv(layer, k, v, plan.slot_mapping)
                 t = q.shape[0]
                 guard = torch.full((t + 512,) + q.shape[1:], float("nan"), dtype=q.dtype, device=q.device)
                 q_in = q.contiguous().clone()
                 q_copy = q_in.clone()
-                out = backend.active.run(q_in, backend.layer_cache(layer), out=guard[:t])
+                result = plan.prefill.run(q_in, backend.layer_cache(layer), out=guard[:t])
                 notes.append((int((~guard[t:].isnan()).sum()), int((q_in != q_copy).sum())))
-                return out.clone()
-            return run(layer, q, k, v)
+                return out.copy_(result)
+            return run(layer, q, k, v, plan, out)
 
         backend.forward = patched
         plan = StepPlan(0, [SeqChunk("r", token_ids(tokens), 0, token_ids(range(64)), True)])
-        input_ids, layout, cu = runner.layout(plan)
-        with torch.inference_mode(), forward_context(backend):
-            backend.plan(layout)
-            hidden = runner.model(layout.positions, input_ids=input_ids)
-            logits = runner.model.compute_logits(hidden[-1:])[0]
+        logits = runner.logits(plan)[0]
         top = logits.topk(3)
         print("NEXT", backend_name, mode, len(tokens), [tok.decode([int(i)]) for i in top.indices],
               [round(float(x), 2) for x in top.values],

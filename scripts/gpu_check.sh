@@ -43,6 +43,22 @@ profiled() {  # like bench, with a 20-step profiler window (every rank, the sche
   head -3 "$OUT/$name-profile.txt" 2>/dev/null | cut -c1-120
 }
 
+runs_summary() {  # one line per workload of a multi-workload bench JSON
+  summary+=("$(python3 - "$OUT/$1.json" <<'PY'
+import json, sys
+try:
+    for r in json.load(open(sys.argv[1]))["runs"]:
+        b = r.get("breakdown") or {}
+        kinds = " ".join(f"{k}:{v['gpu_s']:.0f}s" for k, v in b.get("kinds", {}).items())
+        print(f"  {r['workload']:<24} {r['total_tokens_per_s']:>8.0f} tok/s {r.get('percent_of_optimum', 0):5.1f} %"
+              f"  ceiling {b.get('serial_ceiling_percent') or 0:.1f} %  idle {b.get('gpu_idle_s', 0):.1f}s  {kinds}"
+              f"  preempt {r['preemptions']}")
+except Exception as e:
+    print(f"  runs of {sys.argv[1]}: {e}")
+PY
+)")
+}
+
 ratio() {  # name, numerator json, denominator json
   summary+=("$(python3 -c "import json,sys; a,b=(json.load(open(p))['total_tokens_per_s'] for p in sys.argv[2:]); \
 print(f'{sys.argv[1]:<24} {a / b:.2f}x')" "$1" "$OUT/$2.json" "$OUT/$3.json" 2>&1)")
@@ -59,6 +75,9 @@ import json, sys
 path, name, rc = sys.argv[1:]
 try:
     r = json.load(open(path))
+    if "runs" in r:
+        print(f"{name:<24} {len(r['runs'])} workloads (below)")
+        sys.exit(0)
     print(f"{name:<24} {r['total_tokens_per_s']:>10.0f} tok/s  {r.get('percent_of_optimum', 0):5.1f} % of optimum"
           f"  ({r['num_prompts']} prompts, {r['elapsed_s']:.1f} s, peak {r.get('matmul_tflops', 0):.0f} TFLOP/s)")
 except Exception as e:
@@ -203,6 +222,33 @@ for mode in $MODES; do
       python3 -m pytest -q -s tests/gpu -p no:cacheprovider > "$OUT/gpu-tests.log" 2>&1
       summary+=("gpu tests: $(tail -1 "$OUT/gpu-tests.log")")
       grep -h "match_rate" "$OUT/gpu-tests.log" | while read -r line; do echo "  $line"; done
+      ;;
+    gpu-tests-nano)  # the GPU suite's mixed-step and nano-batch oracle tests (and the rest of test_gpu.py)
+      python3 -m pytest -q -s tests/gpu/test_gpu.py -k "not smollm2" -p no:cacheprovider > "$OUT/gpu-tests.log" 2>&1
+      summary+=("gpu tests: $(tail -1 "$OUT/gpu-tests.log")")
+      grep -h "match_rate\|nano2_vs\|nano3_vs" "$OUT/gpu-tests.log" | cut -c1-300 | while read -r line; do echo "  $line"; done
+      ;;
+    nanoflow-smoke)  # defaults, fixed and varied lengths in one engine, with the roofline breakdown
+      bench nanoflow-smoke --workloads random:1024:512:${SMOKE_PROMPTS:-600} \
+        random:1024:512:${SMOKE_PROMPTS:-600}:0.5 --breakdown
+      runs_summary nanoflow-smoke
+      ;;
+    nanoflow-accept)  # issue 17's single-GPU acceptance: the offline workloads at default flags, in one engine
+      bench nanoflow-accept --workloads random:1024:512:2000 random:1024:512:2000:0.5 sharegpt-like:1000 \
+        random:128:128:10000 --breakdown
+      runs_summary nanoflow-accept
+      ;;
+    tune-8b)  # nanoslg tune on the 8B shape (timed), then its config against 256 sequences / 8192 tokens
+      start=$(date +%s)
+      python3 -m nanoslg tune llama-3.1-8b --load-format dummy --max-model-len 4096 ${TUNE_ARGS:-} \
+        > "$OUT/tune-8b.log" 2>&1
+      summary+=("tune-8b: rc $? in $(( $(date +%s) - start )) s; $(grep -h '^engine:' "$OUT/tune-8b.log")")
+      grep -v "^tune:\|WARNING" "$OUT/tune-8b.log" | tail -12
+      cp ~/.cache/nanoslg/tuned/*.json "$OUT/" 2>/dev/null
+      bench tuned-1024-512 --input-len 1024 --output-len 512 --num-prompts ${TUNED_PROMPTS:-1000} --breakdown
+      bench today-1024-512 --input-len 1024 --output-len 512 --num-prompts ${TUNED_PROMPTS:-1000} --breakdown \
+        --no-tuned-config --max-num-seqs 256 --max-num-batched-tokens 8192
+      ratio "tuned / 256+8192" tuned-1024-512 today-1024-512
       ;;
     smoke)
       bench smoke-1024-512 --input-len 1024 --output-len 512 --num-prompts 300 --max-num-seqs 256 \

@@ -61,7 +61,7 @@ def test_bench_and_the_offline_engine_pick_the_tuned_config_up(tuned, monkeypatc
                    "8", "--num-prompts", "8", "--warmup-prompts", "0", env_dir=tuned_dir)
     assert out.returncode == 0, out.stderr
     assert f"tuned config {tuned_dir}" in out.stderr and f"running_target={engine['running_target']}" in out.stderr
-    assert f"Tuned config:" in out.stdout and tuned_dir in out.stdout
+    assert "Tuned config:" in out.stdout and tuned_dir in out.stdout
     monkeypatch.setenv("NANOSLG_TUNED_DIR", tuned_dir)
     with LLM(folder, max_model_len=256, max_num_seqs=4) as llm, DebugClient(llm.config.run_dir) as debug:
         state = debug.state()

@@ -5,11 +5,13 @@ reported against the compute-bound optimum: peak matmul FLOP/s / (2 x parameters
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 
 from nanoslg.engine_args import add_engine_arguments, engine_config_from_args, engine_fields
 from nanoslg.entrypoints.bench_datasets import range_ratio_arg
@@ -31,6 +33,9 @@ def add_bench_throughput_arguments(parser) -> None:
     g.add_argument("--random-range-ratio", type=range_ratio_arg, default=0.0,
                    help="random: draw each prompt and output length uniformly within +-ratio of --input-len and "
                         "--output-len (vLLM's)")
+    g.add_argument("--workloads", nargs="+", type=workload_arg, default=None, metavar="SPEC",
+                   help="run several workloads one after another on one engine, each reported on its own: "
+                        "random:IN:OUT:N[:RATIO] or sharegpt-like:N (instead of --dataset/--input-len/...)")
     g.add_argument("--breakdown", action="store_true",
                    help="report where the GPU's time went: by step kind and by operation class against its "
                         "roofline (operation classes are timed on every 16th step), and the serial ceiling")
@@ -123,12 +128,39 @@ def _decode_latency(llm, prompt: list, output_len: int, reps: int = 3) -> float:
     return (full - one) / (output_len - 1)
 
 
+@dataclass
+class Workload:
+    dataset: str
+    input_len: int
+    output_len: int
+    num_prompts: int
+    range_ratio: float = 0.0
+
+    @property
+    def name(self) -> str:
+        if self.dataset != "random":
+            return f"{self.dataset} x {self.num_prompts}"
+        ratio = f" +-{self.range_ratio:g}" if self.range_ratio else ""
+        return f"{self.input_len}/{self.output_len}{ratio} x {self.num_prompts}"
+
+
+def workload_arg(spec: str) -> Workload:
+    """random:IN:OUT:N[:RATIO] or sharegpt-like:N (argparse type of --workloads)."""
+    parts = spec.split(":")
+    try:
+        if parts[0] == "random" and len(parts) in (4, 5):
+            return Workload("random", int(parts[1]), int(parts[2]), int(parts[3]),
+                            range_ratio_arg(parts[4]) if len(parts) == 5 else 0.0)
+        if parts[0] == "sharegpt-like" and len(parts) == 2:
+            return Workload("sharegpt-like", 0, 0, int(parts[1]))
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected random:IN:OUT:N[:RATIO] or sharegpt-like:N, got {spec!r}")
+
+
 def run_bench_throughput(args) -> int:
-    from nanoslg.entrypoints.bench_datasets import make_requests
-    from nanoslg.entrypoints.debug import DebugClient
     from nanoslg.launcher import run_worker_node
     from nanoslg.llm import LLM
-    from nanoslg.sampling_params import SamplingParams
 
     if args.decode_latency and args.output_len < 2:
         print("nanoslg bench throughput: --decode-latency needs --output-len of at least 2", file=sys.stderr)
@@ -140,58 +172,77 @@ def run_bench_throughput(args) -> int:
     fields = engine_fields(cfg)
     if args.breakdown:
         fields["op_timing_every"] = BREAKDOWN_EVERY
-    requests = make_requests(args.dataset, "completions", args.num_prompts, args.input_len, args.output_len,
-                             args.dataset_seed, cfg.max_model_len, args.random_range_ratio)
+    workloads = args.workloads or [Workload(args.dataset, args.input_len, args.output_len, args.num_prompts,
+                                            args.random_range_ratio)]
+    results = []
     with LLM(**fields) as llm:
-        spec = llm.config.model_spec
-        limit = llm.config.max_model_len
-        # token ids folded into the vocabulary, prompts cut so prompt + output fit max_model_len
-        prompts = [[t % spec.vocab_size for t in r.prompt[:limit - 1 - min(r.output_len, limit - 2)]]
-                   for r in requests]
-        params = [SamplingParams(max_tokens=max(1, min(r.output_len, limit - len(p))), temperature=0,
-                                 ignore_eos=True) for r, p in zip(requests, prompts)]
-        if args.decode_latency:
-            tpot = _decode_latency(llm, prompts[0], args.output_len)
-            return _report_decode_latency(args, cfg, spec, tpot)
-        if args.warmup_prompts:
-            llm.generate(prompts[:args.warmup_prompts], SamplingParams(max_tokens=8, ignore_eos=True))
-        with DebugClient(llm.config.run_dir) as debug:
-            before = debug.state()
-            start = time.perf_counter()
-            outs = llm.generate(prompts, params)
-            elapsed = time.perf_counter() - start
-            after = debug.state()
-        engine_info = llm.engine.info
-        resolved = llm.config
+        for i, w in enumerate(workloads):
+            result = _run_workload(args, llm, w, warmup=args.warmup_prompts if i == 0 else 0)
+            if result is None:
+                return 1
+            if args.decode_latency:
+                return _report_decode_latency(args, llm.config, llm.config.model_spec, result)
+            results.append(result)
+    peak = _peak_or_none(args, cfg)
+    for result in results:
+        if peak is not None:
+            # every GPU of the run contributes its peak (the protocol's "% of the optimum per GPU")
+            optimum = cfg.world_size * peak["matmul_tflops"] * 1e12 / (2 * result["params"])
+            result.update(peak, optimum_tokens_per_s=optimum,
+                          percent_of_optimum=100 * result["total_tokens_per_s"] / optimum)
+        print(format_summary(result))
+        if args.breakdown:
+            result["breakdown"] = _breakdown(result, llm.config, *result.pop("_stats"))
+            print(format_breakdown(result["breakdown"]))
+        result.pop("_stats", None)
+    _write_json(args, results[0] if len(results) == 1 else {"runs": results})
+    return 0
+
+
+def _run_workload(args, llm, w: Workload, warmup: int):
+    """One workload on the running engine: its result dict, the decode latency (float) with --decode-latency, or
+    None when requests failed."""
+    from nanoslg.entrypoints.bench_datasets import make_requests
+    from nanoslg.entrypoints.debug import DebugClient
+    from nanoslg.sampling_params import SamplingParams
+
+    spec, limit = llm.config.model_spec, llm.config.max_model_len
+    requests = make_requests(w.dataset, "completions", w.num_prompts, w.input_len, w.output_len,
+                             args.dataset_seed, limit, w.range_ratio)
+    # token ids folded into the vocabulary, prompts cut so prompt + output fit max_model_len
+    prompts = [[t % spec.vocab_size for t in r.prompt[:limit - 1 - min(r.output_len, limit - 2)]] for r in requests]
+    params = [SamplingParams(max_tokens=max(1, min(r.output_len, limit - len(p))), temperature=0, ignore_eos=True)
+              for r, p in zip(requests, prompts)]
+    if args.decode_latency:
+        return _decode_latency(llm, prompts[0], w.output_len)
+    if warmup:
+        llm.generate(prompts[:warmup], SamplingParams(max_tokens=8, ignore_eos=True))
+    with DebugClient(llm.config.run_dir) as debug:
+        before = debug.state()
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        elapsed = time.perf_counter() - start
+        after = debug.state()
     failed = [o for o in outs if o.error]
     if failed:
         print(f"nanoslg bench throughput: {len(failed)} requests failed, e.g. {failed[0].error}", file=sys.stderr)
-        return 1
+        return None
+    resolved = llm.config
     prompt_tokens = sum(len(p) for p in prompts)
     output_tokens = sum(len(o.token_ids) for o in outs)
-    result = {
-        "model": cfg.model, "params": spec.num_params, "dataset": args.dataset, "num_prompts": len(prompts),
-        "input_len": args.input_len, "output_len": args.output_len, "elapsed_s": elapsed,
-        "requests_per_s": len(prompts) / elapsed, "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
+    return {
+        "model": resolved.model, "params": spec.num_params, "workload": w.name, "dataset": w.dataset,
+        "num_prompts": len(prompts), "input_len": w.input_len, "output_len": w.output_len,
+        "random_range_ratio": w.range_ratio, "elapsed_s": elapsed, "requests_per_s": len(prompts) / elapsed,
+        "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
         "total_tokens_per_s": (prompt_tokens + output_tokens) / elapsed, "output_tokens_per_s": output_tokens / elapsed,
-        "engine": {k: v for k, v in engine_info.get("worker0", {}).items()},
-        "config": {k: getattr(resolved, k) for k in fields if k != "model"},
-        "tuned_config": resolved.tuned_config_path or None, "random_range_ratio": args.random_range_ratio,
+        "engine": dict(llm.engine.info.get("worker0", {})),
+        "config": {k: getattr(resolved, k) for k in engine_fields(resolved) if k != "model"},
+        "tuned_config": resolved.tuned_config_path or None,
         "preemptions": after["total_preemptions"] - before["total_preemptions"],
         "steps": after["num_steps"] - before["num_steps"],
+        "_stats": (before, after, elapsed),
     }
-    peak = _peak_or_none(args, cfg)
-    if peak is not None:
-        # every GPU of the run contributes its peak (the protocol's "% of the optimum per GPU")
-        optimum = cfg.world_size * peak["matmul_tflops"] * 1e12 / (2 * spec.num_params)
-        result.update(peak, optimum_tokens_per_s=optimum,
-                      percent_of_optimum=100 * result["total_tokens_per_s"] / optimum)
-    print(format_summary(result))
-    if args.breakdown:
-        result["breakdown"] = _breakdown(result, resolved, before, after, elapsed)
-        print(format_breakdown(result["breakdown"]))
-    _write_json(args, result)
-    return 0
 
 
 def _breakdown(result: dict, cfg, before: dict, after: dict, elapsed: float) -> dict:
@@ -222,7 +273,7 @@ def _report_decode_latency(args, cfg, spec, tpot: float) -> int:
 def format_summary(r: dict) -> str:
     lines = ["=" * 20 + " nanoslg offline throughput " + "=" * 20,
              f"{'Model params:':<34}{r['params'] / 1e9:.2f} B",
-             f"{'Prompts / dataset:':<34}{r['num_prompts']} / {r['dataset']}",
+             f"{'Workload:':<34}{r['workload']}",
              f"{'Elapsed (s):':<34}{r['elapsed_s']:.2f}",
              f"{'Request throughput (req/s):':<34}{r['requests_per_s']:.2f}",
              f"{'Output token throughput (tok/s):':<34}{r['output_tokens_per_s']:.1f}",

@@ -68,7 +68,8 @@ def hf_forced(model, prompts: list, conts: list) -> list:
 
 
 @torch.inference_mode()
-def engine_logits(folder: str, backend: str, prompts: list, n: int, forced: list = None, fused: str = "1") -> tuple:
+def engine_logits(folder: str, backend: str, prompts: list, n: int, forced: list = None, fused: str = "1",
+                  **engine_args) -> tuple:
     """(greedy tokens, per-prompt [n, V] logits) from the engine's model runner: one prefill of every prompt, then
     n - 1 decode steps fed the engine's own tokens or, teacher-forced, forced[i]. Eager, one batch."""
     from gpu_workers.model_runner import ModelRunner
@@ -79,7 +80,7 @@ def engine_logits(folder: str, backend: str, prompts: list, n: int, forced: list
     os.environ["NANOSLG_FUSED_OPS"] = fused
     try:
         cfg = EngineConfig(model=folder, attention_backend=backend, enforce_eager=True,
-                           max_model_len=MAX_LEN).resolve()
+                           max_model_len=MAX_LEN, **engine_args).resolve()
         per_seq = -(-MAX_LEN // cfg.page_size)
         cfg = dataclasses.replace(cfg, num_kv_pages=len(prompts) * per_seq + 1)
         runner = ModelRunner(cfg)

@@ -51,6 +51,33 @@ def test_flashinfer_matches_sdpa_within_bf16_tolerance(tiny_bf16):
     assert (between.mean(1) <= 2 * hf_err.mean(1)).all(), (between.mean(1), hf_err.mean(1))
 
 
+def test_nano_batched_steps_stay_within_bf16_bounds_of_unsplit_ones(tiny_bf16):
+    """Teacher-forced logits with the batch split in 2 and 3 nano-batches, the attention (and its KV writes) on the
+    memory stream beside the GEMMs: each prompt within twice Hugging Face bf16's own error of the unsplit run."""
+    prompts = random_prompts(10, seed=33)
+    conts, _ = hf_greedy(hf_model(tiny_bf16, torch.float32), prompts, STEPS)
+    hf_err, ref32 = bf16_errors(tiny_bf16, prompts, conts)
+    _, whole = engine_logits(tiny_bf16, "flashinfer", prompts, STEPS, forced=conts)
+    report = {}
+    for nano in (2, 3):
+        _, split = engine_logits(tiny_bf16, "flashinfer", prompts, STEPS, forced=conts, nano_batches=nano,
+                                 nano_overlap="memory")
+        between = forced_errors(split, whole)
+        report[f"nano{nano}_vs_unsplit"] = between.mean().item()
+        assert (between.mean(1) <= 2 * hf_err.mean(1)).all(), (nano, between.mean(1), hf_err.mean(1))
+        assert (forced_errors(split, ref32).mean(1) <= 1.5 * hf_err.mean(1)).all()
+    print(json.dumps(report | {"hf_bf16_vs_fp32": hf_err.mean().item()}))
+
+
+def test_mixed_and_nano_batched_graphs_agree_with_transformers(tiny_bf16):
+    """64 tokens per step: prompts prefill in chunks beside other requests' decodes (mixed steps, split between
+    the decode and prefill kernels); then with 2 nano-batches, decode CUDA graphs included."""
+    prompts = random_prompts(20, seed=34, lengths=[90, 7, 150, 33] * 5)
+    check_greedy_against_transformers(tiny_bf16, prompts, "tiny_mixed", max_num_batched_tokens=64)
+    check_greedy_against_transformers(tiny_bf16, prompts, "tiny_nano2", max_num_batched_tokens=64, nano_batches=2,
+                                      nano_overlap="memory")
+
+
 def test_cuda_graph_decode_equals_eager(tiny_bf16):
     prompts = random_prompts(24, seed=31)
     params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)

@@ -1,0 +1,80 @@
+"""The FlashInfer backend's planning on CPU, against the SDPA backend: decode rows of a mixed step go to the decode
+wrapper and the rest to the prefill wrapper, each nano-batch slot keeps its own plans, and page tables may be in any
+order. FlashInfer itself is stood in for by tests/fake_flashinfer.py (its kernels run in the GPU suite)."""
+import random
+import sys
+
+import pytest
+import torch
+
+import fake_flashinfer
+from gpu_workers.attention.base import BatchLayout
+from gpu_workers.attention.sdpa import SdpaBackend
+
+PS, HEADS, KV_HEADS, DIM, PAGES = 4, 8, 2, 16, 64
+
+
+@pytest.fixture()
+def backends(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
+    from gpu_workers.attention.flashinfer_backend import FlashInferBackend
+
+    args = (2, PAGES, PS, HEADS, KV_HEADS, DIM, torch.float32, torch.device("cpu"))
+    fi, sd = FlashInferBackend(*args), SdpaBackend(*args)
+    torch.manual_seed(0)
+    sd.kv_cache.normal_()
+    fi.kv_cache.copy_(sd.kv_cache)
+    return fi, sd
+
+
+def _layout(rows: list, seed: int) -> BatchLayout:
+    """rows: (query tokens, tokens already cached) per sequence, on shuffled pages."""
+    rng = random.Random(seed)
+    free = list(range(PAGES))
+    rng.shuffle(free)
+    tables, positions, slots = [], [], []
+    for q, start in rows:
+        n = -(-(start + q) // PS)
+        table = [free.pop() for _ in range(n)]
+        tables.append(table)
+        for p in range(start, start + q):
+            positions.append(p)
+            slots.append(table[p // PS] * PS + p % PS)
+    width = max(map(len, tables))
+    return BatchLayout(torch.tensor([q for q, _ in rows], dtype=torch.int32),
+                       torch.tensor([s for _, s in rows], dtype=torch.int32),
+                       torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+                       torch.tensor(positions), torch.tensor(slots))
+
+
+@pytest.mark.parametrize("rows", [
+    [(1, 9), (1, 3), (1, 17)],  # decode only
+    [(7, 0), (5, 6)],  # prefill only
+    [(1, 9), (1, 22), (6, 3), (11, 0)],  # mixed: the decode rows first
+    [(1, 0), (4, 4)],  # a decode at position 0 beside a chunk
+])
+def test_flashinfer_planning_matches_sdpa(backends, rows):
+    fi, sd = backends
+    layout = _layout(rows, seed=len(rows))
+    t = int(layout.q_lens.sum())
+    q = torch.randn(t, HEADS, DIM)
+    k, v = torch.randn(t, KV_HEADS, DIM), torch.randn(t, KV_HEADS, DIM)
+    plan = fi.plan(layout)
+    nd = layout.num_decode
+    assert (plan.decode is not None) == (nd > 0) and (plan.prefill is not None) == (nd < len(rows))
+    out = torch.full_like(q, float("nan"))
+    fi.forward(0, q, k, v, plan, out=out)
+    ref = sd.forward(0, q, k, v, sd.plan(layout))
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_each_nano_batch_slot_keeps_its_own_plan(backends):
+    fi, sd = backends
+    a, b = _layout([(1, 5), (3, 2)], seed=1), _layout([(1, 12), (1, 7)], seed=2)
+    plans = [fi.plan(a, slot=0), fi.plan(b, slot=1)]  # both planned before either runs, as a nano-batched step
+    for layout, plan in zip((a, b), plans):
+        t = int(layout.q_lens.sum())
+        q, k = torch.randn(t, HEADS, DIM), torch.randn(t, KV_HEADS, DIM)
+        torch.testing.assert_close(fi.forward(1, q, k, k, plan), sd.forward(1, q, k, k, sd.plan(layout)),
+                                   rtol=1e-5, atol=1e-5)
