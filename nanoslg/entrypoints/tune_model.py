@@ -16,7 +16,8 @@ from typing import Optional
 import numpy as np
 
 R_GRID = (8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024)
-D_FACTORS = (1.0, 1.25, 1.5, 2.0)  # D as a multiple of the steady-state need R x (1 + I / O)
+D_FACTORS = (1.0, 1.15, 1.3, 1.6, 2.0)  # D as a multiple of the steady-state need R x (1 + I / O)
+D_ROUND = 128  # D in whole GEMM tiles of rows
 
 
 def _interp(points: list, x: float) -> float:
@@ -115,9 +116,12 @@ def search(model: CostModel, mean_in: float, mean_out: float, max_running: int, 
     measured; (1, "none") is 1."""
     out = []
     ratio = mean_in / mean_out
-    for r in [x for x in R_GRID if x <= max_running] or [max_running]:
+    # the grid up to the cap, and the cap itself (often what memory allows) in steps of 16
+    running = sorted({x for x in R_GRID if x <= max_running} | {max(1, max_running // 16 * 16)})
+    for r in running:
         need = r * (1 + ratio)
-        dense_options = [None] + sorted({int(need * f) for f in D_FACTORS if r < int(need * f) <= max_tokens})
+        tiles = lambda x: -(-int(x) // D_ROUND) * D_ROUND  # noqa: E731
+        dense_options = [None] + sorted({tiles(need * f) for f in D_FACTORS if r < tiles(need * f) <= max_tokens})
         for d in dense_options:
             decodes, prefill, step, tps = steady_state(model, r, d, mean_in, mean_out)
             for (nano, overlap), speedup in nano_speedups.items():
