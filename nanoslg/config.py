@@ -164,7 +164,11 @@ class EngineConfig:
         if self.tuned_config_path:
             log.warning("tuned config %s: %s", self.tuned_config_path,
                         ", ".join(f"{k}={v}" for k, v in applied.items()) or "every value set by hand")
-        defaults = {"max_num_seqs": 256, "max_num_batched_tokens": 2048, "nano_batches": 1,
+        # On a GPU, vLLM's defaults for large GPUs: the predicted-memory admission keeps the running set to what the
+        # KV pool holds, and a larger running set gives the dense batch's GEMMs more rows.
+        gpu = self.device_name != "cpu"
+        defaults = {"max_num_seqs": 1024 if gpu else 256, "max_num_batched_tokens": 8192 if gpu else 2048,
+                    "nano_batches": 1,
                     "nano_overlap": "network" if self.tensor_parallel_size > 1 else "memory"}
         for key, value in defaults.items():
             if getattr(self, key) is None:

@@ -71,15 +71,17 @@ class BatchTargets:
     def target(self) -> int:
         return min(self.running_target or self.max_num_seqs, self.max_num_seqs)
 
-    def dense_tokens(self, lengths: LengthStats) -> int:
-        """Tokens a step should carry: D, or R x (1 + mean prompt / mean output) with a margin, capped."""
+    def dense_tokens(self, lengths: LengthStats, pool_tokens: int = 0) -> int:
+        """Tokens a step should carry: D, or R x (1 + mean prompt / mean output) with a margin, capped; R here is
+        the running target or what the KV pool (pool_tokens) holds of requests of the mean size, if fewer."""
         cap = self.max_num_batched_tokens
         if self.dense_batch_tokens:
             return min(self.dense_batch_tokens, cap)
         prompt, output = lengths.mean_prompt(), lengths.mean_output()
         if prompt is None or not output:
             return cap
-        auto = -(-int(self.target * (1 + prompt / output) * DENSE_MARGIN) // DENSE_ROUND) * DENSE_ROUND
+        running = min(self.target, pool_tokens / (prompt + output)) if pool_tokens else self.target
+        auto = -(-int(running * (1 + prompt / output) * DENSE_MARGIN) // DENSE_ROUND) * DENSE_ROUND
         return max(min(cap, 4 * self.page_size), min(cap, auto))
 
 

@@ -100,7 +100,7 @@ class Scheduler:
 
     def schedule(self) -> Optional[StepPlan]:
         step = _StepDraft(self._seq_cap(), self.targets.max_num_batched_tokens,
-                          self.targets.dense_tokens(self.lengths))
+                          self.targets.dense_tokens(self.lengths, self.blocks.num_pages * self.blocks.page_size))
         self._schedule_running(step)
         self._admit(step)
         if not step.chunks and not self.to_release:
@@ -326,7 +326,7 @@ class Scheduler:
                               for i, s in self.steps_in_flight.items()],
             "last_step": dict(self.last_step),
             "running_target": self.targets.target * self.micro_batches,
-            "dense_batch_tokens": self.targets.dense_tokens(self.lengths),
+            "dense_batch_tokens": self.targets.dense_tokens(self.lengths, self.blocks.num_pages * self.blocks.page_size),
             "step_stats": self.stats.totals(),
         }
 

@@ -234,8 +234,9 @@ for mode in $MODES; do
       runs_summary nanoflow-smoke
       ;;
     nanoflow-accept)  # issue 17's single-GPU acceptance: the offline workloads at default flags, in one engine
-      bench nanoflow-accept --workloads random:1024:512:2000 random:1024:512:2000:0.5 sharegpt-like:1000 \
-        random:128:128:10000 --breakdown
+      n=${ACCEPT_PROMPTS:-2000}
+      bench nanoflow-accept --workloads random:1024:512:$n random:1024:512:$n:0.5 sharegpt-like:$((n / 2)) \
+        random:128:128:$((n * 5)) --breakdown
       runs_summary nanoflow-accept
       ;;
     tune-8b)  # nanoslg tune on the 8B shape (timed), then its config against 256 sequences / 8192 tokens

@@ -182,6 +182,9 @@ def run_bench_throughput(args) -> int:
                 return 1
             if args.decode_latency:
                 return _report_decode_latency(args, llm.config, llm.config.model_spec, result)
+            # a line as soon as it ends (the full summary, with the peak measured after the engine, comes last)
+            print(f"{result['workload']}: {result['total_tokens_per_s']:.1f} tok/s in {result['elapsed_s']:.1f} s, "
+                  f"{result['preemptions']} preemptions", flush=True)
             results.append(result)
     peak = _peak_or_none(args, cfg)
     for result in results:

@@ -245,13 +245,16 @@ def _measure(llm, debug, c, prompts: list, outputs: list, window_s: float) -> fl
         # (every request may have finished before the window closed: then the rate until the last one finished)
         return (tokens() - start[1]) / max(1e-6, time.monotonic() - start[0])
     finally:
+        # An aborted request sends no last delta: wait for the scheduler to empty instead (later deltas of these
+        # requests are ignored by the next check, whose request ids differ).
         for rid in live:
             llm.engine.abort(rid)
         deadline = time.monotonic() + 120
-        while live and time.monotonic() < deadline:
-            for d in llm.engine.poll_deltas(50):
-                if d.finish_reason is not None:
-                    live.discard(d.rid)
+        while time.monotonic() < deadline:
+            llm.engine.poll_deltas(50)
+            state = debug.state()
+            if not (state["running"] or state["waiting"] or state["steps_in_flight"]):
+                break
 
 
 def _report(r: dict) -> str:
