@@ -31,9 +31,11 @@ class LengthStats:
         # recent requests only, so the estimates follow traffic that changes
         self.outputs: deque = deque(maxlen=OUTPUT_WINDOW)
         self.prompts: deque = deque(maxlen=OUTPUT_WINDOW)
-        self.bounds: deque = deque(maxlen=OUTPUT_WINDOW)  # max_tokens of admitted requests that gave one
+        self.bounds: deque = deque(maxlen=OUTPUT_WINDOW)  # max_tokens of arrived requests that gave one
 
-    def admitted(self, r: Request) -> None:
+    def arrived(self, r: Request) -> None:
+        # counted on arrival, so the first step already knows the traffic (else it would take a step of the whole
+        # cap, and requests admitted together would finish together: a wave)
         self.prompts.append(len(r.prompt_ids))
         if r.max_tokens_given:
             self.bounds.append(r.max_tokens)

@@ -73,6 +73,7 @@ class Scheduler:
                     int(max_tokens or self.max_model_len), max_tokens_given=bool(max_tokens))
         self.requests[r.rid] = r
         self.waiting.append(r)
+        self.lengths.arrived(r)
         return None
 
     def abort(self, rid: str) -> None:
@@ -174,7 +175,6 @@ class Scheduler:
                 self.blocks.query_tokens += len(r.prompt_ids)
                 self.blocks.hit_tokens += r.num_cached_tokens
                 r.first_scheduled = time.monotonic()
-                self.lengths.admitted(r)
             r.status = Status.RUNNING
             self.running.append(r)
             reserved += self._future_pages(r)

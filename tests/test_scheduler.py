@@ -239,3 +239,66 @@ def test_requests_too_big_to_share_the_pool_finish_one_after_another_with_steps_
             s.add(_req(f"r{i}", 20, max_tokens=15))
         assert _drive(s, 2000) == {f"r{i}": "length" for i in range(3)}
         assert s.blocks.num_used == 0
+
+
+def _run_all(s: Scheduler, on_step=None, in_flight: int = 2, limit: int = 100000) -> list:
+    """Run the scheduler against a stand-in worker with `in_flight` steps queued (overlap scheduling); returns the
+    rids in the order their first chunk was planned."""
+    pending, first_seen, seen = [], [], set()
+    for _ in range(limit):
+        while len(s.steps_in_flight) < in_flight:
+            plan = s.schedule()
+            if plan is None:
+                break
+            pending.append(plan)
+            for c in plan.seqs:
+                if c.rid not in seen:
+                    seen.add(c.rid)
+                    first_seen.append(c.rid)
+            if on_step:
+                on_step(s, plan)
+        if not pending:
+            return first_seen
+        plan = pending.pop(0)
+        sampled = [c.rid for c in plan.seqs if c.sample]
+        s.on_result(StepResult(plan.step_id, sampled, token_ids([7] * len(sampled))))
+    raise AssertionError(f"did not finish: {s.state()}")
+
+
+def test_global_batch_holds_the_running_set_without_waves():
+    """Equal output lengths: once the first requests have finished, the running set stays within 10 % of its
+    target while requests wait, each step carries about as many decodes, admission is first come first served and
+    every request finishes."""
+    target, n, prompt, output = 32, 400, 96, 48
+    s = Scheduler(num_pages=4096, page_size=16, max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=1024,
+                  overlap=True, running_target=target)
+    for i in range(n):
+        s.add(_req(f"r{i:03d}", prompt, max_tokens=output))
+    running, decodes = [], []
+
+    def watch(s, plan):
+        if s.lengths.outputs and s.waiting:  # after warm-up: requests have finished, others still wait
+            running.append(len(s.running))
+            decodes.append(sum(1 for c in plan.seqs if len(c.token_ids) + c.pending == 1))
+
+    order = _run_all(s, watch)
+    assert order == [f"r{i:03d}" for i in range(n)]  # first come, first served
+    assert s.state()["running"] == 0 and not s.requests  # nobody starved
+    assert len(running) > 200
+    assert all(0.9 * target <= r <= 1.1 * target for r in running), (min(running), max(running))
+    # no wave: every step decodes most of the running set (a few requests are always prefilling, never all)
+    assert min(decodes) >= 0.75 * target, (min(decodes), max(decodes))
+    # the dense batch: about target x (1 + prompt / output) tokens per step, in whole 128-row tiles
+    assert s.state()["dense_batch_tokens"] == 128 * -(-int(target * 3 * 1.1) // 128)
+
+
+def test_a_full_pool_admits_less_rather_than_preempting():
+    """The pool holds 12 requests at their full length; the target asks for 32: the admission holds the running
+    set to what fits, and nothing is ever preempted."""
+    s = Scheduler(num_pages=12 * 9, page_size=16, max_num_seqs=64, max_num_batched_tokens=512, max_model_len=1024,
+                  overlap=True, running_target=32)
+    for i in range(100):
+        s.add(_req(f"r{i}", 96, max_tokens=48))  # 144 tokens: 9 pages each
+    most = []
+    _run_all(s, lambda s, plan: most.append(len(s.running)))
+    assert s.total_preemptions == 0 and max(most) == 12 and not s.requests
