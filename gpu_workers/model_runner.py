@@ -22,6 +22,7 @@ from gpu_workers.layers import fused_ops
 from gpu_workers.models.llama import LlamaForCausalLM, iter_required
 from gpu_workers.nano_batch import GEMM, OTHER, OpRunner, OpTimer
 from gpu_workers.parallel import StageLink, parallel_state
+from gpu_workers.sequence_parallel import shard_rows
 from gpu_workers.sampler import RowParams, Sampled, Sampler
 from gpu_workers.upload import upload
 from gpu_workers.weight_loader import init_dummy, load_checkpoint
@@ -95,6 +96,7 @@ class ModelRunner:
         self.token_slots = TokenSlots(self.device)
         self.graphs = None
         self.nano_batches = cfg.nano_batches
+        self.sequence_parallel = cfg.sequence_parallel and self.ps.tp_size > 1
         self.op_runner = self.make_op_runner(cfg.nano_overlap)
         self.num_pages = self._count_kv_pages()
         self.backend = self._make_backend(self.num_pages)
@@ -237,7 +239,11 @@ class ModelRunner:
 
     def _forward(self, batch: StepBatch, stage_local: bool, timer: Optional[OpTimer]) -> Optional[torch.Tensor]:
         """Final hidden states on the last stage, else None (the activations went on to the next stage)."""
-        n = len(batch.input_ids)
+        graphed = timer is None and self.graphs is not None and self.graphs.nano_batches == self.nano_batches and \
+            self.graphs.can_run(batch.layout)
+        # sequence parallelism in eager steps only (a graph holds the unsplit layers); every rank decides alike
+        sp = self.sequence_parallel and not graphed
+        n = sum(shard_rows(b - a) for a, b in batch.token_bounds) if sp else len(batch.input_ids)
         if self.ps.is_first_stage:
             inputs = {"input_ids": batch.input_ids}
         elif stage_local:
@@ -246,15 +252,15 @@ class ModelRunner:
         else:
             hidden, residual = self.stage_link.recv(n)
             inputs = {"hidden": hidden, "residual": residual}
-        if timer is None and self.graphs is not None and self.graphs.nano_batches == self.nano_batches and \
-                self.graphs.can_run(batch.layout):
+        if graphed:
             out = self.graphs.run(batch.layout, **inputs)
         else:
             with forward_context(self.backend):
                 self.backend.begin_planning()
                 plans = [self.backend.plan(layout, slot=i) for i, layout in enumerate(batch.part_layouts())]
                 self.backend.finish_planning()
-                out = self.model(batch.layout.positions, plans, batch.token_bounds, self.op_runner, **inputs)
+                out = self.model(batch.layout.positions, plans, batch.token_bounds, self.op_runner,
+                                 sequence_parallel=sp, **inputs)
         if self.ps.is_last_stage:
             return out
         if not stage_local:

@@ -38,11 +38,14 @@ class NanoState:
     q: Optional[torch.Tensor] = None
     k: Optional[torch.Tensor] = None
     v: Optional[torch.Tensor] = None
+    buffer: Optional[torch.Tensor] = None  # a collective's output, made on the main stream (sequence parallelism)
+    num_tokens: int = 0  # its real tokens (sequence parallelism pads the rows to a multiple of TP)
     event: Optional[object] = None  # completion of its last side-stream operation, not yet waited for
     keep: list = field(default_factory=list)  # what that operation touches, held until the wait
 
     def tensors(self) -> list:
-        return [t for t in (self.positions, self.hidden, self.residual, self.q, self.k, self.v) if t is not None]
+        return [t for t in (self.positions, self.hidden, self.residual, self.q, self.k, self.v, self.buffer)
+                if t is not None]
 
 
 def split_rows(q_lens: list, n: int) -> list:
@@ -101,10 +104,10 @@ class OpRunner:
             if device.type == "cuda" else {}
         self.timer: Optional[OpTimer] = None
 
-    def run(self, layers, states: list) -> None:
+    def run(self, layers, states: list, sequence_parallel: bool = False) -> None:
         overlapping = len(states) > 1 and bool(self.streams)
         for layer in layers:
-            for kind, op in layer.ops:
+            for kind, op in (layer.sp_ops if sequence_parallel else layer.ops):
                 for s in states:
                     stream = self.streams.get(STREAM_OF.get(kind, "")) if overlapping else None
                     if stream is None:

@@ -39,6 +39,9 @@ class EngineConfig:
     # their own CUDA streams beside the others' (gpu_workers/nano_batch.py); None: the tuned config's, else 1.
     nano_batches: Optional[int] = None
     nano_overlap: Optional[str] = None  # none | network | memory | network+memory; None: tuned, else by layout
+    # With TP: norms and residual adds on 1/TP of the tokens between a reduce-scatter and an all-gather
+    # (gpu_workers/sequence_parallel.py); None: the tuned config's, else off.
+    sequence_parallel: Optional[bool] = None
     tuned_config: Optional[str] = None  # a tuned config file; None: the one `nanoslg tune` wrote for this engine
     use_tuned_config: bool = True  # False: ignore tuned configs (--no-tuned-config)
     op_timing_every: int = 0  # time each operation class on every Nth step (bench throughput --breakdown)
@@ -168,7 +171,7 @@ class EngineConfig:
         # KV pool holds, and a larger running set gives the dense batch's GEMMs more rows.
         gpu = self.device_name != "cpu"
         defaults = {"max_num_seqs": 1024 if gpu else 256, "max_num_batched_tokens": 8192 if gpu else 2048,
-                    "nano_batches": 1,
+                    "nano_batches": 1, "sequence_parallel": False,
                     "nano_overlap": "network" if self.tensor_parallel_size > 1 else "memory"}
         for key, value in defaults.items():
             if getattr(self, key) is None:

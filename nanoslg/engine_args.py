@@ -49,6 +49,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser, with_model: bool = Tru
     n.add_argument("--nano-overlap", default=None, choices=NANO_OVERLAPS,
                    help="which operations of one nano-batch run beside the others' GEMMs, on their own CUDA stream "
                         "(default: the tuned config's, else network with TP, memory without)")
+    n.add_argument("--sequence-parallel", default=None, action=argparse.BooleanOptionalAction,
+                   help="with TP: norms and residual adds on 1/TP of the tokens, each all-reduce a reduce-scatter "
+                        "and an all-gather (default: the tuned config's, else off)")
     n.add_argument("--tuned-config", default=None, metavar="PATH",
                    help="use this tuned config instead of the one `nanoslg tune` wrote for this model, GPU and "
                         "layout")
@@ -98,6 +101,7 @@ def engine_config_from_args(args) -> EngineConfig:
         enable_prefix_caching=args.enable_prefix_caching, cuda_graph_max_batch=args.cuda_graph_max_batch,
         log_level=args.log_level, log_format=args.log_format, running_target=args.running_target,
         dense_batch_tokens=args.dense_batch_tokens, nano_batches=args.nano_batches, nano_overlap=args.nano_overlap,
+        sequence_parallel=args.sequence_parallel,
         tuned_config=args.tuned_config, use_tuned_config=args.use_tuned_config)
 
 

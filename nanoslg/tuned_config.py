@@ -16,7 +16,7 @@ from nanoslg.model_spec import ConfigError, ModelSpec
 FORMAT = "nanoslg-tuned-config/1"
 # The engine settings a tuned config may set; EngineConfig takes each one the user did not set.
 ENGINE_KEYS = ("max_num_seqs", "max_num_batched_tokens", "running_target", "dense_batch_tokens", "nano_batches",
-               "nano_overlap")
+               "nano_overlap", "sequence_parallel")
 NANO_OVERLAPS = ("none", "network", "memory", "network+memory")
 
 
@@ -72,6 +72,8 @@ def load(path: str, ident: dict) -> dict:
     for key, value in engine.items():
         if key == "nano_overlap":
             ok = value is None or value in NANO_OVERLAPS
+        elif key == "sequence_parallel":
+            ok = value is None or isinstance(value, bool)
         else:
             ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
         if not ok:

@@ -49,3 +49,12 @@ def test_nano_batched_steps_are_timed_by_operation_class(tiny_model_dir, hf_refe
     assert timed and sum(v["steps"] for v in timed.values()) == sum(v["steps"] for v in stats["counts"].values())
     for v in timed.values():
         assert v["gemm_ms"] > 0 and v["attention_ms"] > 0 and v["collective_ms"] > 0 and v["gpu_ms"] > 0
+
+
+@pytest.mark.parametrize("arch, layout, nano", [("llama", "tp2", 1), ("qwen3", "tp2", 2), ("mistral", "tp2pp2", 1),
+                                                ("qwen2", "tp2pp2", 3)])
+def test_sequence_parallel_gives_transformers_tokens(arch, layout, nano, tiny_model_dir, hf_reference, hf_to_max_len):
+    """Norms and residual adds on each TP rank's half of the tokens, reduce-scatter and all-gather for each
+    all-reduce (odd token counts padded), shards passed between pipeline stages."""
+    run_scenario(tiny_model_dir(arch), hf_reference, hf_to_max_len, nano_batches=nano, sequence_parallel=True,
+                 **LAYOUTS[layout])

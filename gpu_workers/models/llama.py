@@ -14,6 +14,7 @@ from gpu_workers.layers.linear import MergedColumnParallelLinear, QKVParallelLin
 from gpu_workers.layers.norm import RMSNorm
 from gpu_workers.layers.rotary import RotaryEmbedding
 from gpu_workers.nano_batch import ATTENTION, COLLECTIVE, GEMM, OTHER, NanoState, OpRunner
+from gpu_workers import sequence_parallel
 from gpu_workers.parallel import parallel_state
 from nanoslg.config import ModelSpec
 
@@ -72,6 +73,7 @@ class DecoderLayer(nn.Module):
         self.ops = [(OTHER, self._norm_in), (GEMM, self._qkv), (ATTENTION, self._attend), (GEMM, self._o_proj)] + \
             ([(COLLECTIVE, self._reduce_attn)] if reduces else []) + \
             [(OTHER, self._norm_post), (GEMM, self._mlp)] + ([(COLLECTIVE, self._reduce_mlp)] if reduces else [])
+        self.sp_ops = sequence_parallel.layer_ops(self) if reduces else self.ops
 
     def _norm_in(self, s: NanoState) -> None:
         if s.residual is None:
@@ -134,12 +136,15 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, positions: torch.Tensor, plans: list, bounds: list, runner: OpRunner,
                 input_ids: Optional[torch.Tensor] = None, hidden: Optional[torch.Tensor] = None,
-                residual: Optional[torch.Tensor] = None):
+                residual: Optional[torch.Tensor] = None, sequence_parallel: bool = False):
         """Stage 0 takes input_ids; later stages take the previous stage's (hidden, residual). The batch runs as
         nano-batches: tokens [start, end) of each bound, with the attention plan beside it. The last stage returns
-        final-normed hidden states; others return (hidden, residual) to pass on."""
+        final-normed hidden states; others return (hidden, residual) to pass on. With sequence parallelism (and
+        TP) the (hidden, residual) passed between stages are this rank's shards, nano-batch after nano-batch."""
         if self.embed_tokens is not None:
             hidden, residual = self.embed_tokens(input_ids), None
+        if sequence_parallel and parallel_state().tp_size > 1:
+            return self._forward_sequence_parallel(positions, plans, bounds, runner, hidden, residual)
         states = [NanoState(positions[a:b], plan, hidden[a:b], None if residual is None else residual[a:b])
                   for (a, b), plan in zip(bounds, plans)]
         runner.run(self.layers, states)
@@ -152,6 +157,22 @@ class LlamaForCausalLM(nn.Module):
             return hidden, residual
         hidden, _ = self.norm(hidden, residual)
         return hidden
+
+    def _forward_sequence_parallel(self, positions, plans, bounds, runner, hidden, residual):
+        states, offset = [], 0
+        for (a, b), plan in zip(bounds, plans):
+            if residual is None:  # this stage embedded the full batch
+                h, r = sequence_parallel.shard_of(hidden[a:b]), None
+            else:
+                m = sequence_parallel.shard_rows(b - a)
+                h, r = hidden[offset:offset + m], residual[offset:offset + m]
+                offset += m
+            states.append(NanoState(positions[a:b], plan, h, r, num_tokens=b - a))
+        runner.run(self.layers, states, sequence_parallel=True)
+        if self.norm is None:
+            return torch.cat([s.hidden for s in states]), torch.cat([s.residual for s in states])
+        return torch.cat([sequence_parallel.gathered(self.norm(s.hidden, s.residual)[0], s.num_tokens)
+                          for s in states])
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

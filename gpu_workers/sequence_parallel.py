@@ -1,0 +1,82 @@
+"""Sequence parallelism for tensor-parallel layers (`--sequence-parallel`): between the attention and MLP blocks each
+TP rank holds only its 1/TP of the tokens (rows padded to a multiple of TP), so the norms and residual adds that
+every rank would otherwise repeat in full run on a shard, and each all-reduce becomes a reduce-scatter after the
+row-parallel GEMM and an all-gather before the column-parallel one (the same bytes on the link, split in two
+collectives that nano-batching can each overlap with another nano-batch's GEMMs).
+
+The layer's operations keep their classes (gemm, attention, collective, other) so nano_batch.OpRunner runs them as it
+runs the unsplit ones; collectives write into buffers made on the main stream beforehand."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from gpu_workers.layers.activation import silu_and_mul
+from gpu_workers.nano_batch import ATTENTION, COLLECTIVE, GEMM, OTHER, NanoState
+from gpu_workers.parallel import _all_gather_single, parallel_state
+
+
+def shard_rows(num_tokens: int) -> int:
+    """Rows of a num_tokens batch that each TP rank holds."""
+    tp = parallel_state().tp_size
+    return -(-num_tokens // tp)
+
+
+def shard_of(full: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a full [T, H] tensor (zero rows where the padding falls)."""
+    ps = parallel_state()
+    n = shard_rows(len(full))
+    out = full.new_zeros(n, full.shape[1])
+    start = ps.tp_rank * n
+    rows = max(0, min(len(full), start + n) - start)
+    if rows:
+        out[:rows] = full[start:start + rows]
+    return out
+
+
+def gathered(shard: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """The full [num_tokens, H] tensor from every rank's shard."""
+    full = shard.new_empty(parallel_state().tp_size * len(shard), shard.shape[1])
+    _all_gather_single(full, shard.contiguous(), group=parallel_state().tp_group)
+    return full[:num_tokens]
+
+
+def layer_ops(layer) -> list:
+    """The decoder layer's operations over shards (see DecoderLayer.ops for the unsplit ones)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    tp = parallel_state().tp_size
+
+    def norm_in(s: NanoState) -> None:
+        layer._norm_in(s)
+        s.buffer = s.hidden.new_empty(tp * len(s.hidden), s.hidden.shape[1])  # the all-gather's output
+
+    def gather(s: NanoState) -> None:
+        _all_gather_single(s.buffer, s.hidden, group=parallel_state().tp_group)
+        s.hidden, s.buffer = s.buffer[:s.num_tokens], None
+
+    def row_parallel(s: NanoState, weight: torch.Tensor, x: torch.Tensor) -> None:
+        """x @ weight.T into rows padded to a multiple of TP, and the reduce-scatter's output beside it."""
+        shard = shard_rows(s.num_tokens)
+        out = x.new_empty(tp * shard, weight.shape[0])
+        torch.mm(x, weight.t(), out=out[:s.num_tokens])
+        out[s.num_tokens:].zero_()
+        s.hidden, s.buffer = out, x.new_empty(shard, weight.shape[0])
+
+    def o_proj(s: NanoState) -> None:
+        row_parallel(s, attn.o_proj.weight, s.hidden.view(-1, attn.num_heads * attn.head_dim))
+
+    def mlp_op(s: NanoState) -> None:
+        row_parallel(s, mlp.down_proj.weight, silu_and_mul(mlp.gate_up_proj(s.hidden)))
+
+    def scatter(s: NanoState) -> None:
+        dist.reduce_scatter_tensor(s.buffer, s.hidden, group=parallel_state().tp_group)
+        s.hidden, s.buffer = s.buffer, None
+
+    def norm_post(s: NanoState) -> None:
+        layer._norm_post(s)
+        s.buffer = s.hidden.new_empty(tp * len(s.hidden), s.hidden.shape[1])
+
+    if attn.o_proj.bias is not None or mlp.down_proj.bias is not None:
+        raise ValueError("sequence parallelism supports row-parallel layers without bias")
+    return [(OTHER, norm_in), (COLLECTIVE, gather), (GEMM, layer._qkv), (ATTENTION, layer._attend), (GEMM, o_proj),
+            (COLLECTIVE, scatter), (OTHER, norm_post), (COLLECTIVE, gather), (GEMM, mlp_op), (COLLECTIVE, scatter)]
