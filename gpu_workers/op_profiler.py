@@ -110,17 +110,19 @@ def _attention_ms(runner, plan: StepPlan) -> float:
 
 
 def profile_steps(runner, shapes: dict) -> dict:
-    """{"steps": [[decodes, context, prefill, nano, overlap, ms, {class: ms}]]}: whole forward steps of each shape,
-    for each (nano-batches, overlap) asked for, through the model runner's own path (CUDA graphs where it would use
-    them), with one more timed run per shape for its operation classes."""
+    """{"steps": [[decodes, context, prefill, nano, overlap, sequence_parallel, ms, {class: ms}]]}: whole forward
+    steps of each shape, for each variant [nano-batches, overlap, sequence parallel] asked for, through the model
+    runner's own path (CUDA graphs where it would use them), with one more timed run per shape for its operation
+    classes."""
     results = []
-    saved = runner.nano_batches, runner.op_runner
+    saved = runner.nano_batches, runner.op_runner, runner.sequence_parallel
     try:
         for decodes, context, prefill in shapes.get("steps", []):
             plan = _synthetic_plan(runner, decodes, context, prefill, context if prefill else 0,
                                    shapes.get("max_pages", 0))
-            for nano, overlap in shapes.get("nano", [[1, "none"]]):
+            for nano, overlap, sp in shapes.get("variants", [[1, "none", False]]):
                 runner.nano_batches, runner.op_runner = nano, runner.make_op_runner(overlap)
+                runner.sequence_parallel = sp and parallel_state().tp_size > 1
                 batch = runner.batch(plan)
                 ms = _median_ms(lambda: _forward(runner, batch, None), runner.device)
                 timer = OpTimer(runner.device.type == "cuda")
@@ -128,10 +130,10 @@ def profile_steps(runner, shapes: dict) -> dict:
                 if runner.device.type == "cuda":
                     torch.cuda.synchronize()
                 ops = timer.result()
-                results.append([decodes, context, prefill, nano, overlap, ms,
+                results.append([decodes, context, prefill, nano, overlap, sp, ms,
                                 {c: round(ops[c], 4) for c in OP_CLASSES}])
     finally:
-        runner.nano_batches, runner.op_runner = saved
+        runner.nano_batches, runner.op_runner, runner.sequence_parallel = saved
     return {"steps": results}
 
 

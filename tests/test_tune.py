@@ -114,3 +114,17 @@ def test_a_corrupt_or_mismatched_tuned_config_is_an_error_naming_the_file(tuned,
     with pytest.raises(ConfigError, match="cannot read it"):
         LLM(folder, max_model_len=256, tuned_config=str(tmp_path / "missing.json"))
     assert tuned_config.FORMAT in open(good).read()
+
+
+def test_tune_with_tensor_parallelism_weighs_nano_batching_and_sequence_parallelism(tmp_path):
+    folder = make_tiny_model("llama", str(tmp_path / "model"))
+    out = _nanoslg("tune", folder, "-tp", "2", "--max-model-len", "256", "--input-len", "32", "--output-len", "16",
+                   "--validate", "1", env_dir=str(tmp_path / "tuned"))
+    assert out.returncode == 0, out.stderr
+    doc = json.load(open(os.path.join(tmp_path / "tuned", os.listdir(tmp_path / "tuned")[0])))
+    assert doc["identity"]["tensor_parallel_size"] == 2
+    decisions = " | ".join(doc["decisions"])
+    assert "all-reduce beside GEMMs in 2 nano-batches" in decisions and "with sequence parallelism" in decisions
+    assert {tuple(s[3:6]) for s in doc["profile"]["steps"]} >= {(1, "none", False), (1, "none", True),
+                                                                 (2, "network", False), (2, "network", True)}
+    assert doc["engine"]["nano_batches"] == 1  # no streams on CPU

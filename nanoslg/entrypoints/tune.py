@@ -130,14 +130,16 @@ def _tune_layout(args, base, tp: int, pp: int, bar) -> dict:
         bar.set_postfix_str(f"tp={tp} pp={pp}: timing whole steps")
         overlaps = ["network", "network+memory"] if tp > 1 else ["memory"]
         step_shapes = _step_shapes(mean_in, mean_out, max_running, pages, ps, max_len)
-        nano = [[1, "none"]] + [[2, o] for o in overlaps]
-        steps = _profile(debug, "steps", {"steps": step_shapes, "nano": nano, "max_pages": pages})["steps"]
+        variants = [[1, "none", False]] + [[2, o, False] for o in overlaps]
+        if tp > 1:
+            variants += [[1, "none", True], [2, "network", True]]
+        steps = _profile(debug, "steps", {"steps": step_shapes, "variants": variants, "max_pages": pages})["steps"]
         bar.update(1)
         speedups, decisions = _nano_decisions(steps, gpu)
         model = CostModel.fit(ops, steps)
         mem_running = max(1, int(0.95 * pages * ps / (mean_in + mean_out)))
         candidates = search(model, mean_in, mean_out, min(max_running, mem_running), max_tokens,
-                            {k: v for k, v in speedups.items() if v >= 1.0 or k == (1, "none")})
+                            {k: v for k, v in speedups.items() if v >= 1.0 or k == (1, "none", False)})
         checked, seen = [], set()
         for c in candidates:
             if len(checked) >= args.validate:
@@ -157,7 +159,8 @@ def _tune_layout(args, base, tp: int, pp: int, bar) -> dict:
     ident = tuned_config.identity(cfg.model, llm.config.model_spec, base.device_name, tp, pp)
     engine = {"max_num_seqs": best.running_target, "running_target": best.running_target,
               "max_num_batched_tokens": max_tokens, "dense_batch_tokens": best.dense_batch_tokens,
-              "nano_batches": best.nano_batches, "nano_overlap": best.nano_overlap}
+              "nano_batches": best.nano_batches, "nano_overlap": best.nano_overlap,
+              "sequence_parallel": best.sequence_parallel}
     doc = {"identity": ident, "engine": engine,
            "workload": {"dataset": args.dataset, "mean_input_len": mean_in, "mean_output_len": mean_out},
            "decisions": decisions, "created": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -200,22 +203,28 @@ def _step_shapes(mean_in: float, mean_out: float, max_running: int, pages: int, 
 
 
 def _nano_decisions(steps: list, gpu: bool) -> tuple:
-    """(speed-up of each (nano, overlap) over the unsplit step on the mixed shapes, what was decided and why)."""
-    base = {(d, c, p): ms for d, c, p, n, _, ms, _ in steps if n == 1}
-    speedups, decisions = {(1, "none"): 1.0}, []
-    for key in {(n, o) for _, _, _, n, o, _, _ in steps if n > 1}:
-        ratios = [base[(d, c, p)] / ms for d, c, p, n, o, ms, _ in steps if (n, o) == key and p and (d, c, p) in base]
+    """(speed-up of each variant (nano, overlap, sequence parallel) over the unsplit step on the mixed shapes, what
+    was decided and why). A variant that does not beat the unsplit step is priced at 0: never picked."""
+    base = {(d, c, p): ms for d, c, p, n, _, sp, ms, _ in steps if n == 1 and not sp}
+    speedups, decisions = {(1, "none", False): 1.0}, []
+    variants = {(n, o, sp) for _, _, _, n, o, sp, _, _ in steps} - {(1, "none", False)}
+    for key in sorted(variants):
+        ratios = sorted(base[(d, c, p)] / ms for d, c, p, n, o, sp, ms, _ in steps
+                        if (n, o, sp) == key and p and (d, c, p) in base)
         if not ratios:
             continue
-        ratios.sort()
         speedup = ratios[len(ratios) // 2]
-        speedups[key] = speedup
-        what = OVERLAP_NAMES.get(key[1], key[1])
-        used = speedup >= 1.0 and gpu
-        why = "used" if used else ("not used on this GPU" if gpu else "not used (no streams on CPU)")
-        decisions.append(f"{what} in {key[0]} nano-batches: {speedup:.2f}x measured on the real step, {why}")
-        if not used:
-            speedups[key] = 0.0
+        what = (f"{OVERLAP_NAMES.get(key[1], key[1])} in {key[0]} nano-batches" if key[0] > 1 else "unsplit") + \
+            (" with sequence parallelism" if key[2] else "")
+        used = speedup >= 1.0 and (gpu or (key[0] == 1 and key[2]))
+        if used:
+            why = "used"
+        elif speedup < 1.0:
+            why = "slower than the unsplit step, not used" + (" on this GPU" if gpu else "")
+        else:
+            why = "not used (no CUDA streams on CPU)"
+        decisions.append(f"{what}: {speedup:.2f}x measured on the real step, {why}")
+        speedups[key] = speedup if used else 0.0
     return speedups, decisions
 
 
@@ -260,9 +269,10 @@ def _measure(llm, debug, c, prompts: list, outputs: list, window_s: float) -> fl
 def _report(r: dict) -> str:
     doc = r["doc"]
     lines = [f"== tp={r['tp']} pp={r['pp']}: {r['path']}",
-             f"{'R':>6}{'D':>8}{'nano':>6}{'predicted tok/s':>18}{'measured tok/s':>16}"]
+             f"{'R':>6}{'D':>8}{'nano':>6}{'SP':>4}{'predicted tok/s':>18}{'measured tok/s':>16}"]
     for c in r["checked"]:
         lines.append(f"{c.running_target:>6}{c.dense_batch_tokens or 'auto':>8}{c.nano_batches:>6}"
+                     f"{'y' if c.sequence_parallel else 'n':>4}"
                      f"{c.predicted_tokens_per_s:>18.0f}{c.measured_tokens_per_s:>16.0f}")
     lines += [f"- {d}" for d in doc["decisions"]]
     lines.append("engine: " + json.dumps(doc["engine"]))

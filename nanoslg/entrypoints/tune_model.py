@@ -66,8 +66,8 @@ class CostModel:
         model = cls(ops["gemm"], ops["lm_head"], ops["allreduce"], _fit(ops["decode_attention"], _decode_features),
                     _fit(ops["prefill_attention"], _prefill_features), np.zeros(2))
         # the rest: whole unsplit steps minus what the operations explain
-        rest = [[d + p, ms - model.parts_ms(d, c, p, c if p else 0)] for d, c, p, nano, _, ms, _ in steps
-                if nano == 1]
+        rest = [[d + p, ms - model.parts_ms(d, c, p, c if p else 0)] for d, c, p, nano, _, sp, ms, _ in steps
+                if nano == 1 and not sp]
         model.other_coef = _fit(rest, lambda m, _=None: [1.0, m]) if rest else np.zeros(2)
         return model
 
@@ -93,6 +93,7 @@ class Candidate:
     dense_batch_tokens: Optional[int]  # None: derived from the traffic (the built-in default)
     nano_batches: int
     nano_overlap: str
+    sequence_parallel: bool
     predicted_tokens_per_s: float
     decodes: float  # the predicted steady state: decode rows, prefill tokens and step time
     prefill: float
@@ -112,8 +113,8 @@ def steady_state(model: CostModel, r: int, d_tokens: Optional[int], mean_in: flo
 
 def search(model: CostModel, mean_in: float, mean_out: float, max_running: int, max_tokens: int,
            nano_speedups: dict) -> list:
-    """Every candidate, best predicted first. nano_speedups: (nano, overlap) -> unsplit step time / split time,
-    measured; (1, "none") is 1."""
+    """Every candidate, best predicted first. nano_speedups: (nano, overlap, sequence parallel) -> unsplit step
+    time / that variant's, measured; (1, "none", False) is 1."""
     out = []
     ratio = mean_in / mean_out
     # the grid up to the cap, and the cap itself (often what memory allows) in steps of 16
@@ -124,6 +125,6 @@ def search(model: CostModel, mean_in: float, mean_out: float, max_running: int, 
         dense_options = [None] + sorted({tiles(need * f) for f in D_FACTORS if r < tiles(need * f) <= max_tokens})
         for d in dense_options:
             decodes, prefill, step, tps = steady_state(model, r, d, mean_in, mean_out)
-            for (nano, overlap), speedup in nano_speedups.items():
-                out.append(Candidate(r, d, nano, overlap, tps * speedup, decodes, prefill, step / speedup))
+            for (nano, overlap, sp), speedup in nano_speedups.items():
+                out.append(Candidate(r, d, nano, overlap, sp, tps * speedup, decodes, prefill, step / speedup))
     return sorted(out, key=lambda c: -c.predicted_tokens_per_s)
