@@ -21,6 +21,7 @@ DENSE_MARGIN = 1.1
 DENSE_ROUND = 128
 OUTPUT_WINDOW = 512  # requests the length estimates look back on
 OUTPUT_QUANTILE = 0.9
+MIN_OBSERVED = 64  # finished requests the mean output length needs before it outweighs the arrivals' max_tokens
 
 
 class LengthStats:
@@ -54,7 +55,9 @@ class LengthStats:
         return sum(self.prompts) / len(self.prompts) if self.prompts else None
 
     def mean_output(self) -> Optional[float]:
-        recent = self.outputs or self.bounds
+        # Observed lengths are the truth, but a handful of them (a warm-up of short requests before a long batch)
+        # says little about the traffic now arriving: until enough have finished, the arrivals' own bounds decide.
+        recent = self.outputs if len(self.outputs) >= MIN_OBSERVED or not self.bounds else self.bounds
         return sum(recent) / len(recent) if recent else None
 
 
@@ -73,18 +76,36 @@ class BatchTargets:
     def target(self) -> int:
         return min(self.running_target or self.max_num_seqs, self.max_num_seqs)
 
+    def capacity(self, lengths: LengthStats, pool_tokens: int = 0, micro_batches: int = 1) -> float:
+        """Requests the running set can hold: the target (per micro-batch), or fewer when the KV pool holds fewer of
+        the mean size (half their output grown, as staggered requests are: PoolForecast) than that."""
+        prompt, output = lengths.mean_prompt(), lengths.mean_output()
+        if not pool_tokens or prompt is None or not output:
+            return self.target * micro_batches
+        return min(self.target * micro_batches, pool_tokens / (prompt + output / 2))
+
     def dense_tokens(self, lengths: LengthStats, pool_tokens: int = 0) -> int:
         """Tokens a step should carry: D, or R x (1 + mean prompt / mean output) with a margin, capped; R here is
-        the running target or what the KV pool (pool_tokens) holds of requests of the mean size, if fewer."""
+        the running target or what the KV pool (pool_tokens) holds of requests at their mean size, if fewer."""
         cap = self.max_num_batched_tokens
         if self.dense_batch_tokens:
             return min(self.dense_batch_tokens, cap)
         prompt, output = lengths.mean_prompt(), lengths.mean_output()
         if prompt is None or not output:
             return cap
-        running = min(self.target, pool_tokens / (prompt + output)) if pool_tokens else self.target
+        running = self.capacity(lengths, pool_tokens)
         auto = -(-int(running * (1 + prompt / output) * DENSE_MARGIN) // DENSE_ROUND) * DENSE_ROUND
         return max(min(cap, 4 * self.page_size), min(cap, auto))
+
+
+    def prefill_tokens(self, lengths: LengthStats, dense: int) -> int:
+        """Of a step of `dense` tokens, the prefill share: prompt / (prompt + output) of it, in whole tiles; about
+        R x prompt / output with the margin, the prefill that replaces the R / output requests finishing each step."""
+        prompt, output = lengths.mean_prompt(), lengths.mean_output()
+        if prompt is None or not output:
+            return dense
+        share = dense * prompt / (prompt + output) / DENSE_MARGIN
+        return min(dense, max(DENSE_ROUND, -(-int(share) // DENSE_ROUND) * DENSE_ROUND))
 
 
 def expected_output(r: Request, lengths: LengthStats) -> int:
@@ -97,3 +118,64 @@ def expected_output(r: Request, lengths: LengthStats) -> int:
 
 def predicted_tokens(r: Request, lengths: LengthStats, max_model_len: int) -> int:
     return min(len(r.prompt_ids) + expected_output(r, lengths), max_model_len)
+
+
+# A finished request's pages come back when its last step does, up to the in-flight steps after it sampled its
+# last token; meanwhile the others grow. Each decoding request is forecast this many tokens larger.
+FORECAST_MARGIN_TOKENS = 4
+
+
+class PoolForecast:
+    """The most KV pages the running requests are predicted to hold at any one time from now on.
+
+    Requests do not all reach their predicted size at once: each decoding request grows one token per step until
+    it finishes and frees everything. So the pool's peak comes just before some request finishes, when those still
+    running hold their tokens now plus the steps until then; with equal output lengths and staggered starts that is
+    about the mean size, not the final one, and the pool holds ~20 % more requests than reserving each one's final
+    size would allow. A request still prefilling is counted at its final size throughout (its decode has not
+    started, so when it ends is unknown). Never below what the requests will hold while their lengths stay within
+    the prediction, so admitting up to the forecast never has to preempt."""
+
+    def __init__(self, running: list, lengths: LengthStats, max_model_len: int, page_size: int):
+        self.page_size, self.lengths, self.max_model_len = page_size, lengths, max_model_len
+        self.fixed = self.final_total = 0
+        self.decoding = []  # (steps left, tokens now plus the margin, final pages)
+        for r in running:  # (runs every step over up to ~1,000 requests: kept to plain arithmetic)
+            now = len(r.prompt_ids) + len(r.output_ids)
+            final = min(len(r.prompt_ids) + r.max_tokens, max_model_len) if r.max_tokens_given else \
+                predicted_tokens(r, lengths, max_model_len)
+            most = -(-final // page_size)
+            self.final_total += most
+            if now - r.num_computed > 1:
+                self.fixed += most
+            else:
+                self.decoding.append((max(0, final - now), now + FORECAST_MARGIN_TOKENS, most))
+        self._decoding_peak: Optional[int] = None
+
+    def pages_at_most(self, r: Request) -> int:
+        return -(-predicted_tokens(r, self.lengths, self.max_model_len) // self.page_size)
+
+    @property
+    def peak(self) -> int:
+        if self._decoding_peak is None:
+            # Just before the request with `left` steps to go finishes, every request with at least as many left
+            # holds its tokens now plus `left` (one page more each for rounding), never more than its final size.
+            self._decoding_peak = tokens = count = final_pages = 0
+            for left, now, most in sorted(self.decoding, reverse=True):
+                tokens, count, final_pages = tokens + now, count + 1, final_pages + most
+                grown = -(-(tokens + count * left) // self.page_size) + count
+                self._decoding_peak = max(self._decoding_peak, min(grown, final_pages))
+        return self.fixed + self._decoding_peak
+
+    def fits(self, r: Request, available: int) -> bool:
+        """Whether the pool (`available` pages for the running requests) holds r too at the forecast peak."""
+        need = self.pages_at_most(r)
+        # every request at its final size at once is the bound the forecast only tightens: when it fits, the
+        # forecast is not needed (a pool far from full pays no sort per step)
+        return self.final_total + need <= available or self.peak + need <= available
+
+    def add(self, r: Request) -> None:
+        """Count a newly admitted request (still to prefill)."""
+        most = self.pages_at_most(r)
+        self.fixed += most
+        self.final_total += most

@@ -19,7 +19,7 @@ from typing import Optional
 from nanoslg.protocol import SeqChunk, StepPlan, StepResult, TokenizedRequest, TokenUpdate, token_ids
 from nanoslg.sampling_params import penalties_requested
 from scheduler_proc.block_manager import BlockManager
-from scheduler_proc.global_batch import BatchTargets, LengthStats, predicted_tokens
+from scheduler_proc.global_batch import BatchTargets, LengthStats, PoolForecast
 from scheduler_proc.request import InFlightStep, Request, Status
 from scheduler_proc.step_stats import StepStats
 
@@ -99,9 +99,18 @@ class Scheduler:
         ready = sum(1 for r in self.running if not r.in_flight) + len(self.waiting)
         return max(1, min(cap, -(-ready // free)))
 
+    @property
+    def pool_tokens(self) -> int:
+        return self.blocks.num_pages * self.blocks.page_size
+
     def schedule(self) -> Optional[StepPlan]:
-        step = _StepDraft(self._seq_cap(), self.targets.max_num_batched_tokens,
-                          self.targets.dense_tokens(self.lengths, self.blocks.num_pages * self.blocks.page_size))
+        dense = self.targets.dense_tokens(self.lengths, self.pool_tokens)
+        # Prefill is paced only when the running set will fill up: if every waiting request fits now, holding
+        # them back would only end the last of them later.
+        saturated = len(self.running) + len(self.waiting) > \
+            self.targets.capacity(self.lengths, self.pool_tokens, self.micro_batches)
+        step = _StepDraft(self._seq_cap(), self.targets.max_num_batched_tokens, dense,
+                          self.targets.prefill_tokens(self.lengths, dense) if saturated else dense)
         self._schedule_running(step)
         self._admit(step)
         if not step.chunks and not self.to_release:
@@ -139,7 +148,7 @@ class Scheduler:
         budget and the pool can hold what the running requests and this one are predicted to use."""
         target = self.targets.target * self.micro_batches
         filling = None  # prefix-cache keys of the pages this step computes, once a waiting request needs them
-        reserved = None  # pages the running requests are predicted to take beyond what they hold
+        forecast = None  # the most pages the running requests are predicted to hold at once
         while self.waiting and not step.blocked and not step.full and step.room(False) > 0 and \
                 len(self.running) < target:
             r = self.waiting[0]
@@ -153,9 +162,10 @@ class Scheduler:
                     # to compute the shared prefix, and those behind it keep their order.
                     self.blocks.drop_pages(r)
                     return
-            if reserved is None:
-                reserved = sum(self._future_pages(x) for x in self.running)
-            if self.running and self._future_pages(r) > self.blocks.num_free - reserved:
+            if forecast is None:
+                forecast = PoolForecast(self.running, self.lengths, self.max_model_len, self.blocks.page_size)
+                available = self.blocks.num_free + sum(len(x.pages) for x in self.running)
+            if self.running and not forecast.fits(r, available):
                 self.blocks.drop_pages(r)  # the pool cannot hold it at its predicted size: admit less
                 return
             end = min(r.num_tokens, r.num_computed + step.room(False))
@@ -177,14 +187,10 @@ class Scheduler:
                 r.first_scheduled = time.monotonic()
             r.status = Status.RUNNING
             self.running.append(r)
-            reserved += self._future_pages(r)
+            forecast.add(r)
             step.add(r, r.num_computed, end, 0)
             if filling is not None:
                 filling.update(self.blocks.filled_keys(r, r.num_computed, end, 0))
-
-    def _future_pages(self, r: Request) -> int:
-        """Pages r is predicted to need beyond those it holds."""
-        return max(0, self.blocks.pages_for(predicted_tokens(r, self.lengths, self.max_model_len)) - len(r.pages))
 
     def _make_plan(self, chunks: list) -> StepPlan:
         seqs, members = [], []
@@ -326,32 +332,44 @@ class Scheduler:
                               for i, s in self.steps_in_flight.items()],
             "last_step": dict(self.last_step),
             "running_target": self.targets.target * self.micro_batches,
-            "dense_batch_tokens": self.targets.dense_tokens(self.lengths, self.blocks.num_pages * self.blocks.page_size),
+            "dense_batch_tokens": self.targets.dense_tokens(self.lengths, self.pool_tokens),
             "step_stats": self.stats.totals(),
         }
 
 
 class _StepDraft:
     """The step being formed: its chunks (request, start, end, pending) and the budget they leave. Decodes may use
-    up to max_num_batched_tokens; prefill chunks fill the step up to the dense budget."""
+    up to max_num_batched_tokens; prefill chunks fill the step up to the dense budget, and take at most the
+    prefill share of it while requests are decoding (the pace at which requests finish and are replaced; faster, a
+    cold start fills the running set in fewer steps than an output takes, and those requests finish together)."""
 
-    __slots__ = ("chunks", "scheduled", "blocked", "used", "max_seqs", "cap", "dense")
+    __slots__ = ("chunks", "scheduled", "blocked", "used", "prefill_used", "decodes", "max_seqs", "cap", "dense",
+                 "prefill")
 
-    def __init__(self, max_seqs: int, cap: int, dense: int):
+    def __init__(self, max_seqs: int, cap: int, dense: int, prefill: int):
         self.chunks: list = []
         self.scheduled: set = set()
         self.blocked = False  # an older request waits for pages: newer ones take none before it
-        self.used = 0
+        self.used = self.prefill_used = self.decodes = 0
         self.max_seqs, self.cap, self.dense = max_seqs, cap, min(dense, cap)
+        self.prefill = min(prefill, self.dense)
 
     @property
     def full(self) -> bool:
         return len(self.chunks) >= self.max_seqs
 
     def room(self, decode: bool) -> int:
-        return (self.cap if decode else self.dense) - self.used
+        if decode:
+            return self.cap - self.used
+        if not self.decodes:  # nothing to pace against: the whole dense budget
+            return self.dense - self.used
+        return min(self.dense - self.used, self.prefill - self.prefill_used)
 
     def add(self, r: Request, start: int, end: int, pending: int) -> None:
         self.chunks.append((r, start, end, pending))
         self.scheduled.add(r)
         self.used += end - start
+        if end - start == 1:  # a decode, chained on an in-flight step's token or not
+            self.decodes += 1
+        else:
+            self.prefill_used += end - start

@@ -15,7 +15,7 @@ summary=()
 
 restore_jit_cache() {  # kernels compiled by earlier runs (their fi-ops.tgz), carried as .fi-cache.txz
   [ -n "${NANOSLG_FI_JIT_CACHE:-}" ] && [ -f .fi-cache.txz ] || return 0
-  mkdir -p "$NANOSLG_FI_JIT_CACHE" && tar xJf .fi-cache.txz -C "$NANOSLG_FI_JIT_CACHE"
+  mkdir -p "$NANOSLG_FI_JIT_CACHE" && tar xf .fi-cache.txz -C "$NANOSLG_FI_JIT_CACHE"
 }
 
 prepare_smollm2() {
@@ -129,6 +129,10 @@ PY
 )")
 }
 
+# A call cut off at its limit still brings back what it did: results.tgz is refreshed every 20 s.
+( while sleep 20; do tar czf "$FINAL_OUT/.results.tgz" -C "$OUT" . 2> /dev/null && \
+    mv "$FINAL_OUT/.results.tgz" "$FINAL_OUT/results.tgz"; done ) &
+SNAPSHOTS_PID=$!
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 restore_jit_cache
 for mode in $MODES; do
@@ -241,8 +245,8 @@ for mode in $MODES; do
       ;;
     tune-8b)  # nanoslg tune on the 8B shape (timed), then its config against 256 sequences / 8192 tokens
       start=$(date +%s)
-      python3 -m nanoslg tune llama-3.1-8b --load-format dummy --max-model-len 4096 ${TUNE_ARGS:-} \
-        > "$OUT/tune-8b.log" 2>&1
+      timeout ${TUNE_LIMIT_S:-600} python3 -m nanoslg tune llama-3.1-8b --load-format dummy --max-model-len 4096 \
+        ${TUNE_ARGS:-} > "$OUT/tune-8b.log" 2>&1
       summary+=("tune-8b: rc $? in $(( $(date +%s) - start )) s; $(grep -h '^engine:' "$OUT/tune-8b.log")")
       grep -v "^tune:\|WARNING" "$OUT/tune-8b.log" | tail -12
       cp ~/.cache/nanoslg/tuned/*.json "$OUT/" 2>/dev/null
@@ -291,10 +295,11 @@ for mode in $MODES; do
       summary+=("decode-bs1: $(tail -1 "$OUT/decode-bs1.log")")
       ;;
   esac
-  tar czf "$FINAL_OUT/results.tgz" -C "$OUT" .  # after every mode, so a run cut off at its limit keeps what it did
+  tar czf "$FINAL_OUT/.results.tgz" -C "$OUT" . && mv "$FINAL_OUT/.results.tgz" "$FINAL_OUT/results.tgz"  # after every mode, so a run cut off at its limit keeps what it did
 done
 [ -n "${NANOSLG_FI_JIT_CACHE:-}" ] && [ -d "$NANOSLG_FI_JIT_CACHE" ] && [ ! -f .fi-cache.txz ] && \
   tar czf "$FINAL_OUT/fi-ops.tgz" -C "$NANOSLG_FI_JIT_CACHE" .
+kill $SNAPSHOTS_PID 2> /dev/null; wait $SNAPSHOTS_PID 2> /dev/null
 tar czf "$FINAL_OUT/results.tgz" -C "$OUT" .
 echo "================ summary ================"
 printf '%s\n' "${summary[@]}"

@@ -137,7 +137,8 @@ def _tune_layout(args, base, tp: int, pp: int, bar) -> dict:
         bar.update(1)
         speedups, decisions = _nano_decisions(steps, gpu)
         model = CostModel.fit(ops, steps)
-        mem_running = max(1, int(0.95 * pages * ps / (mean_in + mean_out)))
+        # staggered requests hold about their mean size (the scheduler's pool forecast), not their final one
+        mem_running = max(1, int(0.95 * pages * ps / (mean_in + mean_out / 2)))
         candidates = search(model, mean_in, mean_out, min(max_running, mem_running), max_tokens,
                             {k: v for k, v in speedups.items() if v >= 1.0 or k == (1, "none", False)})
         checked, seen = [], set()
@@ -154,7 +155,7 @@ def _tune_layout(args, base, tp: int, pp: int, bar) -> dict:
     best = max(checked, key=lambda c: c.measured_tokens_per_s)
     decisions.append(f"running target {best.running_target}, dense batch {best.dense_batch_tokens or 'auto'}: "
                      f"{best.measured_tokens_per_s:.0f} tok/s measured, best of {len(checked)} checked "
-                     f"(predicted {best.predicted_tokens_per_s:.0f}); memory holds {mem_running} requests of "
+                     f"(predicted {best.predicted_tokens_per_s:.0f}); memory holds {mem_running} staggered requests of "
                      f"{mean_in:.0f} + {mean_out:.0f} tokens")
     ident = tuned_config.identity(cfg.model, llm.config.model_spec, base.device_name, tp, pp)
     engine = {"max_num_seqs": best.running_target, "running_target": best.running_target,
