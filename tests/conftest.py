@@ -1,5 +1,6 @@
 import os
 import random
+import signal
 import sys
 
 import pytest
@@ -7,6 +8,11 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 from tiny_models import VOCAB, hf_greedy, make_tiny_model  # noqa: E402
+
+# A shell starts background jobs (`pytest ... &`) with SIGINT ignored, and child processes inherit that: the tests
+# that press Ctrl-C on a child would see it ignored. A handler here is reset to the default in every child instead.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
