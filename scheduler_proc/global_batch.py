@@ -99,8 +99,11 @@ class BatchTargets:
 
 
     def prefill_tokens(self, lengths: LengthStats, dense: int) -> int:
-        """Of a step of `dense` tokens, the prefill share: prompt / (prompt + output) of it, in whole tiles; about
-        R x prompt / output with the margin, the prefill that replaces the R / output requests finishing each step."""
+        """Of a step of `dense` tokens, the prefill share: prompt / (prompt + output) of it without D's margin, in
+        whole tiles (rounded up: the only slack); about R x prompt / output, the prefill that replaces the R / output
+        requests finishing each step. With the margin, a cold start fills the running set in 10 % fewer steps than
+        an output takes and those requests finish closer together (measured on the scheduler: more decode-only
+        steps at equal lengths; H200 results in BENCHMARKS.md are with this share)."""
         prompt, output = lengths.mean_prompt(), lengths.mean_output()
         if prompt is None or not output:
             return dense
@@ -136,9 +139,12 @@ class PoolForecast:
     started, so when it ends is unknown). Never below what the requests will hold while their lengths stay within
     the prediction, so admitting up to the forecast never has to preempt."""
 
-    def __init__(self, running: list, lengths: LengthStats, max_model_len: int, page_size: int):
+    def __init__(self, running: list, lengths: LengthStats, max_model_len: int, page_size: int, num_free: int,
+                 running_pages: int):
+        """running_pages: the distinct pages the running requests hold (at most: shared prefix pages once)."""
         self.page_size, self.lengths, self.max_model_len = page_size, lengths, max_model_len
-        self.fixed = self.final_total = 0
+        self.num_free, self.running_pages = num_free, running_pages
+        self.fixed = self.final_total = self.held = 0
         self.decoding = []  # (steps left, tokens now plus the margin, final pages)
         for r in running:  # (runs every step over up to ~1,000 requests: kept to plain arithmetic)
             now = len(r.prompt_ids) + len(r.output_ids)
@@ -146,7 +152,10 @@ class PoolForecast:
                 predicted_tokens(r, lengths, max_model_len)
             most = -(-final // page_size)
             self.final_total += most
-            if now - r.num_computed > 1:
+            self.held += len(r.pages)
+            # Still prefilling, or without max_tokens (its end is a guess: it may run on), it is counted at its
+            # final size until it is gone, never as freeing its pages at a forecast finish.
+            if now - r.num_computed > 1 or not r.max_tokens_given:
                 self.fixed += most
             else:
                 self.decoding.append((max(0, final - now), now + FORECAST_MARGIN_TOKENS, most))
@@ -167,12 +176,17 @@ class PoolForecast:
                 self._decoding_peak = max(self._decoding_peak, min(grown, final_pages))
         return self.fixed + self._decoding_peak
 
-    def fits(self, r: Request, available: int) -> bool:
-        """Whether the pool (`available` pages for the running requests) holds r too at the forecast peak."""
+    def fits(self, r: Request) -> bool:
+        """Whether the pool holds r too at the forecast peak."""
         need = self.pages_at_most(r)
-        # every request at its final size at once is the bound the forecast only tightens: when it fits, the
-        # forecast is not needed (a pool far from full pays no sort per step)
-        return self.final_total + need <= available or self.peak + need <= available
+        # Every request at its final size at once is the bound the forecast only tightens: when it fits, the
+        # forecast is not needed (a pool far from full pays no sort per step). Each request grows private pages
+        # only, so the pages it holds now, shared prefix pages too, are its own to count here.
+        if self.final_total + need <= self.num_free + self.held:
+            return True
+        # The peak sums each request's own pages, but a finished request leaves its shared prefix pages to the
+        # others: only the pages physically held now come back.
+        return self.peak + need <= self.num_free + self.running_pages
 
     def add(self, r: Request) -> None:
         """Count a newly admitted request (still to prefill)."""

@@ -41,6 +41,7 @@ class Scheduler:
         self.running: list = []  # oldest first: preemption takes from the end
         self.steps_in_flight: dict = {}  # step_id -> InFlightStep
         self.to_release: list = []  # finished rids whose worker-side state can go
+        self.draining: set = set()  # finished requests whose pages wait for their in-flight steps
         self.unreported: list = []  # updates decided while scheduling (not from a step result)
         self.step_ids = itertools.count()
         self.total_preemptions = 0
@@ -109,8 +110,10 @@ class Scheduler:
         # them back would only end the last of them later.
         saturated = len(self.running) + len(self.waiting) > \
             self.targets.capacity(self.lengths, self.pool_tokens, self.micro_batches)
+        # nothing decoding yet (a cold start): nothing to pace against, the whole D
+        decoding = any(r.num_tokens - r.num_computed <= 1 for r in self.running)
         step = _StepDraft(self._seq_cap(), self.targets.max_num_batched_tokens, dense,
-                          self.targets.prefill_tokens(self.lengths, dense) if saturated else dense)
+                          self.targets.prefill_tokens(self.lengths, dense) if saturated and decoding else dense)
         self._schedule_running(step)
         self._admit(step)
         if not step.chunks and not self.to_release:
@@ -129,7 +132,7 @@ class Scheduler:
                     if decodes and self._can_chain(r) and step.room(True) > 0 and \
                             (not step.blocked or self._fits(r, r.num_computed + 1)) and \
                             self.blocks.grow(r, r.num_computed + 1):
-                        step.add(r, r.num_computed, r.num_computed + 1, 1)
+                        step.add(r, r.num_computed, r.num_computed + 1, 1, decode=True)
                     continue
                 left = r.num_tokens - r.num_computed
                 if (left == 1) != decodes:
@@ -141,7 +144,7 @@ class Scheduler:
                 if not self._make_room(r, end, step.scheduled):
                     step.blocked = True
                     continue
-                step.add(r, r.num_computed, end, 0)
+                step.add(r, r.num_computed, end, 0, decode=decodes)
 
     def _admit(self, step: "_StepDraft") -> None:
         """Waiting requests, first come first served, while the running set is below its target, the step has
@@ -163,9 +166,12 @@ class Scheduler:
                     self.blocks.drop_pages(r)
                     return
             if forecast is None:
-                forecast = PoolForecast(self.running, self.lengths, self.max_model_len, self.blocks.page_size)
-                available = self.blocks.num_free + sum(len(x.pages) for x in self.running)
-            if self.running and not forecast.fits(r, available):
+                # pages the running requests hold, each once: the used ones less those of finished requests
+                # whose steps are still in flight (a page shared with a running request counts as theirs)
+                running_pages = self.blocks.num_used - sum(len(d.pages) for d in self.draining)
+                forecast = PoolForecast(self.running, self.lengths, self.max_model_len, self.blocks.page_size,
+                                        self.blocks.num_free, running_pages)
+            if self.running and not forecast.fits(r):
                 self.blocks.drop_pages(r)  # the pool cannot hold it at its predicted size: admit less
                 return
             end = min(r.num_tokens, r.num_computed + step.room(False))
@@ -188,7 +194,7 @@ class Scheduler:
             r.status = Status.RUNNING
             self.running.append(r)
             forecast.add(r)
-            step.add(r, r.num_computed, end, 0)
+            step.add(r, r.num_computed, end, 0, decode=False)
             if filling is not None:
                 filling.update(self.blocks.filled_keys(r, r.num_computed, end, 0))
 
@@ -305,8 +311,11 @@ class Scheduler:
             self.lengths.finished(len(r.output_ids))
         if not r.in_flight:
             self._release(r)
+        else:
+            self.draining.add(r)
 
     def _release(self, r: Request) -> None:
+        self.draining.discard(r)
         self.blocks.drop_pages(r)
         del self.requests[r.rid]
         if r.params_sent:
@@ -361,15 +370,13 @@ class _StepDraft:
     def room(self, decode: bool) -> int:
         if decode:
             return self.cap - self.used
-        if not self.decodes:  # nothing to pace against: the whole dense budget
-            return self.dense - self.used
         return min(self.dense - self.used, self.prefill - self.prefill_used)
 
-    def add(self, r: Request, start: int, end: int, pending: int) -> None:
+    def add(self, r: Request, start: int, end: int, pending: int, decode: bool) -> None:
         self.chunks.append((r, start, end, pending))
         self.scheduled.add(r)
         self.used += end - start
-        if end - start == 1:  # a decode, chained on an in-flight step's token or not
+        if decode:
             self.decodes += 1
         else:
             self.prefill_used += end - start
