@@ -97,13 +97,12 @@ class BatchTargets:
         auto = -(-int(running * (1 + prompt / output) * DENSE_MARGIN) // DENSE_ROUND) * DENSE_ROUND
         return max(min(cap, 4 * self.page_size), min(cap, auto))
 
-
     def prefill_tokens(self, lengths: LengthStats, dense: int) -> int:
-        """Of a step of `dense` tokens, the prefill share: prompt / (prompt + output) of it without D's margin, in
-        whole tiles (rounded up: the only slack); about R x prompt / output, the prefill that replaces the R / output
-        requests finishing each step. With the margin, a cold start fills the running set in 10 % fewer steps than
-        an output takes and those requests finish closer together (measured on the scheduler: more decode-only
-        steps at equal lengths; H200 results in BENCHMARKS.md are with this share)."""
+        """Of a step of `dense` tokens, the prefill share: prompt / (prompt + output) of it with D's margin taken
+        off, in whole tiles (rounded up: the only slack), i.e. about R x prompt / output, the prefill that replaces
+        the R / output requests finishing each step. With the margin left on, a cold start fills the running set in
+        ~10 % fewer steps than an output takes and those requests finish closer together: offline-1024-512 on the
+        H200's pool, driven against a stand-in worker, had 804 decode-only steps instead of 652."""
         prompt, output = lengths.mean_prompt(), lengths.mean_output()
         if prompt is None or not output:
             return dense

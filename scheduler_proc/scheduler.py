@@ -352,14 +352,13 @@ class _StepDraft:
     prefill share of it while requests are decoding (the pace at which requests finish and are replaced; faster, a
     cold start fills the running set in fewer steps than an output takes, and those requests finish together)."""
 
-    __slots__ = ("chunks", "scheduled", "blocked", "used", "prefill_used", "decodes", "max_seqs", "cap", "dense",
-                 "prefill")
+    __slots__ = ("chunks", "scheduled", "blocked", "used", "prefill_used", "max_seqs", "cap", "dense", "prefill")
 
     def __init__(self, max_seqs: int, cap: int, dense: int, prefill: int):
         self.chunks: list = []
         self.scheduled: set = set()
         self.blocked = False  # an older request waits for pages: newer ones take none before it
-        self.used = self.prefill_used = self.decodes = 0
+        self.used = self.prefill_used = 0
         self.max_seqs, self.cap, self.dense = max_seqs, cap, min(dense, cap)
         self.prefill = min(prefill, self.dense)
 
@@ -376,7 +375,5 @@ class _StepDraft:
         self.chunks.append((r, start, end, pending))
         self.scheduled.add(r)
         self.used += end - start
-        if decode:
-            self.decodes += 1
-        else:
+        if not decode:
             self.prefill_used += end - start
