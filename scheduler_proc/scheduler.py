@@ -106,14 +106,13 @@ class Scheduler:
 
     def schedule(self) -> Optional[StepPlan]:
         dense = self.targets.dense_tokens(self.lengths, self.pool_tokens)
-        # Prefill is paced only when the running set will fill up: if every waiting request fits now, holding
-        # them back would only end the last of them later.
-        saturated = len(self.running) + len(self.waiting) > \
-            self.targets.capacity(self.lengths, self.pool_tokens, self.micro_batches)
-        # nothing decoding yet (a cold start): nothing to pace against, the whole D
-        decoding = any(r.num_tokens - r.num_computed <= 1 for r in self.running)
+        # Prefill is paced only when the running set will fill up (if every waiting request fits now, holding
+        # them back would only end the last of them later) and something decodes (a cold start takes the whole D).
+        paced = len(self.running) + len(self.waiting) > \
+            self.targets.capacity(self.lengths, self.pool_tokens, self.micro_batches) and \
+            any(r.num_tokens - r.num_computed <= 1 for r in self.running)
         step = _StepDraft(self._seq_cap(), self.targets.max_num_batched_tokens, dense,
-                          self.targets.prefill_tokens(self.lengths, dense) if saturated and decoding else dense)
+                          self.targets.prefill_tokens(self.lengths, dense) if paced else dense)
         self._schedule_running(step)
         self._admit(step)
         if not step.chunks and not self.to_release:

@@ -129,9 +129,12 @@ PY
 )")
 }
 
+snapshot_results() {  # written aside, then renamed: a call cut off mid-write still has the previous one
+  tar czf "$FINAL_OUT/.results.tgz" -C "$OUT" . 2> /dev/null && mv "$FINAL_OUT/.results.tgz" "$FINAL_OUT/results.tgz"
+}
+
 # A call cut off at its limit still brings back what it did: results.tgz is refreshed every 20 s.
-( while sleep 20; do tar czf "$FINAL_OUT/.results.tgz" -C "$OUT" . 2> /dev/null && \
-    mv "$FINAL_OUT/.results.tgz" "$FINAL_OUT/results.tgz"; done ) &
+( while sleep 20; do snapshot_results; done ) &
 SNAPSHOTS_PID=$!
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 restore_jit_cache
@@ -295,11 +298,11 @@ for mode in $MODES; do
       summary+=("decode-bs1: $(tail -1 "$OUT/decode-bs1.log")")
       ;;
   esac
-  tar czf "$FINAL_OUT/.results.tgz" -C "$OUT" . && mv "$FINAL_OUT/.results.tgz" "$FINAL_OUT/results.tgz"  # after every mode, so a run cut off at its limit keeps what it did
+  snapshot_results  # after every mode too
 done
 [ -n "${NANOSLG_FI_JIT_CACHE:-}" ] && [ -d "$NANOSLG_FI_JIT_CACHE" ] && [ ! -f .fi-cache.txz ] && \
   tar czf "$FINAL_OUT/fi-ops.tgz" -C "$NANOSLG_FI_JIT_CACHE" .
 kill $SNAPSHOTS_PID 2> /dev/null; wait $SNAPSHOTS_PID 2> /dev/null
-tar czf "$FINAL_OUT/results.tgz" -C "$OUT" .
+snapshot_results
 echo "================ summary ================"
 printf '%s\n' "${summary[@]}"
