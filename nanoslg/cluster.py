@@ -108,6 +108,6 @@ def config_digest(cfg: EngineConfig) -> str:
     """What every node must agree on: the model's shape and every engine setting except where a node keeps its
     files and how it logs. Two nodes that differ would split the model wrongly."""
     local = {"model", "tokenizer", "run_dir", "node_rank", "log_level", "cluster_secret_file", "startup_timeout_s",
-             "node_join_timeout_s", "tuned_config", "tuned_config_path"}
+             "node_join_timeout_s", "tuned_config", "tuned_config_path", "client_inboxes"}
     shared = {k: v for k, v in cfg.to_dict().items() if k not in local}
     return hashlib.sha256(repr(sorted(shared.items())).encode()).hexdigest()[:16]

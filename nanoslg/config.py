@@ -64,6 +64,9 @@ class EngineConfig:
     startup_timeout_s: float = 600.0
     log_level: str = "warning"
     log_format: str = "text"  # text | json (one object per line)
+    # The inboxes (ipc addresses) of the API-server processes after the first (`serve --api-server-count`):
+    # GenerateRequest.client k > 0 gets its outputs at client_inboxes[k - 1], client 0 at the run dir's.
+    client_inboxes: list = dataclasses.field(default_factory=list)
     # Filled in by resolve(); never set these by hand.
     model_spec: Optional[ModelSpec] = None
     device_name: str = ""  # "cpu" or the GPU's name, the key of tuned configs

@@ -88,11 +88,19 @@ class GenerateRequest:
     messages: Optional[list] = None  # chat conversation, rendered with the model's chat template
     chat_template_kwargs: Optional[dict] = None
     echo: bool = False  # send the prompt's text back with the first delta
+    client: int = 0  # the API-server process that sent it, which gets its outputs (EngineConfig.client_inboxes)
 
 
 @message
 class AbortRequest:
     rid: str
+
+
+@message
+class ClientReset:
+    """An API-server process (re)started: the requests it sent before are nobody's now, so they are aborted."""
+
+    client: int
 
 
 @message
@@ -229,6 +237,20 @@ class DebugProfile:
 
     kind: str
     shapes: dict
+
+
+# ---------------------------------------------------------------- the API server's first process -> the others
+@message
+class ServerState:
+    """Published by the process that owns the engine to the other API-server processes on every change and twice a
+    second: state (running, restarting, draining, stopped), the engine's run directory (it changes on a restart),
+    why it is down, the restarts so far and the pids of the server's processes by name (for /metrics)."""
+
+    state: str
+    run_dir: str
+    detail: str = ""
+    num_restarts: int = 0
+    pids: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- codec

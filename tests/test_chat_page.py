@@ -44,13 +44,14 @@ def _png_size(path: str) -> tuple[int, int]:
     return struct.unpack(">II", head[16:24])
 
 
-def test_chat_page_streams_a_reply(tiny_chat_model):
+@pytest.mark.parametrize("api_servers", ["1", "2"], ids=["1api", "2api"])
+def test_chat_page_streams_a_reply(tiny_chat_model, api_servers):
     assert not MISSING, "CI must install the browser test's tools: missing " + ", ".join(MISSING)
     os.makedirs(os.path.dirname(SCREENSHOT), exist_ok=True)
     if os.path.exists(SCREENSHOT):
         os.remove(SCREENSHOT)
 
-    with Server(tiny_chat_model, "--max-model-len", "1024") as srv:
+    with Server(tiny_chat_model, "--max-model-len", "1024", "--api-server-count", api_servers) as srv:
         proc = subprocess.run(["node", SCRIPT, srv.url, SCREENSHOT], cwd=BROWSER_DIR,
                               capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, f"chat_page.mjs exited {proc.returncode}\n{proc.stderr}\n{proc.stdout}"

@@ -107,10 +107,13 @@ def complete(url: str, prompt: str) -> str:
 
 
 LONG = {"prompt": "tell me a long story", "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
+# The same life with one API-server process and with two (the second follows the first's engine)
+API_SERVERS = pytest.mark.parametrize("api_servers", ["1", "2"], ids=["1api", "2api"])
 
 
-def test_engine_heals_after_each_process_dies_then_a_crash_loop_ends_the_server(tiny_chat_model):
-    with Server(tiny_chat_model, "--max-model-len", "1024") as srv:
+@API_SERVERS
+def test_engine_heals_after_each_process_dies_then_a_crash_loop_ends_the_server(tiny_chat_model, api_servers):
+    with Server(tiny_chat_model, "--max-model-len", "1024", "--api-server-count", api_servers) as srv:
         reference = complete(srv.url, "The capital of France")
         for victim in ("worker", "scheduler", "tokenizer"):
             before = children(srv.proc.pid)
@@ -146,8 +149,9 @@ def test_engine_heals_after_each_process_dies_then_a_crash_loop_ends_the_server(
         assert not any(alive(p) for p in last.values())
 
 
-def test_no_restart_exits_at_the_first_death(tiny_chat_model):
-    with Server(tiny_chat_model, "--max-model-len", "256", "--no-restart") as srv:
+@API_SERVERS
+def test_no_restart_exits_at_the_first_death(tiny_chat_model, api_servers):
+    with Server(tiny_chat_model, "--max-model-len", "256", "--no-restart", "--api-server-count", api_servers) as srv:
         procs = children(srv.proc.pid)
         os.kill(procs["scheduler"], signal.SIGKILL)
         assert srv.proc.wait(30) == 1
@@ -171,8 +175,10 @@ def test_sigterm_during_a_restart_stops_the_engine_being_started(tiny_chat_model
         assert not any(alive(p) for p in {**first, **starting}.values())
 
 
-def test_sigterm_drains_running_streams_then_exits_0(tiny_chat_model):
-    with Server(tiny_chat_model, "--max-model-len", "1024", "--shutdown-timeout", "25") as srv:
+@API_SERVERS
+def test_sigterm_drains_running_streams_then_exits_0(tiny_chat_model, api_servers):
+    with Server(tiny_chat_model, "--max-model-len", "1024", "--shutdown-timeout", "25", "--api-server-count",
+                api_servers) as srv:
         procs = children(srv.proc.pid)
         body = {**LONG, "max_tokens": 300}  # a few seconds for 8 streams: still running at the signal
         refused = {}
@@ -200,8 +206,10 @@ def test_sigterm_drains_running_streams_then_exits_0(tiny_chat_model):
     ([signal.SIGTERM], "1", "shutting down"),  # the drain times out: the rest are aborted
     ([signal.SIGINT, signal.SIGINT], "60", "stopping"),  # a second signal stops at once, long before the timeout
 ], ids=["drain-timeout", "second-sigint"])
-def test_unfinished_streams_end_with_an_error_event(tiny_chat_model, signals, shutdown_timeout, error):
-    with Server(tiny_chat_model, "--max-model-len", "2048", "--shutdown-timeout", shutdown_timeout) as srv:
+@API_SERVERS
+def test_unfinished_streams_end_with_an_error_event(tiny_chat_model, signals, shutdown_timeout, error, api_servers):
+    with Server(tiny_chat_model, "--max-model-len", "2048", "--shutdown-timeout", shutdown_timeout,
+                "--api-server-count", api_servers) as srv:
         procs = children(srv.proc.pid)
         body = {**LONG, "max_tokens": 2000}
 

@@ -12,9 +12,11 @@ from server_utils import Server
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_chat_model):
-    with Server(tiny_chat_model, "--max-model-len", "512", "--served-model-name", "tiny") as srv:
+@pytest.fixture(scope="module", params=["1", "2"], ids=["1api", "2api"])
+def server(tiny_chat_model, request):
+    """One server per API-server count: every test runs against one process and against two."""
+    with Server(tiny_chat_model, "--max-model-len", "512", "--served-model-name", "tiny", "--api-server-count",
+                request.param) as srv:
         yield srv
 
 

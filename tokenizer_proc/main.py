@@ -14,12 +14,16 @@ import zmq
 from nanoslg import ipc
 from nanoslg.config import EngineConfig
 from nanoslg.logs import setup_logging
-from nanoslg.protocol import (AbortRequest, GenerateRequest, OutputBatch, OutputDelta, ProtocolError, Shutdown,
-                              TokenBatch, TokenizedRequest, token_ids)
+from nanoslg.protocol import (AbortRequest, ClientReset, GenerateRequest, OutputBatch, OutputDelta, ProtocolError,
+                              Shutdown, TokenBatch, TokenizedRequest, token_ids)
 from nanoslg.sampling_params import SamplingParams
 from tokenizer_proc.detokenizer import IncrementalDetokenizer, StopStringMatcher
 
 log = logging.getLogger("nanoslg.tokenizer")
+
+# Outputs queued for an API-server process that is gone (or restarting) before they are dropped: it aborts what it
+# sent on its return, and a live one this far behind has lost its clients' streams anyway.
+CLIENT_QUEUE_LIMIT = 10000
 
 
 class RequestError(ValueError):
@@ -61,6 +65,7 @@ class Stream:
     stop_token_ids: frozenset
     prompt_ids: object  # array('i'), sent with the first delta
     prompt_text: Optional[str]  # for echo
+    client: int = 0  # the API-server process that gets its outputs
     first: bool = True
 
 
@@ -73,8 +78,15 @@ class TokenizerProcess:
         ctx = zmq.Context()
         self.inbox = ipc.pull(ctx, cfg.run_dir, ipc.TOKENIZER)
         self.to_scheduler = ipc.push(ctx, cfg.run_dir, ipc.SCHEDULER)
-        self.to_client = ipc.push(ctx, cfg.run_dir, ipc.CLIENT)
-        self.streams: dict = {}
+        self.to_clients = [ipc.push(ctx, cfg.run_dir, ipc.CLIENT)]
+        for address in cfg.client_inboxes:
+            sock = ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, CLIENT_QUEUE_LIMIT)
+            sock.connect(address)
+            self.to_clients.append(sock)
+        self.streams: dict[str, Stream] = {}
+        self._dropped = 0
 
     def run(self, ready) -> None:
         ready({"eos_token_ids": self.eos_ids, "has_tokenizer": self.tokenizer is not None})
@@ -91,27 +103,49 @@ class TokenizerProcess:
             elif isinstance(msg, AbortRequest):
                 if self.streams.pop(msg.rid, None) is not None:
                     ipc.send(self.to_scheduler, msg)
+            elif isinstance(msg, ClientReset):
+                gone = [rid for rid, s in self.streams.items() if s.client == msg.client]
+                for rid in gone:
+                    del self.streams[rid]
+                    ipc.send(self.to_scheduler, AbortRequest(rid))
+                if gone:
+                    log.warning("API server %d restarted: aborted its %d requests", msg.client, len(gone))
             elif isinstance(msg, Shutdown):
                 return
             else:
                 log.warning("unexpected %s on the tokenizer inbox", type(msg).__name__)
 
+    def _send(self, client: int, batch: OutputBatch) -> None:
+        if client == 0:  # the process that owns the engine: it lives exactly as long as this one
+            ipc.send(self.to_clients[0], batch)
+            return
+        try:
+            ipc.send(self.to_clients[client], batch, zmq.NOBLOCK)
+        except zmq.Again:
+            self._dropped += 1
+            if self._dropped & (self._dropped - 1) == 0:  # 1, 2, 4, ...: the log stays readable
+                log.warning("API server %d takes no outputs (gone or far behind): %d batches dropped", client,
+                            self._dropped)
+
     # ------------------------------------------------------------------ inbound
     def _on_request(self, req: GenerateRequest) -> None:
+        if not 0 <= req.client < len(self.to_clients):
+            log.warning("dropped request %s from unknown API server %d", req.rid, req.client)
+            return
         try:
             if req.rid in self.streams:
                 raise RequestError(f"request id {req.rid!r} is already in use")
             params = SamplingParams.from_dict(req.params)
             prompt_ids = self._tokenize(req)
         except (ValueError, TypeError) as e:
-            ipc.send(self.to_client, OutputBatch([OutputDelta(req.rid, finish_reason="rejected", error=str(e))]))
+            self._send(req.client, OutputBatch([OutputDelta(req.rid, finish_reason="rejected", error=str(e))]))
             return
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_ids))
         detok = None
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, list(prompt_ids), params.skip_special_tokens)
         self.streams[req.rid] = Stream(detok, StopStringMatcher(params.stop, params.include_stop_str_in_output),
-                                       frozenset(stop_ids), prompt_ids, self._prompt_text(req, prompt_ids))
+                                       frozenset(stop_ids), prompt_ids, self._prompt_text(req, prompt_ids), req.client)
         ipc.send(self.to_scheduler, TokenizedRequest(req.rid, prompt_ids, params.to_dict(), sorted(stop_ids)))
 
     def _prompt_text(self, req: GenerateRequest, prompt_ids) -> Optional[str]:
@@ -165,11 +199,13 @@ class TokenizerProcess:
 
     # ------------------------------------------------------------------ outbound
     def _on_tokens(self, batch: TokenBatch) -> None:
-        deltas = []
+        """One OutputBatch per API-server process per step, with all of its requests' deltas."""
+        by_client: dict[int, list[OutputDelta]] = {}
         for u in batch.updates:
             stream = self.streams.get(u.rid)
             if stream is None:
                 continue  # aborted by its client while tokens were in flight
+            deltas = by_client.setdefault(stream.client, [])
             if u.error is not None:
                 del self.streams[u.rid]
                 deltas.append(OutputDelta(u.rid, finish_reason=u.finish_reason or "error", error=u.error))
@@ -193,8 +229,8 @@ class TokenizerProcess:
             stream.first = False
             if finish is not None:
                 del self.streams[u.rid]
-        if deltas:
-            ipc.send(self.to_client, OutputBatch(deltas))
+        for client, deltas in by_client.items():
+            self._send(client, OutputBatch(deltas))
 
 
 def main() -> None:

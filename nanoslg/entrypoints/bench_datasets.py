@@ -53,7 +53,8 @@ class BenchRequest:
 
 
 def make_requests(dataset: str, endpoint: str, num_prompts: int, input_len: int, output_len: int, seed: int,
-                  max_model_len: Optional[int] = None, range_ratio: float = 0.0) -> list:
+                  max_model_len: Optional[int] = None, range_ratio: float = 0.0,
+                  token_id_range: tuple = TOKEN_ID_RANGE) -> list:
     """range_ratio (vLLM's --random-range-ratio): random lengths drawn uniformly from [len x (1 - r), len x (1 + r)]
     instead of exactly len."""
     rng = np.random.default_rng(seed)
@@ -72,7 +73,7 @@ def make_requests(dataset: str, endpoint: str, num_prompts: int, input_len: int,
     requests = []
     for n_in, n_out in lengths:
         if endpoint == "completions":
-            prompt = rng.integers(*TOKEN_ID_RANGE, size=n_in).tolist()
+            prompt = rng.integers(*token_id_range, size=n_in).tolist()
         else:
             prompt = " ".join(WORDS[i] for i in rng.integers(0, len(WORDS), size=n_in))
         requests.append(BenchRequest(prompt, n_in, n_out))

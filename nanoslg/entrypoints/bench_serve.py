@@ -19,6 +19,7 @@ from typing import Optional
 import numpy as np
 
 from nanoslg.entrypoints.bench_breakdown import breakdown, format_breakdown, scrape
+from nanoslg.entrypoints.bench_clients import client_report, send_from_processes, send_share
 from nanoslg.entrypoints.bench_datasets import (TOKEN_ID_RANGE, BenchRequest, format_turns, make_conversations,
                                                 make_requests, range_ratio_arg, run_conversations, ttft_by_turn)
 
@@ -53,7 +54,7 @@ def add_bench_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "(return_token_ids): drives a server with dummy weights and no tokenizer")
     parser.add_argument("--turns", type=int, default=4, help="multi-turn: turns per conversation")
     parser.add_argument("--token-id-range", type=int, nargs=2, default=list(TOKEN_ID_RANGE), metavar=("LOW", "HIGH"),
-                        help="multi-turn: prompt token ids are drawn from [LOW, HIGH)")
+                        help="token-id prompts (--prompt-ids, multi-turn) are drawn from [LOW, HIGH)")
     parser.add_argument("--system-prompt-len", type=int, default=2000, help="multi-turn: shared system prompt tokens")
     parser.add_argument("--num-prompts", type=int, default=100)
     parser.add_argument("--input-len", type=int, default=128, help="prompt tokens per request (random)")
@@ -63,6 +64,9 @@ def add_bench_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-rate", type=float, default=float("inf"),
                         help="requests/s with Poisson arrivals (default inf: send all at once)")
     parser.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
+    parser.add_argument("--client-processes", type=int, default=1,
+                        help="send from this many processes (request i from process i %% N), so the client is not "
+                             "what limits a fast server; the CPU each one used is reported (not with multi-turn)")
     parser.add_argument("--num-warmups", type=int, default=1,
                         help="unrecorded requests sent first; if all of them fail the run stops (default 1)")
     parser.add_argument("--seed", type=int, default=0)
@@ -155,12 +159,6 @@ async def run_requests(args, model: str, requests: list, headers: dict, conversa
             body["prompt"] = req.prompt
         return body
 
-    async def one(i: int, client, t0: float) -> None:
-        await asyncio.sleep(max(0.0, t0 + offsets[i] - time.perf_counter()))
-        async with (limit or contextlib.nullcontext()):
-            await send_request(client, url, payload(requests[i]), chat, results[i], t0)
-
-    # No connection-pool cap beyond our own: httpx's default of 100 would silently queue requests and inflate TTFT.
     limits = httpx.Limits(max_connections=args.max_concurrency, max_keepalive_connections=args.max_concurrency)
     async with httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(600.0), limits=limits) as client:
         # The client's first request pays one-off setup (lazy imports, first connection) that would otherwise
@@ -173,18 +171,24 @@ async def run_requests(args, model: str, requests: list, headers: dict, conversa
         await asyncio.gather(*(send_request(client, url, payload(requests[i]), chat, w, 0.0)
                                for i, w in enumerate(warmups)))
         if warmups and not any(w.success for w in warmups):
-            return results, 0.0, warmups[0].error, {}
+            return results, 0.0, warmups[0].error, {}, []
         server_before = await scrape(client, args.base_url)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         if conversations is not None:
             results = await _conversations(args, conversations, client, url, payload, limit, t0)
+            cpu = [time.process_time() - cpu0]
+        elif args.client_processes > 1:
+            _, cpu = await asyncio.to_thread(send_from_processes, args.client_processes, url,
+                                             [payload(r) for r in requests], offsets, results, headers,
+                                             args.max_concurrency, chat, send_request)
         else:
-            await asyncio.gather(*(one(i, client, t0) for i in range(len(requests))))
+            cpu = [await send_share(url, [payload(r) for r in requests], offsets, results, headers,
+                                    args.max_concurrency, chat, t0, send_request)]
         duration = time.perf_counter() - t0
         server_after = await scrape(client, args.base_url)
     ok_ttfts = [r.ttft for r in results if r.success]
     mean_ttft_ms = 1000 * sum(ok_ttfts) / len(ok_ttfts) if ok_ttfts else 0.0
-    return results, duration, "", breakdown(server_before, server_after, duration, mean_ttft_ms)
+    return results, duration, "", breakdown(server_before, server_after, duration, mean_ttft_ms), cpu
 
 
 async def _conversations(args, conversations: tuple, client, url: str, payload, limit, t0: float) -> list:
@@ -315,6 +319,10 @@ def run_bench_serve(args) -> int:
         print("error: the server lists no models; pass --model", file=sys.stderr)
         return 1
 
+    if args.client_processes < 1 or (args.client_processes > 1 and args.dataset == "multi-turn"):
+        print("error: --client-processes must be >= 1, and 1 with the multi-turn dataset (a conversation's turns "
+              "wait for each other)", file=sys.stderr)
+        return 2
     conversations = None
     if args.dataset == "multi-turn":  # token ids through /v1/completions; the first turns make the warm-up
         args.prompt_ids, args.endpoint = True, "completions"
@@ -324,17 +332,21 @@ def run_bench_serve(args) -> int:
                     for u in users]
     else:
         requests = make_requests(args.dataset, args.endpoint, args.num_prompts, args.input_len, args.output_len,
-                                 args.seed, max_model_len, args.random_range_ratio)
+                                 args.seed, max_model_len, args.random_range_ratio, tuple(args.token_id_range))
     rate = "inf" if math.isinf(args.request_rate) else f"{args.request_rate:g} req/s"
     print(f"Benchmarking {model} at {args.base_url} ({args.endpoint}): {len(requests)} {args.dataset} prompts, "
           f"request rate {rate}, max concurrency {args.max_concurrency or 'unlimited'}", flush=True)
-    results, duration, warmup_error, server = asyncio.run(run_requests(args, model, requests, headers,
-                                                                       conversations))
+    results, duration, warmup_error, server, client_cpu = asyncio.run(run_requests(args, model, requests, headers,
+                                                                                   conversations))
     if warmup_error:
         print(f"error: the warm-up request failed: {' '.join(warmup_error.split())}", file=sys.stderr)
         return 1
     metrics = compute_metrics(results, duration)
+    metrics["client_busy"], saturated = client_report(client_cpu, duration)
     print(format_summary(metrics), flush=True)
+    print(f"Client processes busy: {', '.join(f'{b:.0%}' for b in metrics['client_busy'])}", flush=True)
+    if saturated:
+        print(saturated, file=sys.stderr, flush=True)
     metrics["server_breakdown"] = server
     if server:
         print(format_breakdown(server), flush=True)

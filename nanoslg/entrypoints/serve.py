@@ -1,9 +1,12 @@
-"""`nanoslg serve`: start the engine, then the HTTP server in this process."""
+"""`nanoslg serve`: start the engine, then the HTTP server in this process and, with --api-server-count N, in N - 1
+more processes on the same listening socket (nanoslg/server/api_servers.py)."""
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
+import tempfile
 
 from nanoslg.engine_args import add_engine_arguments, engine_config_from_args
 from nanoslg.logs import setup_logging
@@ -31,10 +34,13 @@ def add_serve_arguments(parser) -> None:
                    help="exit when an engine process dies instead of restarting the engine (it restarts up to "
                         "3 times within 5 minutes, then exits non-zero)")
     g.add_argument("--max-body-mb", type=float, default=8.0, help="largest accepted request body")
+    g.add_argument("--api-server-count", type=int, default=None,
+                   help="HTTP server processes on the port, each with its own link to the engine (default: one per "
+                        "4 cores left by the engine's processes, 1 to 8); the queue limits are shared among them")
 
 
 def run_serve(args) -> int:
-    from nanoslg.launcher import EngineStartupError, run_worker_node
+    from nanoslg.launcher import run_worker_node
 
     cfg = engine_config_from_args(args)
     setup_logging(cfg.log_level, cfg.log_format)
@@ -49,29 +55,67 @@ def run_serve(args) -> int:
         return 2
     if cfg.node_rank > 0:  # a worker node runs no HTTP server (and needs none of its packages)
         return run_worker_node(cfg)
+    from nanoslg.server.api_servers import default_api_server_count
+
+    count = args.api_server_count
+    if count is None:
+        count = default_api_server_count(2 + len(cfg.local_ranks))  # the tokenizer, the scheduler, the workers
+    if count < 1:
+        print(f"nanoslg serve: --api-server-count must be >= 1, got {count}", file=sys.stderr)
+        return 2
+    server_dir = tempfile.mkdtemp(prefix="nanoslg-api-")  # mode 0700, outlives engine restarts
+    try:
+        return _serve(args, cfg, count, server_dir)
+    finally:
+        shutil.rmtree(server_dir, ignore_errors=True)
+
+
+def _serve(args, cfg, count: int, server_dir: str) -> int:
+    from nanoslg.launcher import EngineStartupError
+    from nanoslg.server.api_servers import ApiServerPool, client_inbox
+
+    if count > 1:  # before prometheus-client is imported, in this process and (inherited) the others
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(server_dir, "metrics")
+        os.mkdir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+        cfg.client_inboxes = [client_inbox(server_dir, k) for k in range(1, count)]
     import uvicorn
 
     from nanoslg.server.app import ServerSettings, build_app
-    from nanoslg.server.async_engine import AsyncEngine
+    from nanoslg.server.async_engine import SupervisedEngine
     from nanoslg.server.lifecycle import DrainingServer
 
+    def share(limit: int) -> int:  # each process holds its share of a limit, rounded up
+        return -(-limit // count)
+
     try:
-        engine = AsyncEngine(cfg, args.max_queued_requests, args.max_waiting_requests, args.restart)
+        engine = SupervisedEngine(cfg, share(args.max_queued_requests), share(args.max_waiting_requests),
+                                  args.restart)
     except (ConfigError, EngineStartupError) as e:
         print(f"nanoslg serve: {e}", file=sys.stderr)
         return 1
     name = args.served_model_name or os.path.basename(os.path.normpath(engine.cfg.model))
     settings = ServerSettings(name, args.api_key, int(args.max_body_mb * 1024 * 1024), args.max_tokens_default)
-    serving = f"nanoslg: serving {name} on http://{args.host}:{args.port} (engine run dir {engine.cfg.run_dir})"
-    if cfg.log_format == "json":  # a log shipper reads JSON lines only
-        logging.getLogger("nanoslg.server").warning(serving)
-    else:
-        print(serving, file=sys.stderr, flush=True)
     # log_config=None: uvicorn's loggers go through ours (one format, --log-format json included)
     config = uvicorn.Config(build_app(engine, settings), host=args.host, port=args.port, log_config=None,
                             log_level=args.log_level, timeout_graceful_shutdown=5)
+    pool = None
     try:
-        DrainingServer(config, engine, args.shutdown_timeout).run()
+        listener = config.bind_socket()
+        if count > 1:
+            spec = {"settings": settings.to_dict(), "max_queued_requests": share(args.max_queued_requests),
+                    "max_waiting_requests": share(args.max_waiting_requests), "shutdown_timeout": args.shutdown_timeout}
+            pool = ApiServerPool(engine, count, server_dir, listener.fileno(), spec)
+            pool.spawn_all()
+        how = "--api-server-count" if args.api_server_count else f"the default for {len(os.sched_getaffinity(0))} cores"
+        serving = (f"nanoslg: serving {name} on http://{args.host}:{args.port} with {count} API-server "
+                   f"process{'es' if count > 1 else ''} ({how}; engine run dir {engine.cfg.run_dir})")
+        if cfg.log_format == "json":  # a log shipper reads JSON lines only
+            logging.getLogger("nanoslg.server").warning(serving)
+        else:
+            print(serving, file=sys.stderr, flush=True)
+        DrainingServer(config, engine, args.shutdown_timeout, peers=pool).run(sockets=[listener])
     finally:
+        if pool is not None:
+            pool.close()
         engine.close()
     return engine.exit_code

@@ -37,6 +37,9 @@ class ServerSettings:
     max_body_bytes: int = 8 * 1024 * 1024
     max_tokens_default: Optional[int] = None  # for requests that set no max_tokens; None: up to max_model_len
 
+    def to_dict(self) -> dict:
+        return {f: getattr(self, f) for f in self.__slots__}
+
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
@@ -224,11 +227,11 @@ class OpenAIServer:
         return JSONResponse({"version": nanoslg.__version__})
 
     async def metrics_endpoint(self, request: Request) -> Response:
-        self.metrics.count_restarts(self.engine.num_restarts)
         try:
-            self.metrics.update_engine_state(await self.engine.scheduler_state())
+            state: Optional[dict] = await self.engine.scheduler_state()
         except EngineUnavailable:
-            pass  # serve the counters we have; the engine gauges keep their last values
+            state = None  # serve the counters we have; the engine gauges keep their last values
+        self.metrics.engine.update(state, self.engine.num_restarts, self.engine.pids)
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def openapi(self, request: Request) -> Response:
@@ -246,6 +249,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> Starlette:
     @asynccontextmanager
     async def lifespan(app):
         engine.start()
+        await engine.ready()  # uvicorn listens only after this: another API-server process first learns the engine
         yield
         engine.close()
 

@@ -1,14 +1,15 @@
-"""The engine as the asyncio server sees it: one task reads every OutputBatch from tokenizer_proc and routes each
-delta straight to the queue of the HTTP request it belongs to; requests released unfinished (client gone, error) are
-aborted, freeing their pages.
+"""The engine as an asyncio API-server process sees it: one task reads every OutputBatch the tokenizer sends this
+process and routes each delta straight to the queue of the HTTP request it belongs to; requests released unfinished
+(client gone, error) are aborted, freeing their pages.
 
-A supervisor task watches the engine's processes. When one dies it fails every running request, stops the rest and
+In the process that owns the engine (SupervisedEngine) a supervisor task watches the engine's processes. When one dies it fails every running request, stops the rest and
 starts the engine again with the same configuration, in the background; more than `max_restarts` deaths within
 `restart_window_s` (or any death with restarts off) end the server instead, so a supervisor sees a crash loop."""
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import deque
 from typing import Callable, Optional
@@ -40,27 +41,26 @@ class TooManyChoices(ValueError):
 
 
 class AsyncEngine:
+    """One API-server process's side of the engine: its requests' routes, the queue limits, admission, aborts, the
+    drain and the scheduler's state for /metrics. Subclasses say how the engine is reached and watched: the process
+    that owns it (SupervisedEngine) or another API-server process that follows it (api_proc.FollowerEngine)."""
+
     def __init__(self, cfg: EngineConfig, max_queued_requests: int, max_waiting_requests: Optional[int] = None,
-                 restart: bool = True, max_restarts: int = 3, restart_window_s: float = 300.0):
+                 client: int = 0):
         self.ctx = zmq.asyncio.Context()
-        self.client = EngineClient(cfg, self.ctx)  # blocks until every process is READY
-        self.cfg = self.client.cfg
-        self._pristine = self.cfg.to_dict()  # what each restart starts from (a restart gets a new run_dir)
+        self.cfg = cfg
+        self.client_index = client  # which inbox the tokenizer sends this process's outputs to
         self.max_queued_requests, self.max_waiting_requests = max_queued_requests, max_waiting_requests
-        # Several nodes cannot be restarted from here: the other nodes' workers leave when node 0's engine stops.
-        self.restart = restart and cfg.nnodes == 1
-        self.max_restarts, self.restart_window_s = max_restarts, restart_window_s
         self.routes: dict = {}  # rid -> (its generation's queue, its choice index), until the rid finishes
         self.unstarted: set = set()  # admitted rids without a first delta yet: tokenizing or waiting to be scheduled
         self.state = RUNNING
-        self.restart_times: deque = deque()
         self.num_restarts = 0
         self.exit_code = 0
+        self.known_pids: dict = {}  # the server's processes by name as last told, for /metrics
         self.on_fatal: Callable[[], None] = lambda: None  # set by the HTTP server: stop serving
-        self._starting: Optional[EngineClient] = None  # an engine being restarted, until it is READY
+        self.to_tokenizer: Optional[zmq.asyncio.Socket] = None
         self._router: Optional[asyncio.Task] = None
-        self._supervisor: Optional[asyncio.Task] = None
-        self._debug = self._connect_debug()
+        self._debug: Optional[zmq.asyncio.Socket] = None
         self._debug_lock: Optional[asyncio.Lock] = None
 
     def _connect_debug(self) -> zmq.asyncio.Socket:
@@ -71,12 +71,21 @@ class AsyncEngine:
 
     def start(self) -> None:
         self._debug_lock = asyncio.Lock()
-        self._router = asyncio.get_running_loop().create_task(self._route_outputs(self.client))
-        self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
 
-    async def _route_outputs(self, client: EngineClient) -> None:
+    @property
+    def pids(self) -> dict:
+        return self.known_pids
+
+    async def ready(self) -> None:
+        """Returns once this process can answer requests (or say why not)."""
+
+    def _deaths(self) -> list:
+        """What makes this process's link to the engine unusable now (empty while it works)."""
+        raise NotImplementedError
+
+    async def _route_outputs(self, inbox: zmq.asyncio.Socket) -> None:
         while True:
-            frame = await client.inbox.recv()
+            frame = await inbox.recv()
             try:
                 msg = protocol.decode(frame)
             except protocol.ProtocolError as e:
@@ -91,8 +100,143 @@ class AsyncEngine:
                             del self.routes[d.rid]
                         route[0].put_nowait((route[1], d))
 
-    # ------------------------------------------------------------------ supervision
+    def _give_up(self, exit_code: int) -> None:
+        self.exit_code, self.state = exit_code, STOPPED
+        self.on_fatal()
+
+    def stop(self) -> None:
+        """The server is going away."""
+        self.state = STOPPED
+
+    def fail_all(self, failure: EngineUnavailable) -> None:
+        """End every running request with failure (its stream gets an error event); a live engine stops them."""
+        routes, self.routes = self.routes, {}
+        self.unstarted.clear()
+        for rid, (queue, index) in routes.items():
+            if self.state in (RUNNING, DRAINING):
+                self.to_tokenizer.send(protocol.encode(AbortRequest(rid)))
+            queue.put_nowait((index, failure))
+
+    async def drain(self, timeout_s: float) -> None:
+        """Refuse new requests, let the running ones finish for up to timeout_s, then fail the rest."""
+        if self.state == RUNNING:
+            self.state = DRAINING
+        log.warning("draining: %d requests running, waiting up to %.0f s", len(self.routes), timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while self.routes and time.monotonic() < deadline and self.state == DRAINING:
+            await asyncio.sleep(0.05)
+        if self.routes:
+            log.warning("aborting %d requests still running at shutdown", len(self.routes))
+            self.fail_all(EngineUnavailable("the server is shutting down; the request was aborted", "shutdown"))
+            await asyncio.sleep(0.1)  # let their streams send the error event before the server closes them
+
+    # ------------------------------------------------------------------ requests
+    @property
+    def healthy(self) -> bool:
+        return self.state == RUNNING and not self._deaths()
+
+    def check_room(self, num: int) -> None:
+        """Refuse num more requests while the engine is down or they would pass the queue limits."""
+        if self.state == DRAINING or self.state == STOPPED:
+            raise EngineUnavailable("the server is shutting down", "shutdown")
+        if not self.healthy:
+            raise EngineUnavailable("the engine is restarting, retry shortly" if self.state == RESTARTING else
+                                    "the engine is not running", retry_after=5)
+        largest = min(self.max_queued_requests, self.max_waiting_requests or self.max_queued_requests)
+        if num > largest:  # no retry can succeed: the client's error, not the server's
+            raise TooManyChoices(f"the request asks for {num} completions (prompts x n), more than this server "
+                                 f"runs at once ({largest})")
+        if len(self.routes) + num > self.max_queued_requests:
+            raise EngineUnavailable(f"the server has {len(self.routes)} requests in progress and this one adds "
+                                    f"{num}; its limit is {self.max_queued_requests}, retry later", retry_after=1)
+        limit = self.max_waiting_requests
+        if limit is not None and len(self.unstarted) + num > limit:
+            raise EngineUnavailable(f"the server is overloaded: {len(self.unstarted)} requests wait to start and "
+                                    f"this one adds {num} (limit {limit}); retry later", retry_after=1)
+
+    async def admit(self, reqs: list, queue: asyncio.Queue) -> None:
+        """Start reqs (all or none); request i's deltas arrive on queue as (i, delta), or (i, EngineUnavailable)."""
+        self.check_room(len(reqs))
+        for i, req in enumerate(reqs):
+            self.routes[req.rid] = (queue, i)
+            self.unstarted.add(req.rid)
+        for req in reqs:
+            req.client = self.client_index
+            await self.to_tokenizer.send(protocol.encode(req))
+
+    def release(self, reqs: list) -> None:
+        """Abort whichever of reqs have not finished (their client is gone or the request failed)."""
+        for req in reqs:
+            self.unstarted.discard(req.rid)
+            if self.routes.pop(req.rid, None) is not None and self.state in (RUNNING, DRAINING):
+                self.to_tokenizer.send(protocol.encode(AbortRequest(req.rid)))
+
+    async def scheduler_state(self) -> dict:
+        """KV and queue figures from the scheduler's debug socket (for /metrics)."""
+        if self.state not in (RUNNING, DRAINING):
+            raise EngineUnavailable("the engine is not running")
+        async with self._debug_lock:
+            if self.state not in (RUNNING, DRAINING):  # it died while this scrape waited for the lock
+                raise EngineUnavailable("the engine is not running")
+            try:
+                await self._debug.send(protocol.encode(DebugStateQuery()))
+                if not await self._debug.poll(2000):
+                    # A late reply would otherwise answer the next query: start over on a fresh socket.
+                    self._debug.close(linger=0)
+                    self._debug = self._connect_debug()
+                    raise EngineUnavailable("the scheduler did not answer")
+                reply = protocol.decode(await self._debug.recv())
+            except zmq.ZMQError as e:
+                raise EngineUnavailable(f"the scheduler cannot be asked: {e}") from None
+        return reply.state if isinstance(reply, DebugReply) else {}
+
+    def close(self) -> None:
+        self.stop()
+        if self._router is not None:
+            self._router.cancel()
+        if self._debug is not None:
+            self._debug.close(linger=0)
+
+
+class SupervisedEngine(AsyncEngine):
+    """The engine owned by this process: started here, watched by a supervisor task and restarted when one of its
+    processes dies."""
+
+    def __init__(self, cfg: EngineConfig, max_queued_requests: int, max_waiting_requests: Optional[int] = None,
+                 restart: bool = True, max_restarts: int = 3, restart_window_s: float = 300.0):
+        super().__init__(cfg, max_queued_requests, max_waiting_requests)
+        self.client = EngineClient(cfg, self.ctx)  # blocks until every process is READY
+        self.cfg = self.client.cfg
+        self._pristine = self.cfg.to_dict()  # what each restart starts from (a restart gets a new run_dir)
+        # Several nodes cannot be restarted from here: the other nodes' workers leave when node 0's engine stops.
+        self.restart = restart and cfg.nnodes == 1
+        self.max_restarts, self.restart_window_s = max_restarts, restart_window_s
+        self.restart_times: deque = deque()
+        self.last_death = ""
+        self.peer_pids: dict = {}  # the other API-server processes (ApiServerPool)
+        self._starting: Optional[EngineClient] = None  # an engine being restarted, until it is READY
+        self._supervisor: Optional[asyncio.Task] = None
+        self.to_tokenizer = self.client.to_tokenizer
+        self._debug = self._connect_debug()
+
+    def _use(self, client: EngineClient) -> None:
+        self.client, self.cfg, self.to_tokenizer = client, client.cfg, client.to_tokenizer
+        self._debug = self._connect_debug()
+        self._router = asyncio.get_running_loop().create_task(self._route_outputs(client.inbox))
+
+    def start(self) -> None:
+        super().start()
+        self._router = asyncio.get_running_loop().create_task(self._route_outputs(self.client.inbox))
+        self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
+
+    @property
+    def pids(self) -> dict:
+        """Every process of the server by name: the engine's, this one and the other API servers (peer_pids)."""
+        return {**self.client.launcher.pids, "api0": os.getpid(), **self.peer_pids}
+
     def _deaths(self) -> list:
+        if self.client.closed:
+            return ["the engine is stopped"]
         dead = self.client.launcher.dead_children()
         if not dead and self._router is not None and self._router.done():
             dead = ["the output router stopped"]
@@ -110,12 +254,9 @@ class AsyncEngine:
             log.exception("the engine supervisor failed: the server exits")
             self._give_up(1)
 
-    def _give_up(self, exit_code: int) -> None:
-        self.exit_code, self.state = exit_code, STOPPED
-        self.on_fatal()
-
     async def _on_death(self, what: str) -> None:
         log.error("engine process died: %s", what)
+        self.last_death = what
         draining, running = self.state == DRAINING, len(self.routes)
         self.state = RESTARTING
         self.fail_all(EngineUnavailable(f"the engine stopped while the request was running ({what})",
@@ -150,9 +291,7 @@ class AsyncEngine:
         if self.state == STOPPED:  # the server stopped as the engine became ready
             client.close()
             return
-        self.client, self.cfg = client, client.cfg
-        self._debug = self._connect_debug()
-        self._router = asyncio.get_running_loop().create_task(self._route_outputs(client))
+        self._use(client)
         self.num_restarts += 1
         self.state = RUNNING
         log.warning("engine restarted (run dir %s)", self.cfg.run_dir)
@@ -169,95 +308,12 @@ class AsyncEngine:
     def stop(self) -> None:
         """The server is going away: no more restarts, and an engine still starting gives up (its thread would
         otherwise hold the event loop's exit until the engine is ready)."""
-        self.state = STOPPED
+        super().stop()
         if self._starting is not None:
             self._starting.launcher.cancel()
 
-    def fail_all(self, failure: EngineUnavailable) -> None:
-        """End every running request with failure (its stream gets an error event); a live engine stops them."""
-        routes, self.routes = self.routes, {}
-        self.unstarted.clear()
-        for rid, (queue, index) in routes.items():
-            if self.state in (RUNNING, DRAINING):
-                self.client.to_tokenizer.send(protocol.encode(AbortRequest(rid)))
-            queue.put_nowait((index, failure))
-
-    async def drain(self, timeout_s: float) -> None:
-        """Refuse new requests, let the running ones finish for up to timeout_s, then fail the rest."""
-        if self.state == RUNNING:
-            self.state = DRAINING
-        log.warning("draining: %d requests running, waiting up to %.0f s", len(self.routes), timeout_s)
-        deadline = time.monotonic() + timeout_s
-        while self.routes and time.monotonic() < deadline and self.state == DRAINING:
-            await asyncio.sleep(0.05)
-        if self.routes:
-            log.warning("aborting %d requests still running at shutdown", len(self.routes))
-            self.fail_all(EngineUnavailable("the server is shutting down; the request was aborted", "shutdown"))
-            await asyncio.sleep(0.1)  # let their streams send the error event before the server closes them
-
-    # ------------------------------------------------------------------ requests
-    @property
-    def healthy(self) -> bool:
-        return self.state == RUNNING and not self.client.closed and not self._deaths()
-
-    def check_room(self, num: int) -> None:
-        """Refuse num more requests while the engine is down or they would pass the queue limits."""
-        if self.state == DRAINING or self.state == STOPPED:
-            raise EngineUnavailable("the server is shutting down", "shutdown")
-        if not self.healthy:
-            raise EngineUnavailable("the engine is restarting, retry shortly" if self.state == RESTARTING else
-                                    "the engine is not running", retry_after=5)
-        largest = min(self.max_queued_requests, self.max_waiting_requests or self.max_queued_requests)
-        if num > largest:  # no retry can succeed: the client's error, not the server's
-            raise TooManyChoices(f"the request asks for {num} completions (prompts x n), more than this server "
-                                 f"runs at once ({largest})")
-        if len(self.routes) + num > self.max_queued_requests:
-            raise EngineUnavailable(f"the server has {len(self.routes)} requests in progress and this one adds "
-                                    f"{num}; its limit is {self.max_queued_requests}, retry later", retry_after=1)
-        limit = self.max_waiting_requests
-        if limit is not None and len(self.unstarted) + num > limit:
-            raise EngineUnavailable(f"the server is overloaded: {len(self.unstarted)} requests wait to start and "
-                                    f"this one adds {num} (limit {limit}); retry later", retry_after=1)
-
-    async def admit(self, reqs: list, queue: asyncio.Queue) -> None:
-        """Start reqs (all or none); request i's deltas arrive on queue as (i, delta), or (i, EngineUnavailable)."""
-        self.check_room(len(reqs))
-        for i, req in enumerate(reqs):
-            self.routes[req.rid] = (queue, i)
-            self.unstarted.add(req.rid)
-        for req in reqs:
-            await self.client.to_tokenizer.send(protocol.encode(req))
-
-    def release(self, reqs: list) -> None:
-        """Abort whichever of reqs have not finished (their client is gone or the request failed)."""
-        for req in reqs:
-            self.unstarted.discard(req.rid)
-            if self.routes.pop(req.rid, None) is not None and self.state in (RUNNING, DRAINING):
-                self.client.to_tokenizer.send(protocol.encode(AbortRequest(req.rid)))
-
-    async def scheduler_state(self) -> dict:
-        """KV and queue figures from the scheduler's debug socket (for /metrics)."""
-        if self.state not in (RUNNING, DRAINING):
-            raise EngineUnavailable("the engine is not running")
-        async with self._debug_lock:
-            if self.state not in (RUNNING, DRAINING):  # it died while this scrape waited for the lock
-                raise EngineUnavailable("the engine is not running")
-            try:
-                await self._debug.send(protocol.encode(DebugStateQuery()))
-                if not await self._debug.poll(2000):
-                    # A late reply would otherwise answer the next query: start over on a fresh socket.
-                    self._debug.close(linger=0)
-                    self._debug = self._connect_debug()
-                    raise EngineUnavailable("the scheduler did not answer")
-                reply = protocol.decode(await self._debug.recv())
-            except zmq.ZMQError as e:
-                raise EngineUnavailable(f"the scheduler cannot be asked: {e}") from None
-        return reply.state if isinstance(reply, DebugReply) else {}
-
     def close(self) -> None:
-        self.stop()
-        for task in (self._router, self._supervisor):
-            if task is not None:
-                task.cancel()
-        self._debug.close(linger=0)
+        super().close()
+        if self._supervisor is not None:
+            self._supervisor.cancel()
         self.client.close()

@@ -1,44 +1,106 @@
-"""Prometheus metrics of the server (prometheus-client), in a registry of its own."""
+"""Prometheus metrics of the server (prometheus-client).
+
+Per-request metrics (counters, histograms) live in each API-server process; with several of them
+(`serve --api-server-count`) prometheus-client's multiprocess mode keeps them in files under
+$PROMETHEUS_MULTIPROC_DIR, which the first process sets before anything imports prometheus-client, and a scrape
+of any process sums every process's files. The engine's figures (KV pages, queues, the scheduler's totals, restarts,
+each process's CPU time) are read at scrape time by the process that answers, so they are never summed."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import os
+from typing import Iterator, Optional
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+# scheduler state key -> (metric name, help); the scheduler reports totals since its start
+_ENGINE_TOTALS = {
+    "prefix_cache_queries": ("nanoslg_prefix_cache_queries", "Prompt tokens looked up in the prefix cache"),
+    "prefix_cache_hits": ("nanoslg_prefix_cache_hits", "Prompt tokens found in the prefix cache"),
+    "total_preemptions": ("nanoslg_num_preemptions", "Requests preempted (their KV recomputed later)"),
+    "engine_busy_s": ("nanoslg_engine_busy_seconds", "Time with a step in flight on the workers"),
+    "scheduler_cpu_s": ("nanoslg_scheduler_cpu_seconds", "Scheduler time forming steps and applying their results"),
+    "num_steps": ("nanoslg_engine_steps", "Steps (batches) the workers ran"),
+}
+_ENGINE_GAUGES = {
+    "running": ("nanoslg_num_requests_running", "Requests the scheduler is running"),
+    "waiting": ("nanoslg_num_requests_waiting", "Requests waiting for the scheduler"),
+    "kv_pages_used": ("nanoslg_kv_pages_used", "KV cache pages in use"),
+    "kv_pages_cached": ("nanoslg_kv_pages_cached", "KV pages holding a cached prompt prefix"),
+}
+
+
+def process_cpu_seconds(pid: int) -> Optional[float]:
+    """User + system CPU time of a live process, from /proc (None if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime: fields 14 and 15 of stat
+
+
+class EngineFigures:
+    """The engine's figures as of the last scrape, exposed by this process's registry (a custom collector)."""
+
+    def __init__(self) -> None:
+        self.gauges: dict[str, float] = {}
+        self.totals: dict[str, float] = dict.fromkeys(_ENGINE_TOTALS, 0.0)
+        self._seen: dict[str, float] = dict.fromkeys(_ENGINE_TOTALS, 0.0)
+        self.restarts = 0
+        self.pids: dict[str, int] = {}
+
+    def update(self, state: Optional[dict], restarts: int, pids: dict[str, int]) -> None:
+        self.restarts, self.pids = restarts, dict(pids)
+        if state is None:  # the engine is down: the gauges keep their last values
+            return
+        for key in _ENGINE_GAUGES:
+            self.gauges[key] = state.get(key, 0)
+        used, total = state.get("kv_pages_used", 0), state.get("kv_pages_total", 0)
+        self.gauges["kv_usage"] = used / total if total else 0.0
+        for key in _ENGINE_TOTALS:  # a restarted engine counts from 0 again: carry on from what was counted
+            now, seen = state.get(key, 0), self._seen[key]
+            self.totals[key] += now - seen if now >= seen else now
+            self._seen[key] = now
+
+    def describe(self) -> list:
+        return []  # generated at scrape time: nothing to check at registration
+
+    def collect(self) -> Iterator[Metric]:
+        for key, (name, doc) in _ENGINE_GAUGES.items():
+            yield GaugeMetricFamily(name, doc, value=self.gauges.get(key, 0))
+        yield GaugeMetricFamily("nanoslg_kv_cache_usage_ratio", "Fraction of KV cache pages in use",
+                                value=self.gauges.get("kv_usage", 0.0))
+        for key, (name, doc) in _ENGINE_TOTALS.items():
+            yield CounterMetricFamily(name, doc, value=self.totals[key])
+        yield CounterMetricFamily("nanoslg_engine_restarts", "Times the engine was restarted after a process died",
+                                  value=self.restarts)
+        cpu = CounterMetricFamily("nanoslg_process_cpu_seconds", "CPU time of each of the server's processes "
+                                  "(API servers, tokenizer, scheduler, workers), by name", labels=["process"])
+        for name, pid in sorted(self.pids.items()):
+            seconds = process_cpu_seconds(pid)
+            if seconds is not None:
+                cpu.add_metric([name], seconds)
+        yield cpu
 
 
 class ServerMetrics:
-    def __init__(self):
-        self.registry = CollectorRegistry()
-        r = self.registry
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()  # what /metrics renders
+        shared = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+        if shared:
+            MultiProcessCollector(self.registry)  # every API-server process's files, summed
+        r = None if shared else self.registry  # shared: the values live in files, collected above
         self.requests = Counter("nanoslg_requests", "Finished HTTP generation requests by outcome", ["status"],
                                 registry=r)
         self.prompt_tokens = Counter("nanoslg_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("nanoslg_generation_tokens", "Tokens generated", registry=r)
-        self.running = Gauge("nanoslg_num_requests_running", "Requests the scheduler is running", registry=r)
-        self.waiting = Gauge("nanoslg_num_requests_waiting", "Requests waiting for the scheduler", registry=r)
-        self.kv_pages_used = Gauge("nanoslg_kv_pages_used", "KV cache pages in use", registry=r)
-        self.prefix_queries = Counter("nanoslg_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
-                                      registry=r)
-        self.prefix_hits = Counter("nanoslg_prefix_cache_hits", "Prompt tokens found in the prefix cache",
-                                   registry=r)
-        self.kv_pages_cached = Gauge("nanoslg_kv_pages_cached", "KV pages holding a cached prompt prefix",
-                                     registry=r)
-        self.preemptions = Counter("nanoslg_num_preemptions", "Requests preempted (their KV recomputed later)",
-                                   registry=r)
-        self.busy = Counter("nanoslg_engine_busy_seconds", "Time with a step in flight on the workers", registry=r)
-        self.scheduler_cpu = Counter("nanoslg_scheduler_cpu_seconds", "Scheduler time forming steps and applying "
-                                     "their results", registry=r)
-        self.steps = Counter("nanoslg_engine_steps", "Steps (batches) the workers ran", registry=r)
-        # scheduler state key -> the counter that follows it; the scheduler reports totals since its start
-        self._totals = {"prefix_cache_queries": self.prefix_queries, "prefix_cache_hits": self.prefix_hits,
-                        "total_preemptions": self.preemptions, "engine_busy_s": self.busy,
-                        "scheduler_cpu_s": self.scheduler_cpu, "num_steps": self.steps}
-        self._seen = dict.fromkeys(self._totals, 0)
         self.aborts = Counter("nanoslg_request_aborts", "Requests ended before they finished, by reason", ["reason"],
                               registry=r)
-        self.restarts = Counter("nanoslg_engine_restarts", "Times the engine was restarted after a process died",
-                                registry=r)
-        self.kv_usage = Gauge("nanoslg_kv_cache_usage_ratio", "Fraction of KV cache pages in use", registry=r)
         self.ttft = Histogram("nanoslg_time_to_first_token_seconds", "Time to first token", registry=r,
                               buckets=_LATENCY_BUCKETS)
         self.tpot = Histogram("nanoslg_time_per_output_token_seconds", "Time per output token after the first",
@@ -49,6 +111,8 @@ class ServerMetrics:
                                       "to its first token", registry=r, buckets=_LATENCY_BUCKETS)
         self.e2e = Histogram("nanoslg_e2e_request_latency_seconds", "End-to-end request latency", registry=r,
                              buckets=_LATENCY_BUCKETS)
+        self.engine = EngineFigures()
+        self.registry.register(self.engine)
 
     def observe_request(self, status: str, start: float, first_token: float | None, end: float,
                         prompt_tokens: int, output_tokens: int) -> None:
@@ -60,26 +124,6 @@ class ServerMetrics:
             self.ttft.observe(first_token - start)
             if output_tokens > 1:
                 self.tpot.observe((end - first_token) / (output_tokens - 1))
-
-    def update_engine_state(self, state: dict) -> None:
-        self.running.set(state.get("running", 0))
-        self.waiting.set(state.get("waiting", 0))
-        used, total = state.get("kv_pages_used", 0), state.get("kv_pages_total", 0)
-        self.kv_pages_used.set(used)
-        self.kv_usage.set(used / total if total else 0.0)
-        self.kv_pages_cached.set(state.get("kv_pages_cached", 0))
-        # The scheduler reports totals since its start; a restarted engine starts again from 0.
-        for key, counter in self._totals.items():
-            self._advance(key, counter, state.get(key, 0))
-
-    def count_restarts(self, total: int) -> None:
-        self._advance("engine_restarts", self.restarts, total)
-
-    def _advance(self, key: str, counter: Counter, total: int) -> None:
-        """Moves counter on to a total counted elsewhere since its start."""
-        seen = self._seen.get(key, 0)
-        counter.inc(total - seen if total >= seen else total)
-        self._seen[key] = total
 
     def observe_first_token(self, queue_time: float, prefill_time: float) -> None:
         self.queue_time.observe(queue_time)

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
+
+from pydantic_core import to_json
 
 from nanoslg.protocol import GenerateRequest, OutputDelta, token_ids
 from nanoslg.server.async_engine import AsyncEngine, EngineUnavailable
@@ -105,6 +106,10 @@ class Generation:
         log.info("request %s: %s, %d prompt + %d output tokens, TTFT %s, total %.3f s", request_id, outcome,
                  self.prompt_tokens, self.completion_tokens, ttft, end - self.start,
                  extra={"request_id": request_id})
+
+    def ready(self) -> bool:
+        """Whether a delta already waits (the next one comes without waiting)."""
+        return not self._queue.empty()
 
     def _apply(self, choice: Choice, d: OutputDelta) -> list:
         """Folds d into choice; returns the logprob entries it added."""
@@ -227,9 +232,13 @@ class Responder:
     async def stream(self, first: Optional[tuple], rest: AsyncIterator[tuple]) -> AsyncIterator[bytes]:
         include_usage = self.body.include_usage
         obj = "chat.completion.chunk" if self.chat else "text_completion"
+        # Every event shares its envelope: encoded once, only the choice is encoded per event.
+        envelope = to_json({"id": self.id, "object": obj, "created": self.created, "model": self.model})
+        self._event_head = b"data: " + envelope[:-1] + b',"choices":['
+        self._event_tail = b'],"usage":null}\n\n' if include_usage else b"]}\n\n"
         if self.chat:
             yield self._sse([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None} for c in self.gen.choices], obj, include_usage)
+                              "finish_reason": None} for c in self.gen.choices])
         try:
             item = first
             while item is not None:
@@ -238,20 +247,34 @@ class Responder:
                 if not self.chat and delta.prompt_text:
                     text = delta.prompt_text + text
                 ids = list(delta.token_ids) if self.body.return_token_ids else []
-                if text or ids or delta.finish_reason is not None or new:
-                    chunk = self._chunk_choice(choice, text, new, delta.finish_reason)
+                finish = delta.finish_reason
+                item = None
+                # What already waits for the same choice goes in this event too: a process that fell behind
+                # catches up with fewer, larger events instead of one per token.
+                while finish is None and self.gen.ready():
+                    item = await anext(rest, None)
+                    if item is None or item[0] is not choice:
+                        break
+                    _, more, more_new = item
+                    text, finish, new = text + more.text, more.finish_reason, new + more_new
+                    if self.body.return_token_ids:
+                        ids.extend(more.token_ids)
+                    item = None
+                if text or ids or finish is not None or new:
+                    chunk = self._chunk_choice(choice, text, new, finish)
                     if self.body.return_token_ids:
                         chunk["token_ids"] = ids
-                    yield self._sse([chunk], obj, include_usage)
-                item = await anext(rest, None)
+                    yield self._sse([chunk])
+                if item is None:
+                    item = await anext(rest, None)
         except (RequestRejected, GenerationFailed, EngineUnavailable) as e:
             kind = "invalid_request_error" if isinstance(e, RequestRejected) else "server_error"
             error = {"message": str(e), "type": kind, "param": None, "code": None}
-            yield f"data: {json.dumps({'error': error})}\n\n".encode()
+            yield b"data: " + to_json({"error": error}) + b"\n\n"
         if include_usage:
             usage = self._envelope(obj, [])
             usage["usage"] = self.gen.usage()
-            yield f"data: {json.dumps(usage)}\n\n".encode()
+            yield b"data: " + to_json(usage) + b"\n\n"
         yield b"data: [DONE]\n\n"
 
     def _chunk_choice(self, choice: Choice, text: str, new_logprobs: list, finish: Optional[str]) -> dict:
@@ -264,8 +287,6 @@ class Responder:
                 "logprobs": _completion_logprobs(new_logprobs, offset) if self.want_logprobs and new_logprobs
                 else None, "finish_reason": finish}
 
-    def _sse(self, choices: list, obj: str, include_usage: bool) -> bytes:
-        chunk = self._envelope(obj, choices)
-        if include_usage:
-            chunk["usage"] = None
-        return f"data: {json.dumps(chunk)}\n\n".encode()
+    def _sse(self, choices: list) -> bytes:
+        body = b",".join(to_json(c) for c in choices)
+        return self._event_head + body + self._event_tail

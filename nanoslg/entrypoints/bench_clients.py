@@ -1,0 +1,82 @@
+"""`bench serve --client-processes N`: the requests of one run sent from N client processes, so that the client is
+never what limits a fast server; each process takes every Nth request at its own arrival time and reports the CPU
+time it used, so a saturated client is seen (and warned about) instead of being taken for the server."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing as mp
+import time
+from typing import Callable
+
+SATURATED = 0.9  # a client process busy this fraction of the run may have delayed what it measured
+
+
+async def send_share(url: str, payloads: list, offsets: list, results: list, headers: dict, limit: int | None,
+                     chat: bool, t0: float, send: Callable) -> float:
+    """Send payloads[i] at t0 + offsets[i] (send(client, url, payload, chat, result, t0) fills results[i]); returns
+    the CPU seconds this process used meanwhile."""
+    import httpx
+
+    sem = asyncio.Semaphore(limit) if limit else None
+
+    async def one(i: int, client) -> None:
+        await asyncio.sleep(max(0.0, t0 + offsets[i] - time.perf_counter()))
+        async with (sem or contextlib.nullcontext()):
+            await send(client, url, payloads[i], chat, results[i], t0)
+
+    cpu = time.process_time()
+    # No connection-pool cap beyond our own: httpx's default of 100 would silently queue requests and inflate TTFT.
+    pool = httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
+    async with httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(600.0), limits=pool) as client:
+        await asyncio.gather(*(one(i, client) for i in range(len(payloads))))
+    return time.process_time() - cpu
+
+
+def _client_process(k: int, job: dict, barrier, out) -> None:
+    with contextlib.suppress(BaseException):
+        barrier.wait()  # every process imported and ready: they start together
+        t0 = time.perf_counter()  # CLOCK_MONOTONIC: the same clock in every process
+        cpu = asyncio.run(send_share(job["url"], job["payloads"], job["offsets"], job["results"], job["headers"],
+                                     job["limit"], job["chat"], t0, job["send"]))
+        out.put((k, job["results"], cpu))
+        return
+    out.put((k, None, 0.0))
+
+
+def send_from_processes(n: int, url: str, payloads: list, offsets: list, results: list, headers: dict,
+                        limit: int | None, chat: bool, send: Callable) -> tuple:
+    """Send every payload from n processes (request i from process i % n, each with its share of the concurrency
+    limit); fills results in place; returns (duration s, CPU seconds of each process)."""
+    ctx = mp.get_context("spawn")  # a fresh interpreter: no event loop or sockets inherited
+    barrier, out = ctx.Barrier(n + 1), ctx.Queue()
+    procs = []
+    for k in range(n):
+        share = range(k, len(payloads), n)
+        job = {"url": url, "payloads": [payloads[i] for i in share], "offsets": [offsets[i] for i in share],
+               "results": [results[i] for i in share], "headers": headers, "chat": chat, "send": send,
+               "limit": -(-limit // n) if limit else None}
+        procs.append(ctx.Process(target=_client_process, args=(k, job, barrier, out), daemon=True))
+        procs[-1].start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    cpu = [0.0] * n
+    for _ in range(n):
+        k, part, cpu[k] = out.get()
+        if part is None:
+            raise RuntimeError(f"client process {k} failed")
+        for j, i in enumerate(range(k, len(payloads), n)):
+            results[i] = part[j]
+    duration = time.perf_counter() - t0
+    for p in procs:
+        p.join()
+    return duration, cpu
+
+
+def client_report(cpu: list, duration: float) -> tuple:
+    """(busy fraction of each client process, a warning line or "")."""
+    busy = [c / duration if duration > 0 else 0.0 for c in cpu]
+    if max(busy, default=0.0) < SATURATED:
+        return busy, ""
+    return busy, (f"warning: a client process was busy {max(busy):.0%} of the run: the client, not the server, may "
+                  f"have limited these numbers (raise --client-processes)")
