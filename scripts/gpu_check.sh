@@ -123,6 +123,8 @@ try:
               f" queue {b['ttft_queue_ms']:.1f} + prefill {b['ttft_prefill_ms']:.1f} ms | workers busy"
               f" {b['workers_busy_fraction']:.2f} | step {b['step_ms']:.1f} ms, scheduler {b['scheduler_cpu_per_step_ms']:.2f}"
               f" ms/step | preemptions {b['preemptions']}")
+        busy = ", ".join(f"{k} {v:.0%}" for k, v in sorted(b.get("process_cpu_busy", {}).items()))
+        print(f"{'':<22} CPU busy: {busy} | client processes {', '.join(f'{c:.0%}' for c in m.get('client_busy', []))}")
 except Exception as e:
     print(f"{name:<22} FAILED: {e}")
 PY
@@ -207,6 +209,22 @@ for mode in $MODES; do
           --request-rate "$rate"
       done
       stop_server
+      ;;
+    online-api)  # issue 18: Poisson rates against the default API-server count (API_SERVERS overrides), 4 clients
+      start_server --enable-prefix-caching ${API_SERVERS:+--api-server-count $API_SERVERS} && for rate in ${RATES:-4 64 96 128}; do
+        n=${POISSON_PROMPTS:-1000}; [ "${rate%.*}" -le 8 ] && n=${LOW_RATE_PROMPTS:-300}
+        serve_bench "api${API_SERVERS:-auto}-poisson-$rate" --dataset sharegpt-like --prompt-ids --num-prompts "$n" \
+          --request-rate "$rate" --client-processes "${CLIENTS:-4}"
+      done
+      grep -h "serving" "$OUT"/server-*.log | tail -1
+      stop_server
+      ;;
+    latency)  # issue 18: decode-bs1 with a profiler window in its warm-up run (kernels, host timeline), then its TPOT
+      NANOSLG_PROFILE_STEPS=120:40 NANOSLG_PROFILE_OUT="$OUT/profile-bs1.txt" python3 -m nanoslg bench throughput \
+        llama-3.1-8b --load-format dummy --decode-latency --max-model-len 4096 --max-num-seqs 8 --input-len 128 \
+        --output-len 256 --output-json "$OUT/decode-bs1.json" > "$OUT/decode-bs1.log" 2>&1
+      summary+=("decode-bs1: $(tail -1 "$OUT/decode-bs1.log")")
+      head -45 "$OUT/profile-bs1.txt" | cut -c1-150
       ;;
     components)
       python3 scripts/gpu_components.py 2>&1 | tee "$OUT/components.log" | grep -v Warning

@@ -1,6 +1,7 @@
 """Where a `bench serve` run's time went, from nanoslg's /metrics read before and after the run: the client's TTFT
 split into HTTP (client to API server and back), tokenizer and message passing, the scheduler's queue and the
-prefill, plus how busy the workers were and the scheduler's own cost per step. A server that is not nanoslg (no
+prefill, plus how busy the workers were, the scheduler's own cost per step and how busy each of the server's
+processes kept its CPU (the one at 100 % is the one that limits the server). A server that is not nanoslg (no
 such metrics) gives no breakdown."""
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ _WANTED = ("nanoslg_time_to_first_token_seconds_sum", "nanoslg_time_to_first_tok
            "nanoslg_request_prefill_time_seconds_sum", "nanoslg_request_prefill_time_seconds_count",
            "nanoslg_engine_busy_seconds_total", "nanoslg_scheduler_cpu_seconds_total", "nanoslg_engine_steps_total",
            "nanoslg_num_preemptions_total")
+
+
+_PROCESS_CPU = 'nanoslg_process_cpu_seconds_total{process="'
 
 
 async def scrape(client, base_url: str) -> Optional[dict]:
@@ -28,6 +32,8 @@ async def scrape(client, base_url: str) -> Optional[dict]:
         name, _, value = line.partition(" ")
         if name in _WANTED:
             values[name] = float(value)
+        elif name.startswith(_PROCESS_CPU):  # nanoslg_process_cpu_seconds_total{process="tokenizer"} 1.5
+            values["cpu:" + name[len(_PROCESS_CPU):].strip('"}')] = float(value)
     return values if len(values) == len(_WANTED) else None
 
 
@@ -36,6 +42,9 @@ def breakdown(before: Optional[dict], after: Optional[dict], duration_s: float, 
     if not before or not after:
         return {}
     d = {k: after[k] - before[k] for k in _WANTED}
+    # a process restarted during the run counts from 0 again: no figure for it
+    busy = {k[4:]: (after[k] - before[k]) / duration_s for k in after
+            if k.startswith("cpu:") and k in before and after[k] >= before[k] and duration_s}
 
     def mean_ms(metric: str) -> float:
         count = d[f"{metric}_count"]
@@ -55,6 +64,7 @@ def breakdown(before: Optional[dict], after: Optional[dict], duration_s: float, 
         "scheduler_cpu_per_step_ms": 1000 * d["nanoslg_scheduler_cpu_seconds_total"] / steps if steps else 0.0,
         "steps": int(steps),
         "preemptions": int(d["nanoslg_num_preemptions_total"]),
+        "process_cpu_busy": busy,
     }
 
 
@@ -71,4 +81,6 @@ def format_breakdown(b: dict) -> str:
         f"{'Mean step on the workers (ms):':<40}{b['step_ms']:<10.2f}",
         f"{'Scheduler CPU per step (ms):':<40}{b['scheduler_cpu_per_step_ms']:<10.3f}",
         f"{'Steps / preemptions:':<40}{b['steps']} / {b['preemptions']}",
+        f"{'CPU busy by process:':<40}" + ", ".join(f"{name} {frac:.0%}" for name, frac in
+                                                    sorted(b.get("process_cpu_busy", {}).items())),
     ])
