@@ -264,6 +264,11 @@ for mode in $MODES; do
         random:128:128:$((n * 5)) --breakdown
       runs_summary nanoflow-accept
       ;;
+    offline-check)  # issue 18: the offline workloads an online change must not slow down, at default flags
+      n=${ACCEPT_PROMPTS:-2000}
+      bench offline-check --workloads random:1024:512:$n sharegpt-like:$((n / 2)) --breakdown
+      runs_summary offline-check
+      ;;
     tune-8b)  # nanoslg tune on the 8B shape (timed), then its config against 256 sequences / 8192 tokens
       start=$(date +%s)
       timeout ${TUNE_LIMIT_S:-600} python3 -m nanoslg tune llama-3.1-8b --load-format dummy --max-model-len 4096 \

@@ -34,7 +34,7 @@ async def scrape(client, base_url: str) -> Optional[dict]:
             values[name] = float(value)
         elif name.startswith(_PROCESS_CPU):  # nanoslg_process_cpu_seconds_total{process="tokenizer"} 1.5
             values["cpu:" + name[len(_PROCESS_CPU):].strip('"}')] = float(value)
-    return values if len(values) == len(_WANTED) else None
+    return values if all(name in values for name in _WANTED) else None
 
 
 def breakdown(before: Optional[dict], after: Optional[dict], duration_s: float, mean_ttft_ms: float) -> dict:
