@@ -4,7 +4,6 @@ queries over the paged cache) for prefill and mixed steps. The cache is the base
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -14,9 +13,6 @@ from gpu_workers.attention.base import AttentionBackend, BatchLayout
 from gpu_workers.upload import pinned, upload
 
 WORKSPACE_BYTES = 256 * 1024 * 1024
-# CUDA-graph decode batches below this many sequences run FlashInfer's CUDA-core decode kernel even where tensor
-# cores are used for larger ones (NANOSLG_TC_DECODE_MIN_BATCH overrides, for A/B runs).
-TC_DECODE_MIN_BATCH = int(os.environ.get("NANOSLG_TC_DECODE_MIN_BATCH", "16"))
 log = logging.getLogger("nanoslg.worker")
 
 
@@ -129,11 +125,8 @@ class FlashInferBackend(AttentionBackend):
         import flashinfer
 
         device = self.kv_cache.device
-        # A small batch decodes faster on CUDA cores: at batch 1 the tensor-core path (the prefill kernel, its
-        # KV split over the SMs, then a merge kernel) took 12 us a layer on an H200 (BENCHMARKS.md, issue 18).
-        tensor_cores = self.decode_tc and batch_size >= TC_DECODE_MIN_BATCH
         return flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace, "NHD", use_cuda_graph=True, backend="fa2", use_tensor_cores=tensor_cores,
+            self.workspace, "NHD", use_cuda_graph=True, backend="fa2", use_tensor_cores=self.decode_tc,
             paged_kv_indptr_buffer=torch.zeros(batch_size + 1, dtype=torch.int32, device=device),
             paged_kv_indices_buffer=torch.zeros(max_pages, dtype=torch.int32, device=device),
             paged_kv_last_page_len_buffer=torch.zeros(batch_size, dtype=torch.int32, device=device))
