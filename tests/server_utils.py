@@ -27,6 +27,8 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "nanoslg", "serve", model, "--host", "127.0.0.1", "--port",
                str(self.port), *args]
+        if "--api-server-count" not in args:  # the default depends on the machine's cores: tests say how many
+            cmd += ["--api-server-count", "1"]
         if api_key:
             cmd += ["--api-key", api_key]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, stderr=stderr)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing as mp
+import queue
 import time
 from typing import Callable
 
@@ -35,7 +36,7 @@ async def send_share(url: str, payloads: list, offsets: list, results: list, hea
 
 def _client_process(k: int, job: dict, barrier, out) -> None:
     with contextlib.suppress(BaseException):
-        barrier.wait()  # every process imported and ready: they start together
+        barrier.wait(120)  # every process imported and ready: they start together
         t0 = time.perf_counter()  # CLOCK_MONOTONIC: the same clock in every process
         cpu = asyncio.run(send_share(job["url"], job["payloads"], job["offsets"], job["results"], job["headers"],
                                      job["limit"], job["chat"], t0, job["send"]))
@@ -58,11 +59,18 @@ def send_from_processes(n: int, url: str, payloads: list, offsets: list, results
                "limit": -(-limit // n) if limit else None}
         procs.append(ctx.Process(target=_client_process, args=(k, job, barrier, out), daemon=True))
         procs[-1].start()
-    barrier.wait()
+    barrier.wait(120)  # a client process that cannot start breaks the barrier instead of hanging the run
     t0 = time.perf_counter()
     cpu = [0.0] * n
     for _ in range(n):
-        k, part, cpu[k] = out.get()
+        while True:
+            try:
+                k, part, cpu[k] = out.get(timeout=1.0)
+                break
+            except queue.Empty:
+                dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"client process {dead[0]} exited with code {procs[dead[0]].exitcode}")
         if part is None:
             raise RuntimeError(f"client process {k} failed")
         for j, i in enumerate(range(k, len(payloads), n)):

@@ -72,7 +72,7 @@ def run_serve(args) -> int:
 
 def _serve(args, cfg, count: int, server_dir: str) -> int:
     from nanoslg.launcher import EngineStartupError
-    from nanoslg.server.api_servers import ApiServerPool, client_inbox
+    from nanoslg.server.api_servers import ApiServerPool, ApiServerStartupError, client_inbox
 
     if count > 1:  # before prometheus-client is imported, in this process and (inherited) the others
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(server_dir, "metrics")
@@ -114,6 +114,9 @@ def _serve(args, cfg, count: int, server_dir: str) -> int:
         else:
             print(serving, file=sys.stderr, flush=True)
         DrainingServer(config, engine, args.shutdown_timeout, peers=pool).run(sockets=[listener])
+    except ApiServerStartupError as e:
+        print(f"nanoslg serve: {e}", file=sys.stderr)
+        return 1
     finally:
         if pool is not None:
             pool.close()

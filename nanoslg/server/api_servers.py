@@ -31,6 +31,10 @@ log = logging.getLogger("nanoslg.server")
 STATE_EVERY_S = 0.5  # besides every change: a process that (re)started hears the state within this
 
 
+class ApiServerStartupError(RuntimeError):
+    """An API-server process after the first did not start."""
+
+
 def client_inbox(server_dir: str, index: int) -> str:
     return f"ipc://{os.path.join(server_dir, f'client{index}.sock')}"
 
@@ -83,18 +87,23 @@ class ApiServerPool:
         client of a server that answers /health never lands on a process still starting."""
         pending = {f"api{k}" for k in self.procs}
         deadline = time.monotonic() + timeout_s
-        while pending:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{', '.join(sorted(pending))} did not start within {timeout_s:.0f} s")
-            dead = [f"api{k} {_exit_status(p.poll())}" for k, p in self.procs.items() if p.poll() is not None]
-            if dead:
-                raise RuntimeError(f"an API-server process failed to start: {'; '.join(dead)}")
-            if self._ready.poll(0):
+        while True:
+            while self._ready.poll(0):  # every Ready already sent, before looking at deaths
                 msg = protocol.decode(self._ready.recv())
                 if isinstance(msg, Ready):
                     pending.discard(msg.name)
-            else:
-                await asyncio.sleep(0.05)
+            if not pending:
+                return
+            if self.engine.state == STOPPED:  # e.g. a process that kept dying at startup used up its restarts
+                raise ApiServerStartupError(f"{', '.join(sorted(pending))} did not start; the server stops")
+            if time.monotonic() > deadline:
+                raise ApiServerStartupError(f"{', '.join(sorted(pending))} did not start within {timeout_s:.0f} s")
+            # a process that was ready and died since is restarted by _run: only the unready ones fail the start
+            dead = [f"api{k} {_exit_status(p.poll())}" for k, p in self.procs.items()
+                    if f"api{k}" in pending and p.poll() is not None]
+            if dead:
+                raise ApiServerStartupError(f"an API-server process failed to start: {'; '.join(dead)}")
+            await asyncio.sleep(0.05)
 
     async def _run(self) -> None:
         try:
