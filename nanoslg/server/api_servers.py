@@ -155,11 +155,16 @@ class ApiServerPool:
         while any(p.poll() is None for p in self.procs.values()) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
 
-    def close(self, timeout_s: float = 10.0) -> None:
-        """Stop every process (a stopped engine's state first, so each fails what it still runs at once)."""
+    def stop_publishing(self) -> None:
+        """From the event loop's thread: no more states, no more restarts."""
         self.stopping = True
         if self._task is not None:
             self._task.cancel()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop every process (a stopped engine's state first, so each fails what it still runs at once). Any
+        thread; a second call finds nothing left to stop."""
+        self.stopping = True
         try:
             state = self._state()
             state.state = STOPPED

@@ -41,6 +41,7 @@ class DrainingServer(uvicorn.Server):
         finally:
             self.engine.stop()  # before the loop closes: it would wait for an engine still being restarted
             if self.peers is not None:
+                self.peers.stop_publishing()
                 await asyncio.to_thread(self.peers.close)
 
     def handle_exit(self, sig: int, frame) -> None:
