@@ -159,6 +159,23 @@ def test_max_concurrency_caps_requests_in_flight(tmp_path):
     assert srv.max_in_flight == 2
 
 
+def test_client_processes_send_every_request_on_schedule_and_report_their_cpu(tmp_path, capsys):
+    with FakeOpenAIServer(first_delay=0.05, gap=0.01) as srv:
+        rc, res, _ = bench(srv.url, tmp_path, "--num-prompts", "9", "--input-len", "4", "--output-len", "3",
+                           "--request-rate", "20", "--seed", "3", "--client-processes", "3",
+                           "--max-concurrency", "6")
+    assert rc == 0 and res["metrics"]["completed"] == 9
+    assert [r["index"] for r in res["requests"]] == list(range(9))  # results back in request order
+    assert all(r["output_tokens"] == 3 and r["ttft"] >= 0.045 for r in res["requests"])
+    # each process sends its share at the shared schedule's times
+    assert [r["start"] for r in res["requests"]] == pytest.approx(bs.arrival_offsets(9, 20.0, 3), abs=0.05)
+    assert srv.max_in_flight <= 6  # the concurrency limit, shared out
+    busy = res["metrics"]["client_busy"]
+    assert len(busy) == 3 and all(0 <= b < 1 for b in busy)
+    assert "Client processes busy:" in capsys.readouterr().out
+    assert len(srv.bodies) == 10  # one warm-up, then the nine
+
+
 def test_finite_request_rate_follows_poisson_schedule(tmp_path):
     with FakeOpenAIServer(first_delay=0.01, gap=0.005) as srv:
         rc, res, _ = bench(srv.url, tmp_path, "--num-prompts", "8", "--input-len", "4", "--output-len", "3",

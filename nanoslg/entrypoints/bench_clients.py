@@ -11,35 +11,48 @@ import time
 from typing import Callable
 
 SATURATED = 0.9  # a client process busy this fraction of the run may have delayed what it measured
+MIN_RUN_S = 2.0  # shorter runs are mostly the client's own setup: no warning
 
 
-async def send_share(url: str, payloads: list, offsets: list, results: list, headers: dict, limit: int | None,
+def new_client(headers: dict, limit: int | None):
+    """An httpx client with no connection-pool cap beyond ours: httpx's default of 100 would silently queue requests
+    and inflate TTFT."""
+    import httpx
+
+    pool = httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
+    return httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(600.0), limits=pool)
+
+
+async def send_share(client, url: str, payloads: list, offsets: list, results: list, limit: int | None,
                      chat: bool, t0: float, send: Callable) -> float:
     """Send payloads[i] at t0 + offsets[i] (send(client, url, payload, chat, result, t0) fills results[i]); returns
     the CPU seconds this process used meanwhile."""
-    import httpx
-
     sem = asyncio.Semaphore(limit) if limit else None
 
-    async def one(i: int, client) -> None:
+    async def one(i: int) -> None:
         await asyncio.sleep(max(0.0, t0 + offsets[i] - time.perf_counter()))
         async with (sem or contextlib.nullcontext()):
             await send(client, url, payloads[i], chat, results[i], t0)
 
     cpu = time.process_time()
-    # No connection-pool cap beyond our own: httpx's default of 100 would silently queue requests and inflate TTFT.
-    pool = httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
-    async with httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(600.0), limits=pool) as client:
-        await asyncio.gather(*(one(i, client) for i in range(len(payloads))))
+    await asyncio.gather(*(one(i) for i in range(len(payloads))))
     return time.process_time() - cpu
+
+
+async def _client_share(job: dict, barrier) -> float:
+    async with new_client(job["headers"], job["limit"]) as client:
+        # imports, the event loop and a first connection before the start: not on the first request's TTFT
+        with contextlib.suppress(Exception):
+            await client.get(job["url"].rsplit("/v1/", 1)[0] + "/v1/models")
+        barrier.wait(120)  # every process ready: they start together (nothing else runs on this loop yet)
+        t0 = time.perf_counter()  # CLOCK_MONOTONIC: the same clock in every process
+        return await send_share(client, job["url"], job["payloads"], job["offsets"], job["results"], job["limit"],
+                                job["chat"], t0, job["send"])
 
 
 def _client_process(k: int, job: dict, barrier, out) -> None:
     with contextlib.suppress(BaseException):
-        barrier.wait(120)  # every process imported and ready: they start together
-        t0 = time.perf_counter()  # CLOCK_MONOTONIC: the same clock in every process
-        cpu = asyncio.run(send_share(job["url"], job["payloads"], job["offsets"], job["results"], job["headers"],
-                                     job["limit"], job["chat"], t0, job["send"]))
+        cpu = asyncio.run(_client_share(job, barrier))
         out.put((k, job["results"], cpu))
         return
     out.put((k, None, 0.0))
@@ -84,7 +97,7 @@ def send_from_processes(n: int, url: str, payloads: list, offsets: list, results
 def client_report(cpu: list, duration: float) -> tuple:
     """(busy fraction of each client process, a warning line or "")."""
     busy = [c / duration if duration > 0 else 0.0 for c in cpu]
-    if max(busy, default=0.0) < SATURATED:
+    if max(busy, default=0.0) < SATURATED or duration < MIN_RUN_S:
         return busy, ""
     return busy, (f"warning: a client process was busy {max(busy):.0%} of the run: the client, not the server, may "
                   f"have limited these numbers (raise --client-processes)")

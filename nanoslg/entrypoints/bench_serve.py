@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 
 from nanoslg.entrypoints.bench_breakdown import breakdown, format_breakdown, scrape
-from nanoslg.entrypoints.bench_clients import client_report, send_from_processes, send_share
+from nanoslg.entrypoints.bench_clients import client_report, new_client, send_from_processes, send_share
 from nanoslg.entrypoints.bench_datasets import (TOKEN_ID_RANGE, BenchRequest, format_turns, make_conversations,
                                                 make_requests, range_ratio_arg, run_conversations, ttft_by_turn)
 
@@ -159,8 +159,7 @@ async def run_requests(args, model: str, requests: list, headers: dict, conversa
             body["prompt"] = req.prompt
         return body
 
-    limits = httpx.Limits(max_connections=args.max_concurrency, max_keepalive_connections=args.max_concurrency)
-    async with httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(600.0), limits=limits) as client:
+    async with new_client(headers, args.max_concurrency) as client:
         # The client's first request pays one-off setup (lazy imports, first connection) that would otherwise
         # land on the first benchmark request's TTFT; a cheap GET absorbs it.
         with contextlib.suppress(httpx.HTTPError):
@@ -182,7 +181,7 @@ async def run_requests(args, model: str, requests: list, headers: dict, conversa
                                              [payload(r) for r in requests], offsets, results, headers,
                                              args.max_concurrency, chat, send_request)
         else:
-            cpu = [await send_share(url, [payload(r) for r in requests], offsets, results, headers,
+            cpu = [await send_share(client, url, [payload(r) for r in requests], offsets, results,
                                     args.max_concurrency, chat, t0, send_request)]
         duration = time.perf_counter() - t0
         server_after = await scrape(client, args.base_url)
