@@ -24,8 +24,13 @@ def _request(body: dict) -> bytes:
 
 
 async def _read_stream(reader: asyncio.StreamReader) -> bytes:
-    """One chunked SSE response, whole."""
-    data = bytearray()
+    """One response, whole: a chunked SSE stream, or an error with a Content-Length (a 503, say)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
+                   if line.startswith(b"content-length:")), None)
+    if length is not None:
+        return head + await reader.readexactly(length)
+    data = bytearray(head)
     while not data.endswith(b"0\r\n\r\n"):  # the chunked body's last chunk
         chunk = await reader.read(1 << 16)
         if not chunk:

@@ -225,9 +225,11 @@ def test_unfinished_streams_end_with_an_error_event(tiny_chat_model, signals, sh
         assert not any(alive(p) for p in procs.values())
 
 
-def test_overload_beyond_the_waiting_bound_gets_503_at_once(tiny_chat_model):
+@API_SERVERS
+def test_overload_beyond_the_waiting_bound_gets_503_at_once(tiny_chat_model, api_servers):
+    # with two processes the bound holds for both together (nanoslg/server/queue_counts.py)
     with Server(tiny_chat_model, "--max-model-len", "512", "--max-waiting-requests", "4",
-                "--max-num-seqs", "1") as srv:
+                "--max-num-seqs", "1", "--api-server-count", api_servers) as srv:
         body = {"prompt": "count", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
 
         async def one(client):

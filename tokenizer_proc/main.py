@@ -21,8 +21,8 @@ from tokenizer_proc.detokenizer import IncrementalDetokenizer, StopStringMatcher
 
 log = logging.getLogger("nanoslg.tokenizer")
 
-# Outputs queued for an API-server process that is gone (or restarting) before they are dropped: it aborts what it
-# sent on its return, and a live one this far behind has lost its clients' streams anyway.
+# Output batches queued for an API-server process that takes none (gone, restarting, or stuck for ~100 s of steps)
+# before its requests are aborted here: the engine must not keep running them for nobody.
 CLIENT_QUEUE_LIMIT = 10000
 
 
@@ -86,7 +86,6 @@ class TokenizerProcess:
             sock.connect(address)
             self.to_clients.append(sock)
         self.streams: dict[str, Stream] = {}
-        self._dropped = 0
 
     def run(self, ready) -> None:
         ready({"eos_token_ids": self.eos_ids, "has_tokenizer": self.tokenizer is not None})
@@ -104,16 +103,20 @@ class TokenizerProcess:
                 if self.streams.pop(msg.rid, None) is not None:
                     ipc.send(self.to_scheduler, msg)
             elif isinstance(msg, ClientReset):
-                gone = [rid for rid, s in self.streams.items() if s.client == msg.client]
-                for rid in gone:
-                    del self.streams[rid]
-                    ipc.send(self.to_scheduler, AbortRequest(rid))
-                if gone:
-                    log.warning("API server %d restarted: aborted its %d requests", msg.client, len(gone))
+                self._reset_client(msg.client)
             elif isinstance(msg, Shutdown):
                 return
             else:
                 log.warning("unexpected %s on the tokenizer inbox", type(msg).__name__)
+
+    def _reset_client(self, client: int) -> None:
+        """Abort every request of an API-server process that died or restarted."""
+        gone = [rid for rid, s in self.streams.items() if s.client == client]
+        for rid in gone:
+            del self.streams[rid]
+            ipc.send(self.to_scheduler, AbortRequest(rid))
+        if gone:
+            log.warning("API server %d is gone or restarted: aborted its %d requests", client, len(gone))
 
     def _send(self, client: int, batch: OutputBatch) -> None:
         if client == 0:  # the process that owns the engine: it lives exactly as long as this one
@@ -122,10 +125,8 @@ class TokenizerProcess:
         try:
             ipc.send(self.to_clients[client], batch, zmq.NOBLOCK)
         except zmq.Again:
-            self._dropped += 1
-            if self._dropped & (self._dropped - 1) == 0:  # 1, 2, 4, ...: the log stays readable
-                log.warning("API server %d takes no outputs (gone or far behind): %d batches dropped", client,
-                            self._dropped)
+            log.warning("API server %d takes no outputs (gone or stuck): its requests are aborted", client)
+            self._reset_client(client)
 
     # ------------------------------------------------------------------ inbound
     def _on_request(self, req: GenerateRequest) -> None:

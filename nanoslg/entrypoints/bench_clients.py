@@ -61,7 +61,7 @@ def _client_process(k: int, job: dict, barrier, out) -> None:
 def send_from_processes(n: int, url: str, payloads: list, offsets: list, results: list, headers: dict,
                         limit: int | None, chat: bool, send: Callable) -> tuple:
     """Send every payload from n processes (request i from process i % n, each with its share of the concurrency
-    limit); fills results in place; returns (duration s, CPU seconds of each process)."""
+    limit, which must be at least n); fills results in place; returns (duration s, CPU seconds of each process)."""
     ctx = mp.get_context("spawn")  # a fresh interpreter: no event loop or sockets inherited
     barrier, out = ctx.Barrier(n + 1), ctx.Queue()
     procs = []
@@ -69,7 +69,7 @@ def send_from_processes(n: int, url: str, payloads: list, offsets: list, results
         share = range(k, len(payloads), n)
         job = {"url": url, "payloads": [payloads[i] for i in share], "offsets": [offsets[i] for i in share],
                "results": [results[i] for i in share], "headers": headers, "chat": chat, "send": send,
-               "limit": -(-limit // n) if limit else None}
+               "limit": limit // n + (k < limit % n) if limit else None}  # shares that add up to it
         procs.append(ctx.Process(target=_client_process, args=(k, job, barrier, out), daemon=True))
         procs[-1].start()
     barrier.wait(120)  # a client process that cannot start breaks the barrier instead of hanging the run

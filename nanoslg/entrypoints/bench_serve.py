@@ -318,9 +318,10 @@ def run_bench_serve(args) -> int:
         print("error: the server lists no models; pass --model", file=sys.stderr)
         return 1
 
-    if args.client_processes < 1 or (args.client_processes > 1 and args.dataset == "multi-turn"):
-        print("error: --client-processes must be >= 1, and 1 with the multi-turn dataset (a conversation's turns "
-              "wait for each other)", file=sys.stderr)
+    if args.client_processes < 1 or (args.client_processes > 1 and args.dataset == "multi-turn") or \
+            (args.max_concurrency and args.max_concurrency < args.client_processes):
+        print("error: --client-processes must be >= 1, at most --max-concurrency, and 1 with the multi-turn dataset "
+              "(a conversation's turns wait for each other)", file=sys.stderr)
         return 2
     conversations = None
     if args.dataset == "multi-turn":  # token ids through /v1/completions; the first turns make the warm-up

@@ -36,7 +36,7 @@ def add_serve_arguments(parser) -> None:
     g.add_argument("--max-body-mb", type=float, default=8.0, help="largest accepted request body")
     g.add_argument("--api-server-count", type=int, default=None,
                    help="HTTP server processes on the port, each with its own link to the engine (default: one per "
-                        "4 cores left by the engine's processes, 1 to 8); the queue limits are shared among them")
+                        "4 cores left by the engine's processes, 1 to 8); the queue limits hold for all of them together")
 
 
 def run_serve(args) -> int:
@@ -74,22 +74,28 @@ def _serve(args, cfg, count: int, server_dir: str) -> int:
     from nanoslg.launcher import EngineStartupError
     from nanoslg.server.api_servers import ApiServerPool, ApiServerStartupError, client_inbox
 
-    if count > 1:  # before prometheus-client is imported, in this process and (inherited) the others
+    from nanoslg.server import queue_counts
+
+    # before prometheus-client is imported, in this process and (inherited) the others; one process keeps its
+    # metrics in memory, whatever the environment says (a stale directory would be summed in)
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    counts = None
+    if count > 1:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(server_dir, "metrics")
         os.mkdir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
         cfg.client_inboxes = [client_inbox(server_dir, k) for k in range(1, count)]
+        counts_path = os.path.join(server_dir, "queue_counts")
+        queue_counts.create(counts_path, count)
+        counts = queue_counts.QueueCounts(counts_path, 0)
     import uvicorn
 
     from nanoslg.server.app import ServerSettings, build_app
     from nanoslg.server.async_engine import SupervisedEngine
     from nanoslg.server.lifecycle import DrainingServer
 
-    def share(limit: int) -> int:  # each process holds its share of a limit, rounded up
-        return -(-limit // count)
-
     try:
-        engine = SupervisedEngine(cfg, share(args.max_queued_requests), share(args.max_waiting_requests),
-                                  args.restart)
+        engine = SupervisedEngine(cfg, args.max_queued_requests, args.max_waiting_requests, args.restart,
+                                  counts=counts)
     except (ConfigError, EngineStartupError) as e:
         print(f"nanoslg serve: {e}", file=sys.stderr)
         return 1
@@ -102,8 +108,9 @@ def _serve(args, cfg, count: int, server_dir: str) -> int:
     try:
         listener = config.bind_socket()
         if count > 1:
-            spec = {"settings": settings.to_dict(), "max_queued_requests": share(args.max_queued_requests),
-                    "max_waiting_requests": share(args.max_waiting_requests), "shutdown_timeout": args.shutdown_timeout}
+            spec = {"settings": settings.to_dict(), "max_queued_requests": args.max_queued_requests,
+                    "max_waiting_requests": args.max_waiting_requests, "shutdown_timeout": args.shutdown_timeout,
+                    "queue_counts": counts_path}
             pool = ApiServerPool(engine, count, server_dir, listener.fileno(), spec)
             pool.spawn_all()
         how = "--api-server-count" if args.api_server_count else f"the default for {len(os.sched_getaffinity(0))} cores"

@@ -21,11 +21,14 @@ from nanoslg.config import EngineConfig
 from nanoslg.logs import setup_logging
 from nanoslg.protocol import ClientReset, Ready, ServerState
 from nanoslg.server.async_engine import DRAINING, RESTARTING, RUNNING, STOPPED, AsyncEngine, EngineUnavailable
+from nanoslg.server.queue_counts import QueueCounts
 
 log = logging.getLogger("nanoslg.server")
 
 SPEC_ENV = "NANOSLG_API_SERVER_SPEC"  # the process's settings, in its environment (argv is world-readable)
-SILENCE_S = 5.0  # no ServerState for this long: the first process is gone or stuck, and this one stops
+# No ServerState for this long: the first process is stuck (if it died, the kernel's parent-death signal stops this
+# one), so the engine's state is unknown: running requests fail and new ones get 503 until it speaks again.
+SILENCE_S = 5.0
 
 
 class FollowerEngine(AsyncEngine):
@@ -33,9 +36,11 @@ class FollowerEngine(AsyncEngine):
     from EngineConfig.client_inboxes), requests to the tokenizer of whichever run directory ServerState names."""
 
     def __init__(self, cfg: EngineConfig, max_queued_requests: int, max_waiting_requests: Optional[int],
-                 client: int, control_address: str, ready_address: str):
-        super().__init__(cfg, max_queued_requests, max_waiting_requests, client)
-        self.state = RESTARTING  # until the first ServerState says where the engine is
+                 client: int, control_address: str, ready_address: str, counts: Optional[QueueCounts] = None,
+                 spawned_while_running: bool = False):
+        super().__init__(cfg, max_queued_requests, max_waiting_requests, client, counts)
+        self.spawned_while_running = spawned_while_running
+        self.state = RESTARTING  # until start() or the first ServerState says where the engine is
         self.inbox = self.ctx.socket(zmq.PULL)
         self.inbox.setsockopt(zmq.LINGER, 0)
         self.inbox.bind(cfg.client_inboxes[client - 1])
@@ -50,6 +55,12 @@ class FollowerEngine(AsyncEngine):
 
     def start(self) -> None:
         super().start()
+        if self.spawned_while_running:
+            # the engine ran where cfg says when this process was spawned: serve at once, without waiting for a
+            # state from the first process (which may be busy); the next state corrects anything that changed
+            self._link(self.cfg.run_dir)
+            self.state = RUNNING
+            self._heard.set()
         loop = asyncio.get_running_loop()
         self._router = loop.create_task(self._route_outputs(self.inbox))
         self._follower = loop.create_task(self._follow())
@@ -68,7 +79,13 @@ class FollowerEngine(AsyncEngine):
         try:
             while self.state != STOPPED:
                 if not await self.control.poll(SILENCE_S * 1000):
-                    raise RuntimeError(f"no word from the first API-server process for {SILENCE_S:.0f} s")
+                    if self.state in (RUNNING, DRAINING):
+                        log.error("API server %d: no word from the first API-server process for %.0f s",
+                                  self.client_index, SILENCE_S)
+                        self.state = RESTARTING
+                        self.fail_all(EngineUnavailable("the server lost track of its engine", "engine_died"))
+                        self.run_dir = ""  # relink when the state comes back
+                    continue
                 if self._deaths():
                     raise RuntimeError("the output router stopped")
                 msg = protocol.decode(await self.control.recv())
@@ -101,9 +118,9 @@ class FollowerEngine(AsyncEngine):
                 self.fail_all(EngineUnavailable("the engine restarted while the request was running",
                                                 "engine_died"))
             self._link(st.run_dir)
-            self.state = RUNNING
+            self.state = DRAINING if st.state == DRAINING else RUNNING
         elif self.state == RESTARTING:
-            self.state = RUNNING
+            self.state = DRAINING if st.state == DRAINING else RUNNING
 
     def _link(self, run_dir: str) -> None:
         for sock in (self.to_tokenizer, self._debug):
@@ -137,7 +154,8 @@ def main() -> None:
     setup_logging(cfg.log_level, cfg.log_format)
     index = spec["index"]
     engine = FollowerEngine(cfg, spec["max_queued_requests"], spec["max_waiting_requests"], index,
-                            spec["control_address"], spec["ready_address"])
+                            spec["control_address"], spec["ready_address"],
+                            QueueCounts(spec["queue_counts"], index), spec["engine_state"] == RUNNING)
     settings = ServerSettings(**spec["settings"])
     config = uvicorn.Config(build_app(engine, settings), log_config=None, log_level=cfg.log_level,
                             timeout_graceful_shutdown=5)

@@ -22,9 +22,9 @@ import zmq
 
 from nanoslg import protocol
 from nanoslg.launcher import _die_with_parent, _exit_status
-from nanoslg.protocol import Ready, ServerState
+from nanoslg.protocol import ClientReset, Ready, ServerState
 from nanoslg.server.api_proc import SPEC_ENV
-from nanoslg.server.async_engine import STOPPED, SupervisedEngine
+from nanoslg.server.async_engine import DRAINING, RUNNING, STOPPED, SupervisedEngine
 
 log = logging.getLogger("nanoslg.server")
 
@@ -53,7 +53,7 @@ class ApiServerPool:
         self.procs: dict[int, subprocess.Popen] = {}
         self.stopping = False  # draining or closing: a process that exits is not restarted
         self.max_restarts, self.restart_window_s = max_restarts, restart_window_s
-        self.restart_times: deque = deque()
+        self.restart_times: dict[int, deque] = {}  # per process: several dying at once is one cause, not a loop
         self._ctx = zmq.Context.instance()
         self.control_address = f"ipc://{os.path.join(server_dir, 'control.sock')}"
         self._control = self._ctx.socket(zmq.PUB)
@@ -72,7 +72,8 @@ class ApiServerPool:
 
     def _spawn(self, index: int) -> None:
         spec = {**self.spec, "engine": self.engine.cfg.to_dict(), "index": index, "fd": self.listen_fd,
-                "control_address": self.control_address, "ready_address": self.ready_address}
+                "control_address": self.control_address, "ready_address": self.ready_address,
+                "engine_state": self.engine.state}
         env = {**os.environ, SPEC_ENV: json.dumps(spec)}
         self.procs[index] = subprocess.Popen([sys.executable, "-m", "nanoslg.server.api_proc"], env=env,
                                              stdin=subprocess.DEVNULL, pass_fds=[self.listen_fd],
@@ -115,7 +116,7 @@ class ApiServerPool:
                 if key != self._last or time.monotonic() - last_sent >= STATE_EVERY_S:
                     self._control.send(protocol.encode(state))
                     self._last, last_sent = key, time.monotonic()
-                if not self.stopping:
+                if not self.stopping and self.engine.state != STOPPED:
                     self._restart_dead()
         except asyncio.CancelledError:
             raise
@@ -132,15 +133,22 @@ class ApiServerPool:
             code = proc.poll()
             if code is None:
                 continue
+            e = self.engine
+            if e.state in (RUNNING, DRAINING):  # its requests are nobody's: the engine stops them now
+                e.to_tokenizer.send(protocol.encode(ClientReset(index)))
+            if e.counts is not None:
+                e.counts.clear(index)
             now = time.monotonic()
-            while self.restart_times and now - self.restart_times[0] > self.restart_window_s:
-                self.restart_times.popleft()
-            if len(self.restart_times) >= self.max_restarts:
-                log.error("API server %d %s, the %d. API-server death within %.0f s: the server exits", index,
-                          _exit_status(code), len(self.restart_times) + 1, self.restart_window_s)
-                self.engine._give_up(1)
+            times = self.restart_times.setdefault(index, deque())
+            while times and now - times[0] > self.restart_window_s:
+                times.popleft()
+            if len(times) >= self.max_restarts:
+                log.error("API server %d %s, its %d. death within %.0f s: the server exits", index,
+                          _exit_status(code), len(times) + 1, self.restart_window_s)
+                self.stopping = True
+                e._give_up(1)
                 return
-            self.restart_times.append(now)
+            times.append(now)
             log.error("API server %d %s: restarting it", index, _exit_status(code))
             self._spawn(index)
 

@@ -21,6 +21,7 @@ from nanoslg import ipc, protocol
 from nanoslg.config import EngineConfig
 from nanoslg.engine_client import EngineClient
 from nanoslg.protocol import AbortRequest, DebugReply, DebugStateQuery, OutputBatch
+from nanoslg.server.queue_counts import QueueCounts
 
 log = logging.getLogger("nanoslg.server")
 
@@ -46,8 +47,9 @@ class AsyncEngine:
     that owns it (SupervisedEngine) or another API-server process that follows it (api_proc.FollowerEngine)."""
 
     def __init__(self, cfg: EngineConfig, max_queued_requests: int, max_waiting_requests: Optional[int] = None,
-                 client: int = 0):
+                 client: int = 0, counts: Optional[QueueCounts] = None):
         self.ctx = zmq.asyncio.Context()
+        self.counts = counts  # with several API-server processes: the limits hold for their sum
         self.cfg = cfg
         self.client_index = client  # which inbox the tokenizer sends this process's outputs to
         self.max_queued_requests, self.max_waiting_requests = max_queued_requests, max_waiting_requests
@@ -99,6 +101,11 @@ class AsyncEngine:
                         if d.finish_reason is not None:
                             del self.routes[d.rid]
                         route[0].put_nowait((route[1], d))
+                self._publish_counts()
+
+    def _publish_counts(self) -> None:
+        if self.counts is not None:
+            self.counts.publish(len(self.routes), len(self.unstarted))
 
     def _give_up(self, exit_code: int) -> None:
         self.exit_code, self.state = exit_code, STOPPED
@@ -116,6 +123,7 @@ class AsyncEngine:
             if self.state in (RUNNING, DRAINING):
                 self.to_tokenizer.send(protocol.encode(AbortRequest(rid)))
             queue.put_nowait((index, failure))
+        self._publish_counts()
 
     async def drain(self, timeout_s: float) -> None:
         """Refuse new requests, let the running ones finish for up to timeout_s, then fail the rest."""
@@ -146,12 +154,14 @@ class AsyncEngine:
         if num > largest:  # no retry can succeed: the client's error, not the server's
             raise TooManyChoices(f"the request asks for {num} completions (prompts x n), more than this server "
                                  f"runs at once ({largest})")
-        if len(self.routes) + num > self.max_queued_requests:
-            raise EngineUnavailable(f"the server has {len(self.routes)} requests in progress and this one adds "
+        queued, waiting = self.counts.others() if self.counts is not None else (0, 0)
+        queued, waiting = queued + len(self.routes), waiting + len(self.unstarted)
+        if queued + num > self.max_queued_requests:
+            raise EngineUnavailable(f"the server has {queued} requests in progress and this one adds "
                                     f"{num}; its limit is {self.max_queued_requests}, retry later", retry_after=1)
         limit = self.max_waiting_requests
-        if limit is not None and len(self.unstarted) + num > limit:
-            raise EngineUnavailable(f"the server is overloaded: {len(self.unstarted)} requests wait to start and "
+        if limit is not None and waiting + num > limit:
+            raise EngineUnavailable(f"the server is overloaded: {waiting} requests wait to start and "
                                     f"this one adds {num} (limit {limit}); retry later", retry_after=1)
 
     async def admit(self, reqs: list, queue: asyncio.Queue) -> None:
@@ -160,6 +170,7 @@ class AsyncEngine:
         for i, req in enumerate(reqs):
             self.routes[req.rid] = (queue, i)
             self.unstarted.add(req.rid)
+        self._publish_counts()
         for req in reqs:
             req.client = self.client_index
             await self.to_tokenizer.send(protocol.encode(req))
@@ -170,6 +181,7 @@ class AsyncEngine:
             self.unstarted.discard(req.rid)
             if self.routes.pop(req.rid, None) is not None and self.state in (RUNNING, DRAINING):
                 self.to_tokenizer.send(protocol.encode(AbortRequest(req.rid)))
+        self._publish_counts()
 
     async def scheduler_state(self) -> dict:
         """KV and queue figures from the scheduler's debug socket (for /metrics)."""
@@ -203,8 +215,9 @@ class SupervisedEngine(AsyncEngine):
     processes dies."""
 
     def __init__(self, cfg: EngineConfig, max_queued_requests: int, max_waiting_requests: Optional[int] = None,
-                 restart: bool = True, max_restarts: int = 3, restart_window_s: float = 300.0):
-        super().__init__(cfg, max_queued_requests, max_waiting_requests)
+                 restart: bool = True, max_restarts: int = 3, restart_window_s: float = 300.0,
+                 counts: Optional[QueueCounts] = None):
+        super().__init__(cfg, max_queued_requests, max_waiting_requests, counts=counts)
         self.client = EngineClient(cfg, self.ctx)  # blocks until every process is READY
         self.cfg = self.client.cfg
         self._pristine = self.cfg.to_dict()  # what each restart starts from (a restart gets a new run_dir)

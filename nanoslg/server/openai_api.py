@@ -251,8 +251,13 @@ class Responder:
                 item = None
                 # What already waits for the same choice goes in this event too: a process that fell behind
                 # catches up with fewer, larger events instead of one per token.
+                failure = None
                 while finish is None and self.gen.ready():
-                    item = await anext(rest, None)
+                    try:
+                        item = await anext(rest, None)
+                    except (RequestRejected, GenerationFailed, EngineUnavailable) as e:
+                        item, failure = None, e  # what this event holds still goes out, before the error
+                        break
                     if item is None or item[0] is not choice:
                         break
                     _, more, more_new = item
@@ -265,6 +270,8 @@ class Responder:
                     if self.body.return_token_ids:
                         chunk["token_ids"] = ids
                     yield self._sse([chunk])
+                if failure is not None:
+                    raise failure
                 if item is None:
                     item = await anext(rest, None)
         except (RequestRejected, GenerationFailed, EngineUnavailable) as e:
