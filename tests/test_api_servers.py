@@ -15,8 +15,14 @@ API = "nanoslg.server.api_proc"
 
 
 def api_pids(server_pid: int) -> list:
-    pids = [int(p) for p in open(f"/proc/{server_pid}/task/{server_pid}/children").read().split()]
-    return [p for p in pids if API in open(f"/proc/{p}/cmdline").read() and alive(p)]
+    found = []
+    for pid in (int(p) for p in open(f"/proc/{server_pid}/task/{server_pid}/children").read().split()):
+        try:
+            if API in open(f"/proc/{pid}/cmdline").read() and alive(pid):
+                found.append(pid)
+        except FileNotFoundError:  # it exited since the list was read
+            pass
+    return found
 
 
 def metrics(url: str) -> dict:

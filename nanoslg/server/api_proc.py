@@ -83,7 +83,7 @@ class FollowerEngine(AsyncEngine):
                         log.error("API server %d: no word from the first API-server process for %.0f s",
                                   self.client_index, SILENCE_S)
                         self.state = RESTARTING
-                        self.fail_all(EngineUnavailable("the server lost track of its engine", "engine_died"))
+                        self.fail_all(EngineUnavailable("the server lost track of its engine", "engine_died", 5))
                         self.run_dir = ""  # relink when the state comes back
                     continue
                 if self._deaths():
@@ -96,7 +96,7 @@ class FollowerEngine(AsyncEngine):
             raise
         except Exception as e:  # this process can no longer serve: it exits and the first one restarts it
             log.error("API server %d stops: %s", self.client_index, e)
-            self.fail_all(EngineUnavailable(f"the API server stopped ({e})", "engine_died"))
+            self.fail_all(EngineUnavailable(f"the API server stopped ({e})", "engine_died", 1))
             self._give_up(1)
 
     def _apply(self, st: ServerState) -> None:
@@ -111,12 +111,12 @@ class FollowerEngine(AsyncEngine):
             if self.state in (RUNNING, DRAINING):
                 self.state = RESTARTING
                 self.fail_all(EngineUnavailable(f"the engine stopped while the request was running ({st.detail})",
-                                                "engine_died"))
+                                                "engine_died", 5))
         elif st.run_dir != self.run_dir:  # a (new) engine runs there
             if self.state in (RUNNING, DRAINING):  # its death went unnoticed between two states
                 self.state = RESTARTING
                 self.fail_all(EngineUnavailable("the engine restarted while the request was running",
-                                                "engine_died"))
+                                                "engine_died", 5))
             self._link(st.run_dir)
             self.state = DRAINING if st.state == DRAINING else RUNNING
         elif self.state == RESTARTING:

@@ -273,7 +273,7 @@ class SupervisedEngine(AsyncEngine):
         draining, running = self.state == DRAINING, len(self.routes)
         self.state = RESTARTING
         self.fail_all(EngineUnavailable(f"the engine stopped while the request was running ({what})",
-                                        "engine_died"))
+                                        "engine_died", retry_after=5))
         await self._stop_client()
         now = time.monotonic()
         while self.restart_times and now - self.restart_times[0] > self.restart_window_s:
