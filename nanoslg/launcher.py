@@ -52,6 +52,21 @@ def _exit_status(code: int) -> str:
     return f"exited with code {code}"
 
 
+def stop_processes(procs, timeout: float) -> None:
+    """SIGTERM to every live one, then SIGKILL to those still alive after timeout seconds."""
+    procs = list(procs)
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 def _worker_names(ranks) -> list:
     return [ipc.worker_name(r) for r in ranks]
 
@@ -158,16 +173,7 @@ class Launcher:
         if self.hub is not None:
             self.hub.stop()  # tells the other nodes to stop their workers
             self.hub = None
-        for p in self.children.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for p in self.children.values():
-            try:
-                p.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(self.children.values(), timeout)
         self.children.clear()
         if not self.inbox.closed:
             self.inbox.close(linger=0)

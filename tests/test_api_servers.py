@@ -3,7 +3,6 @@ process is restarted (a crash loop ends the server), and each process's requests
 import asyncio
 import os
 import signal
-import time
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families

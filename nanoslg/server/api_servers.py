@@ -11,7 +11,6 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from typing import Optional
 import zmq
 
 from nanoslg import protocol
-from nanoslg.launcher import _die_with_parent, _exit_status
+from nanoslg.launcher import _die_with_parent, _exit_status, stop_processes
 from nanoslg.protocol import ClientReset, Ready, ServerState
 from nanoslg.server.api_proc import SPEC_ENV
 from nanoslg.server.async_engine import DRAINING, RUNNING, STOPPED, SupervisedEngine
@@ -179,13 +178,6 @@ class ApiServerPool:
             self._control.send(protocol.encode(state))
         except zmq.ZMQError:
             pass
-        self.signal_all(signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        for proc in self.procs.values():
-            try:
-                proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs.values(), timeout_s)
         self._control.close(linger=0)
         self._ready.close(linger=0)

@@ -2,9 +2,10 @@
 process and routes each delta straight to the queue of the HTTP request it belongs to; requests released unfinished
 (client gone, error) are aborted, freeing their pages.
 
-In the process that owns the engine (SupervisedEngine) a supervisor task watches the engine's processes. When one dies it fails every running request, stops the rest and
-starts the engine again with the same configuration, in the background; more than `max_restarts` deaths within
-`restart_window_s` (or any death with restarts off) end the server instead, so a supervisor sees a crash loop."""
+In the process that owns the engine (SupervisedEngine) a supervisor task watches the engine's processes. When one
+dies it fails every running request, stops the rest and starts the engine again with the same configuration, in
+the background; more than `max_restarts` deaths within `restart_window_s` (or any death with restarts off) end the
+server instead, so a supervisor sees a crash loop."""
 from __future__ import annotations
 
 import asyncio

@@ -206,6 +206,11 @@ class Responder:
         self.id = _new_id("chatcmpl" if chat else "cmpl")
         self.created = int(time.time())
         self.want_logprobs = (body.logprobs if chat else body.logprobs is not None)
+        # Every event shares its envelope: encoded once, only the choice is encoded per event.
+        self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
+        envelope = to_json({"id": self.id, "object": self.chunk_object, "created": self.created, "model": model})
+        self._event_head = b"data: " + envelope[:-1] + b',"choices":['
+        self._event_tail = b'],"usage":null}\n\n' if body.include_usage else b"]}\n\n"
 
     def _envelope(self, obj: str, choices: list) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
@@ -231,11 +236,7 @@ class Responder:
 
     async def stream(self, first: Optional[tuple], rest: AsyncIterator[tuple]) -> AsyncIterator[bytes]:
         include_usage = self.body.include_usage
-        obj = "chat.completion.chunk" if self.chat else "text_completion"
-        # Every event shares its envelope: encoded once, only the choice is encoded per event.
-        envelope = to_json({"id": self.id, "object": obj, "created": self.created, "model": self.model})
-        self._event_head = b"data: " + envelope[:-1] + b',"choices":['
-        self._event_tail = b'],"usage":null}\n\n' if include_usage else b"]}\n\n"
+        obj = self.chunk_object
         if self.chat:
             yield self._sse([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None} for c in self.gen.choices])
