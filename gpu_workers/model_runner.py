@@ -18,6 +18,7 @@ from gpu_workers.attention.flashinfer_backend import FlashInferBackend, flashinf
 from gpu_workers.attention.sdpa import SdpaBackend
 from gpu_workers.batch_layout import StepBatch, TokenSlots, build_batch
 from gpu_workers.cuda_graphs import DecodeGraphs
+from gpu_workers.grammar import GrammarBook
 from gpu_workers.layers import fused_ops
 from gpu_workers.models.llama import LlamaForCausalLM, iter_required
 from gpu_workers.nano_batch import GEMM, OTHER, OpRunner, OpTimer
@@ -92,6 +93,9 @@ class ModelRunner:
         self.backend_cls = self._choose_backend()
         fused_ops.enable_for(self.device, wanted=self.backend_cls is FlashInferBackend)
         self.sampler = Sampler(self.device, cfg.seed)
+        # constrained decoding where tokens are sampled; the worker loop gives the driver its on_compiled
+        self.grammars = GrammarBook(cfg, spec.vocab_size) if self.ps.is_last_stage else None
+        self.row_errors: list = []  # [rid, error] of requests failed alone, reported with the next result
         self.rows: dict = {}  # rid -> RowParams, kept while the scheduler may still schedule the request
         self.token_slots = TokenSlots(self.device)
         self.graphs = None
@@ -178,7 +182,7 @@ class ModelRunner:
         plan = StepPlan(-1, [SeqChunk(f"probe{i}", token_ids([1] * n), 0, token_ids(p), True,
                                       {"temperature": 1.0, "top_p": 0.9})
                              for i, (n, p) in enumerate(zip(lens, pages))])
-        self.finish(self.launch(plan, stage_local=True))
+        self.execute(plan, stage_local=True)
         self.launch(StepPlan(-1, [], [s.rid for s in plan.seqs]))
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
@@ -198,13 +202,19 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, plan: StepPlan, stage_local: bool = False) -> "Launched":
         """Queue this rank's part of the plan on the device without waiting for it. stage_local: stand in for
-        the activations of other stages instead of exchanging them (memory profiling)."""
+        the activations of other stages instead of exchanging them (memory profiling). A step with constrained
+        rows leaves its sampling to complete(), which runs once the previous step's tokens advanced the
+        matchers."""
         for rid in plan.released:
             self.rows.pop(rid, None)
             self.token_slots.free(rid)
+            if self.grammars is not None:
+                self.grammars.release(rid)
         for s in plan.seqs:
             if s.params is not None:
                 self.rows[s.rid] = RowParams.from_dict(s.params)
+                if self.grammars is not None and s.params.get("structured_outputs"):
+                    self._add_matcher(s.rid, s.params)
             self.rows[s.rid].record_input(s.start_pos, s.token_ids, s.pending)
         if not plan.seqs:
             return Launched(plan.step_id, [], None)
@@ -222,16 +232,43 @@ class ModelRunner:
             seqs = [batch.seqs[b] for b in sampling]
             last = upload([int(batch.cu[b + 1]) - 1 for b in sampling], self.device)
             logits = self._timed(timer, GEMM, self.model.compute_logits, hidden[last])
-            positions = [s.start_pos + len(s.token_ids) + s.pending for s in seqs]
-            sampled = self._timed(timer, OTHER, self.sampler, logits, [self.rows[s.rid] for s in seqs], positions)
         finally:
             self.op_runner.timer = None
+        launched = Launched(plan.step_id, [s.rid for s in seqs], None, span, timer, (logits, seqs))
+        if self.grammars is None or not any(s.rid in self.grammars.matchers for s in seqs):
+            self.complete(launched)
+        return launched
+
+    def _add_matcher(self, rid: str, params: dict) -> None:
+        try:
+            self.grammars.add(rid, params["structured_outputs"], params.get("grammar_stop_ids", []))
+        except Exception as e:  # the request fails alone (its grammar compiled on the driver: should not happen)
+            self.row_errors.append([rid, f"structured output: {e}"])
+
+    @torch.inference_mode()
+    def complete(self, launched: "Launched") -> None:
+        """Sample a launched step whose logits wait (no-op otherwise), applying the grammar bitmasks."""
+        if launched.logits is None:
+            return
+        logits, seqs = launched.logits
+        launched.logits = None
+        rows = [self.rows[s.rid] for s in seqs]
+        positions = [s.start_pos + len(s.token_ids) + s.pending for s in seqs]
+        mask = None
+        if self.grammars is not None and self.grammars.matchers:
+            rids = [s.rid if s.rid in self.grammars.matchers else None for s in seqs]
+            constrained = [i for i, rid in enumerate(rids) if rid is not None]
+            if constrained:
+                bitmask = self.grammars.fill(rids)
+                mask = lambda lg: self.grammars.apply(lg, bitmask, constrained)  # noqa: E731
+        timer = launched.timer
+        sampled = self._timed(timer, OTHER, self.sampler, logits, rows, positions, mask)
         # Keep each request's newest token on the device for a decode already planned on top of it.
         slot_ids = upload([self.token_slots.slot(s.rid) for s in seqs], self.device)
         self.token_slots.tokens[slot_ids] = sampled.tokens
-        span.end()
+        launched.span.end()
         sampled.start_copy()
-        return Launched(plan.step_id, [s.rid for s in seqs], sampled, span, timer)
+        launched.sampled = sampled
 
     @staticmethod
     def _timed(timer: Optional[OpTimer], kind: str, fn, *args):
@@ -288,6 +325,7 @@ class ModelRunner:
     def finish(self, launched: "Launched") -> StepResult:
         """Wait for a launched step and report its tokens (the step's one host synchronisation), with its device
         time (and, on a timed step, the time of each operation class)."""
+        self.complete(launched)
         if launched.sampled is None:
             result = StepResult(launched.step_id, [], token_ids())
         else:
@@ -297,6 +335,10 @@ class ModelRunner:
                 if row is not None:
                     row.record_sampled(tok)
             result = StepResult(launched.step_id, launched.rids, token_ids(tokens), logprobs)
+            if self.grammars is not None and self.grammars.matchers:
+                self._advance_matchers(launched.rids, tokens, result)
+        if self.row_errors:
+            result.row_errors, self.row_errors = self.row_errors, []
         if launched.span is not None:
             result.gpu_ms = launched.span.ms()
             if launched.timer is not None:
@@ -305,6 +347,19 @@ class ModelRunner:
                 op_ms[OTHER] += max(0.0, result.gpu_ms - sum(op_ms.values()))
                 result.op_ms = op_ms
         return result
+
+    def _advance_matchers(self, rids: list, tokens: list, result: StepResult) -> None:
+        ended = []
+        for rid, tok in zip(rids, tokens):
+            if rid not in self.grammars.matchers:
+                continue
+            try:
+                if self.grammars.accept(rid, tok):
+                    ended.append(rid)
+            except Exception as e:  # this request alone fails; its matcher goes
+                self.grammars.release(rid)
+                self.row_errors.append([rid, f"structured output: {e}"])
+        result.grammar_ended = ended or None
 
     @staticmethod
     def is_done(launched) -> bool:
@@ -316,8 +371,8 @@ class ModelRunner:
         """Penalties read the request's full token history on the host, which a pending token is not yet in."""
         return any(s.pending and self.rows[s.rid].has_penalties for s in plan.seqs if s.rid in self.rows)
 
-    def execute(self, plan: StepPlan) -> StepResult:
-        return self.finish(self.launch(plan))
+    def execute(self, plan: StepPlan, stage_local: bool = False) -> StepResult:
+        return self.finish(self.launch(plan, stage_local))
 
 
 class StepSpan:
@@ -351,3 +406,4 @@ class Launched:
     sampled: Optional[Sampled]
     span: Optional[StepSpan] = None
     timer: Optional[OpTimer] = None
+    logits: Optional[tuple] = None  # (logits, sampling chunks) while sampling waits for complete()

@@ -6,7 +6,7 @@ request gets the same tokens whatever else shares its batch, and after preemptio
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -102,11 +102,17 @@ class Sampler:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, rows: list, positions: list) -> Sampled:
-        """logits: [B, V] float32. positions[b]: the position the sampled token will occupy."""
-        raw = logits  # logprobs report the model's distribution, before penalties
+    def __call__(self, logits: torch.Tensor, rows: list, positions: list,
+                 mask: Optional[Callable[[torch.Tensor], None]] = None) -> Sampled:
+        """logits: [B, V] float32. positions[b]: the position the sampled token will occupy. mask: sets the
+        logits of the tokens a grammar forbids to -inf, in place (every option below then samples among the
+        allowed tokens only)."""
+        raw = logits  # logprobs report the model's distribution, before penalties and grammars
         if any(r.has_penalties for r in rows):
             logits = self._apply_penalties(logits.clone(), rows)
+        if mask is not None:
+            logits = logits.clone() if logits is raw else logits
+            mask(logits)
         tokens = logits.argmax(dim=-1)
         sampled_rows = [i for i, r in enumerate(rows) if not r.greedy]
         if sampled_rows:

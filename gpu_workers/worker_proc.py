@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 import traceback
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Optional
 
 import zmq
 
@@ -14,7 +16,8 @@ from gpu_workers.step_profiler import StepProfiler
 from nanoslg import cluster, ipc
 from nanoslg.config import EngineConfig
 from nanoslg.logs import setup_logging
-from nanoslg.protocol import ProfileRequest, ProfileResult, ProtocolError, StepPlan, StepResult, token_ids
+from nanoslg.protocol import (GrammarCompile, GrammarCompiled, ProfileRequest, ProfileResult, ProtocolError, StepPlan,
+                              StepResult, token_ids)
 
 log = logging.getLogger("nanoslg.worker")
 
@@ -96,6 +99,9 @@ def serve(cfg: EngineConfig, rank: int, ready) -> None:
     ctx = zmq.Context()
     plans = _connect(ctx, cfg, zmq.SUB, cluster.PLANS, ipc.PLANS)
     to_scheduler = _connect(ctx, cfg, zmq.PUSH, cluster.RESULTS, ipc.SCHEDULER) if ps.is_driver else None
+    if ps.is_driver:
+        runner.grammars.on_compiled = _GrammarReplies(
+            lambda: _connect(ctx, cfg, zmq.PUSH, cluster.RESULTS, ipc.SCHEDULER)).send
     ready({"num_pages": runner.num_pages, "device": str(runner.device), "dtype": str(runner.dtype),
            "attention_backend": runner.backend.name, "layers": [runner.model.layer_range.start,
                                                                 runner.model.layer_range.stop],
@@ -116,6 +122,10 @@ def serve(cfg: EngineConfig, rank: int, ready) -> None:
         except ProtocolError as e:
             log.warning("dropped a bad message: %s", e)
             continue
+        if isinstance(msg, GrammarCompile):
+            if runner.grammars is not None:
+                runner.grammars.prepare(msg.key, msg.spec)
+            continue
         if isinstance(msg, ProfileRequest):
             if in_flight is not None:
                 _report(runner, in_flight, to_scheduler, profiler)
@@ -129,19 +139,44 @@ def serve(cfg: EngineConfig, rank: int, ready) -> None:
             _report(runner, in_flight, to_scheduler, profiler)
             in_flight = None
         profiler.on_plan(msg.step_id)
-        try:
-            launched = runner.launch(msg)
-        except Exception as e:
-            if cfg.world_size > 1:
-                # The other ranks ran (or wait in) this step's collectives: carrying on would desynchronise them.
-                # Dying makes the launcher fail the engine with this rank's name instead of hanging it.
-                raise
-            log.error("step %d failed:\n%s", msg.step_id, traceback.format_exc())  # fails its requests only
-            launched = StepResult(msg.step_id, [], token_ids(), None, f"{type(e).__name__}: {e}")
+        launched = _guarded(cfg, msg.step_id, lambda: runner.launch(msg))
         profiler.launched()
         if in_flight is not None:
             _report(runner, in_flight, to_scheduler, profiler)
+        if not isinstance(launched, StepResult):
+            # a step with grammar rows samples now, its matchers advanced by the tokens just reported
+            launched = _guarded(cfg, msg.step_id, lambda: runner.complete(launched)) or launched
         in_flight = launched
+
+
+def _guarded(cfg: EngineConfig, step_id: int, fn: Callable):
+    """fn's result, or the StepResult that fails the step's requests when it raises (on one rank only)."""
+    try:
+        return fn()
+    except Exception as e:
+        if cfg.world_size > 1:
+            # The other ranks ran (or wait in) this step's collectives: carrying on would desynchronise them.
+            # Dying makes the launcher fail the engine with this rank's name instead of hanging it.
+            raise
+        log.error("step %d failed:\n%s", step_id, traceback.format_exc())  # fails its requests only
+        return StepResult(step_id, [], token_ids(), None, f"{type(e).__name__}: {e}")
+
+
+class _GrammarReplies:
+    """GrammarCompiled messages from the compile threads, sent by one thread that owns its own socket (a zmq
+    socket must stay with one thread): the worker loop may be blocked on the plan feed meanwhile."""
+
+    def __init__(self, connect: Callable[[], zmq.Socket]):
+        self.connect, self.sock = connect, None
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-replies")
+
+    def send(self, key: str, error: Optional[str]) -> None:
+        self.pool.submit(self._send, GrammarCompiled(key, error))
+
+    def _send(self, msg: GrammarCompiled) -> None:
+        if self.sock is None:
+            self.sock = self.connect()
+        ipc.send(self.sock, msg)
 
 
 def _profile(runner, msg: ProfileRequest, to_scheduler) -> None:

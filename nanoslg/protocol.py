@@ -186,6 +186,25 @@ class StepResult:
     error: Optional[str] = None  # the step failed as a whole (e.g. out of memory)
     gpu_ms: float = 0.0  # the driver rank's device time for the step (CUDA events around it; 0 on CPU)
     op_ms: Optional[dict] = None  # on sampled steps: device ms per operation class (gemm, attention, ...)
+    grammar_ended: Optional[list] = None  # rids whose structured output is complete with this step's token
+    row_errors: Optional[list] = None  # [rid, error] of rows that failed alone (a grammar that broke): they end
+
+
+@message
+class GrammarCompile:
+    """Sent on the plan feed before any request with this structured output is scheduled: the sampling ranks
+    compile it in the background (structured_outputs.py form); the driver answers GrammarCompiled."""
+
+    key: str
+    spec: dict
+
+
+@message
+class GrammarCompiled:
+    """The driver's grammar for key is compiled (error unset) or cannot be (its requests are rejected)."""
+
+    key: str
+    error: Optional[str] = None
 
 
 @message

@@ -5,6 +5,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from nanoslg import structured_outputs as so
+
 MAX_LOGPROBS = 20
 
 
@@ -27,12 +29,15 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtracted once from every token already generated
     frequency_penalty: float = 0.0  # subtracted per occurrence among generated tokens
     repetition_penalty: float = 1.0  # divides positive / multiplies negative logits of prompt + generated tokens
+    # what the output must match (structured_outputs.py): {"json": schema} / {"regex": ...} / {"choice": [...]} ...
+    structured_outputs: Optional[dict] = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.structured_outputs = so.normalize(self.structured_outputs)
         self.validate()
 
     def validate(self) -> None:

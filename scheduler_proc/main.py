@@ -13,8 +13,9 @@ from nanoslg import cluster, ipc
 from nanoslg.config import EngineConfig
 from nanoslg.logs import setup_logging
 from nanoslg.protocol import (AbortRequest, DebugProfile, DebugReply, DebugSetTargets, DebugStateQuery, DebugSubmit,
-                              ProfileRequest, ProfileResult, ProtocolError, Shutdown, StepPlan, StepResult, TokenBatch,
-                              TokenizedRequest)
+                              GrammarCompiled, ProfileRequest, ProfileResult, ProtocolError, Shutdown, StepPlan,
+                              StepResult, TokenBatch, TokenizedRequest, TokenUpdate, token_ids)
+from scheduler_proc.grammar_gate import GrammarGate
 from scheduler_proc.scheduler import Scheduler
 from scheduler_proc.step_timeline import StepTimeline
 
@@ -56,6 +57,7 @@ class SchedulerProcess:
             self.remote_inbox.setsockopt(zmq.LINGER, 0)
             self.refusals.append(cluster.serve_securely(self.remote_inbox, cfg, cluster.RESULTS, secret))
         self.timeline = StepTimeline()
+        self.grammars = GrammarGate(self._publish_plan)
         # Totals since start, for /metrics: time with a step in flight (the workers busy or waiting on a result),
         # the scheduler's own time forming plans and applying results, and the steps run.
         self.busy_s, self.busy_since, self.cpu_s, self.num_steps = 0.0, 0.0, 0.0, 0
@@ -160,16 +162,28 @@ class SchedulerProcess:
                 self._debug_reply(self.profile[0], {"kind": msg.kind, "timings": msg.timings, "error": msg.error})
                 self.profile = None
         elif isinstance(msg, TokenizedRequest):
-            error = self.core.add(msg)
-            if error:
-                self._publish([error])
+            if self.grammars.offer(msg):
+                self._add(msg)
+        elif isinstance(msg, GrammarCompiled):
+            held, error = self.grammars.on_compiled(msg)
+            for req in held:
+                if error is None:
+                    self._add(req)
+                else:
+                    self._publish([TokenUpdate(req.rid, token_ids(), "rejected", None, error)])
         elif isinstance(msg, AbortRequest):
-            self.core.abort(msg.rid)
+            if not self.grammars.abort(msg.rid):
+                self.core.abort(msg.rid)
         elif isinstance(msg, Shutdown):
             raise ipc.ShutdownRequested(msg.reason)
         else:
             log.warning("unexpected %s on the scheduler inbox", type(msg).__name__)
         return True
+
+    def _add(self, req: TokenizedRequest) -> None:
+        error = self.core.add(req)
+        if error:
+            self._publish([error])
 
     def _publish(self, updates: list) -> None:
         for_tokenizer = []
@@ -196,6 +210,7 @@ class SchedulerProcess:
                 busy = self.busy_s + (time.perf_counter() - self.busy_since if self.core.steps_in_flight else 0.0)
                 cfg = self.cfg
                 reply = self.core.state() | {"debug_requests": self.debug_requests, "engine_busy_s": busy,
+                                             "grammar_waiting": self.grammars.num_waiting,
                                              "scheduler_cpu_s": self.cpu_s, "num_steps": self.num_steps,
                                              "max_num_seqs": cfg.max_num_seqs,
                                              "max_num_batched_tokens": cfg.max_num_batched_tokens,
@@ -229,7 +244,7 @@ class SchedulerProcess:
         rid = f"debug-{next(self.debug_ids)}"
         params = dict(msg.params)
         req = TokenizedRequest(rid, msg.prompt_ids, params, list(params.pop("stop_token_ids", [])))
-        error = self.core.add(req)
+        error = self.core.add(req) if self.grammars.offer(req) else None
         if error:
             return {"error": error.error}
         self.debug_requests[rid] = {"prompt_ids": list(msg.prompt_ids), "output_ids": [], "finish_reason": None,

@@ -221,6 +221,8 @@ class Scheduler:
     @staticmethod
     def _worker_params(r: Request, start: int) -> dict:
         params = {**r.params, "prompt_len": len(r.prompt_ids)}
+        if r.params.get("structured_outputs"):  # a grammar ends on what ends the request (EOS unless ignored)
+            params["grammar_stop_ids"] = sorted(r.stop_token_ids)
         if start and penalties_requested(r.params):
             # Penalties count every token seen; those of a cached prefix reach the worker only through here.
             params["prefix_ids"] = list(r.prompt_ids[:start])
@@ -275,13 +277,14 @@ class Scheduler:
                     updates.append(TokenUpdate(rid, token_ids(), "error", None, result.error))
         else:
             logprobs = result.logprobs or [None] * len(result.rids)
+            grammar_ended = set(result.grammar_ended or ())
             for rid, tok, lp in zip(result.rids, result.token_ids, logprobs):
                 r = self.requests.get(rid)
                 if r is None or r.status is Status.FINISHED:
                     continue  # finished (or aborted) while this step ran: its token is void
                 r.output_ids.append(tok)
                 reason = None
-                if tok in r.stop_token_ids:
+                if tok in r.stop_token_ids or rid in grammar_ended:  # a complete structured output stops too
                     reason = "stop"
                 elif len(r.output_ids) >= r.max_tokens or r.num_tokens >= self.max_model_len:
                     reason = "length"
@@ -293,6 +296,11 @@ class Scheduler:
                     update.queue_time = r.first_scheduled - r.arrival
                     update.prefill_time = time.monotonic() - r.first_scheduled
                 updates.append(update)
+        for rid, error in result.row_errors or ():
+            r = self.requests.get(rid)
+            if r is not None and r.status is not Status.FINISHED:
+                self._finish(r, "error")
+                updates.append(TokenUpdate(rid, token_ids(), "error", None, error))
         for rid in members:
             r = self.requests.get(rid)
             if r is not None and r.status is Status.FINISHED and not r.in_flight:

@@ -115,6 +115,7 @@ API_SERVERS = pytest.mark.parametrize("api_servers", ["1", "2"], ids=["1api", "2
 def test_engine_heals_after_each_process_dies_then_a_crash_loop_ends_the_server(tiny_chat_model, api_servers):
     with Server(tiny_chat_model, "--max-model-len", "1024", "--api-server-count", api_servers) as srv:
         reference = complete(srv.url, "The capital of France")
+        aborted = 0  # in-flight requests the engine deaths ended
         for victim in ("worker", "scheduler", "tokenizer"):
             before = children(srv.proc.pid)
             assert set(before) == set(MODULES), before
@@ -132,8 +133,11 @@ def test_engine_heals_after_each_process_dies_then_a_crash_loop_ends_the_server(
                 assert error is not None and victim in error and finish is None, (victim, error, finish)
             assert killed["to_503"] < 2.0 and killed["metrics"] == 200
             r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "x"}, timeout=10)
+            aborted += len(results)
             if r.status_code == 503:  # still restarting: told when to come back
                 assert r.headers["Retry-After"].isdigit() and r.json()["error"]["type"] == "service_unavailable"
+                # a follower may admit it in the moment before it hears of the death: then it is one more abort
+                aborted += "while the request was running" in r.json()["error"]["message"]
             wait_for(lambda: health(srv.url) == 200, 120, 0.2)
             assert complete(srv.url, "The capital of France") == reference
             assert not any(alive(p) for p in before.values()), f"orphans after the {victim} died"
@@ -141,7 +145,8 @@ def test_engine_heals_after_each_process_dies_then_a_crash_loop_ends_the_server(
             assert set(after) == set(MODULES) and not set(after.values()) & set(before.values())
         metrics = httpx.get(f"{srv.url}/metrics").text
         assert "nanoslg_engine_restarts_total 3.0" in metrics
-        assert 'nanoslg_request_aborts_total{reason="engine_died"} 12.0' in metrics
+        assert f'nanoslg_request_aborts_total{{reason="engine_died"}} {aborted:.1f}' in metrics, \
+            [line for line in metrics.splitlines() if "aborts_total" in line]
         # A 4th death within the window: the server gives up, exits non-zero and leaves no process behind.
         last = children(srv.proc.pid)
         os.kill(last["worker"], signal.SIGKILL)

@@ -1,0 +1,158 @@
+"""Constrained decoding on a sampling rank (the last pipeline stage; every TP rank of it samples alike): compiled
+grammars, one xgrammar matcher per constrained request, and the token bitmask applied to the logits.
+
+Compiling runs on a thread pool (xgrammar releases the GIL), started when the scheduler announces a grammar
+(GrammarCompile), before any of its requests is scheduled; the scheduler admits them once the driver says it is
+compiled. A matcher advances on each sampled token when the step's tokens reach the host (ModelRunner.finish),
+which the worker loop does before it samples the next step, so the bitmask for step N+1 is filled while the
+device still runs step N+1's forward pass.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Optional
+
+import torch
+
+from nanoslg import structured_outputs as so
+from nanoslg.config import EngineConfig
+
+log = logging.getLogger("nanoslg.worker")
+
+MAX_GRAMMARS = 256  # compiled grammars kept (the scheduler keeps as many known-compiled keys)
+
+
+def synthetic_vocab(vocab_size: int, seed: int = 0) -> list:
+    """A stand-in vocabulary for a model served without a tokenizer (dummy weights): every byte as a token, then
+    short strings of JSON's characters, so grammars compile and match at the real vocabulary's size."""
+    rng = random.Random(seed)
+    alphabet = 'abcdefghijklmnopqrstuvwxyz0123456789 {}[]:,"_-.'
+    out = [bytes([i]) for i in range(min(256, vocab_size))]
+    while len(out) < vocab_size:
+        out.append("".join(rng.choice(alphabet) for _ in range(rng.randint(2, 6))).encode())
+    return out
+
+
+def _tokenizer_info(cfg: EngineConfig, vocab_size: int) -> Any:
+    import xgrammar
+
+    eos = list(cfg.model_spec.eos_token_ids) or [vocab_size - 1]
+    path = cfg.tokenizer or cfg.model
+    if any(os.path.isfile(os.path.join(path, n)) for n in ("tokenizer.json", "tokenizer_config.json",
+                                                          "tokenizer.model")):
+        from transformers import AutoTokenizer
+
+        return xgrammar.TokenizerInfo.from_huggingface(AutoTokenizer.from_pretrained(path), vocab_size=vocab_size,
+                                                      stop_token_ids=eos)
+    return xgrammar.TokenizerInfo(synthetic_vocab(vocab_size), vocab_size=vocab_size, stop_token_ids=eos)
+
+
+class GrammarBook:
+    """This rank's compiled grammars (by structured_outputs.cache_key) and live matchers (by request id)."""
+
+    def __init__(self, cfg: EngineConfig, vocab_size: int,
+                 on_compiled: Optional[Callable[[str, Optional[str]], None]] = None):
+        self.cfg, self.vocab_size, self.on_compiled = cfg, vocab_size, on_compiled
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")
+        self._lock = threading.Lock()
+        self._compiler: Any = None
+        self._compiled: OrderedDict[str, Future] = OrderedDict()
+        self.matchers: dict[str, Any] = {}
+        self._batch_matcher: Any = None
+        self._bitmask: Optional[torch.Tensor] = None
+        self._apply_backend = "auto"
+
+    def _get_compiler(self) -> Any:
+        with self._lock:  # the first grammar loads the vocabulary (once; later compiles reuse it)
+            if self._compiler is None:
+                import xgrammar
+
+                self._compiler = xgrammar.GrammarCompiler(_tokenizer_info(self.cfg, self.vocab_size), max_threads=2)
+            return self._compiler
+
+    def _future(self, key: str, spec: dict) -> Future:
+        fut = self._compiled.get(key)
+        if fut is None:
+            fut = self._pool.submit(lambda: so.compile_with(self._get_compiler(), spec))
+            self._compiled[key] = fut
+            while len(self._compiled) > MAX_GRAMMARS:
+                self._compiled.popitem(last=False)
+        else:
+            self._compiled.move_to_end(key)
+        return fut
+
+    def prepare(self, key: str, spec: dict) -> None:
+        """Start compiling (or find compiled) spec; on_compiled(key, error) follows from the pool's thread."""
+        fut = self._future(key, spec)
+        if self.on_compiled is not None:
+            fut.add_done_callback(lambda f: self.on_compiled(key, _error_of(f)))
+
+    def add(self, rid: str, spec: dict, stop_token_ids: list) -> None:
+        """A matcher for a request's first chunk. Its grammar was announced before the request was scheduled, so
+        it is compiled here or about to be (a non-driver TP rank may lag the driver by a moment)."""
+        import xgrammar
+
+        compiled = self._future(so.cache_key(spec), spec).result()  # raises GrammarError
+        self.matchers[rid] = xgrammar.GrammarMatcher(compiled, override_stop_tokens=stop_token_ids or None)
+
+    def release(self, rid: str) -> None:
+        self.matchers.pop(rid, None)
+
+    def accept(self, rid: str, token: int) -> bool:
+        """Advance rid's matcher by its sampled token; True once its output is complete. Raises when the grammar
+        refuses the token (it cannot, under the mask: a broken grammar), which fails that request alone."""
+        m = self.matchers.get(rid)
+        if m is None or m.is_terminated():
+            return m is not None
+        if not m.accept_token(token):
+            raise RuntimeError(f"the grammar refused token {token} it had allowed")
+        return m.is_terminated()
+
+    def fill(self, rows: list) -> torch.Tensor:
+        """The bitmask for a step's sampling rows: rows[i] a request id or None (unconstrained, left unfilled).
+        A finished matcher allows everything: the token it gets is discarded by the scheduler anyway."""
+        import xgrammar
+
+        n, words = len(rows), -(-self.vocab_size // 32)
+        if self._bitmask is None or self._bitmask.shape[0] < n:
+            self._bitmask = torch.empty((max(n, 64), words), dtype=torch.int32,
+                                        pin_memory=torch.cuda.is_available())
+        bitmask = self._bitmask[:n]
+        bitmask.fill_(-1)
+        matchers, indices = [], []
+        for i, rid in enumerate(rows):
+            m = self.matchers.get(rid) if rid is not None else None
+            if m is not None and not m.is_terminated():
+                matchers.append(m)
+                indices.append(i)
+        if matchers:
+            if self._batch_matcher is None:
+                self._batch_matcher = xgrammar.BatchGrammarMatcher(max_threads=max(1, min(8, torch.get_num_threads())))
+            self._batch_matcher.batch_fill_next_token_bitmask(matchers, bitmask, indices)
+        return bitmask
+
+    def apply(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list) -> None:
+        """Sets the logits of the tokens the bitmask forbids to -inf, in place, in the given rows."""
+        import xgrammar
+
+        mask = bitmask.to(logits.device, non_blocking=True)
+        try:
+            xgrammar.apply_token_bitmask_inplace(logits, mask, vocab_size=self.vocab_size, indices=rows,
+                                                 backend=self._apply_backend)
+        except Exception as e:  # e.g. no Triton to build the GPU kernel: torch's own ops do the same
+            if self._apply_backend != "auto":
+                raise
+            log.warning("xgrammar's bitmask kernel failed (%s); applying the bitmask with torch ops", e)
+            self._apply_backend = "torch_native"
+            xgrammar.apply_token_bitmask_inplace(logits, mask, vocab_size=self.vocab_size, indices=rows,
+                                                 backend=self._apply_backend)
+
+
+def _error_of(fut: Future) -> Optional[str]:
+    e = fut.exception()
+    return None if e is None else str(e) if isinstance(e, so.GrammarError) else f"{type(e).__name__}: {e}"
