@@ -9,6 +9,7 @@ device still runs step N+1's forward pass.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -24,7 +25,11 @@ from nanoslg.config import EngineConfig
 
 log = logging.getLogger("nanoslg.worker")
 
-MAX_GRAMMARS = 256  # compiled grammars kept (the scheduler keeps as many known-compiled keys)
+# compiled grammars kept: more than the scheduler's known-compiled keys (grammar_gate.MAX_KNOWN), so a request the
+# scheduler admitted as compiled finds its grammar here unless hundreds of new ones came while it waited
+MAX_GRAMMARS = 512
+COMPILER_CACHE_BYTES = 512 << 20  # xgrammar's own cache of compiled grammars: a schema per request must not grow it
+
 
 
 def synthetic_vocab(vocab_size: int, seed: int = 0) -> list:
@@ -55,9 +60,9 @@ def _tokenizer_info(cfg: EngineConfig, vocab_size: int) -> Any:
 class GrammarBook:
     """This rank's compiled grammars (by structured_outputs.cache_key) and live matchers (by request id)."""
 
-    def __init__(self, cfg: EngineConfig, vocab_size: int,
+    def __init__(self, cfg: EngineConfig, vocab_size: int, device: torch.device,
                  on_compiled: Optional[Callable[[str, Optional[str]], None]] = None):
-        self.cfg, self.vocab_size, self.on_compiled = cfg, vocab_size, on_compiled
+        self.cfg, self.vocab_size, self.device, self.on_compiled = cfg, vocab_size, device, on_compiled
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")
         self._lock = threading.Lock()
         self._compiler: Any = None
@@ -72,12 +77,29 @@ class GrammarBook:
             if self._compiler is None:
                 import xgrammar
 
-                self._compiler = xgrammar.GrammarCompiler(_tokenizer_info(self.cfg, self.vocab_size), max_threads=2)
+                self._compiler = xgrammar.GrammarCompiler(_tokenizer_info(self.cfg, self.vocab_size), max_threads=2,
+                                                          cache_limit_bytes=COMPILER_CACHE_BYTES)
+                self._warm_up_apply()
             return self._compiler
+
+    def _warm_up_apply(self) -> None:
+        """Builds the bitmask kernel (Triton, on a GPU) here, before the first grammar is reported compiled, not
+        in the first constrained step."""
+        bitmask = torch.full((1, -(-self.vocab_size // 32)), -1, dtype=torch.int32)
+        try:
+            # this thread's current CUDA device is 0 whatever the worker's: make it the worker's for the launch
+            with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+                logits = torch.zeros((1, self.vocab_size), dtype=torch.float32, device=self.device)
+                self.apply(logits, bitmask, [0])
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+        except Exception as e:
+            log.warning("the token bitmask kernel failed to warm up (%s): constrained steps use torch ops", e)
+            self._apply_backend = "torch_native"
 
     def _future(self, key: str, spec: dict) -> Future:
         fut = self._compiled.get(key)
-        if fut is None:
+        if fut is None or (fut.done() and fut.exception() is not None):  # a failure is not kept: it may pass later
             fut = self._pool.submit(lambda: so.compile_with(self._get_compiler(), spec))
             self._compiled[key] = fut
             while len(self._compiled) > MAX_GRAMMARS:
@@ -97,7 +119,11 @@ class GrammarBook:
         it is compiled here or about to be (a non-driver TP rank may lag the driver by a moment)."""
         import xgrammar
 
-        compiled = self._future(so.cache_key(spec), spec).result()  # raises GrammarError
+        fut = self._future(so.cache_key(spec), spec)
+        if not fut.done():
+            log.warning("request %s waits for its grammar to compile (dropped from this rank's cache, or a TP "
+                        "rank behind the driver)", rid)
+        compiled = fut.result()  # raises GrammarError
         self.matchers[rid] = xgrammar.GrammarMatcher(compiled, override_stop_tokens=stop_token_ids or None)
 
     def release(self, rid: str) -> None:
@@ -121,7 +147,7 @@ class GrammarBook:
         n, words = len(rows), -(-self.vocab_size // 32)
         if self._bitmask is None or self._bitmask.shape[0] < n:
             self._bitmask = torch.empty((max(n, 64), words), dtype=torch.int32,
-                                        pin_memory=torch.cuda.is_available())
+                                        pin_memory=self.device.type == "cuda")
         bitmask = self._bitmask[:n]
         bitmask.fill_(-1)
         matchers, indices = [], []
@@ -135,6 +161,14 @@ class GrammarBook:
                 self._batch_matcher = xgrammar.BatchGrammarMatcher(max_threads=max(1, min(8, torch.get_num_threads())))
             self._batch_matcher.batch_fill_next_token_bitmask(matchers, bitmask, indices)
         return bitmask
+
+    @staticmethod
+    def dead_ends(bitmask: torch.Tensor, rows: list) -> list:
+        """The rows (of those given) whose bitmask allows no token at all."""
+        if not rows:
+            return []
+        alive = bitmask[torch.tensor(rows)].ne(0).any(dim=1).tolist()
+        return [i for i, ok in zip(rows, alive) if not ok]
 
     def apply(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list) -> None:
         """Sets the logits of the tokens the bitmask forbids to -inf, in place, in the given rows."""

@@ -32,6 +32,8 @@ from nanoslg.protocol import SeqChunk, StepPlan, StepResult, token_ids
 
 log = logging.getLogger("nanoslg.worker")
 
+DEAD_END = ("structured output: no token of the model's vocabulary can continue the output here (the grammar asks "
+            "for characters its tokenizer cannot write)")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -94,8 +96,8 @@ class ModelRunner:
         fused_ops.enable_for(self.device, wanted=self.backend_cls is FlashInferBackend)
         self.sampler = Sampler(self.device, cfg.seed)
         # constrained decoding where tokens are sampled; the worker loop gives the driver its on_compiled
-        self.grammars = GrammarBook(cfg, spec.vocab_size) if self.ps.is_last_stage else None
-        self.row_errors: list = []  # [rid, error] of requests failed alone, reported with the next result
+        self.grammars = GrammarBook(cfg, spec.vocab_size, self.device) if self.ps.is_last_stage else None
+        self.row_errors: list = []  # [rid, error, reason] of requests failed alone, reported with the next result
         self.rows: dict = {}  # rid -> RowParams, kept while the scheduler may still schedule the request
         self.token_slots = TokenSlots(self.device)
         self.graphs = None
@@ -243,7 +245,7 @@ class ModelRunner:
         try:
             self.grammars.add(rid, params["structured_outputs"], params.get("grammar_stop_ids", []))
         except Exception as e:  # the request fails alone (its grammar compiled on the driver: should not happen)
-            self.row_errors.append([rid, f"structured output: {e}"])
+            self.row_errors.append([rid, f"structured output: {e}", "error"])
 
     @torch.inference_mode()
     def complete(self, launched: "Launched") -> None:
@@ -260,6 +262,12 @@ class ModelRunner:
             constrained = [i for i, rid in enumerate(rids) if rid is not None]
             if constrained:
                 bitmask = self.grammars.fill(rids)
+                for i in self.grammars.dead_ends(bitmask, constrained):
+                    # no token of the vocabulary continues the output (e.g. a character the tokenizer cannot
+                    # write): the request is refused rather than sampled outside its grammar
+                    self.row_errors.append([rids[i], DEAD_END, "rejected"])
+                    self.grammars.release(rids[i])
+                    constrained.remove(i)
                 mask = lambda lg: self.grammars.apply(lg, bitmask, constrained)  # noqa: E731
         timer = launched.timer
         sampled = self._timed(timer, OTHER, self.sampler, logits, rows, positions, mask)
@@ -358,7 +366,7 @@ class ModelRunner:
                     ended.append(rid)
             except Exception as e:  # this request alone fails; its matcher goes
                 self.grammars.release(rid)
-                self.row_errors.append([rid, f"structured output: {e}"])
+                self.row_errors.append([rid, f"structured output: {e}", "error"])
         result.grammar_ended = ended or None
 
     @staticmethod

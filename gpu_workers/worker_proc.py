@@ -174,9 +174,13 @@ class _GrammarReplies:
         self.pool.submit(self._send, GrammarCompiled(key, error))
 
     def _send(self, msg: GrammarCompiled) -> None:
-        if self.sock is None:
-            self.sock = self.connect()
-        ipc.send(self.sock, msg)
+        try:
+            if self.sock is None:
+                self.sock = self.connect()
+            ipc.send(self.sock, msg)
+        except Exception:  # its requests would wait forever: this rank cannot serve grammars, so it stops
+            log.critical("cannot tell the scheduler a grammar is compiled:\n%s", traceback.format_exc())
+            os._exit(1)
 
 
 def _profile(runner, msg: ProfileRequest, to_scheduler) -> None:

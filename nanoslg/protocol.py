@@ -187,7 +187,9 @@ class StepResult:
     gpu_ms: float = 0.0  # the driver rank's device time for the step (CUDA events around it; 0 on CPU)
     op_ms: Optional[dict] = None  # on sampled steps: device ms per operation class (gemm, attention, ...)
     grammar_ended: Optional[list] = None  # rids whose structured output is complete with this step's token
-    row_errors: Optional[list] = None  # [rid, error] of rows that failed alone (a grammar that broke): they end
+    # [rid, error, finish reason] of rows that failed alone: "rejected" (a grammar this model's vocabulary cannot
+    # continue: the client's request is at fault) or "error" (a grammar that broke)
+    row_errors: Optional[list] = None
 
 
 @message

@@ -64,8 +64,9 @@ def cache_key(spec: dict) -> str:
 
 
 def _choice_ebnf(choices: list) -> str:
-    # JSON string literals are valid EBNF literals in xgrammar's dialect (same escapes)
-    return "root ::= " + " | ".join(json.dumps(c) for c in choices)
+    # JSON string literals are valid EBNF literals in xgrammar's dialect (same escapes); non-ASCII stays as is (an
+    # escaped surrogate pair would be read as two code points)
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 
 
 def _clean(e: Exception) -> str:

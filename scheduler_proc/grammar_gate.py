@@ -8,9 +8,10 @@ from typing import Callable, Optional
 from nanoslg import structured_outputs as so
 from nanoslg.protocol import GrammarCompile, GrammarCompiled, TokenizedRequest
 
-# as many grammar keys as the workers keep compiled (gpu_workers.grammar.MAX_GRAMMARS): a key known here is
-# compiled there (a worker that dropped one recompiles it, a cache hit in xgrammar's compiler)
-MAX_KNOWN = 256
+# a quarter of the grammars the workers keep compiled (gpu_workers.grammar.MAX_GRAMMARS): a key known here is
+# compiled there unless hundreds of new grammars came while its request waited (a worker that dropped one
+# recompiles it, usually a hit in xgrammar's own cache)
+MAX_KNOWN = 128
 
 
 class GrammarGate:

@@ -170,7 +170,7 @@ class SchedulerProcess:
                 if error is None:
                     self._add(req)
                 else:
-                    self._publish([TokenUpdate(req.rid, token_ids(), "rejected", None, error)])
+                    self._publish([TokenUpdate(req.rid, token_ids(), "rejected", None, f"structured output: {error}")])
         elif isinstance(msg, AbortRequest):
             if not self.grammars.abort(msg.rid):
                 self.core.abort(msg.rid)

@@ -276,6 +276,11 @@ class Scheduler:
                     self._finish(r, "error")
                     updates.append(TokenUpdate(rid, token_ids(), "error", None, result.error))
         else:
+            for rid, error, reason in result.row_errors or ():  # first: their tokens this step are void
+                r = self.requests.get(rid)
+                if r is not None and r.status is not Status.FINISHED:
+                    self._finish(r, reason)
+                    updates.append(TokenUpdate(rid, token_ids(), reason, None, error))
             logprobs = result.logprobs or [None] * len(result.rids)
             grammar_ended = set(result.grammar_ended or ())
             for rid, tok, lp in zip(result.rids, result.token_ids, logprobs):
@@ -296,11 +301,6 @@ class Scheduler:
                     update.queue_time = r.first_scheduled - r.arrival
                     update.prefill_time = time.monotonic() - r.first_scheduled
                 updates.append(update)
-        for rid, error in result.row_errors or ():
-            r = self.requests.get(rid)
-            if r is not None and r.status is not Status.FINISHED:
-                self._finish(r, "error")
-                updates.append(TokenUpdate(rid, token_ids(), "error", None, error))
         for rid in members:
             r = self.requests.get(rid)
             if r is not None and r.status is Status.FINISHED and not r.in_flight:

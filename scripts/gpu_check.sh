@@ -264,6 +264,15 @@ for mode in $MODES; do
         random:128:128:$((n * 5)) --breakdown
       runs_summary nanoflow-accept
       ;;
+    structured)  # issue 19: sharegpt-like free and with every request under a JSON schema, in one engine; the
+      # per-step bitmask work at 256 constrained sequences on this host
+      n=${STRUCTURED_PROMPTS:-1000}
+      bench structured --workloads sharegpt-like:$n sharegpt-like:$n+json
+      runs_summary structured
+      python3 benchmarks/grammar_bitmask.py --threads 4 --output-json "$OUT/grammar-bitmask.json" \
+        > "$OUT/grammar-bitmask.log" 2>&1
+      summary+=("$(cat "$OUT/grammar-bitmask.log")")
+      ;;
     offline-check)  # issue 18: the offline workloads an online change must not slow down, at default flags
       n=${ACCEPT_PROMPTS:-2000}
       bench offline-check --workloads random:1024:512:$n sharegpt-like:$((n / 2)) --breakdown

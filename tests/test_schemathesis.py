@@ -24,6 +24,8 @@ MAX_EXAMPLES = 250  # fuzzing cases per operation: with the coverage phase, abou
 
 # The codes of the 400s a schema-valid body can get (app.py's _rejection_code): a prompt's length in tokens
 TOKEN_COUNT_CODES = ("context_length_exceeded", "empty_prompt")
+# ... and what only a grammar engine or another field can judge (structured.py)
+UNSCHEMABLE_CODES = ("invalid_json_schema", "invalid_grammar", "unknown_tool")
 
 
 @schemathesis.check
@@ -36,11 +38,17 @@ def positive_data_acceptance_but_token_count(ctx, response, case):
     context_length_exceeded, as OpenAI and vLLM do. Likewise a non-empty text can be zero tokens (SmolLM2's
     tokenizer drops six control bytes it has no token for, so "\x16" tokenizes to nothing): 400, code
     empty_prompt, as vLLM refuses an empty prompt. Token-id prompts need neither: their minItems and maxItems are
-    exact. Every other refusal of schema-valid data still fails.
+    exact.
+
+    Likewise a JSON schema, regex or grammar in response_format, structured_outputs or a tool's parameters is
+    schema-valid as any object or string, but xgrammar builds only real ones (a "type" of 5 is not a schema): 400
+    with code invalid_json_schema or invalid_grammar, as OpenAI refuses an invalid schema. And a tool_choice naming
+    a function must name one of the request's tools, which JSON Schema cannot relate: 400, code unknown_tool.
+    Every other refusal of schema-valid data still fails.
     """
     if response.status_code == 400:
         try:
-            if response.json()["error"]["code"] in TOKEN_COUNT_CODES:
+            if response.json()["error"]["code"] in TOKEN_COUNT_CODES + UNSCHEMABLE_CODES:
                 return True
         except (ValueError, KeyError, TypeError):
             pass

@@ -116,6 +116,15 @@ def test_a_grammar_that_cannot_be_built_fails_its_own_request_only(llm):
     assert outs[1].finish_reason == "length" and len(outs[1].token_ids) == 5
 
 
+def test_a_grammar_the_vocabulary_cannot_follow_is_refused_not_broken(llm):
+    # SmolLM2's tokenizer has no token for the control byte 0x16: after "x" nothing can continue the output
+    outs = llm.generate(["a", "b"], [SamplingParams(max_tokens=10, structured_outputs={"choice": ["x\u0016y"]}),
+                                     SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)])
+    assert outs[0].finish_reason == "rejected" and "can continue the output" in outs[0].error
+    assert outs[0].text in ("", "x")  # never a token outside the grammar
+    assert outs[1].finish_reason == "length" and len(outs[1].token_ids) == 5
+
+
 def test_spec_shape_errors_name_the_problem():
     with pytest.raises(ValueError, match="exactly one"):
         SamplingParams(structured_outputs={"json": SCHEMA, "regex": "a"})
@@ -138,3 +147,27 @@ def test_parallel_layouts_constrain_like_one_process(tiny_chat_model, llm, layou
     for e, g in zip(expected, got):
         assert g.token_ids == e.token_ids and g.finish_reason == e.finish_reason
     _json(got[0].text), _json(got[2].text)
+
+
+def test_grammar_gate_holds_requests_until_their_grammar_is_compiled():
+    from array import array
+
+    from nanoslg.protocol import GrammarCompiled, TokenizedRequest
+    from scheduler_proc.grammar_gate import GrammarGate
+
+    announced = []
+    gate = GrammarGate(announced.append)
+    spec = so.normalize({"json": SCHEMA})
+    req = lambda rid, s: TokenizedRequest(rid, array("i", [1, 2]), {"structured_outputs": s}, [])  # noqa: E731
+    assert gate.offer(req("free", None))
+    assert not gate.offer(req("a", spec)) and not gate.offer(req("b", spec)) and not gate.offer(req("c", spec))
+    assert len(announced) == 1 and announced[0].spec == spec  # one compile per grammar, however many requests
+    assert gate.abort("b") and gate.num_waiting == 2
+    held, error = gate.on_compiled(GrammarCompiled(announced[0].key))
+    assert [r.rid for r in held] == ["a", "c"] and error is None
+    assert gate.offer(req("d", spec)) and len(announced) == 1  # known compiled: straight through
+    bad = so.normalize({"regex": "("})
+    assert not gate.offer(req("e", bad))
+    held, error = gate.on_compiled(GrammarCompiled(announced[1].key, "invalid regex"))
+    assert [r.rid for r in held] == ["e"] and error == "invalid regex"
+    assert not gate.offer(req("f", bad)) and len(announced) == 3  # a failed grammar is not remembered as built

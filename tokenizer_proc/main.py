@@ -141,6 +141,11 @@ class TokenizerProcess:
         except (ValueError, TypeError) as e:
             self._send(req.client, OutputBatch([OutputDelta(req.rid, finish_reason="rejected", error=str(e))]))
             return
+        except Exception as e:  # e.g. a chat template's raise_exception (a conversation it does not accept)
+            error = f"the chat template refused the conversation: {e}" if req.messages is not None else \
+                f"the request could not be tokenized: {type(e).__name__}: {e}"
+            self._send(req.client, OutputBatch([OutputDelta(req.rid, finish_reason="rejected", error=error)]))
+            return
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_ids))
         detok = None
         if self.tokenizer is not None:
@@ -192,8 +197,8 @@ class TokenizerProcess:
         if not messages:
             raise RequestError("messages must not be empty")
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-                raise RequestError(f"messages[{i}] needs a role of system, user or assistant")
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
+                raise RequestError(f"messages[{i}] needs a role of system, user, assistant or tool")
         if not getattr(self.tokenizer, "chat_template", None):
             raise RequestError("this model's tokenizer has no chat template")
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)

@@ -39,6 +39,9 @@ def add_bench_throughput_arguments(parser) -> None:
     g.add_argument("--breakdown", action="store_true",
                    help="report where the GPU's time went: by step kind and by operation class against its "
                         "roofline (operation classes are timed on every 16th step), and the serial ceiling")
+    g.add_argument("--json-schema", action="store_true",
+                   help="every request under a JSON schema that its output never completes (constrained decoding "
+                        "at the same token counts; in --workloads, append +json to a workload)")
     g.add_argument("--num-prompts", type=int, default=1000)
     g.add_argument("--dataset-seed", type=int, default=0)
     g.add_argument("--warmup-prompts", type=int, default=16)
@@ -135,27 +138,38 @@ class Workload:
     output_len: int
     num_prompts: int
     range_ratio: float = 0.0
+    json_schema: bool = False  # every request under BENCH_SCHEMA
 
     @property
     def name(self) -> str:
+        constrained = " json_schema" if self.json_schema else ""
         if self.dataset != "random":
-            return f"{self.dataset} x {self.num_prompts}"
+            return f"{self.dataset} x {self.num_prompts}{constrained}"
         ratio = f" +-{self.range_ratio:g}" if self.range_ratio else ""
-        return f"{self.input_len}/{self.output_len}{ratio} x {self.num_prompts}"
+        return f"{self.input_len}/{self.output_len}{ratio} x {self.num_prompts}{constrained}"
+
+
+# Structured-output load: a JSON object holding a list of strings, which no request completes within its output
+# length (minItems), so a constrained run makes as many tokens as a free one and the two compare as they are.
+BENCH_SCHEMA = {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "string"},
+                                                           "minItems": 100000}}, "required": ["items"]}
 
 
 def workload_arg(spec: str) -> Workload:
-    """random:IN:OUT:N[:RATIO] or sharegpt-like:N (argparse type of --workloads)."""
-    parts = spec.split(":")
+    """random:IN:OUT:N[:RATIO] or sharegpt-like:N, +json for every request under a JSON schema (argparse type of
+    --workloads)."""
+    base, constrained = (spec[:-5], True) if spec.endswith("+json") else (spec, False)
+    parts = base.split(":")
     try:
         if parts[0] == "random" and len(parts) in (4, 5):
             return Workload("random", int(parts[1]), int(parts[2]), int(parts[3]),
-                            range_ratio_arg(parts[4]) if len(parts) == 5 else 0.0)
+                            range_ratio_arg(parts[4]) if len(parts) == 5 else 0.0, constrained)
         if parts[0] == "sharegpt-like" and len(parts) == 2:
-            return Workload("sharegpt-like", 0, 0, int(parts[1]))
+            return Workload("sharegpt-like", 0, 0, int(parts[1]), json_schema=constrained)
     except ValueError:
         pass
-    raise argparse.ArgumentTypeError(f"expected random:IN:OUT:N[:RATIO] or sharegpt-like:N, got {spec!r}")
+    raise argparse.ArgumentTypeError(f"expected random:IN:OUT:N[:RATIO] or sharegpt-like:N, each optionally +json, "
+                                     f"got {spec!r}")
 
 
 def run_bench_throughput(args) -> int:
@@ -173,7 +187,7 @@ def run_bench_throughput(args) -> int:
     if args.breakdown:
         fields["op_timing_every"] = BREAKDOWN_EVERY
     workloads = args.workloads or [Workload(args.dataset, args.input_len, args.output_len, args.num_prompts,
-                                            args.random_range_ratio)]
+                                            args.random_range_ratio, args.json_schema)]
     results = []
     with LLM(**fields) as llm:
         for i, w in enumerate(workloads):
@@ -214,12 +228,15 @@ def _run_workload(args, llm, w: Workload, warmup: int):
                              args.dataset_seed, limit, w.range_ratio)
     # token ids folded into the vocabulary, prompts cut so prompt + output fit max_model_len
     prompts = [[t % spec.vocab_size for t in r.prompt[:limit - 1 - min(r.output_len, limit - 2)]] for r in requests]
-    params = [SamplingParams(max_tokens=max(1, min(r.output_len, limit - len(p))), temperature=0, ignore_eos=True)
-              for r, p in zip(requests, prompts)]
+    structured = {"json": BENCH_SCHEMA} if w.json_schema else None
+    params = [SamplingParams(max_tokens=max(1, min(r.output_len, limit - len(p))), temperature=0, ignore_eos=True,
+                             structured_outputs=structured) for r, p in zip(requests, prompts)]
     if args.decode_latency:
         return _decode_latency(llm, prompts[0], w.output_len)
     if warmup:
         llm.generate(prompts[:warmup], SamplingParams(max_tokens=8, ignore_eos=True))
+    if structured:  # the grammar's first compile (the vocabulary's too) is a one-time cost, not the workload's
+        llm.generate(prompts[:1], SamplingParams(max_tokens=8, ignore_eos=True, structured_outputs=structured))
     with DebugClient(llm.config.run_dir) as debug:
         before = debug.state()
         start = time.perf_counter()

@@ -28,6 +28,9 @@ def add_serve_arguments(parser) -> None:
                         "get 503 with Retry-After at once")
     g.add_argument("--max-tokens-default", type=int, default=None,
                    help="max_tokens of a request that sets none (default: up to max_model_len)")
+    g.add_argument("--tool-call-parser", default="auto", choices=("auto", "hermes", "llama3_json", "mistral"),
+                   help="how the model writes tool calls, parsed out of its replies under tool_choice auto (default: "
+                        "read from the chat template; hermes when it has no tool support)")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds running requests get to finish before they are aborted")
     g.add_argument("--no-restart", dest="restart", action="store_false",
@@ -100,7 +103,8 @@ def _serve(args, cfg, count: int, server_dir: str) -> int:
         print(f"nanoslg serve: {e}", file=sys.stderr)
         return 1
     name = args.served_model_name or os.path.basename(os.path.normpath(engine.cfg.model))
-    settings = ServerSettings(name, args.api_key, int(args.max_body_mb * 1024 * 1024), args.max_tokens_default)
+    settings = ServerSettings(name, args.api_key, int(args.max_body_mb * 1024 * 1024), args.max_tokens_default,
+                              args.tool_call_parser)
     # log_config=None: uvicorn's loggers go through ours (one format, --log-format json included)
     config = uvicorn.Config(build_app(engine, settings), host=args.host, port=args.port, log_config=None,
                             log_level=args.log_level, timeout_graceful_shutdown=5)

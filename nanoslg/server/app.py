@@ -25,6 +25,8 @@ from nanoslg.server.metrics import ServerMetrics
 from nanoslg.server.openai_api import (Generation, GenerationFailed, RequestRejected, Responder, chat_requests,
                                        completion_requests)
 from nanoslg.server.schemas import ChatCompletionRequest, CompletionRequest, ServedModel, openapi_schema
+from nanoslg.server.structured import GrammarChecker, StructuredOutputError, chat_templates, plan_output
+from nanoslg.server.tool_calls import detect_parser, template_supports_tools
 
 log = logging.getLogger("nanoslg.server")
 STATIC = os.path.join(os.path.dirname(__file__), "static")
@@ -36,6 +38,7 @@ class ServerSettings:
     api_key: Optional[str] = None
     max_body_bytes: int = 8 * 1024 * 1024
     max_tokens_default: Optional[int] = None  # for requests that set no max_tokens; None: up to max_model_len
+    tool_call_parser: str = "auto"  # tool_calls.PARSERS, or auto: from the chat template
 
     def to_dict(self) -> dict:
         return {f: getattr(self, f) for f in self.__slots__}
@@ -81,6 +84,8 @@ def _rejection_code(message: str) -> Optional[str]:
     bytes missing from SmolLM2's vocabulary). The engine's rejections carry messages only."""
     if "max_model_len" in message:
         return "context_length_exceeded"
+    if message.startswith("structured output"):  # a grammar the engine could not build, or this model not follow
+        return "invalid_grammar"
     return "empty_prompt" if message == "the prompt is empty" else None
 
 
@@ -90,6 +95,21 @@ class OpenAIServer:
         self.metrics = ServerMetrics()
         self._served: Optional[ServedModel] = None
         self._openapi: Optional[dict] = None
+        self.grammars = GrammarChecker()
+        self._tool_format: Optional[tuple] = None
+
+    @property
+    def tool_format(self) -> tuple:
+        """(tool-call parser, whether the chat template renders tools), read from the model's chat templates."""
+        if self._tool_format is None:
+            cfg = self.engine.cfg
+            templates = chat_templates(cfg.tokenizer or cfg.model)
+            tool_templates = [t for t in templates if template_supports_tools(t)]
+            parser = self.settings.tool_call_parser
+            if parser == "auto":
+                parser = detect_parser(tool_templates[0] if tool_templates else None)
+            self._tool_format = (parser, bool(tool_templates))
+        return self._tool_format
 
     @property
     def served(self) -> ServedModel:
@@ -155,14 +175,20 @@ class OpenAIServer:
             # before building them: a body of many prompts times n must not hold up the event loop first
             self.engine.check_room(body.n * (1 if chat else len(body.prompts())))
             request_id = uuid.uuid4().hex
+            parser, template_tools = self.tool_format
             try:
-                reqs = chat_requests(body, request_id) if chat else completion_requests(body, request_id)
+                plan = plan_output(body, parser)
+                await self.grammars.check(plan)  # a bad schema is a 400 before the engine sees it
+                reqs = chat_requests(body, request_id, plan, template_tools) if chat else \
+                    completion_requests(body, request_id, plan)
+            except StructuredOutputError as e:
+                raise ApiError(400, str(e), param=e.param, code=e.code) from None
             except ValidationError as e:
                 raise _validation_error(e) from None
             except ValueError as e:  # SamplingParams' own checks
                 raise ApiError(400, str(e)) from None
             gen = Generation(self.engine, self.metrics, reqs, body.n)
-            responder = Responder(chat, self.settings.served_model_name, gen, body)
+            responder = Responder(chat, self.settings.served_model_name, gen, body, plan)
             deltas = gen.deltas()
             # Wait for the first output before answering, so a request the engine rejects gets a 400.
             first = await self._until_disconnect(request, anext(deltas, None))

@@ -14,6 +14,8 @@ from nanoslg.protocol import GenerateRequest, OutputDelta, token_ids
 from nanoslg.server.async_engine import AsyncEngine, EngineUnavailable
 from nanoslg.server.metrics import ServerMetrics
 from nanoslg.server.schemas import ChatCompletionRequest, CompletionRequest
+from nanoslg.server.structured import OutputPlan, ToolCallOutput
+from nanoslg.server.tool_calls import fallback_tools_prompt, messages_for_template
 
 
 log = logging.getLogger("nanoslg.server")
@@ -160,18 +162,33 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def chat_requests(body: ChatCompletionRequest, request_id: str) -> list:
-    conv = body.conversation()
-    return [GenerateRequest(f"{request_id}-{i}", body.to_sampling_params(i).to_dict(), messages=conv)
-            for i in range(body.n)]
+def chat_requests(body: ChatCompletionRequest, request_id: str, plan: OutputPlan, template_tools: bool) -> list:
+    """template_tools: the model's chat template renders `tools`; otherwise a system prompt describes them."""
+    conv = messages_for_template(body.conversation(), template_tools)
+    kwargs = None
+    if body.tools and body.tool_choice != "none":
+        tools = [t.model_dump(exclude_none=True) for t in body.tools]
+        if template_tools:
+            kwargs = {"tools": tools}
+        elif conv and conv[0]["role"] == "system":
+            conv[0] = {**conv[0], "content": f"{conv[0]['content']}\n\n{fallback_tools_prompt(tools)}"}
+        else:
+            conv.insert(0, {"role": "system", "content": fallback_tools_prompt(tools)})
+    reqs = []
+    for i in range(body.n):
+        params = body.to_sampling_params(i, plan.spec)
+        if plan.tools == "auto":  # a tool-call marker may be a special token ([TOOL_CALLS]): the parser needs it
+            params.skip_special_tokens = False
+        reqs.append(GenerateRequest(f"{request_id}-{i}", params.to_dict(), messages=conv, chat_template_kwargs=kwargs))
+    return reqs
 
 
-def completion_requests(body: CompletionRequest, request_id: str) -> list:
+def completion_requests(body: CompletionRequest, request_id: str, plan: OutputPlan) -> list:
     reqs = []
     for p_index, prompt in enumerate(body.prompts()):
         for i in range(body.n):
             rid = f"{request_id}.{p_index}-{i}"
-            params = body.to_sampling_params(i).to_dict()
+            params = body.to_sampling_params(i, plan.spec).to_dict()
             if isinstance(prompt, str):
                 reqs.append(GenerateRequest(rid, params, prompt=prompt, echo=body.echo))
             else:
@@ -201,8 +218,10 @@ def _completion_logprobs(entries: list, offset: int) -> dict:
 class Responder:
     """Builds one request's response objects; chat and completions differ only in shapes."""
 
-    def __init__(self, chat: bool, model: str, gen: Generation, body):
+    def __init__(self, chat: bool, model: str, gen: Generation, body, plan: OutputPlan = OutputPlan()):
         self.chat, self.model, self.gen, self.body = chat, model, gen, body
+        # tool calls: each choice's text becomes content and calls (structured.py)
+        self.tool_outputs = [ToolCallOutput(plan) for _ in gen.choices] if chat and plan.tools != "none" else None
         self.id = _new_id("chatcmpl" if chat else "cmpl")
         self.created = int(time.time())
         self.want_logprobs = (body.logprobs if chat else body.logprobs is not None)
@@ -219,9 +238,16 @@ class Responder:
         choices = []
         for c in self.gen.choices:
             if self.chat:
-                choice = {"index": c.index, "message": {"role": "assistant", "content": c.text},
+                message: dict = {"role": "assistant", "content": c.text}
+                finish = c.finish_reason
+                if self.tool_outputs is not None:
+                    content, calls, finish = self.tool_outputs[c.index].whole(c.text, finish)
+                    message["content"] = content
+                    if calls:
+                        message["tool_calls"] = calls
+                choice = {"index": c.index, "message": message,
                           "logprobs": _chat_logprobs(c.logprobs) if self.want_logprobs else None,
-                          "finish_reason": c.finish_reason}
+                          "finish_reason": finish}
             else:
                 prefix = c.prompt_text or ""
                 choice = {"index": c.index, "text": prefix + c.text,
@@ -270,7 +296,8 @@ class Responder:
                     chunk = self._chunk_choice(choice, text, new, finish)
                     if self.body.return_token_ids:
                         chunk["token_ids"] = ids
-                    yield self._sse([chunk])
+                    if chunk.get("delta", True) or chunk["finish_reason"] is not None or new or ids:
+                        yield self._sse([chunk])  # (not a chat event whose text a tool-call parser holds back)
                 if failure is not None:
                     raise failure
                 if item is None:
@@ -287,7 +314,17 @@ class Responder:
 
     def _chunk_choice(self, choice: Choice, text: str, new_logprobs: list, finish: Optional[str]) -> dict:
         if self.chat:
-            return {"index": choice.index, "delta": {"content": text} if text else {},
+            delta: dict = {"content": text} if text else {}
+            if self.tool_outputs is not None:
+                out = self.tool_outputs[choice.index]
+                content, calls = out.feed(text)
+                if finish is not None:
+                    more, more_calls, finish = out.finish(finish)
+                    content, calls = content + more, calls + more_calls
+                delta = {"content": content} if content else {}
+                if calls:
+                    delta["tool_calls"] = calls
+            return {"index": choice.index, "delta": delta,
                     "logprobs": _chat_logprobs(new_logprobs) if self.want_logprobs and new_logprobs else None,
                     "finish_reason": finish}
         offset = len(choice.prompt_text or "") + choice.text_len - len(text)

@@ -13,7 +13,7 @@ all (400, code empty_prompt), both documented. So:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -61,13 +61,113 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str = Field(description="the arguments object as JSON text")
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+    index: Optional[Int(0, 1024)] = None  # present when a client rebuilt the call from streamed deltas
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart]]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = Field(None, description="an assistant message's calls (content may be "
+                                                                   "null then)")
+    tool_call_id: Optional[str] = Field(None, description="a tool message: the call it answers")
+    # what the openai client sends back when a reply's message object is appended to the conversation as is
+    refusal: Optional[str] = None
+    annotations: Optional[list[Any]] = None
+    audio: Optional[dict[str, Any]] = None
+    function_call: Optional[dict[str, Any]] = None
+
+    @model_validator(mode="after")
+    def _content_or_calls(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content (only an assistant message with tool_calls may "
+                             f"have none)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    def to_template(self) -> dict:
+        role = "system" if self.role == "developer" else self.role  # OpenAI's newer name for the system role
+        out: dict = {"role": role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                                 for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None and self.role == "tool":
+            out["name"] = self.name
+        return out
+
+
+class JsonSchemaFormat(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    description: Optional[str] = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema", description="a JSON schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs json_schema")
+        return self
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's extension: exactly one of these constrains the output."""
+    model_config = ConfigDict(extra="forbid", strict=True,
+                              json_schema_extra={"minProperties": 1, "maxProperties": 1})
+    # typed without null (a default of None is not validated): the schema says a key is given with a value
+    json_: Union[dict[str, Any], str] = Field(None, alias="json", description="a JSON schema")
+    json_object: Literal[True] = None
+    regex: NonEmptyStr = None
+    choice: Annotated[list[NonEmptyStr], Field(min_length=1)] = None
+    grammar: NonEmptyStr = Field(None, description="EBNF (GBNF) with a root rule")
+    structural_tag: Union[dict[str, Any], str] = Field(None, description="xgrammar's structural tag")
+
+    def spec(self) -> dict:
+        return {"json": self.json_, "json_object": self.json_object, "regex": self.regex, "choice": self.choice,
+                "grammar": self.grammar, "structural_tag": self.structural_tag}
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = Field(None, description="a JSON schema for the arguments object")
+    strict: Optional[bool] = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 def _check_vocab(ids: list, info: ValidationInfo) -> None:
@@ -79,6 +179,8 @@ def _check_vocab(ids: list, info: ValidationInfo) -> None:
 
 
 class _Sampling(_Strict):
+    response_format: Optional[ResponseFormat] = None
+    structured_outputs: Optional[StructuredOutputs] = None
     model: Optional[str] = Field(None, description="the served model's id (GET /v1/models); null: that model")
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -105,8 +207,10 @@ class _Sampling(_Strict):
         _check_vocab(v or [], info)
         return v
 
-    def sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int], seed_offset: int) -> SamplingParams:
-        return SamplingParams(
+    def sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int], seed_offset: int,
+                        structured: Optional[dict] = None) -> SamplingParams:
+        return SamplingParams(structured_outputs=structured,
+
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             min_p=self.min_p, seed=None if self.seed is None else self.seed + seed_offset, stop=self.stop,
             stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos, logprobs=logprobs,
@@ -124,14 +228,17 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Optional[Int(1, INT32_MAX)] = None
     logprobs: bool = False
     top_logprobs: Optional[Int(0, MAX_LOGPROBS)] = None
+    tools: Optional[Annotated[list[Tool], Field(min_length=1, max_length=128)]] = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = Field(
+        None, description="unset: auto with tools, none without; needs tools")
+    parallel_tool_calls: bool = True
 
     def conversation(self) -> list:
-        # "developer" is OpenAI's newer name for the system role
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        return [m.to_template() for m in self.messages]
 
-    def to_sampling_params(self, index: int) -> SamplingParams:
+    def to_sampling_params(self, index: int, structured: Optional[dict] = None) -> SamplingParams:
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self.sampling_params(self.max_completion_tokens or self.max_tokens, logprobs, index)
+        return self.sampling_params(self.max_completion_tokens or self.max_tokens, logprobs, index, structured)
 
 
 _ECHO_WITH_LOGPROBS = {"required": ["echo", "logprobs"],
@@ -175,8 +282,8 @@ class CompletionRequest(_Sampling):
             return [p]
         return list(p)
 
-    def to_sampling_params(self, index: int) -> SamplingParams:
-        return self.sampling_params(self.max_tokens, self.logprobs, index)
+    def to_sampling_params(self, index: int, structured: Optional[dict] = None) -> SamplingParams:
+        return self.sampling_params(self.max_tokens, self.logprobs, index, structured)
 
 
 # ---------------------------------------------------------------------------------------------- /openapi.json
@@ -194,7 +301,7 @@ def _obj(required: list, **props) -> dict:
 
 
 _INT, _STR, _NULLABLE_OBJ = {"type": "integer"}, {"type": "string"}, {"type": ["object", "null"]}
-_FINISH = {"enum": ["stop", "length"]}  # a whole response has finished every choice
+_FINISH = {"enum": ["stop", "length", "tool_calls"]}  # a whole response has finished every choice
 
 
 def _response_schemas() -> dict:
@@ -206,17 +313,23 @@ def _response_schemas() -> dict:
         return _obj(["id", "object", "created", "model", "choices", "usage"], id=_STR, object={"const": obj},
                     created=_INT, model=_STR, choices={"type": "array", "items": choice}, usage=usage)
 
-    message = _obj(["role", "content"], role={"const": "assistant"}, content=_STR)
+    call = _obj(["id", "type", "function"], id=_STR, type={"const": "function"},
+                function=_obj(["name", "arguments"], name=_STR, arguments=_STR))
+    message = _obj(["role", "content"], role={"const": "assistant"}, content={"type": ["string", "null"]},
+                   tool_calls={"type": "array", "items": call})
+    call_delta = _obj(["index"], index=_INT, id=_STR, type={"const": "function"},
+                      function=_obj([], name=_STR, arguments=_STR))
 
     def chunk(obj: str, choice: dict) -> dict:  # usage is null on each chunk, or absent without include_usage
         return _obj(["id", "object", "created", "model", "choices"], id=_STR, object={"const": obj}, created=_INT,
                     model=_STR, choices={"type": "array", "items": choice}, usage={"anyOf": [usage, {"type": "null"}]})
 
-    streamed_finish = {"enum": ["stop", "length", None]}
+    streamed_finish = {"enum": ["stop", "length", "tool_calls", None]}
     return {
         "ChatCompletionChunk": chunk("chat.completion.chunk", _obj(
             ["index", "delta", "logprobs", "finish_reason"], index=_INT, logprobs=_NULLABLE_OBJ,
-            delta=_obj([], role={"const": "assistant"}, content=_STR), finish_reason=streamed_finish,
+            delta=_obj([], role={"const": "assistant"}, content=_STR,
+                       tool_calls={"type": "array", "items": call_delta}), finish_reason=streamed_finish,
             token_ids=token_ids)),
         "CompletionChunk": chunk("text_completion", _obj(
             ["index", "text", "logprobs", "finish_reason"], index=_INT, text=_STR, logprobs=_NULLABLE_OBJ,
@@ -263,6 +376,37 @@ def _apply_served_model(schemas: dict, served: ServedModel) -> None:
                                     f"{default or 'no limit'} (the server's --max-tokens-default); {stop}")
 
 
+def _add_cross_field_rules(schemas: dict) -> None:
+    """What the validators refuse across fields, in JSON Schema's words."""
+    json_format = {"properties": {"type": {"enum": ["json_object", "json_schema"]}}}
+    for name in ("ChatCompletionRequest", "CompletionRequest"):
+        schemas[name].setdefault("allOf", []).append({"not": {
+            "required": ["response_format", "structured_outputs"],
+            "properties": {"response_format": {"type": "object", **json_format},
+                           "structured_outputs": {"type": "object"}}}})
+    chat = schemas["ChatCompletionRequest"]
+    chat["allOf"].append({"if": {"required": ["tool_choice"], "properties": {"tool_choice": {"not": {"type": "null"}}}},
+                          "then": {"required": ["tools"], "properties": {"tools": {"type": "array"}}}})
+    chat["properties"]["tool_choice"]["description"] = (
+        "unset: auto with tools; needs tools; a named function must be one of them (else a 400 with code "
+        "unknown_tool)")
+    schemas["ResponseFormat"]["if"] = {"properties": {"type": {"const": "json_schema"}}}
+    schemas["ResponseFormat"]["then"] = {"required": ["json_schema"],
+                                         "properties": {"json_schema": {"not": {"type": "null"}}}}
+    calls = {"properties": {"tool_calls": {"type": "array", "minItems": 1}}, "required": ["tool_calls"]}
+    schemas["ChatMessage"]["allOf"] = [
+        {"if": calls, "then": {"properties": {"role": {"const": "assistant"}}}},
+        {"if": {"not": calls}, "then": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}}},
+    ]
+    schemas["JsonSchemaFormat"]["properties"]["schema"]["description"] = (
+        "a JSON schema; one xgrammar cannot build gets a 400 with code invalid_json_schema")
+    for prop in schemas["StructuredOutputs"]["properties"].values():
+        prop.pop("default", None)  # absent, not null
+    schemas["StructuredOutputs"]["description"] = (
+        "vLLM's extension: exactly one key; a schema, regex or grammar xgrammar cannot build gets a 400 with code "
+        "invalid_json_schema or invalid_grammar")
+
+
 def openapi_schema(version: str, served: ServedModel) -> dict:
     """The OpenAPI 3.1 document of this server: its endpoints, the served model's limits, its real responses."""
     from pydantic.json_schema import models_json_schema
@@ -271,6 +415,7 @@ def openapi_schema(version: str, served: ServedModel) -> dict:
                                  ref_template="#/components/schemas/{model}")
     schemas = {**defs["$defs"], **_response_schemas()}
     _apply_served_model(schemas, served)
+    _add_cross_field_rules(schemas)
     errors = {
         "400": _error("invalid request: the body breaks this schema, or its prompt (conversation) has too many "
                       "tokens for max_model_len (code context_length_exceeded) or none (code empty_prompt), or it "
