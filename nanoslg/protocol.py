@@ -264,8 +264,9 @@ class DebugProfile:
 @message
 class ServerState:
     """Published by the process that owns the engine to the other API-server processes within 0.1 s of a change of
-    state, run directory or restarts, and twice a second: state (running, restarting, draining, stopped), the engine's run directory (it changes on a restart),
-    why it is down, the restarts so far and the pids of the server's processes by name (for /metrics)."""
+    state, run directory or restarts, and twice a second: state (running, restarting, draining, stopped), the
+    engine's run directory (it changes on a restart), why it is down, the restarts so far and the pids of the
+    server's processes by name (for /metrics)."""
 
     state: str
     run_dir: str

@@ -44,7 +44,7 @@ class GrammarGate:
         return self.waiting.pop(msg.key, []), msg.error
 
     def abort(self, rid: str) -> bool:
-        for key, held in self.waiting.items():
+        for held in self.waiting.values():
             for i, req in enumerate(held):
                 if req.rid == rid:
                     del held[i]

@@ -81,7 +81,7 @@ def test_both_processes_serve_the_port_and_metrics_count_every_one(tiny_chat_mod
 def test_a_killed_api_process_is_restarted_and_its_requests_are_aborted(tiny_chat_model):
     with Server(tiny_chat_model, "--max-model-len", "1024", "--api-server-count", "2") as srv:
         wait_for(lambda: len(api_pids(srv.proc.pid)) == 1, 30)
-        for death in range(3):
+        for _death in range(3):
             [follower] = api_pids(srv.proc.pid)
             # streams on the follower only (the first process frozen while they start), then it is killed
             os.kill(srv.proc.pid, signal.SIGSTOP)

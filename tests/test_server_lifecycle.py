@@ -129,7 +129,7 @@ def test_engine_heals_after_each_process_dies_then_a_crash_loop_ends_the_server(
 
             results = run_streams(srv.url, [LONG] * 4, during=kill)
             # every in-flight stream ended with an error event naming what died; none hung
-            for text, error, finish in results:
+            for _text, error, finish in results:
                 assert error is not None and victim in error and finish is None, (victim, error, finish)
             assert killed["to_503"] < 2.0 and killed["metrics"] == 200
             r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "x"}, timeout=10)

@@ -242,7 +242,8 @@ def hermes_server(tiny_chat_model, tmp_path_factory):
         yield srv
 
 
-CALL_TEXT = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n</tool_call>'
+CALL_TEXT = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n'
+             '</tool_call>')
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])

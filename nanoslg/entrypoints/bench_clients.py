@@ -83,7 +83,8 @@ def send_from_processes(n: int, url: str, payloads: list, offsets: list, results
             except queue.Empty:
                 dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
                 if dead:
-                    raise RuntimeError(f"client process {dead[0]} exited with code {procs[dead[0]].exitcode}")
+                    raise RuntimeError(f"client process {dead[0]} exited with code {procs[dead[0]].exitcode}") \
+                        from None
         if part is None:
             raise RuntimeError(f"client process {k} failed")
         for j, i in enumerate(range(k, len(payloads), n)):

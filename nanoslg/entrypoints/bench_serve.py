@@ -326,7 +326,8 @@ def run_bench_serve(args) -> int:
     conversations = None
     if args.dataset == "multi-turn":  # token ids through /v1/completions; the first turns make the warm-up
         args.prompt_ids, args.endpoint = True, "completions"
-        system, users = conversations = make_conversations(args.num_prompts, args.turns, args.system_prompt_len, args.input_len,
+        system, users = conversations = make_conversations(args.num_prompts, args.turns, args.system_prompt_len,
+                                                           args.input_len,
                                            args.seed, tuple(args.token_id_range))
         requests = [BenchRequest(system + u[0], args.system_prompt_len + args.input_len, args.output_len)
                     for u in users]
@@ -362,7 +363,8 @@ def run_bench_serve(args) -> int:
     with open(result_json, "w") as f:
         json.dump({"config": config, "metrics": metrics, "requests": [asdict(r) for r in results]}, f, indent=1)
     try:
-        save_plot(plot, results, metrics, f"nanoslg bench serve: {model} ({args.endpoint}, {args.dataset}, rate {rate})")
+        save_plot(plot, results, metrics,
+                  f"nanoslg bench serve: {model} ({args.endpoint}, {args.dataset}, rate {rate})")
         print(f"Wrote {result_json} and {plot}")
     except ImportError as e:  # matplotlib is optional: the numbers are in the JSON
         print(f"Wrote {result_json} (no plot: {e})")

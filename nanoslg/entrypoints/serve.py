@@ -39,7 +39,8 @@ def add_serve_arguments(parser) -> None:
     g.add_argument("--max-body-mb", type=float, default=8.0, help="largest accepted request body")
     g.add_argument("--api-server-count", type=int, default=None,
                    help="HTTP server processes on the port, each with its own link to the engine (default: one per "
-                        "4 cores left by the engine's processes, 1 to 8); the queue limits hold for all of them together")
+                        "4 cores left by the engine's processes, 1 to 8); the queue limits hold for all of them "
+                        "together")
 
 
 def run_serve(args) -> int:

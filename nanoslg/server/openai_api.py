@@ -218,9 +218,10 @@ def _completion_logprobs(entries: list, offset: int) -> dict:
 class Responder:
     """Builds one request's response objects; chat and completions differ only in shapes."""
 
-    def __init__(self, chat: bool, model: str, gen: Generation, body, plan: OutputPlan = OutputPlan()):
+    def __init__(self, chat: bool, model: str, gen: Generation, body, plan: Optional[OutputPlan] = None):
         self.chat, self.model, self.gen, self.body = chat, model, gen, body
         # tool calls: each choice's text becomes content and calls (structured.py)
+        plan = plan or OutputPlan()
         self.tool_outputs = [ToolCallOutput(plan) for _ in gen.choices] if chat and plan.tools != "none" else None
         self.id = _new_id("chatcmpl" if chat else "cmpl")
         self.created = int(time.time())

@@ -63,7 +63,8 @@ def test_parallel_logits_within_bf16_bounds_of_one_gpu(tiny_bf16, name):
     hf16 = _hf_top_logprobs(tiny_bf16, torch.bfloat16, prompts, conts)
     bound, between = _rel(hf16, hf32), _rel(many, one)
     print(json.dumps({f"{name}_vs_one_gpu": between.tolist(), "hf_bf16_vs_fp32": bound.tolist(),
-                      "one_gpu_vs_fp32": _rel(one, hf32).mean().item(), f"{name}_vs_fp32": _rel(many, hf32).mean().item()}))
+                      "one_gpu_vs_fp32": _rel(one, hf32).mean().item(),
+                      f"{name}_vs_fp32": _rel(many, hf32).mean().item()}))
     # the same bound as FlashInfer against SDPA (test_gpu.py): two bf16 programs at most twice bf16's own error apart
     assert (between <= 2 * bound).all(), (between, bound)
 
