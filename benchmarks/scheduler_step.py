@@ -22,10 +22,10 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     n = args.running
-    s = Scheduler(num_pages=n * 64, page_size=16, max_num_seqs=n, max_num_batched_tokens=n * args.prompt_len,
-                  max_model_len=4096)
+    s = Scheduler(num_pages=n * 257, page_size=16, max_num_seqs=n, max_num_batched_tokens=n * args.prompt_len,
+                  max_model_len=4096, running_target=n)  # every request runs: the decode step at n
     for i in range(n):
-        s.add(TokenizedRequest(f"req-{i}", token_ids(range(args.prompt_len)), {"max_tokens": 10 ** 6}, [2]))
+        s.add(TokenizedRequest(f"req-{i}", token_ids(range(args.prompt_len)), {"max_tokens": 2000}, [2]))
 
     def step():
         plan = s.schedule()
@@ -34,8 +34,11 @@ def main() -> None:
         s.on_result(StepResult(plan.step_id, rids, token_ids([7] * len(rids))))
         return plan, frame
 
-    plan, _ = step()  # the prefill step
-    assert len(plan.seqs) == n
+    for _ in range(1000):  # the prefill steps: the global batch admits the requests in dense steps
+        plan, _ = step()
+        if len(plan.seqs) == n and all(len(c.token_ids) <= 1 for c in plan.seqs):
+            break
+    assert len(plan.seqs) == n, f"only {len(plan.seqs)} of {n} requests decode"
     t = time.process_time()
     for _ in range(args.steps):
         plan, frame = step()
