@@ -13,6 +13,7 @@ import collections
 import numpy as np
 
 from nanoslg.entrypoints.bench_datasets import make_requests
+from nanoslg.sampling_params import SamplingParams
 from nanoslg.protocol import StepResult, TokenizedRequest, token_ids
 from scheduler_proc.request import Status
 from scheduler_proc.scheduler import Scheduler
@@ -36,8 +37,8 @@ def main() -> None:
     while sent < len(reqs) or s.requests or in_flight:
         while sent < len(reqs) and arrive[sent] <= now:
             r = reqs[sent]
-            s.add(TokenizedRequest(f"r{sent}", token_ids(r.prompt), {"max_tokens": r.output_len, "ignore_eos": True},
-                                   []))
+            params = SamplingParams(max_tokens=r.output_len, ignore_eos=True)
+            s.add(TokenizedRequest(f"r{sent}", token_ids(r.prompt), params, []))
             sent += 1
         while len(in_flight) < 2:
             plan = s.schedule()

@@ -10,6 +10,7 @@ import json
 import time
 
 from nanoslg import protocol
+from nanoslg.sampling_params import SamplingParams
 from nanoslg.protocol import StepResult, TokenizedRequest, token_ids
 from scheduler_proc.scheduler import Scheduler
 
@@ -25,7 +26,7 @@ def main() -> None:
     s = Scheduler(num_pages=n * 257, page_size=16, max_num_seqs=n, max_num_batched_tokens=n * args.prompt_len,
                   max_model_len=4096, running_target=n)  # every request runs: the decode step at n
     for i in range(n):
-        s.add(TokenizedRequest(f"req-{i}", token_ids(range(args.prompt_len)), {"max_tokens": 2000}, [2]))
+        s.add(TokenizedRequest(f"req-{i}", token_ids(range(args.prompt_len)), SamplingParams(max_tokens=2000), [2]))
 
     def step():
         plan = s.schedule()

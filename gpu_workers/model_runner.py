@@ -28,7 +28,8 @@ from gpu_workers.sampler import RowParams, Sampled, Sampler
 from gpu_workers.upload import upload
 from gpu_workers.weight_loader import init_dummy, load_checkpoint
 from nanoslg.config import EngineConfig
-from nanoslg.protocol import SeqChunk, StepPlan, StepResult, token_ids
+from nanoslg.protocol import RowSetup, SeqChunk, StepPlan, StepResult, token_ids
+from nanoslg.sampling_params import SamplingParams
 
 log = logging.getLogger("nanoslg.worker")
 
@@ -182,7 +183,7 @@ class ModelRunner:
         probe_pages = max(p[-1] for p in pages) + 1
         self.backend = self._make_backend(probe_pages)
         plan = StepPlan(-1, [SeqChunk(f"probe{i}", token_ids([1] * n), 0, token_ids(p), True,
-                                      {"temperature": 1.0, "top_p": 0.9})
+                                      RowSetup(SamplingParams(temperature=1.0, top_p=0.9), n))
                              for i, (n, p) in enumerate(zip(lens, pages))])
         self.execute(plan, stage_local=True)
         self.launch(StepPlan(-1, [], [s.rid for s in plan.seqs]))
@@ -213,10 +214,10 @@ class ModelRunner:
             if self.grammars is not None:
                 self.grammars.release(rid)
         for s in plan.seqs:
-            if s.params is not None:
-                self.rows[s.rid] = RowParams.from_dict(s.params)
-                if self.grammars is not None and s.params.get("structured_outputs"):
-                    self._add_matcher(s.rid, s.params)
+            if s.setup is not None:
+                self.rows[s.rid] = RowParams.from_setup(s.setup)
+                if self.grammars is not None and s.setup.params.structured_outputs:
+                    self._add_matcher(s.rid, s.setup)
             self.rows[s.rid].record_input(s.start_pos, s.token_ids, s.pending)
         if not plan.seqs:
             return Launched(plan.step_id, [], None)
@@ -241,9 +242,9 @@ class ModelRunner:
             self.complete(launched)
         return launched
 
-    def _add_matcher(self, rid: str, params: dict) -> None:
+    def _add_matcher(self, rid: str, setup: RowSetup) -> None:
         try:
-            self.grammars.add(rid, params["structured_outputs"], params.get("grammar_stop_ids", []))
+            self.grammars.add(rid, setup.params.structured_outputs, setup.stop_token_ids)
         except Exception as e:  # the request fails alone (its grammar compiled on the driver: should not happen)
             self.row_errors.append([rid, f"structured output: {e}", "error"])
 

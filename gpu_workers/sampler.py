@@ -11,42 +11,40 @@ from typing import Callable, Optional
 import torch
 
 from gpu_workers.upload import upload
+from nanoslg.protocol import RowSetup
+from nanoslg.sampling_params import SamplingParams
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads consecutive positions across the seed space
 
 
 @dataclass(slots=True)
 class RowParams:
-    temperature: float
-    top_p: float
-    top_k: int
-    min_p: float
-    seed: Optional[int]
-    logprobs: Optional[int]
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
+    """A request's sampling state on a worker: its parameters (as the API edge validated them) and, when penalties
+    need it, every token fed so far."""
+
+    params: SamplingParams
     prompt_len: int = 0
-    history: Optional[list] = None  # every token fed so far (prompt + output), kept only when penalties need it
+    history: Optional[list[int]] = None  # prompt + output so far, kept only when penalties need it
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RowParams":
-        top_k = d.get("top_k", 0)
-        row = cls(float(d.get("temperature", 1.0)), float(d.get("top_p", 1.0)), 0 if top_k < 0 else top_k,
-                  float(d.get("min_p", 0.0)), d.get("seed"), d.get("logprobs"),
-                  float(d.get("presence_penalty", 0.0)), float(d.get("frequency_penalty", 0.0)),
-                  float(d.get("repetition_penalty", 1.0)), int(d.get("prompt_len", 0)))
-        if row.has_penalties:
-            row.history = list(d.get("prefix_ids", ()))  # a prompt prefix served from the prefix cache
+    def from_setup(cls, setup: RowSetup) -> "RowParams":
+        row = cls(setup.params, setup.prompt_len)
+        if setup.params.has_penalties:
+            row.history = list(setup.prefix_ids or ())  # a prompt prefix served from the prefix cache
         return row
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
-
-    @property
-    def has_penalties(self) -> bool:
-        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+    # the sampler reads these per row
+    temperature = property(lambda self: self.params.temperature)
+    top_p = property(lambda self: self.params.top_p)
+    top_k = property(lambda self: self.params.top_k)
+    min_p = property(lambda self: self.params.min_p)
+    seed = property(lambda self: self.params.seed)
+    logprobs = property(lambda self: self.params.logprobs)
+    presence_penalty = property(lambda self: self.params.presence_penalty)
+    frequency_penalty = property(lambda self: self.params.frequency_penalty)
+    repetition_penalty = property(lambda self: self.params.repetition_penalty)
+    greedy = property(lambda self: self.params.greedy)
+    has_penalties = property(lambda self: self.params.has_penalties)
 
     def record_input(self, start_pos: int, tokens, pending: int) -> None:
         # A pending token was appended to the history when it was sampled (see record_sampled).

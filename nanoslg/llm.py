@@ -43,9 +43,9 @@ class LLM:
         for p, params in zip(prompts, self._per_request(sampling_params, len(prompts))):
             rid = f"gen-{next(self._ids)}"
             if isinstance(p, str):
-                reqs.append(GenerateRequest(rid, params.to_dict(), prompt=p))
+                reqs.append(GenerateRequest(rid, params, prompt=p))
             else:
-                reqs.append(GenerateRequest(rid, params.to_dict(), prompt_ids=token_ids(p)))
+                reqs.append(GenerateRequest(rid, params, prompt_ids=token_ids(p)))
         return self._run(reqs, use_tqdm)
 
     def chat(self, conversations: Union[list, Sequence[list]],
@@ -53,7 +53,7 @@ class LLM:
              use_tqdm: bool = False, chat_template_kwargs: Optional[dict] = None) -> list:
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        reqs = [GenerateRequest(f"chat-{next(self._ids)}", params.to_dict(), messages=list(conv),
+        reqs = [GenerateRequest(f"chat-{next(self._ids)}", params, messages=list(conv),
                                 chat_template_kwargs=chat_template_kwargs)
                 for conv, params in zip(conversations, self._per_request(sampling_params, len(conversations)))]
         return self._run(reqs, use_tqdm)

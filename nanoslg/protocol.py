@@ -3,6 +3,8 @@
 Each message is a slotted dataclass registered under a unique type tag. Token-id sequences travel as
 ``array('i')`` (packed int32 bytes on the wire). ``decode`` rejects unknown tags and oversized frames, so a
 confused or hostile peer cannot make a process allocate without bound or act on a message it does not know.
+Decoding fills a message's fields without running its constructor: what was validated where it entered the engine
+(SamplingParams, at the API edge or in the offline API) is not validated again in every process it crosses.
 """
 from __future__ import annotations
 
@@ -13,22 +15,49 @@ from typing import Any, Optional
 
 import msgpack
 
+from nanoslg.sampling_params import SamplingParams
+
 MAX_FRAME_BYTES = 256 * 1024 * 1024
 
 _EXT_MESSAGE = 1
 _EXT_INT32 = 2
 
 _TAGS: dict[str, type] = {}
+# per message type: its field names, and for each a factory of its default (None: the field is required)
+_FIELDS: dict[type, tuple[tuple[str, ...], tuple[Any, ...]]] = {}
+# messages whose constructor validates, decoded without running it: a generated function assigns every field
+_VALIDATING: dict[type, Any] = {}
 
 
-def message(cls):
-    """Register a dataclass as a wire message under its class name."""
-    cls = dataclass(slots=True)(cls)
+def _field_setter(names: tuple[str, ...]) -> Any:
+    args = ", ".join(names)
+    body = "".join(f"    obj.{n} = {n}\n" for n in names)
+    scope: dict[str, Any] = {}
+    exec(f"def assign(obj, {args}):\n{body}    return obj\n", scope)  # noqa: S102 - names come from dataclasses
+    return scope["assign"]
+
+
+def _register(cls: type) -> type:
     tag = cls.__name__
     if tag in _TAGS:
         raise TypeError(f"duplicate message tag {tag}")
     _TAGS[tag] = cls
+    fields = dataclasses.fields(cls)
+    if hasattr(cls, "__post_init__"):
+        _VALIDATING[cls] = _field_setter(tuple(f.name for f in fields))
+    _FIELDS[cls] = (tuple(f.name for f in fields), tuple(
+        (lambda v=f.default: v) if f.default is not dataclasses.MISSING else
+        f.default_factory if f.default_factory is not dataclasses.MISSING else None for f in fields))
     return cls
+
+
+def message(cls):
+    """Register a dataclass as a wire message under its class name."""
+    return _register(dataclass(slots=True)(cls))
+
+
+# Defined beside its validation (sampling_params.py), sent as it is: one typed object from the edge to the sampler.
+_register(SamplingParams)
 
 
 def token_ids(ids=()) -> array:
@@ -44,7 +73,7 @@ class ProtocolError(ValueError):
 @message
 class Ready:
     name: str
-    info: dict = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)  # free-form: what each process reports at startup (logged)
 
 
 @message
@@ -82,7 +111,7 @@ class NodeDown:
 @message
 class GenerateRequest:
     rid: str
-    params: dict  # SamplingParams.to_dict()
+    params: SamplingParams
     prompt: Optional[str] = None
     prompt_ids: Optional[array] = None
     messages: Optional[list] = None  # chat conversation, rendered with the model's chat template
@@ -132,8 +161,8 @@ class OutputBatch:
 class TokenizedRequest:
     rid: str
     prompt_ids: array
-    params: dict
-    stop_token_ids: list  # EOS ids (unless ignore_eos) plus the user's stop_token_ids
+    params: SamplingParams
+    stop_token_ids: list[int]  # EOS ids (unless ignore_eos) plus the user's stop_token_ids
 
 
 @message
@@ -155,6 +184,17 @@ class TokenBatch:
 
 # ---------------------------------------------------------------- scheduler_proc <-> workers
 @message
+class RowSetup:
+    """What a worker keeps for a request, sent with its first chunk: its sampling parameters and what they apply
+    to."""
+
+    params: SamplingParams
+    prompt_len: int
+    prefix_ids: Optional[array] = None  # a prompt prefix served from the prefix cache (penalties count it)
+    stop_token_ids: list[int] = field(default_factory=list)  # what ends the request: a grammar ends on it too
+
+
+@message
 class SeqChunk:
     """One request's slice of a step: compute KV for ``token_ids`` at positions start_pos.. and, when
     ``sample`` is set, sample the next token from the last one. With overlap scheduling a decode chunk is planned
@@ -166,7 +206,7 @@ class SeqChunk:
     start_pos: int
     page_table: array  # physical KV page ids covering positions [0, start_pos + number of tokens)
     sample: bool
-    params: Optional[dict] = None  # sent once, on the request's first chunk in a worker's lifetime
+    setup: Optional[RowSetup] = None  # sent once, on the request's first chunk in a worker's lifetime
     pending: int = 0
 
 
@@ -198,7 +238,7 @@ class GrammarCompile:
     compile it in the background (structured_outputs.py form); the driver answers GrammarCompiled."""
 
     key: str
-    spec: dict
+    spec: dict[str, Any]  # structured_outputs.normalize form: one key, whose value is a schema, regex or grammar
 
 
 @message
@@ -215,7 +255,7 @@ class ProfileRequest:
     operations at the shapes asked for. kind: "ops" (GEMMs, attention, collectives) or "step" (whole steps)."""
 
     kind: str
-    shapes: dict
+    shapes: dict[str, Any]  # free-form: the profile kind decides the shapes it takes (op_profiler.py)
 
 
 @message
@@ -223,7 +263,7 @@ class ProfileResult:
     """The driver rank's timings for a ProfileRequest (error set if it could not run)."""
 
     kind: str
-    timings: dict
+    timings: dict[str, Any]  # free-form: per profile kind (op_profiler.py)
     error: Optional[str] = None
 
 
@@ -231,7 +271,7 @@ class ProfileResult:
 @message
 class DebugSubmit:
     prompt_ids: array
-    params: dict
+    params: SamplingParams
 
 
 @message
@@ -241,7 +281,7 @@ class DebugStateQuery:
 
 @message
 class DebugReply:
-    state: dict
+    state: dict[str, Any]  # free-form: a JSON report for people and tools (nanoslg debug state)
 
 
 @message
@@ -257,7 +297,7 @@ class DebugProfile:
     """Ask the workers, through the scheduler, to run a ProfileRequest; the reply carries the ProfileResult."""
 
     kind: str
-    shapes: dict
+    shapes: dict[str, Any]  # as ProfileRequest.shapes
 
 
 # ---------------------------------------------------------------- the API server's first process -> the others
@@ -272,7 +312,7 @@ class ServerState:
     run_dir: str
     detail: str = ""
     num_restarts: int = 0
-    pids: dict = field(default_factory=dict)
+    pids: dict[str, int] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- codec
@@ -282,9 +322,9 @@ def _default(obj: Any):
             raise TypeError(f"only int32 arrays travel, got typecode {obj.typecode!r}")
         return msgpack.ExtType(_EXT_INT32, obj.tobytes())
     cls = type(obj)
-    if cls in _TAGS.values():
-        fields = [getattr(obj, f.name) for f in dataclasses.fields(obj)]
-        return msgpack.ExtType(_EXT_MESSAGE, _pack([cls.__name__, *fields]))
+    layout = _FIELDS.get(cls)
+    if layout is not None:
+        return msgpack.ExtType(_EXT_MESSAGE, _pack([cls.__name__, *[getattr(obj, n) for n in layout[0]]]))
     raise TypeError(f"cannot encode {cls.__name__}")
 
 
@@ -298,19 +338,46 @@ def _ext_hook(code: int, data: bytes):
         cls = _TAGS.get(tag)
         if cls is None:
             raise ProtocolError(f"unknown message tag {tag!r}")
-        try:
-            return cls(*values)
-        except TypeError as e:
-            raise ProtocolError(f"malformed {tag}: {e}") from None
+        assign = _VALIDATING.get(cls)
+        if assign is None:  # a plain dataclass constructor only assigns: the quickest way in
+            try:
+                return cls(*values)
+            except TypeError as e:
+                raise ProtocolError(f"malformed {tag}: {e}") from None
+        names, defaults = _FIELDS[cls]
+        if len(values) == len(names):
+            return assign(object.__new__(cls), *values)
+        if len(values) > len(names):
+            raise ProtocolError(f"malformed {tag}: {len(values)} fields, it has {len(names)}")
+        msg = object.__new__(cls)
+        for i, name in enumerate(names):
+            if i < len(values):
+                value = values[i]
+            elif defaults[i] is None:
+                raise ProtocolError(f"malformed {tag}: no {name}")
+            else:
+                value = defaults[i]()
+            object.__setattr__(msg, name, value)
+        return msg
     raise ProtocolError(f"unknown extension type {code}")
 
 
+_idle_packers: list = []  # a Packer per nesting level in use: making one per nested message costs more than packing
+
+
 def _pack(obj) -> bytes:
-    return msgpack.packb(obj, default=_default, use_bin_type=True)
+    packer = _idle_packers.pop() if _idle_packers else msgpack.Packer(default=_default, use_bin_type=True)
+    try:
+        return packer.pack(obj)
+    except BaseException:
+        packer.reset()
+        raise
+    finally:
+        _idle_packers.append(packer)
 
 
 def encode(msg) -> bytes:
-    if type(msg) not in _TAGS.values():
+    if type(msg) not in _FIELDS:
         raise TypeError(f"{type(msg).__name__} is not a registered message")
     return _pack(msg)
 
@@ -324,6 +391,6 @@ def decode(frame: bytes):
         raise
     except Exception as e:
         raise ProtocolError(f"undecodable frame: {e}") from None
-    if type(msg) not in _TAGS.values():
+    if type(msg) not in _FIELDS:
         raise ProtocolError(f"frame is not a tagged message: {type(msg).__name__}")
     return msg

@@ -1,7 +1,7 @@
-"""Per-request sampling settings, validated once where the request enters the engine."""
+"""Per-request sampling settings, validated once where the request enters the engine (the API edge, the offline
+API), then sent to the tokenizer, the scheduler and the workers as this one typed message (protocol.py)."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -39,6 +39,8 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         self.structured_outputs = so.normalize(self.structured_outputs)
         self.validate()
+        if self.top_k == -1:  # vLLM's spelling of "no top-k"
+            self.top_k = 0
 
     def validate(self) -> None:
         def need(ok: bool, name: str, what: str):
@@ -75,19 +77,7 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
 
-    def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SamplingParams":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
-
-
-def penalties_requested(params: dict) -> bool:
-    """Whether a request's params (as sent to the engine) need the full token history at sampling time."""
-    return (params.get("presence_penalty", 0.0) != 0 or params.get("frequency_penalty", 0.0) != 0
-            or params.get("repetition_penalty", 1.0) != 1)
+    @property
+    def has_penalties(self) -> bool:
+        """Whether sampling needs the request's full token history (prompt and output so far)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1

@@ -22,7 +22,7 @@ class GrammarGate:
 
     def offer(self, req: TokenizedRequest) -> bool:
         """True when req can be scheduled now; else it is held until its grammar is compiled."""
-        spec = req.params.get("structured_outputs")
+        spec = req.params.structured_outputs
         if not spec:
             return True
         key = so.cache_key(spec)

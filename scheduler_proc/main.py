@@ -242,8 +242,7 @@ class SchedulerProcess:
 
     def _debug_submit(self, msg: DebugSubmit) -> dict:
         rid = f"debug-{next(self.debug_ids)}"
-        params = dict(msg.params)
-        req = TokenizedRequest(rid, msg.prompt_ids, params, list(params.pop("stop_token_ids", [])))
+        req = TokenizedRequest(rid, msg.prompt_ids, msg.params, list(msg.params.stop_token_ids))
         error = self.core.add(req) if self.grammars.offer(req) else None
         if error:
             return {"error": error.error}

@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+from nanoslg.sampling_params import SamplingParams
+
 
 class Status(enum.Enum):
     WAITING = "waiting"
@@ -24,7 +26,7 @@ class InFlightStep:
 class Request:
     rid: str
     prompt_ids: list
-    params: dict
+    params: SamplingParams
     stop_token_ids: frozenset
     max_tokens: int
     # whether max_tokens came from the request (a bound the admission can plan with) or is max_model_len's default

@@ -16,8 +16,7 @@ import time
 from collections import deque
 from typing import Optional
 
-from nanoslg.protocol import SeqChunk, StepPlan, StepResult, TokenizedRequest, TokenUpdate, token_ids
-from nanoslg.sampling_params import penalties_requested
+from nanoslg.protocol import RowSetup, SeqChunk, StepPlan, StepResult, TokenizedRequest, TokenUpdate, token_ids
 from scheduler_proc.block_manager import BlockManager
 from scheduler_proc.global_batch import BatchTargets, LengthStats, PoolForecast
 from scheduler_proc.request import InFlightStep, Request, Status
@@ -68,9 +67,8 @@ class Scheduler:
             error = f"the prompt needs more KV pages than the cache holds ({self.blocks.num_pages})"
         if error:
             return TokenUpdate(req.rid, token_ids(), "rejected", None, error)
-        params = req.params
-        max_tokens = params.get("max_tokens")
-        r = Request(req.rid, list(req.prompt_ids), params, frozenset(req.stop_token_ids),
+        max_tokens = req.params.max_tokens
+        r = Request(req.rid, list(req.prompt_ids), req.params, frozenset(req.stop_token_ids),
                     int(max_tokens or self.max_model_len), max_tokens_given=bool(max_tokens))
         self.requests[r.rid] = r
         self.waiting.append(r)
@@ -202,7 +200,7 @@ class Scheduler:
         for r, start, end, pending in chunks:
             sample = pending > 0 or end == r.num_tokens
             seqs.append(SeqChunk(r.rid, token_ids(r.token_slice(start, end - pending)), start, token_ids(r.pages),
-                                 sample, None if r.params_sent else self._worker_params(r, start), pending))
+                                 sample, None if r.params_sent else self._row_setup(r, start), pending))
             r.params_sent = True
             r.num_computed = end
             self.blocks.register_full_pages(r, min(end, r.num_tokens))
@@ -219,14 +217,14 @@ class Scheduler:
         return plan
 
     @staticmethod
-    def _worker_params(r: Request, start: int) -> dict:
-        params = {**r.params, "prompt_len": len(r.prompt_ids)}
-        if r.params.get("structured_outputs"):  # a grammar ends on what ends the request (EOS unless ignored)
-            params["grammar_stop_ids"] = sorted(r.stop_token_ids)
-        if start and penalties_requested(r.params):
+    def _row_setup(r: Request, start: int) -> RowSetup:
+        setup = RowSetup(r.params, len(r.prompt_ids))
+        if r.params.structured_outputs:  # a grammar ends on what ends the request (EOS unless ignored)
+            setup.stop_token_ids = sorted(r.stop_token_ids)
+        if start and r.params.has_penalties:
             # Penalties count every token seen; those of a cached prefix reach the worker only through here.
-            params["prefix_ids"] = list(r.prompt_ids[:start])
-        return params
+            setup.prefix_ids = token_ids(r.prompt_ids[:start])
+        return setup
 
     def _make_room(self, r: Request, end: int, scheduled: set) -> bool:
         """Give r pages for its tokens up to `end`, preempting the newest requests admitted after it that are

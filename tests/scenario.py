@@ -69,7 +69,7 @@ def run_scenario(folder: str, hf_reference, hf_to_max_len, **engine_args) -> Non
     # small enough that all four fit the pool at once (the admission plans with their max_tokens)
     doomed = random_prompts(4, seed=6, lengths=[4, 5, 6, 7])
     params = SamplingParams(**UNBOUNDED)
-    long = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True).to_dict()
+    long = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     short = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     with LLM(folder, **{**ENGINE, **engine_args}) as llm, DebugClient(llm.config.run_dir) as debug:
         in_flight_limit = llm.config.max_steps_in_flight
@@ -95,7 +95,7 @@ def run_scenario(folder: str, hf_reference, hf_to_max_len, **engine_args) -> Non
         hits = debug.state()["prefix_cache_hits"] - hits_before
         # 4. aborts while the requests' steps are in flight: the survivors' tokens stand, every page comes back
         for i, p in enumerate(doomed):
-            llm.engine.submit(GenerateRequest(f"doomed-{i}", short.to_dict(), prompt_ids=token_ids(p)))
+            llm.engine.submit(GenerateRequest(f"doomed-{i}", short, prompt_ids=token_ids(p)))
         started = {}
         while len(started) < 4:
             for d in llm.engine.poll_deltas(20):

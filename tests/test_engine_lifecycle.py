@@ -119,13 +119,15 @@ def test_bad_requests_fail_alone(tiny_model_dir):
         assert "77 tokens" in outs[1].error and "max_model_len is 64" in outs[1].error
         assert "token id 9999 is outside the vocabulary" in outs[3].error
         assert all(len(outs[i].token_ids) == 6 for i in (0, 2, 4))
-        # a raw request with bad sampling values (as a server would forward it) fails with the reason
-        bad = dict(params.to_dict(), temperature=-1.0)
+        # a raw request whose params are not the typed message fails alone, with the reason
+        bad = {"temperature": -1.0}
         llm.engine.submit(GenerateRequest("bad", bad, prompt_ids=token_ids(good[0])))
         deltas = []
         while not deltas:
             deltas = llm.engine.poll_deltas(100)
-        assert deltas[0].rid == "bad" and "temperature must be a number >= 0" in deltas[0].error
+        assert deltas[0].rid == "bad" and "params must be a SamplingParams message" in deltas[0].error
+        with pytest.raises(ValueError, match="temperature must be a number >= 0"):  # validated at the edge
+            SamplingParams(temperature=-1.0)
         # text needs a tokenizer, which this model folder lacks
         assert "no tokenizer" in llm.generate("hello", params)[0].error
         # the engine still serves

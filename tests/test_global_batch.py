@@ -1,5 +1,6 @@
 """NanoFlow's global batch in the scheduler (scheduler_proc/global_batch.py), driven without sockets against a
 stand-in worker: the running set held near its target without waves, the pool forecast, the prefill pacing."""
+from nanoslg.sampling_params import SamplingParams
 from nanoslg.protocol import StepResult, TokenizedRequest, token_ids
 from scheduler_proc.scheduler import Scheduler
 from test_scheduler import _req, _run_step
@@ -172,9 +173,9 @@ def test_the_forecast_counts_shared_prefix_pages_once():
     s = Scheduler(num_pages=212, page_size=16, max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=4096,
                   overlap=True, enable_prefix_caching=True)
     prefix = list(range(10, 650))
-    s.add(TokenizedRequest("B", token_ids(prefix + [7001] * 16), {"max_tokens": 1600}, [99]))
-    arrivals = [(3, TokenizedRequest("A", token_ids(prefix + [7002] * 16), {"max_tokens": 16}, [99])),
-                (8, TokenizedRequest("C", token_ids(range(9000, 9016)), {"max_tokens": 1600}, [99]))]
+    s.add(TokenizedRequest("B", token_ids(prefix + [7001] * 16), SamplingParams(max_tokens=1600), [99]))
+    arrivals = [(3, TokenizedRequest("A", token_ids(prefix + [7002] * 16), SamplingParams(max_tokens=16), [99])),
+                (8, TokenizedRequest("C", token_ids(range(9000, 9016)), SamplingParams(max_tokens=1600), [99]))]
     _run_arrivals(s, arrivals, {})
     assert s.total_preemptions == 0 and not s.requests and s.blocks.hit_tokens >= 512  # A shares B's pages
 
@@ -184,8 +185,8 @@ def test_a_request_without_max_tokens_is_not_forecast_to_free_its_pages():
     pages to the stream of bounded requests behind it would preempt them when it runs on."""
     s = Scheduler(num_pages=250, page_size=16, max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=8192,
                   overlap=True)
-    s.add(TokenizedRequest("A", token_ids(range(10, 3010)), {}, [99]))
-    arrivals = [(5 + 10 * i, TokenizedRequest(f"r{i}", token_ids(range(10, 26)), {"max_tokens": 300}, [99]))
+    s.add(TokenizedRequest("A", token_ids(range(10, 3010)), SamplingParams(max_tokens=None), [99]))
+    arrivals = [(5 + 10 * i, TokenizedRequest(f"r{i}", token_ids(range(10, 26)), SamplingParams(max_tokens=300), [99]))
                 for i in range(60)]
     _run_arrivals(s, arrivals, {"A": 200})
     assert s.total_preemptions == 0 and not s.requests

@@ -67,7 +67,7 @@ def test_predicted_memory_admission_never_preempts(arch, tiny_model_dir, hf_refe
 def test_requests_arriving_while_others_decode(arch, tiny_model_dir, hf_reference):
     folder = tiny_model_dir(arch)
     first, late = random_prompts(4, seed=4), random_prompts(4, seed=5)
-    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True).to_dict()
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     outputs = {}
     with LLM(folder, max_model_len=256) as llm:
         for i, p in enumerate(first):

@@ -44,7 +44,7 @@ def test_layout_gives_transformers_tokens(arch, layout, tiny_model_dir, hf_refer
 def test_debug_state_shows_each_micro_batch(tiny_model_dir):
     with LLM(tiny_model_dir("llama"), max_model_len=512, pipeline_parallel_size=2) as llm:
         for i, p in enumerate(random_prompts(6, seed=7)):
-            llm.engine.submit(GenerateRequest(f"r{i}", SamplingParams(max_tokens=300, ignore_eos=True).to_dict(),
+            llm.engine.submit(GenerateRequest(f"r{i}", SamplingParams(max_tokens=300, ignore_eos=True),
                                               prompt_ids=token_ids(p)))
         while not llm.engine.poll_deltas(50):
             pass

@@ -75,16 +75,16 @@ def _result(plan, tok):
 def test_a_request_sharing_a_running_requests_prefix_starts_after_the_shared_pages():
     s = Scheduler(64, PS, 8, 64, 256, enable_prefix_caching=True)
     prompt = list(range(10, 40))  # 30 tokens: 7 full pages
-    s.add(TokenizedRequest("a", token_ids(prompt), {"max_tokens": 4}, []))
+    s.add(TokenizedRequest("a", token_ids(prompt), SamplingParams(max_tokens=4), []))
     first = s.schedule()
     assert first.seqs[0].start_pos == 0 and len(first.seqs[0].token_ids) == 30
     # a is still running (its step in flight) when b, with the same first 24 tokens, arrives
-    s.add(TokenizedRequest("b", token_ids(prompt[:24] + [99] * 9), {"max_tokens": 4}, []))
+    s.add(TokenizedRequest("b", token_ids(prompt[:24] + [99] * 9), SamplingParams(max_tokens=4), []))
     second = s.schedule()
     chunk = next(c for c in second.seqs if c.rid == "b")
     assert chunk.start_pos == 24 and list(chunk.page_table[:6]) == list(first.seqs[0].page_table[:6])
     # identical prompt: all but the last full page comes from the cache (the last token must be computed)
-    s.add(TokenizedRequest("c", token_ids(prompt[:28]), {"max_tokens": 4}, []))
+    s.add(TokenizedRequest("c", token_ids(prompt[:28]), SamplingParams(max_tokens=4), []))
     third = s.schedule()
     assert next(c for c in third.seqs if c.rid == "c").start_pos == 24
     s.on_result(_result(first, 7))
@@ -100,8 +100,8 @@ def test_requests_arriving_together_share_the_prefix_instead_of_computing_it_twi
     s = Scheduler(64, PS, 8, 64, 256, enable_prefix_caching=True)
     prompt = list(range(10, 40))  # 30 tokens: 7 full pages
     for rid, tail in (("a", [1, 2]), ("b", [3, 4, 5]), ("c", [6])):
-        s.add(TokenizedRequest(rid, token_ids(prompt + tail), {"max_tokens": 2}, []))
-    s.add(TokenizedRequest("other", token_ids([200] * 9), {"max_tokens": 2}, []))
+        s.add(TokenizedRequest(rid, token_ids(prompt + tail), SamplingParams(max_tokens=2), []))
+    s.add(TokenizedRequest("other", token_ids([200] * 9), SamplingParams(max_tokens=2), []))
     first = s.schedule()
     # b would compute the pages a computes in this very step: it (and, in order, those behind it) waits one step
     assert [c.rid for c in first.seqs] == ["a"]
@@ -118,7 +118,7 @@ def test_requests_arriving_together_share_the_prefix_instead_of_computing_it_twi
 def test_a_flood_of_distinct_prompts_evicts_cached_pages_and_never_fails_for_want_of_them():
     s = Scheduler(12, PS, 4, 64, 64, enable_prefix_caching=True)  # 12 pages: ~2 requests at a time
     for i in range(30):
-        s.add(TokenizedRequest(f"r{i}", token_ids([100 + i] * 17), {"max_tokens": 3}, []))
+        s.add(TokenizedRequest(f"r{i}", token_ids([100 + i] * 17), SamplingParams(max_tokens=3), []))
     finished = {}
     while (plan := s.schedule()) is not None:
         for u in s.on_result(_result(plan, 5)):
@@ -166,7 +166,7 @@ def test_hits_on_pages_of_a_request_still_running(arch, tiny_model_dir, hf_refer
     folder = tiny_model_dir(arch)
     base = random_prompts(1, seed=42, lengths=[48])[0]
     late = base[:40] + [7, 8, 9]
-    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True).to_dict()
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     tokens, cached, done = {"first": [], "late": []}, {}, set()
     with LLM(folder, max_model_len=128, page_size=PS) as llm:
         llm.engine.submit(GenerateRequest("first", params, prompt_ids=token_ids(base)))
@@ -209,7 +209,7 @@ def test_hits_after_preemption_and_after_eviction(arch, tiny_model_dir, hf_refer
 def test_aborts_leave_every_page_free_or_evictable(tiny_model_dir):
     folder = tiny_model_dir("llama")
     base = random_prompts(1, seed=46, lengths=[32])[0]
-    params = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True).to_dict()
+    params = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
     with LLM(folder, max_model_len=128, page_size=PS) as llm:
         for i in range(6):
             llm.engine.submit(GenerateRequest(f"r{i}", params, prompt_ids=token_ids(base + [i + 3] * (i + 1))))

@@ -9,6 +9,7 @@ import zmq
 
 from nanoslg import ipc
 from nanoslg.config import EngineConfig
+from nanoslg.sampling_params import SamplingParams
 from nanoslg.protocol import Ready, StepResult, TokenBatch, TokenizedRequest, token_ids
 from scheduler_proc.scheduler import Scheduler
 
@@ -16,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _req(rid, n, max_tokens=4, stop=()):
-    return TokenizedRequest(rid, token_ids(range(10, 10 + n)), {"max_tokens": max_tokens}, list(stop))
+    return TokenizedRequest(rid, token_ids(range(10, 10 + n)), SamplingParams(max_tokens=max_tokens), list(stop))
 
 
 def _run_step(s: Scheduler, token=7):
@@ -35,7 +36,7 @@ def test_budgets_mixed_steps_and_chunked_prefill():
     plan, _ = _run_step(s)
     # r0 decodes (1 token) alongside r1's next prefill chunk: a mixed step
     assert [(c.rid, len(c.token_ids), c.start_pos) for c in plan.seqs] == [("r0", 1, 6), ("r1", 9, 4)]
-    assert plan.seqs[0].token_ids.tolist() == [7] and plan.seqs[0].params is None
+    assert plan.seqs[0].token_ids.tolist() == [7] and plan.seqs[0].setup is None
     plan, _ = _run_step(s)
     assert [(c.rid, len(c.token_ids)) for c in plan.seqs] == [("r0", 1), ("r1", 9)]
     plan, _ = _run_step(s)

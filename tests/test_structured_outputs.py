@@ -158,7 +158,7 @@ def test_grammar_gate_holds_requests_until_their_grammar_is_compiled():
     announced = []
     gate = GrammarGate(announced.append)
     spec = so.normalize({"json": SCHEMA})
-    req = lambda rid, s: TokenizedRequest(rid, array("i", [1, 2]), {"structured_outputs": s}, [])  # noqa: E731
+    req = lambda rid, s: TokenizedRequest(rid, array("i", [1, 2]), SamplingParams(structured_outputs=s), [])  # noqa: E731
     assert gate.offer(req("free", None))
     assert not gate.offer(req("a", spec)) and not gate.offer(req("b", spec)) and not gate.offer(req("c", spec))
     assert len(announced) == 1 and announced[0].spec == spec  # one compile per grammar, however many requests

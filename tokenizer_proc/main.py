@@ -136,7 +136,9 @@ class TokenizerProcess:
         try:
             if req.rid in self.streams:
                 raise RequestError(f"request id {req.rid!r} is already in use")
-            params = SamplingParams.from_dict(req.params)
+            params = req.params  # validated where it entered the engine
+            if not isinstance(params, SamplingParams):
+                raise RequestError(f"params must be a SamplingParams message, got {type(params).__name__}")
             prompt_ids = self._tokenize(req)
         except (ValueError, TypeError) as e:
             self._send(req.client, OutputBatch([OutputDelta(req.rid, finish_reason="rejected", error=str(e))]))
@@ -152,7 +154,7 @@ class TokenizerProcess:
             detok = IncrementalDetokenizer(self.tokenizer, list(prompt_ids), params.skip_special_tokens)
         self.streams[req.rid] = Stream(detok, StopStringMatcher(params.stop, params.include_stop_str_in_output),
                                        frozenset(stop_ids), prompt_ids, self._prompt_text(req, prompt_ids), req.client)
-        ipc.send(self.to_scheduler, TokenizedRequest(req.rid, prompt_ids, params.to_dict(), sorted(stop_ids)))
+        ipc.send(self.to_scheduler, TokenizedRequest(req.rid, prompt_ids, params, sorted(stop_ids)))
 
     def _prompt_text(self, req: GenerateRequest, prompt_ids) -> Optional[str]:
         if not req.echo:

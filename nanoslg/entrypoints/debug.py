@@ -32,7 +32,10 @@ class DebugClient:
         return self._call(DebugStateQuery())
 
     def submit(self, prompt_ids: list, **params) -> str:
-        reply = self._call(DebugSubmit(token_ids(prompt_ids), params))
+        """params: SamplingParams' fields (validated here, the debug socket's edge)."""
+        from nanoslg.sampling_params import SamplingParams
+
+        reply = self._call(DebugSubmit(token_ids(prompt_ids), SamplingParams(**params)))
         if "error" in reply:
             raise ValueError(reply["error"])
         return reply["rid"]

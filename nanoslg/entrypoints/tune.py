@@ -240,7 +240,7 @@ def _measure(llm, debug, c, prompts: list, outputs: list, window_s: float) -> fl
     rids = [f"tune-{time.monotonic_ns()}-{i}" for i in range(n)]
     for i, rid in enumerate(rids):
         params = SamplingParams(max_tokens=outputs[i % len(outputs)], temperature=0, ignore_eos=True)
-        llm.engine.submit(GenerateRequest(rid, params.to_dict(), prompt_ids=token_ids(prompts[i % len(prompts)])))
+        llm.engine.submit(GenerateRequest(rid, params, prompt_ids=token_ids(prompts[i % len(prompts)])))
     tokens = lambda: sum(k["tokens"] for k in debug.state()["step_stats"]["counts"].values())  # noqa: E731
     live, start = set(rids), None
     try:

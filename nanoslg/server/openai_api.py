@@ -179,7 +179,7 @@ def chat_requests(body: ChatCompletionRequest, request_id: str, plan: OutputPlan
         params = body.to_sampling_params(i, plan.spec)
         if plan.tools == "auto":  # a tool-call marker may be a special token ([TOOL_CALLS]): the parser needs it
             params.skip_special_tokens = False
-        reqs.append(GenerateRequest(f"{request_id}-{i}", params.to_dict(), messages=conv, chat_template_kwargs=kwargs))
+        reqs.append(GenerateRequest(f"{request_id}-{i}", params, messages=conv, chat_template_kwargs=kwargs))
     return reqs
 
 
@@ -188,7 +188,7 @@ def completion_requests(body: CompletionRequest, request_id: str, plan: OutputPl
     for p_index, prompt in enumerate(body.prompts()):
         for i in range(body.n):
             rid = f"{request_id}.{p_index}-{i}"
-            params = body.to_sampling_params(i, plan.spec).to_dict()
+            params = body.to_sampling_params(i, plan.spec)
             if isinstance(prompt, str):
                 reqs.append(GenerateRequest(rid, params, prompt=prompt, echo=body.echo))
             else:
