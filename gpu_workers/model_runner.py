@@ -28,13 +28,14 @@ from gpu_workers.sampler import RowParams, Sampled, Sampler
 from gpu_workers.upload import upload
 from gpu_workers.weight_loader import init_dummy, load_checkpoint
 from nanoslg.config import EngineConfig
+from nanoslg.errors import InvalidGrammar
 from nanoslg.protocol import RowSetup, SeqChunk, StepPlan, StepResult, token_ids
 from nanoslg.sampling_params import SamplingParams
 
 log = logging.getLogger("nanoslg.worker")
 
-DEAD_END = ("structured output: no token of the model's vocabulary can continue the output here (the grammar asks "
-            "for characters its tokenizer cannot write)")
+DEAD_END = InvalidGrammar("no token of the model's vocabulary can continue the output here (the grammar asks for "
+                          "characters its tokenizer cannot write)")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -246,7 +247,7 @@ class ModelRunner:
         try:
             self.grammars.add(rid, setup.params.structured_outputs, setup.stop_token_ids)
         except Exception as e:  # the request fails alone (its grammar compiled on the driver: should not happen)
-            self.row_errors.append([rid, f"structured output: {e}", "error"])
+            self.row_errors.append([rid, f"structured output: {e}", "error", None])
 
     @torch.inference_mode()
     def complete(self, launched: "Launched") -> None:
@@ -266,7 +267,7 @@ class ModelRunner:
                 for i in self.grammars.dead_ends(bitmask, constrained):
                     # no token of the vocabulary continues the output (e.g. a character the tokenizer cannot
                     # write): the request is refused rather than sampled outside its grammar
-                    self.row_errors.append([rids[i], DEAD_END, "rejected"])
+                    self.row_errors.append([rids[i], str(DEAD_END), "rejected", DEAD_END.code])
                     self.grammars.release(rids[i])
                     constrained.remove(i)
                 mask = lambda lg: self.grammars.apply(lg, bitmask, constrained)  # noqa: E731
@@ -367,7 +368,7 @@ class ModelRunner:
                     ended.append(rid)
             except Exception as e:  # this request alone fails; its matcher goes
                 self.grammars.release(rid)
-                self.row_errors.append([rid, f"structured output: {e}", "error"])
+                self.row_errors.append([rid, f"structured output: {e}", "error", None])
         result.grammar_ended = ended or None
 
     @staticmethod

@@ -149,6 +149,7 @@ class OutputDelta:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     queue_time: Optional[float] = None  # on the first token: seconds queued in the scheduler (TokenUpdate)
     prefill_time: Optional[float] = None  # on the first token: seconds from first scheduled to first token
+    error_code: Optional[str] = None  # with a rejection: its OpenAI error code (errors.py)
 
 
 @message
@@ -175,6 +176,7 @@ class TokenUpdate:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     queue_time: Optional[float] = None  # on the first token only, see OutputDelta
     prefill_time: Optional[float] = None
+    error_code: Optional[str] = None  # see OutputDelta
 
 
 @message
@@ -227,8 +229,8 @@ class StepResult:
     gpu_ms: float = 0.0  # the driver rank's device time for the step (CUDA events around it; 0 on CPU)
     op_ms: Optional[dict] = None  # on sampled steps: device ms per operation class (gemm, attention, ...)
     grammar_ended: Optional[list] = None  # rids whose structured output is complete with this step's token
-    # [rid, error, finish reason] of rows that failed alone: "rejected" (a grammar this model's vocabulary cannot
-    # continue: the client's request is at fault) or "error" (a grammar that broke)
+    # [rid, error, finish reason, error code] of rows that failed alone: "rejected" (a grammar this model's
+    # vocabulary cannot continue: the client's request is at fault) or "error" (a grammar that broke)
     row_errors: Optional[list] = None
 
 

@@ -15,6 +15,7 @@ from nanoslg.logs import setup_logging
 from nanoslg.protocol import (AbortRequest, DebugProfile, DebugReply, DebugSetTargets, DebugStateQuery, DebugSubmit,
                               GrammarCompiled, ProfileRequest, ProfileResult, ProtocolError, Shutdown, StepPlan,
                               StepResult, TokenBatch, TokenizedRequest, TokenUpdate, token_ids)
+from nanoslg.errors import InvalidGrammar
 from scheduler_proc.grammar_gate import GrammarGate
 from scheduler_proc.scheduler import Scheduler
 from scheduler_proc.step_timeline import StepTimeline
@@ -170,7 +171,9 @@ class SchedulerProcess:
                 if error is None:
                     self._add(req)
                 else:
-                    self._publish([TokenUpdate(req.rid, token_ids(), "rejected", None, f"structured output: {error}")])
+                    rejection = InvalidGrammar(error)
+                    self._publish([TokenUpdate(req.rid, token_ids(), "rejected", None, str(rejection),
+                                               error_code=rejection.code)])
         elif isinstance(msg, AbortRequest):
             if not self.grammars.abort(msg.rid):
                 self.core.abort(msg.rid)

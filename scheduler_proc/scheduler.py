@@ -16,6 +16,7 @@ import time
 from collections import deque
 from typing import Optional
 
+from nanoslg.errors import ContextLengthExceeded, EmptyPrompt, Rejection
 from nanoslg.protocol import RowSetup, SeqChunk, StepPlan, StepResult, TokenizedRequest, TokenUpdate, token_ids
 from scheduler_proc.block_manager import BlockManager
 from scheduler_proc.global_batch import BatchTargets, LengthStats, PoolForecast
@@ -55,18 +56,17 @@ class Scheduler:
     def add(self, req: TokenizedRequest) -> Optional[TokenUpdate]:
         """Queue a request; returns an error update instead when it can never be served."""
         n = len(req.prompt_ids)
-        error = None
+        error: Optional[Rejection] = None
         if req.rid in self.requests:
-            error = f"request id {req.rid!r} is already in use"
+            error = Rejection(f"request id {req.rid!r} is already in use")
         elif n == 0:
-            error = "the prompt is empty"
+            error = EmptyPrompt()
         elif n >= self.max_model_len:
-            error = (f"the prompt has {n} tokens, which leaves no room to generate within max_model_len="
-                     f"{self.max_model_len}")
+            error = ContextLengthExceeded(n, self.max_model_len)
         elif self.blocks.pages_for(n + 1) > self.blocks.num_pages:
-            error = f"the prompt needs more KV pages than the cache holds ({self.blocks.num_pages})"
+            error = Rejection(f"the prompt needs more KV pages than the cache holds ({self.blocks.num_pages})")
         if error:
-            return TokenUpdate(req.rid, token_ids(), "rejected", None, error)
+            return TokenUpdate(req.rid, token_ids(), "rejected", None, str(error), error_code=error.code)
         max_tokens = req.params.max_tokens
         r = Request(req.rid, list(req.prompt_ids), req.params, frozenset(req.stop_token_ids),
                     int(max_tokens or self.max_model_len), max_tokens_given=bool(max_tokens))
@@ -274,11 +274,11 @@ class Scheduler:
                     self._finish(r, "error")
                     updates.append(TokenUpdate(rid, token_ids(), "error", None, result.error))
         else:
-            for rid, error, reason in result.row_errors or ():  # first: their tokens this step are void
+            for rid, error, reason, code in result.row_errors or ():  # first: their tokens this step are void
                 r = self.requests.get(rid)
                 if r is not None and r.status is not Status.FINISHED:
                     self._finish(r, reason)
-                    updates.append(TokenUpdate(rid, token_ids(), reason, None, error))
+                    updates.append(TokenUpdate(rid, token_ids(), reason, None, error, error_code=code))
             logprobs = result.logprobs or [None] * len(result.rids)
             grammar_ended = set(result.grammar_ended or ())
             for rid, tok, lp in zip(result.rids, result.token_ids, logprobs):

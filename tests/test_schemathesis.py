@@ -22,7 +22,7 @@ KEY = "fuzz-key"  # with a key, the ignored_auth check has something to test
 MAX_EXAMPLES = 250  # fuzzing cases per operation: with the coverage phase, about 1200 cases in all
 
 
-# The codes of the 400s a schema-valid body can get (app.py's _rejection_code): a prompt's length in tokens
+# The codes of the 400s a schema-valid body can get (nanoslg/errors.py): a prompt's length in tokens
 TOKEN_COUNT_CODES = ("context_length_exceeded", "empty_prompt")
 # ... and what only a grammar engine or another field can judge (structured.py)
 UNSCHEMABLE_CODES = ("invalid_json_schema", "invalid_grammar", "unknown_tool")

@@ -75,6 +75,18 @@ def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(server, name,
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] is not None
 
 
+@pytest.mark.parametrize("body, code", [
+    ({"model": "tiny", "prompt": "word " * 400}, "context_length_exceeded"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "word " * 400}]}, "context_length_exceeded"),
+    ({"model": "tiny", "prompt": "\x16"}, "empty_prompt"),  # SmolLM2's tokenizer has no token for it
+], ids=["text", "chat", "no tokens"])
+def test_engine_rejections_carry_their_openai_code(server, body, code):
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    for stream in (False, True):
+        r = _post(server, path, {**body, "stream": stream})
+        assert r.status_code == 400 and r.json()["error"]["code"] == code, r.text
+
+
 def test_api_key(server):
     _assert_error(_post(server, "/v1/chat/completions", GOOD, key=None), 401, "API key")
     _assert_error(_post(server, "/v1/chat/completions", GOOD, key="wrong"), 401)

@@ -13,6 +13,7 @@ import zmq
 
 from nanoslg import ipc
 from nanoslg.config import EngineConfig
+from nanoslg.errors import ContextLengthExceeded, EmptyPrompt, Rejection
 from nanoslg.logs import setup_logging
 from nanoslg.protocol import (AbortRequest, ClientReset, GenerateRequest, OutputBatch, OutputDelta, ProtocolError,
                               Shutdown, TokenBatch, TokenizedRequest, token_ids)
@@ -26,7 +27,7 @@ log = logging.getLogger("nanoslg.tokenizer")
 CLIENT_QUEUE_LIMIT = 10000
 
 
-class RequestError(ValueError):
+class RequestError(Rejection):
     pass
 
 
@@ -141,7 +142,8 @@ class TokenizerProcess:
                 raise RequestError(f"params must be a SamplingParams message, got {type(params).__name__}")
             prompt_ids = self._tokenize(req)
         except (ValueError, TypeError) as e:
-            self._send(req.client, OutputBatch([OutputDelta(req.rid, finish_reason="rejected", error=str(e))]))
+            self._send(req.client, OutputBatch([OutputDelta(req.rid, finish_reason="rejected", error=str(e),
+                                                             error_code=getattr(e, "code", None))]))
             return
         except Exception as e:  # e.g. a chat template's raise_exception (a conversation it does not accept)
             error = f"the chat template refused the conversation: {e}" if req.messages is not None else \
@@ -189,10 +191,9 @@ class TokenizerProcess:
                     raise RequestError("prompt must be a string")
                 ids = token_ids(self.tokenizer(req.prompt).input_ids)
         if not ids:
-            raise RequestError("the prompt is empty")
+            raise EmptyPrompt()
         if len(ids) >= self.cfg.max_model_len:
-            raise RequestError(f"the prompt has {len(ids)} tokens, but max_model_len is {self.cfg.max_model_len} "
-                               f"(prompt and output must fit in it)")
+            raise ContextLengthExceeded(len(ids), self.cfg.max_model_len)
         return ids
 
     def _render_chat(self, messages: list, kwargs: dict) -> str:
@@ -216,7 +217,8 @@ class TokenizerProcess:
             deltas = by_client.setdefault(stream.client, [])
             if u.error is not None:
                 del self.streams[u.rid]
-                deltas.append(OutputDelta(u.rid, finish_reason=u.finish_reason or "error", error=u.error))
+                deltas.append(OutputDelta(u.rid, finish_reason=u.finish_reason or "error", error=u.error,
+                                          error_code=u.error_code))
                 continue
             ids = list(u.token_ids)
             text_ids = ids[:-1] if u.finish_reason == "stop" and ids and ids[-1] in stream.stop_token_ids else ids

@@ -78,17 +78,6 @@ def _validation_error(e: ValidationError) -> ApiError:
     return ApiError(400, f"{param}: {message(first)}" if param else message(first), param=param or None)
 
 
-def _rejection_code(message: str) -> Optional[str]:
-    """The code of the only 400s a schema-valid body can get: its prompt's length in tokens, which JSON Schema
-    cannot state, is too long (OpenAI's code) or zero (a text of characters the tokenizer drops, e.g. control
-    bytes missing from SmolLM2's vocabulary). The engine's rejections carry messages only."""
-    if "max_model_len" in message:
-        return "context_length_exceeded"
-    if message.startswith("structured output"):  # a grammar the engine could not build, or this model not follow
-        return "invalid_grammar"
-    return "empty_prompt" if message == "the prompt is empty" else None
-
-
 class OpenAIServer:
     def __init__(self, engine: AsyncEngine, settings: ServerSettings):
         self.engine, self.settings = engine, settings
@@ -200,7 +189,7 @@ class OpenAIServer:
         except ApiError as e:
             return e.response()
         except RequestRejected as e:
-            return ApiError(400, str(e), code=_rejection_code(str(e))).response()
+            return ApiError(400, str(e), code=e.code).response()
         except TooManyChoices as e:
             return ApiError(400, str(e), param="n", code="too_many_choices").response()
         except EngineUnavailable as e:

@@ -22,7 +22,12 @@ log = logging.getLogger("nanoslg.server")
 
 
 class RequestRejected(ValueError):
-    """The engine refused the request itself (e.g. prompt longer than max_model_len): a 400, not a 5xx."""
+    """The engine refused the request itself (e.g. prompt longer than max_model_len): a 400, not a 5xx. code: the
+    OpenAI error code the engine gave it (errors.py), if any."""
+
+    def __init__(self, message: str, code: Optional[str] = None):
+        super().__init__(message)
+        self.code = code
 
 
 class GenerationFailed(RuntimeError):
@@ -75,7 +80,7 @@ class Generation:
                 choice = self.choices[index]
                 if item.error is not None:
                     if item.finish_reason == "rejected":
-                        raise RequestRejected(item.error)
+                        raise RequestRejected(item.error, item.error_code)
                     raise GenerationFailed(item.error)
                 new_logprobs = self._apply(choice, item)
                 if item.finish_reason is not None:
@@ -305,7 +310,7 @@ class Responder:
                     item = await anext(rest, None)
         except (RequestRejected, GenerationFailed, EngineUnavailable) as e:
             kind = "invalid_request_error" if isinstance(e, RequestRejected) else "server_error"
-            error = {"message": str(e), "type": kind, "param": None, "code": None}
+            error = {"message": str(e), "type": kind, "param": None, "code": getattr(e, "code", None)}
             yield b"data: " + to_json({"error": error}) + b"\n\n"
         if include_usage:
             usage = self._envelope(obj, [])

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from nanoslg.errors import ContextLengthExceeded
 from nanoslg.sampling_params import MAX_LOGPROBS, SamplingParams
 
 INT32_MAX = 2 ** 31 - 1
@@ -263,8 +264,7 @@ class CompletionRequest(_Sampling):
         for ids in id_lists:
             _check_vocab(ids, info)
             if isinstance(served, ServedModel) and len(ids) >= served.max_model_len:
-                raise ValueError(f"the prompt has {len(ids)} tokens, but max_model_len is {served.max_model_len} "
-                                 f"(prompt and output must fit in it)")
+                raise ContextLengthExceeded(len(ids), served.max_model_len)
         return v
 
     @model_validator(mode="after")
