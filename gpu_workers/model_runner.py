@@ -95,7 +95,7 @@ class ModelRunner:
             self.weight_bytes_read = load_checkpoint(targets, set(iter_required(targets, spec)), cfg.model)
         self.stage_link = StageLink(spec.hidden_size, self.dtype, device) if self.ps.pp_size > 1 else None
         self.backend_cls = self._choose_backend()
-        fused_ops.enable_for(self.device, wanted=self.backend_cls is FlashInferBackend)
+        fused_ops.enable_for(self.device, wanted=self.backend_cls.uses_fused_ops)
         self.sampler = Sampler(self.device, cfg.seed)
         # constrained decoding where tokens are sampled; the worker loop gives the driver its on_compiled
         self.grammars = GrammarBook(cfg, spec.vocab_size, self.device) if self.ps.is_last_stage else None
@@ -113,7 +113,7 @@ class ModelRunner:
                     self.ps.pp_rank, self.ps.pp_size, self.model.layer_range.start, self.model.layer_range.stop - 1,
                     self.device, self.dtype, torch.get_num_threads(), self.num_pages, cfg.page_size,
                     self.backend.name, self.backend_reason, "on" if fused_ops.enabled() else "off")
-        if self.device.type == "cuda" and self.backend_cls is FlashInferBackend and not cfg.enforce_eager:
+        if self.device.type == "cuda" and self.backend_cls.supports_cuda_graphs and not cfg.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.backend, self.op_runner,
                                        min(cfg.cuda_graph_max_batch, cfg.max_num_seqs), cfg.max_model_len,
                                        cfg.page_size, self.ps.is_first_stage, self.nano_batches)

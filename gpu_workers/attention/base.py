@@ -72,6 +72,19 @@ class AttentionBackend(ABC):
     # Whether forward() writes into a given `out` without allocating, so it may run on a side CUDA stream (the
     # caching allocator serves a side stream's allocations outside a CUDA graph's memory pool).
     runs_on_side_streams = False
+    # Whether decode steps can be captured in CUDA graphs and replayed (cuda_graphs.py), through the two hooks
+    # below; the model runner asks this, never which backend it has.
+    supports_cuda_graphs = False
+    # Whether the model's fused kernels (layers/fused_ops.py) run beside this backend: they come with FlashInfer.
+    uses_fused_ops = False
+
+    def graph_decode_wrapper(self, batch_size: int, max_pages: int) -> object:
+        """Capture hook: the decode state a graph of batch_size rows reads, in buffers that never move."""
+        raise NotImplementedError(f"{self.name} has no CUDA-graph decode")
+
+    def plan_decode(self, wrapper: object, layout: BatchLayout) -> object:
+        """Replay hook: plan a decode-only batch into a graph's buffers (graph_decode_wrapper's) before replay."""
+        raise NotImplementedError(f"{self.name} has no CUDA-graph decode")
 
     @abstractmethod
     def plan(self, layout: BatchLayout, slot: int = 0) -> object:

@@ -62,6 +62,8 @@ class FlashInferPlan:
 class FlashInferBackend(AttentionBackend):
     name = "flashinfer"
     runs_on_side_streams = True  # forward() writes into `out` and allocates nothing
+    supports_cuda_graphs = True
+    uses_fused_ops = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
