@@ -6,7 +6,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from nanoslg import tuned_config
 from nanoslg.model_registry import resolve_model_path
@@ -19,7 +19,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 CLUSTER_PORTS = 4
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class EngineConfig:
     model: Optional[str] = None  # HF folder, or a pulled model's name; None: the default model
     tokenizer: Optional[str] = None  # defaults to the model folder
@@ -105,21 +105,23 @@ class EngineConfig:
         return host.strip("[]"), int(port)
 
     def resolve(self) -> "EngineConfig":
-        """Fill in the model folder and its spec, and check every value; raises ConfigError naming the problem."""
-        self.model = resolve_model_path(self.model)
-        cfg_path = os.path.join(self.model, "config.json")
+        """A new config with the model folder and its spec filled in and every value checked (this one is left
+        as it is); raises ConfigError naming the problem."""
+        model = resolve_model_path(self.model)
+        cfg_path = os.path.join(model, "config.json")
         if not os.path.isfile(cfg_path):
-            raise ConfigError(f"model folder {self.model!r} has no config.json")
+            raise ConfigError(f"model folder {model!r} has no config.json")
         try:
             with open(cfg_path) as f:
                 hf_cfg = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"cannot read {cfg_path}: {e}") from None
-        self.model_spec = ModelSpec.from_hf_config(hf_cfg)
-        self.tokenizer = self.tokenizer or self.model
-        if self.max_model_len is None:
-            self.max_model_len = self.model_spec.max_position_embeddings
-        self._apply_tuned_config()
+        spec = ModelSpec.from_hf_config(hf_cfg)
+        cfg = dataclasses.replace(self, model=model, model_spec=spec, tokenizer=self.tokenizer or model,
+                                  max_model_len=self.max_model_len or spec.max_position_embeddings)
+        return dataclasses.replace(cfg, **cfg._tuned_settings())._checked()
+
+    def _checked(self) -> "EngineConfig":
         checks = [
             (self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}"),
             (self.load_format in ("auto", "dummy"), "load_format", "must be auto or dummy"),
@@ -150,35 +152,34 @@ class EngineConfig:
         self._check_layout()
         return self
 
-    def _apply_tuned_config(self) -> None:
-        """Fill the settings left unset from the tuned config for this model, device and layout (or the file
-        given), then from the built-in defaults."""
-        self.device_name = tuned_config.device_name(self.device)
-        ident = tuned_config.identity(self.model, self.model_spec, self.device_name, self.tensor_parallel_size,
+    def _tuned_settings(self) -> dict[str, Any]:
+        """The settings left unset, from the tuned config for this model, device and layout (or the file given),
+        then from the built-in defaults."""
+        device_name = tuned_config.device_name(self.device)
+        out: dict[str, Any] = {"device_name": device_name}
+        ident = tuned_config.identity(self.model, self.model_spec, device_name, self.tensor_parallel_size,
                                       self.pipeline_parallel_size)
         tuned: dict = {}
         if self.use_tuned_config:
             path = self.tuned_config or tuned_config.default_path(ident)
             if self.tuned_config or os.path.isfile(path):
                 tuned = tuned_config.load(path, ident)
-                self.tuned_config_path = path
-        applied = {}
-        for key, value in tuned.items():
-            if getattr(self, key) is None and value is not None:
-                setattr(self, key, value)
-                applied[key] = value
-        if self.tuned_config_path:
-            log.warning("tuned config %s: %s", self.tuned_config_path,
+                out["tuned_config_path"] = path
+        applied = {key: value for key, value in tuned.items() if getattr(self, key) is None and value is not None}
+        out.update(applied)
+        if "tuned_config_path" in out:
+            log.warning("tuned config %s: %s", out["tuned_config_path"],
                         ", ".join(f"{k}={v}" for k, v in applied.items()) or "every value set by hand")
         # On a GPU, vLLM's defaults for large GPUs: the predicted-memory admission keeps the running set to what the
         # KV pool holds, and a larger running set gives the dense batch's GEMMs more rows.
-        gpu = self.device_name != "cpu"
+        gpu = device_name != "cpu"
         defaults = {"max_num_seqs": 1024 if gpu else 256, "max_num_batched_tokens": 8192 if gpu else 2048,
                     "nano_batches": 1, "sequence_parallel": False,
                     "nano_overlap": "network" if self.tensor_parallel_size > 1 else "memory"}
         for key, value in defaults.items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
+            if getattr(self, key) is None and key not in out:
+                out[key] = value
+        return out
 
     def _check_layout(self) -> None:
         """Refuse at startup any parallel layout the model cannot be split into, rather than compute nonsense."""
@@ -224,6 +225,4 @@ class EngineConfig:
     def from_dict(cls, d: dict) -> "EngineConfig":
         d = dict(d)
         spec = d.pop("model_spec", None)
-        cfg = cls(**d)
-        cfg.model_spec = ModelSpec(**spec) if spec else None
-        return cfg
+        return cls(**d, model_spec=ModelSpec(**spec) if spec else None)

@@ -16,8 +16,8 @@ class EngineDeadError(RuntimeError):
 
 class EngineClient:
     def __init__(self, cfg: EngineConfig, ctx: zmq.Context | None = None, start: bool = True):
-        self.cfg = cfg.resolve() if cfg.model_spec is None else cfg
-        self.launcher = Launcher(self.cfg)
+        self.launcher = Launcher(cfg.resolve() if cfg.model_spec is None else cfg)
+        self.cfg = self.launcher.cfg  # with its run directory
         self.ctx = ctx or zmq.Context.instance()
         self.closed = True
         # Bound before the tokenizer starts, so no delta is sent to an address nobody holds.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import dataclasses
 import logging
 import os
 import shutil
@@ -73,11 +74,11 @@ def _worker_names(ranks) -> list:
 
 class Launcher:
     def __init__(self, cfg: EngineConfig):
-        self.cfg = cfg
+        # this engine's own copy: its run directory is made here (mode 0700: only this user reaches the sockets)
+        self.cfg = cfg = dataclasses.replace(cfg, run_dir=tempfile.mkdtemp(prefix="nanoslg-"))
         self.children: dict = {}  # name -> Popen
         self.info: dict = {}  # name -> what its READY reported (remote workers too)
         self.secret = cluster.cluster_secret(cfg) if cfg.nnodes > 1 else None
-        cfg.run_dir = tempfile.mkdtemp(prefix="nanoslg-")  # mode 0700: only this user reaches the sockets
         self._ctx = zmq.Context.instance()
         self.inbox = ipc.pull(self._ctx, cfg.run_dir, ipc.LAUNCHER)
         self.hub = ClusterHub(cfg, self._ctx, self.secret) if cfg.nnodes > 1 and cfg.node_rank == 0 else None
@@ -186,8 +187,9 @@ def run_worker_node(cfg: EngineConfig) -> int:
     """Another node (--node-rank > 0): run this node's workers for node 0's engine until node 0 stops them (0) or
     something fails (1)."""
     if cfg.model_spec is None:
-        cfg.resolve()
+        cfg = cfg.resolve()
     launcher = Launcher(cfg)
+    cfg = launcher.cfg
     ranks = cfg.local_ranks
     print(f"nanoslg: node {cfg.node_rank} runs workers {ranks.start}-{ranks.stop - 1} for the engine at "
           f"{cfg.dist_init_addr}", file=sys.stderr, flush=True)

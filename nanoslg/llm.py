@@ -30,8 +30,8 @@ class LLM:
     Use as a context manager, or call close(), to stop the engine's processes."""
 
     def __init__(self, model: Optional[str] = None, **engine_args):
-        self.config = EngineConfig(model=model, **engine_args).resolve()
-        self.engine = EngineClient(self.config)
+        self.engine = EngineClient(EngineConfig(model=model, **engine_args).resolve())
+        self.config = self.engine.cfg  # resolved, with the engine's run directory
         self._ids = itertools.count()
 
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]],

@@ -1,4 +1,5 @@
 """The scheduler alone: batch formation logic, and the scheduler process against a stand-in worker."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -98,7 +99,7 @@ def test_scheduler_process_against_a_stand_in_worker(tiny_model_dir):
     """Run the real scheduler process with a fake worker thread that always samples token 42."""
     run_dir = tempfile.mkdtemp(prefix="nanoslg-test-")
     cfg = EngineConfig(model=tiny_model_dir("llama"), max_model_len=64).resolve()
-    cfg.run_dir = run_dir
+    cfg = dataclasses.replace(cfg, run_dir=run_dir)
     ctx = zmq.Context()
     launcher = ipc.pull(ctx, run_dir, ipc.LAUNCHER)
     tokenizer_inbox = ipc.pull(ctx, run_dir, ipc.TOKENIZER)

@@ -3,6 +3,7 @@ more processes on the same listening socket (nanoslg/server/api_servers.py)."""
 from __future__ import annotations
 
 import logging
+import dataclasses
 import os
 import shutil
 import sys
@@ -87,7 +88,7 @@ def _serve(args, cfg, count: int, server_dir: str) -> int:
     if count > 1:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(server_dir, "metrics")
         os.mkdir(os.environ["PROMETHEUS_MULTIPROC_DIR"])
-        cfg.client_inboxes = [client_inbox(server_dir, k) for k in range(1, count)]
+        cfg = dataclasses.replace(cfg, client_inboxes=[client_inbox(server_dir, k) for k in range(1, count)])
         counts_path = os.path.join(server_dir, "queue_counts")
         queue_counts.create(counts_path, count)
         counts = queue_counts.QueueCounts(counts_path, 0)

@@ -73,9 +73,7 @@ def run_tune(args) -> int:
     from nanoslg.entrypoints.bench_throughput import resolve_model_arg
 
     args.model = resolve_model_arg(args.model)
-    base = engine_config_from_args(args)
-    base.use_tuned_config = False
-    base.resolve()
+    base = dataclasses.replace(engine_config_from_args(args), use_tuned_config=False).resolve()
     layouts = _layouts(base, args.gpus) if args.gpus else \
         [(base.tensor_parallel_size, base.pipeline_parallel_size)]
     if not layouts:

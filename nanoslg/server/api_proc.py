@@ -5,6 +5,7 @@ twice a second), which says whether the engine runs and where (a restarted engin
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -126,7 +127,8 @@ class FollowerEngine(AsyncEngine):
         for sock in (self.to_tokenizer, self._debug):
             if sock is not None:
                 sock.close(linger=0)
-        self.cfg.run_dir = self.run_dir = run_dir
+        self.cfg = dataclasses.replace(self.cfg, run_dir=run_dir)
+        self.run_dir = run_dir
         self.to_tokenizer = self.ctx.socket(zmq.PUSH)
         self.to_tokenizer.setsockopt(zmq.LINGER, 1000)
         self.to_tokenizer.connect(ipc.address(run_dir, ipc.TOKENIZER))

@@ -219,9 +219,9 @@ class SupervisedEngine(AsyncEngine):
                  restart: bool = True, max_restarts: int = 3, restart_window_s: float = 300.0,
                  counts: Optional[QueueCounts] = None):
         super().__init__(cfg, max_queued_requests, max_waiting_requests, counts=counts)
+        self._base_cfg = cfg  # what each restart starts from (each engine gets its own run directory)
         self.client = EngineClient(cfg, self.ctx)  # blocks until every process is READY
         self.cfg = self.client.cfg
-        self._pristine = self.cfg.to_dict()  # what each restart starts from (a restart gets a new run_dir)
         # Several nodes cannot be restarted from here: the other nodes' workers leave when node 0's engine stops.
         self.restart = restart and cfg.nnodes == 1
         self.max_restarts, self.restart_window_s = max_restarts, restart_window_s
@@ -290,7 +290,7 @@ class SupervisedEngine(AsyncEngine):
         log.warning("restarting the engine (restart %d within %.0f s)", len(self.restart_times),
                     self.restart_window_s)
         try:
-            client = EngineClient(EngineConfig.from_dict(self._pristine), self.ctx, start=False)
+            client = EngineClient(self._base_cfg, self.ctx, start=False)
             self._starting = client
             # Started from an executor thread, which lives as long as the server: the children's parent-death
             # signal (launcher.py) follows the thread that spawned them. stop() cancels it.
