@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import msgpack
+from typing_extensions import dataclass_transform
 
 from nanoslg.sampling_params import SamplingParams
 
@@ -51,6 +52,7 @@ def _register(cls: type) -> type:
     return cls
 
 
+@dataclass_transform()
 def message(cls):
     """Register a dataclass as a wire message under its class name."""
     return _register(dataclass(slots=True)(cls))
