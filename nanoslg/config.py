@@ -66,7 +66,7 @@ class EngineConfig:
     log_format: str = "text"  # text | json (one object per line)
     # The inboxes (ipc addresses) of the API-server processes after the first (`serve --api-server-count`):
     # GenerateRequest.client k > 0 gets its outputs at client_inboxes[k - 1], client 0 at the run dir's.
-    client_inboxes: list = dataclasses.field(default_factory=list)
+    client_inboxes: list[str] = dataclasses.field(default_factory=list)
     # Filled in by resolve(); never set these by hand.
     model_spec: Optional[ModelSpec] = None
     device_name: str = ""  # "cpu" or the GPU's name, the key of tuned configs
@@ -100,7 +100,7 @@ class EngineConfig:
         return pp + 1 if self.overlap_schedule else pp
 
     @property
-    def dist_host_port(self) -> tuple:
+    def dist_host_port(self) -> tuple[str, int]:
         host, _, port = (self.dist_init_addr or "").rpartition(":")
         return host.strip("[]"), int(port)
 
@@ -126,12 +126,12 @@ class EngineConfig:
             (self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}"),
             (self.load_format in ("auto", "dummy"), "load_format", "must be auto or dummy"),
             (self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda"),
-            (self.max_model_len >= 1, "max_model_len", "must be >= 1"),
-            (self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1"),
-            (self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1"),
+            ((self.max_model_len or 0) >= 1, "max_model_len", "must be >= 1"),
+            ((self.max_num_seqs or 0) >= 1, "max_num_seqs", "must be >= 1"),
+            ((self.max_num_batched_tokens or 0) >= 1, "max_num_batched_tokens", "must be >= 1"),
             (self.running_target is None or self.running_target >= 1, "running_target", "must be >= 1"),
             (self.dense_batch_tokens is None or self.dense_batch_tokens >= 1, "dense_batch_tokens", "must be >= 1"),
-            (self.nano_batches >= 1, "nano_batches", "must be >= 1"),
+            ((self.nano_batches or 0) >= 1, "nano_batches", "must be >= 1"),
             (self.nano_overlap in tuned_config.NANO_OVERLAPS, "nano_overlap",
              f"must be one of {', '.join(tuned_config.NANO_OVERLAPS)}"),
             (self.op_timing_every >= 0, "op_timing_every", "must be >= 0"),
@@ -157,9 +157,10 @@ class EngineConfig:
         then from the built-in defaults."""
         device_name = tuned_config.device_name(self.device)
         out: dict[str, Any] = {"device_name": device_name}
+        assert self.model is not None and self.model_spec is not None  # called by resolve() once they are known
         ident = tuned_config.identity(self.model, self.model_spec, device_name, self.tensor_parallel_size,
                                       self.pipeline_parallel_size)
-        tuned: dict = {}
+        tuned: dict[str, Any] = {}
         if self.use_tuned_config:
             path = self.tuned_config or tuned_config.default_path(ident)
             if self.tuned_config or os.path.isfile(path):
@@ -184,6 +185,7 @@ class EngineConfig:
     def _check_layout(self) -> None:
         """Refuse at startup any parallel layout the model cannot be split into, rather than compute nonsense."""
         spec, tp, pp = self.model_spec, self.tensor_parallel_size, self.pipeline_parallel_size
+        assert spec is not None  # checked once resolved
         if spec.num_heads % tp:
             raise ConfigError(f"{spec.num_heads} attention heads do not split over tensor_parallel_size={tp}")
         if spec.num_kv_heads % tp and tp % spec.num_kv_heads:
@@ -208,7 +210,7 @@ class EngineConfig:
                 raise ConfigError(f"--nnodes {self.nnodes} needs --dist-init-addr HOST:PORT (node 0's address, a "
                                   f"port below {65535 - CLUSTER_PORTS}), got {self.dist_init_addr!r}")
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["model_spec"] = dataclasses.asdict(self.model_spec) if self.model_spec else None
         return d
@@ -222,7 +224,7 @@ class EngineConfig:
         return cls.from_dict(json.loads(arg))
 
     @classmethod
-    def from_dict(cls, d: dict) -> "EngineConfig":
+    def from_dict(cls, d: dict[str, Any]) -> "EngineConfig":
         d = dict(d)
         spec = d.pop("model_spec", None)
         return cls(**d, model_spec=ModelSpec(**spec) if spec else None)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 from array import array
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterable, Optional, TypeVar
 
 import msgpack
 from typing_extensions import dataclass_transform
 
 from nanoslg.sampling_params import SamplingParams
 
+_T = TypeVar("_T")
 MAX_FRAME_BYTES = 256 * 1024 * 1024
 
 _EXT_MESSAGE = 1
@@ -38,12 +39,12 @@ def _field_setter(names: tuple[str, ...]) -> Any:
     return scope["assign"]
 
 
-def _register(cls: type) -> type:
+def _register(cls: type[_T]) -> type[_T]:
     tag = cls.__name__
     if tag in _TAGS:
         raise TypeError(f"duplicate message tag {tag}")
     _TAGS[tag] = cls
-    fields = dataclasses.fields(cls)
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]  # every message is a dataclass
     if hasattr(cls, "__post_init__"):
         _VALIDATING[cls] = _field_setter(tuple(f.name for f in fields))
     _FIELDS[cls] = (tuple(f.name for f in fields), tuple(
@@ -53,7 +54,7 @@ def _register(cls: type) -> type:
 
 
 @dataclass_transform()
-def message(cls):
+def message(cls: type[_T]) -> type[_T]:
     """Register a dataclass as a wire message under its class name."""
     return _register(dataclass(slots=True)(cls))
 
@@ -62,7 +63,7 @@ def message(cls):
 _register(SamplingParams)
 
 
-def token_ids(ids=()) -> array:
+def token_ids(ids: Iterable[int] = ()) -> array[int]:
     """The wire type for token-id sequences."""
     return ids if isinstance(ids, array) and ids.typecode == "i" else array("i", ids)
 
@@ -115,9 +116,9 @@ class GenerateRequest:
     rid: str
     params: SamplingParams
     prompt: Optional[str] = None
-    prompt_ids: Optional[array] = None
-    messages: Optional[list] = None  # chat conversation, rendered with the model's chat template
-    chat_template_kwargs: Optional[dict] = None
+    prompt_ids: Optional[array[int]] = None
+    messages: Optional[list[dict[str, Any]]] = None  # chat conversation, rendered with the model's chat template
+    chat_template_kwargs: Optional[dict[str, Any]] = None
     echo: bool = False  # send the prompt's text back with the first delta
     client: int = 0  # the API-server process that sent it, which gets its outputs (EngineConfig.client_inboxes)
 
@@ -140,14 +141,14 @@ class OutputDelta:
 
     rid: str
     text: str = ""
-    token_ids: array = field(default_factory=token_ids)
+    token_ids: array[int] = field(default_factory=token_ids)
     finish_reason: Optional[str] = None
-    logprobs: Optional[list] = None  # per new token: [token_logprob, [[id, logprob], ...top-k]]
+    logprobs: Optional[list[Any]] = None  # per new token: [token_logprob, [[id, logprob], ...top-k]]
     num_prompt_tokens: int = 0
-    prompt_ids: Optional[array] = None  # on the first delta only
+    prompt_ids: Optional[array[int]] = None  # on the first delta only
     error: Optional[str] = None
     prompt_text: Optional[str] = None  # on the first delta, when the request asked for echo
-    logprob_texts: Optional[list] = None  # per new token with logprobs: [text, [top-k texts]]
+    logprob_texts: Optional[list[Any]] = None  # per new token with logprobs: [text, [top-k texts]]
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     queue_time: Optional[float] = None  # on the first token: seconds queued in the scheduler (TokenUpdate)
     prefill_time: Optional[float] = None  # on the first token: seconds from first scheduled to first token
@@ -156,14 +157,14 @@ class OutputDelta:
 
 @message
 class OutputBatch:
-    deltas: list  # list[OutputDelta]
+    deltas: list[OutputDelta]
 
 
 # ---------------------------------------------------------------- tokenizer_proc <-> scheduler_proc
 @message
 class TokenizedRequest:
     rid: str
-    prompt_ids: array
+    prompt_ids: array[int]
     params: SamplingParams
     stop_token_ids: list[int]  # EOS ids (unless ignore_eos) plus the user's stop_token_ids
 
@@ -171,9 +172,9 @@ class TokenizedRequest:
 @message
 class TokenUpdate:
     rid: str
-    token_ids: array
+    token_ids: array[int]
     finish_reason: Optional[str] = None
-    logprobs: Optional[list] = None
+    logprobs: Optional[list[Any]] = None
     error: Optional[str] = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     queue_time: Optional[float] = None  # on the first token only, see OutputDelta
@@ -183,7 +184,7 @@ class TokenUpdate:
 
 @message
 class TokenBatch:
-    updates: list  # list[TokenUpdate]
+    updates: list[TokenUpdate]
 
 
 # ---------------------------------------------------------------- scheduler_proc <-> workers
@@ -194,7 +195,7 @@ class RowSetup:
 
     params: SamplingParams
     prompt_len: int
-    prefix_ids: Optional[array] = None  # a prompt prefix served from the prefix cache (penalties count it)
+    prefix_ids: Optional[array[int]] = None  # a prompt prefix served from the prefix cache (penalties count it)
     stop_token_ids: list[int] = field(default_factory=list)  # what ends the request: a grammar ends on it too
 
 
@@ -206,9 +207,9 @@ class SeqChunk:
     for this request in the previous step from its own device buffer."""
 
     rid: str
-    token_ids: array
+    token_ids: array[int]
     start_pos: int
-    page_table: array  # physical KV page ids covering positions [0, start_pos + number of tokens)
+    page_table: array[int]  # physical KV page ids covering positions [0, start_pos + number of tokens)
     sample: bool
     setup: Optional[RowSetup] = None  # sent once, on the request's first chunk in a worker's lifetime
     pending: int = 0
@@ -217,23 +218,23 @@ class SeqChunk:
 @message
 class StepPlan:
     step_id: int
-    seqs: list  # list[SeqChunk]
-    released: list = field(default_factory=list)  # rids whose worker-side state can be dropped
+    seqs: list[SeqChunk]
+    released: list[str] = field(default_factory=list)  # rids whose worker-side state can be dropped
 
 
 @message
 class StepResult:
     step_id: int
-    rids: list
-    token_ids: array
-    logprobs: Optional[list] = None  # aligned with rids; None entries where not asked
+    rids: list[str]
+    token_ids: array[int]
+    logprobs: Optional[list[Any]] = None  # aligned with rids; None entries where not asked
     error: Optional[str] = None  # the step failed as a whole (e.g. out of memory)
     gpu_ms: float = 0.0  # the driver rank's device time for the step (CUDA events around it; 0 on CPU)
-    op_ms: Optional[dict] = None  # on sampled steps: device ms per operation class (gemm, attention, ...)
-    grammar_ended: Optional[list] = None  # rids whose structured output is complete with this step's token
+    op_ms: Optional[dict[str, float]] = None  # on sampled steps: device ms per operation class (gemm, attention, ...)
+    grammar_ended: Optional[list[str]] = None  # rids whose structured output is complete with this step's token
     # [rid, error, finish reason, error code] of rows that failed alone: "rejected" (a grammar this model's
     # vocabulary cannot continue: the client's request is at fault) or "error" (a grammar that broke)
-    row_errors: Optional[list] = None
+    row_errors: Optional[list[list[Any]]] = None
 
 
 @message
@@ -274,7 +275,7 @@ class ProfileResult:
 # ---------------------------------------------------------------- debug socket
 @message
 class DebugSubmit:
-    prompt_ids: array
+    prompt_ids: array[int]
     params: SamplingParams
 
 
@@ -320,7 +321,7 @@ class ServerState:
 
 
 # ---------------------------------------------------------------- codec
-def _default(obj: Any):
+def _default(obj: Any) -> msgpack.ExtType:
     if isinstance(obj, array):
         if obj.typecode != "i":
             raise TypeError(f"only int32 arrays travel, got typecode {obj.typecode!r}")
@@ -332,7 +333,7 @@ def _default(obj: Any):
     raise TypeError(f"cannot encode {cls.__name__}")
 
 
-def _ext_hook(code: int, data: bytes):
+def _ext_hook(code: int, data: bytes) -> Any:
     if code == _EXT_INT32:
         out = array("i")
         out.frombytes(data)
@@ -353,7 +354,7 @@ def _ext_hook(code: int, data: bytes):
             return assign(object.__new__(cls), *values)
         if len(values) > len(names):
             raise ProtocolError(f"malformed {tag}: {len(values)} fields, it has {len(names)}")
-        msg = object.__new__(cls)
+        msg: Any = object.__new__(cls)
         for i, name in enumerate(names):
             if i < len(values):
                 value = values[i]
@@ -366,13 +367,15 @@ def _ext_hook(code: int, data: bytes):
     raise ProtocolError(f"unknown extension type {code}")
 
 
-_idle_packers: list = []  # a Packer per nesting level in use: making one per nested message costs more than packing
+# a Packer per nesting level in use: making one per nested message costs more than packing
+_idle_packers: list[msgpack.Packer] = []
 
 
-def _pack(obj) -> bytes:
+def _pack(obj: Any) -> bytes:
     packer = _idle_packers.pop() if _idle_packers else msgpack.Packer(default=_default, use_bin_type=True)
     try:
-        return packer.pack(obj)
+        packed: bytes = packer.pack(obj)
+        return packed
     except BaseException:
         packer.reset()
         raise
@@ -380,13 +383,13 @@ def _pack(obj) -> bytes:
         _idle_packers.append(packer)
 
 
-def encode(msg) -> bytes:
+def encode(msg: Any) -> bytes:
     if type(msg) not in _FIELDS:
         raise TypeError(f"{type(msg).__name__} is not a registered message")
     return _pack(msg)
 
 
-def decode(frame: bytes):
+def decode(frame: bytes) -> Any:
     if len(frame) > MAX_FRAME_BYTES:
         raise ProtocolError(f"frame of {len(frame)} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
     try:

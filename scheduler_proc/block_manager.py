@@ -30,10 +30,11 @@ class BlockManager:
         self.num_pages, self.page_size = num_pages, page_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_pages
-        self.free_pages: deque = deque(range(num_pages))  # no cached content
-        self.evictable: OrderedDict = OrderedDict()  # page -> None: unheld pages with a key, least recent first
-        self.page_keys: list = [None] * num_pages
-        self.cached: dict = {}  # key -> page
+        self.free_pages: deque[int] = deque(range(num_pages))  # no cached content
+        # page -> None: unheld pages with a key, least recent first
+        self.evictable: OrderedDict[int, None] = OrderedDict()
+        self.page_keys: list[Optional[bytes]] = [None] * num_pages
+        self.cached: dict[bytes, int] = {}  # key -> page
         self.query_tokens = 0  # prompt tokens looked up in the cache, and those found (vLLM's counters)
         self.hit_tokens = 0
 
@@ -53,7 +54,7 @@ class BlockManager:
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
 
-    def allocate(self, n: int) -> Optional[list]:
+    def allocate(self, n: int) -> Optional[list[int]]:
         """n pages for new tokens, or None (and nothing taken) when fewer are free."""
         if n > self.num_free:
             return None
@@ -63,19 +64,21 @@ class BlockManager:
                 p = self.free_pages.popleft()
             else:
                 p, _ = self.evictable.popitem(last=False)
-                del self.cached[self.page_keys[p]]
+                key = self.page_keys[p]
+                assert key is not None  # an evictable page holds cached content
+                del self.cached[key]
                 self.page_keys[p] = None
             self.ref_counts[p] = 1
             pages.append(p)
         return pages
 
-    def share(self, pages: list) -> None:
+    def share(self, pages: list[int]) -> None:
         for p in pages:
             if self.ref_counts[p] == 0:
                 del self.evictable[p]
             self.ref_counts[p] += 1
 
-    def release(self, pages: list) -> None:
+    def release(self, pages: list[int]) -> None:
         """Let go of pages. Pass a request's pages last-first: the deepest pages of a prefix then sit nearest the
         front of the LRU order and are evicted before the shared roots."""
         for p in pages:
@@ -89,7 +92,7 @@ class BlockManager:
                     self.free_pages.append(p)
 
     # ---------------------------------------------------------------- prefix cache
-    def match(self, keys: list) -> list:
+    def match(self, keys: list[bytes]) -> list[int]:
         """The cached pages of the longest prefix of keys (not yet shared: call share())."""
         pages = []
         for key in keys:
@@ -106,7 +109,7 @@ class BlockManager:
             self.cached[key] = page
             self.page_keys[page] = key
 
-    def forget(self, pages: list) -> None:
+    def forget(self, pages: list[int]) -> None:
         """Drop the keys of pages whose KV cannot be trusted (their step failed)."""
         for p in pages:
             key = self.page_keys[p]
@@ -119,7 +122,7 @@ class BlockManager:
                 self.free_pages.append(p)
 
     # ---------------------------------------------------------------- a request's pages and prefix keys
-    def keys(self, r: "Request", num_pages: int) -> list:
+    def keys(self, r: "Request", num_pages: int) -> list[bytes]:
         """The cache keys of r's first num_pages full pages (computed once, kept on the request)."""
         ps = self.page_size
         while len(r.page_keys) < num_pages:
@@ -139,13 +142,13 @@ class BlockManager:
         if not r.num_preemptions:
             r.num_cached_tokens = r.num_computed
 
-    def filled_keys(self, r: "Request", start: int, end: int, pending: int) -> list:
+    def filled_keys(self, r: "Request", start: int, end: int, pending: int) -> list[bytes]:
         """Keys of the full pages that a chunk of r completes (none for a chained decode: its token is unknown)."""
         ps = self.page_size
         first, full = start // ps, min(end, r.num_tokens) // ps
         return self.keys(r, full)[first:] if not pending and full > first else []
 
-    def next_page_in(self, r: "Request", keys: set) -> bool:
+    def next_page_in(self, r: "Request", keys: set[bytes]) -> bool:
         """Whether the first page r would compute (a full page of its prompt) has one of keys."""
         i = len(r.pages)
         return i < (r.num_tokens - 1) // self.page_size and self.keys(r, i + 1)[i] in keys

@@ -30,9 +30,9 @@ class LengthStats:
 
     def __init__(self) -> None:
         # recent requests only, so the estimates follow traffic that changes
-        self.outputs: deque = deque(maxlen=OUTPUT_WINDOW)
-        self.prompts: deque = deque(maxlen=OUTPUT_WINDOW)
-        self.bounds: deque = deque(maxlen=OUTPUT_WINDOW)  # max_tokens of arrived requests that gave one
+        self.outputs: deque[int] = deque(maxlen=OUTPUT_WINDOW)
+        self.prompts: deque[int] = deque(maxlen=OUTPUT_WINDOW)
+        self.bounds: deque[int] = deque(maxlen=OUTPUT_WINDOW)  # max_tokens of arrived requests that gave one
 
     def arrived(self, r: Request) -> None:
         # counted on arrival, so the first step already knows the traffic (else it would take a step of the whole
@@ -138,7 +138,7 @@ class PoolForecast:
     started, so when it ends is unknown). Never below what the requests will hold while their lengths stay within
     the prediction, so admitting up to the forecast never has to preempt."""
 
-    def __init__(self, running: list, lengths: LengthStats, max_model_len: int, page_size: int, num_free: int,
+    def __init__(self, running: list[Request], lengths: LengthStats, max_model_len: int, page_size: int, num_free: int,
                  running_pages: int):
         """running_pages: the distinct pages the running requests hold (at most: shared prefix pages once)."""
         self.page_size, self.lengths, self.max_model_len = page_size, lengths, max_model_len

@@ -5,17 +5,18 @@ import itertools
 import logging
 import sys
 import time
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import zmq
 
-from nanoslg import cluster, ipc
+from nanoslg import cluster, ipc, protocol
 from nanoslg.config import EngineConfig
+from nanoslg.errors import InvalidGrammar
 from nanoslg.logs import setup_logging
 from nanoslg.protocol import (AbortRequest, DebugProfile, DebugReply, DebugSetTargets, DebugStateQuery, DebugSubmit,
-                              GrammarCompiled, ProfileRequest, ProfileResult, ProtocolError, Shutdown, StepPlan,
-                              StepResult, TokenBatch, TokenizedRequest, TokenUpdate, token_ids)
-from nanoslg.errors import InvalidGrammar
+                              GrammarCompile, GrammarCompiled, ProfileRequest, ProfileResult, ProtocolError, Shutdown,
+                              StepPlan, StepResult, TokenBatch, TokenizedRequest, TokenUpdate, token_ids)
 from scheduler_proc.grammar_gate import GrammarGate
 from scheduler_proc.scheduler import Scheduler
 from scheduler_proc.step_timeline import StepTimeline
@@ -25,9 +26,18 @@ log = logging.getLogger("nanoslg.scheduler")
 DEBUG_HISTORY = 64  # finished debug requests kept for `nanoslg debug state`
 
 
+@dataclass(slots=True)
+class _PendingProfile:
+    identity: bytes  # the debug client to answer
+    request: ProfileRequest
+    sent: bool = False  # to the workers (once no step is in flight)
+
+
 class SchedulerProcess:
     def __init__(self, cfg: EngineConfig, num_pages: int):
         self.cfg = cfg
+        # a resolved config: these are set
+        assert cfg.max_model_len is not None and cfg.max_num_seqs is not None and cfg.max_num_batched_tokens
         capacity = num_pages * cfg.page_size
         if capacity < cfg.max_model_len:
             raise ValueError(f"the KV cache holds {capacity} tokens ({num_pages} pages), fewer than "
@@ -62,16 +72,16 @@ class SchedulerProcess:
         # Totals since start, for /metrics: time with a step in flight (the workers busy or waiting on a result),
         # the scheduler's own time forming plans and applying results, and the steps run.
         self.busy_s, self.busy_since, self.cpu_s, self.num_steps = 0.0, 0.0, 0.0, 0
-        self.outbox: list = []  # TokenUpdates for the tokenizer, sent once per loop
+        self.outbox: list[TokenUpdate] = []  # for the tokenizer, sent once per loop
         # A DebugProfile waiting for the steps in flight to drain (no new step starts meanwhile), then for the
-        # driver's ProfileResult: (debug identity, request, sent).
-        self.profile: Optional[list] = None
+        # driver's ProfileResult.
+        self.profile: Optional[_PendingProfile] = None
         self.debug_ids = itertools.count()
-        self.debug_requests: dict = {}  # rid -> {"prompt_ids", "output_ids", "finish_reason"}
+        self.debug_requests: dict[str, dict[str, Any]] = {}  # rid -> prompt_ids, output_ids, finish_reason
 
     @staticmethod
-    def _plan_feed(ctx: zmq.Context, address) -> zmq.Socket:
-        sock = ctx.socket(zmq.XPUB)
+    def _plan_feed(ctx: zmq.Context[Any], address: Optional[str]) -> zmq.Socket[Any]:
+        sock: zmq.Socket[Any] = ctx.socket(zmq.XPUB)
         sock.setsockopt(zmq.XPUB_VERBOSE, 1)  # every worker's subscription arrives, so each can be counted
         sock.setsockopt(zmq.SNDHWM, 0)  # a plan is never dropped for a slow worker
         sock.setsockopt(zmq.LINGER, 0)
@@ -96,14 +106,14 @@ class SchedulerProcess:
             for refusals in self.refusals:
                 refusals.drain()
 
-    def _publish_plan(self, plan) -> None:
-        frame = ipc.protocol.encode(plan)
+    def _publish_plan(self, plan: StepPlan | ProfileRequest | GrammarCompile) -> None:
+        frame = protocol.encode(plan)
         for feed in self.plan_feeds:
             feed.send(frame, copy=False)
         if isinstance(plan, StepPlan):
             self.timeline.planned(plan.step_id)
 
-    def run(self, ready) -> None:
+    def run(self, ready: Callable[[dict[str, Any]], None]) -> None:
         self._await_subscribers()
         ready({"num_pages": self.core.blocks.num_pages})
         poller = zmq.Poller()
@@ -143,7 +153,7 @@ class SchedulerProcess:
                 ipc.send(self.to_tokenizer, TokenBatch(self.outbox))
                 self.outbox = []
 
-    def _handle_inbox(self, inbox: zmq.Socket) -> bool:
+    def _handle_inbox(self, inbox: zmq.Socket[Any]) -> bool:
         try:
             msg = ipc.recv(inbox, zmq.NOBLOCK)
         except zmq.Again:
@@ -159,8 +169,9 @@ class SchedulerProcess:
             if not self.core.steps_in_flight:
                 self.busy_s += started - self.busy_since
         elif isinstance(msg, ProfileResult):
-            if self.profile is not None and self.profile[2]:
-                self._debug_reply(self.profile[0], {"kind": msg.kind, "timings": msg.timings, "error": msg.error})
+            if self.profile is not None and self.profile.sent:
+                self._debug_reply(self.profile.identity, {"kind": msg.kind, "timings": msg.timings,
+                                                          "error": msg.error})
                 self.profile = None
         elif isinstance(msg, TokenizedRequest):
             if self.grammars.offer(msg):
@@ -188,7 +199,7 @@ class SchedulerProcess:
         if error:
             self._publish([error])
 
-    def _publish(self, updates: list) -> None:
+    def _publish(self, updates: list[TokenUpdate]) -> None:
         for_tokenizer = []
         for u in updates:
             record = self.debug_requests.get(u.rid)
@@ -202,8 +213,9 @@ class SchedulerProcess:
 
     def _handle_debug(self) -> None:
         identity, frame = self.debug.recv_multipart()
+        reply: dict[str, Any]
         try:
-            msg = ipc.protocol.decode(frame)
+            msg = protocol.decode(frame)
         except ProtocolError as e:
             reply = {"error": str(e)}
         else:
@@ -228,22 +240,22 @@ class SchedulerProcess:
                 if self.profile is not None:
                     reply = {"error": "a profile is already running"}
                 else:
-                    self.profile = [identity, ProfileRequest(msg.kind, msg.shapes), False]
+                    self.profile = _PendingProfile(identity, ProfileRequest(msg.kind, msg.shapes))
                     return  # answered when the driver's result comes back
             else:
                 reply = {"error": f"unexpected {type(msg).__name__} on the debug socket"}
         self._debug_reply(identity, reply)
 
-    def _debug_reply(self, identity: bytes, reply: dict) -> None:
-        self.debug.send_multipart([identity, ipc.protocol.encode(DebugReply(reply))])
+    def _debug_reply(self, identity: bytes, reply: dict[str, Any]) -> None:
+        self.debug.send_multipart([identity, protocol.encode(DebugReply(reply))])
 
     def _start_profile(self) -> None:
         """Send the waiting ProfileRequest once no step is in flight: the workers run it between steps."""
-        if not self.profile[2] and not self.core.steps_in_flight:
-            self._publish_plan(self.profile[1])
-            self.profile[2] = True
+        if self.profile is not None and not self.profile.sent and not self.core.steps_in_flight:
+            self._publish_plan(self.profile.request)
+            self.profile.sent = True
 
-    def _debug_submit(self, msg: DebugSubmit) -> dict:
+    def _debug_submit(self, msg: DebugSubmit) -> dict[str, Any]:
         rid = f"debug-{next(self.debug_ids)}"
         req = TokenizedRequest(rid, msg.prompt_ids, msg.params, list(msg.params.stop_token_ids))
         error = self.core.add(req) if self.grammars.offer(req) else None
@@ -261,7 +273,7 @@ def main() -> None:
     setup_logging(cfg.log_level, cfg.log_format)
     num_pages = int(sys.argv[2])
 
-    def body(ready):
+    def body(ready: Callable[[dict[str, Any]], None]) -> None:
         SchedulerProcess(cfg, num_pages).run(ready)
 
     ipc.run_child(ipc.SCHEDULER, cfg.run_dir, body)

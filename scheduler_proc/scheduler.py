@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from typing import Optional
+from typing import Any, Optional
 
 from nanoslg.errors import ContextLengthExceeded, EmptyPrompt, Rejection
 from nanoslg.protocol import RowSetup, SeqChunk, StepPlan, StepResult, TokenizedRequest, TokenUpdate, token_ids
@@ -22,6 +22,11 @@ from scheduler_proc.block_manager import BlockManager
 from scheduler_proc.global_batch import BatchTargets, LengthStats, PoolForecast
 from scheduler_proc.request import InFlightStep, Request, Status
 from scheduler_proc.step_stats import StepStats
+
+# (request, start, end, pending): compute the request's tokens [start, end), the last `pending` of them sampled by a
+# step still in flight
+Chunk = tuple[Request, int, int, int]
+
 
 class Scheduler:
     def __init__(self, num_pages: int, page_size: int, max_num_seqs: int, max_num_batched_tokens: int,
@@ -36,17 +41,17 @@ class Scheduler:
         self.overlap = overlap  # plan a decode while the step that samples its input token is still running
         # Plans kept in flight over disjoint requests (pipeline stages): requests are spread evenly over them.
         self.micro_batches = micro_batches
-        self.requests: dict = {}
-        self.waiting: deque = deque()
-        self.running: list = []  # oldest first: preemption takes from the end
-        self.steps_in_flight: dict = {}  # step_id -> InFlightStep
-        self.to_release: list = []  # finished rids whose worker-side state can go
-        self.draining: set = set()  # finished requests whose pages wait for their in-flight steps
-        self.unreported: list = []  # updates decided while scheduling (not from a step result)
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # oldest first: preemption takes from the end
+        self.steps_in_flight: dict[int, InFlightStep] = {}
+        self.to_release: list[str] = []  # finished rids whose worker-side state can go
+        self.draining: set[Request] = set()  # finished requests whose pages wait for their in-flight steps
+        self.unreported: list[TokenUpdate] = []  # updates decided while scheduling (not from a step result)
         self.step_ids = itertools.count()
         self.total_preemptions = 0
         self.stats = StepStats()
-        self.last_step: dict = {}
+        self.last_step: dict[str, int] = {}
 
     def set_targets(self, running_target: Optional[int], dense_batch_tokens: Optional[int]) -> None:
         """Change R and D on a live engine (nanoslg tune validates its candidates this way)."""
@@ -195,7 +200,7 @@ class Scheduler:
             if filling is not None:
                 filling.update(self.blocks.filled_keys(r, r.num_computed, end, 0))
 
-    def _make_plan(self, chunks: list) -> StepPlan:
+    def _make_plan(self, chunks: list[Chunk]) -> StepPlan:
         seqs, members = [], []
         for r, start, end, pending in chunks:
             sample = pending > 0 or end == r.num_tokens
@@ -226,7 +231,7 @@ class Scheduler:
             setup.prefix_ids = token_ids(r.prompt_ids[:start])
         return setup
 
-    def _make_room(self, r: Request, end: int, scheduled: set) -> bool:
+    def _make_room(self, r: Request, end: int, scheduled: set[Request]) -> bool:
         """Give r pages for its tokens up to `end`, preempting the newest requests admitted after it that are
         neither in flight nor already in this step. False when r cannot run in this step: it waits, pages kept, for
         newer requests whose steps are in flight to come back (preempting itself instead would hand its pages to
@@ -255,7 +260,7 @@ class Scheduler:
         self.waiting.appendleft(r)
 
     # ------------------------------------------------------------------ results
-    def on_result(self, result: StepResult) -> list:
+    def on_result(self, result: StepResult) -> list[TokenUpdate]:
         """Apply a step's sampled tokens; returns TokenUpdates for the requests that advanced or ended."""
         step = self.steps_in_flight.pop(result.step_id, None)
         members = step.rids if step is not None else []
@@ -327,7 +332,7 @@ class Scheduler:
             self.to_release.append(r.rid)
 
     # ------------------------------------------------------------------ introspection
-    def state(self) -> dict:
+    def state(self) -> dict[str, Any]:
         return {
             "waiting": len(self.waiting),
             "running": len(self.running),
@@ -360,8 +365,8 @@ class _StepDraft:
     __slots__ = ("chunks", "scheduled", "blocked", "used", "prefill_used", "max_seqs", "cap", "dense", "prefill")
 
     def __init__(self, max_seqs: int, cap: int, dense: int, prefill: int):
-        self.chunks: list = []
-        self.scheduled: set = set()
+        self.chunks: list[Chunk] = []
+        self.scheduled: set[Request] = set()
         self.blocked = False  # an older request waits for pages: newer ones take none before it
         self.used = self.prefill_used = 0
         self.max_seqs, self.cap, self.dense = max_seqs, cap, min(dense, cap)

@@ -7,7 +7,10 @@ other). Counters only grow, so a reader takes the difference of two snapshots ar
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from scheduler_proc.request import Request
 
 KINDS = ("prefill", "mixed", "decode")
 COUNTERS = ("steps", "tokens", "decode_rows", "prefill_tokens", "decode_kv_tokens", "prefill_attn_pairs",
@@ -34,12 +37,12 @@ class StepShape:
 
 class StepStats:
     def __init__(self) -> None:
-        self.counts = {kind: {name: 0 for name in COUNTERS} for kind in KINDS}
-        self.timed = {kind: {name: 0 for name in COUNTERS} | {f"{op}_ms": 0.0 for op in OP_CLASSES}
-                      for kind in KINDS}
+        self.counts: dict[str, dict[str, float]] = {kind: {name: 0 for name in COUNTERS} for kind in KINDS}
+        self.timed: dict[str, dict[str, float]] = {
+            kind: {name: 0 for name in COUNTERS} | {f"{op}_ms": 0.0 for op in OP_CLASSES} for kind in KINDS}
 
     @staticmethod
-    def shape(chunks: list) -> StepShape:
+    def shape(chunks: list[tuple[Request, int, int, int]]) -> StepShape:
         """The shape of a step from the scheduler's chunks (request, start, end, pending)."""
         s = StepShape()
         for r, start, end, pending in chunks:
@@ -55,7 +58,7 @@ class StepStats:
                 s.sampled += 1
         return s
 
-    def record(self, shape: StepShape, gpu_ms: float, op_ms: Optional[dict]) -> None:
+    def record(self, shape: StepShape, gpu_ms: float, op_ms: Optional[dict[str, float]]) -> None:
         if not shape.num_tokens:
             return
         values = {"steps": 1, "tokens": shape.num_tokens, "decode_rows": shape.num_decode,
@@ -70,12 +73,12 @@ class StepStats:
             for op in OP_CLASSES:
                 timed[f"{op}_ms"] += float(op_ms.get(op, 0.0))
 
-    def totals(self) -> dict:
+    def totals(self) -> dict[str, Any]:
         return {"counts": {k: dict(v) for k, v in self.counts.items()},
                 "timed": {k: dict(v) for k, v in self.timed.items()}}
 
 
-def difference(after: dict, before: dict) -> dict:
+def difference(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
     """after - before for two totals() snapshots."""
     return {part: {kind: {name: after[part][kind][name] - before[part][kind].get(name, 0)
                           for name in after[part][kind]} for kind in after[part]} for part in after}

@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Optional
 
 
 class StepTimeline:
-    def __init__(self):
+    def __init__(self) -> None:
         spec = os.environ.get("NANOSLG_PROFILE_STEPS")
         start, count = (int(x) for x in spec.split(":")) if spec else (-1, 0)
         self.window = range(start, start + count)
         stem = os.path.splitext(os.environ.get("NANOSLG_PROFILE_OUT", "/tmp/nanoslg-profile.txt"))[0]
         self.path = f"{stem}-scheduler.tsv"
-        self.rows: dict = {}  # step id -> [planned, result received]
+        self.rows: dict[int, list[Optional[float]]] = {}  # step id -> [planned, result received]
 
     def planned(self, step_id: int) -> None:
         if step_id in self.window:
