@@ -270,7 +270,8 @@ class ModelRunner:
                     self.row_errors.append([rids[i], str(DEAD_END), "rejected", DEAD_END.code])
                     self.grammars.release(rids[i])
                     constrained.remove(i)
-                mask = lambda lg: self.grammars.apply(lg, bitmask, constrained)  # noqa: E731
+                if constrained:
+                    mask = lambda lg: self.grammars.apply(lg, bitmask, constrained)  # noqa: E731
         timer = launched.timer
         sampled = self._timed(timer, OTHER, self.sampler, logits, rows, positions, mask)
         # Keep each request's newest token on the device for a decode already planned on top of it.
