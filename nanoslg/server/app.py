@@ -24,7 +24,8 @@ from nanoslg.server.async_engine import AsyncEngine, EngineUnavailable, TooManyC
 from nanoslg.server.metrics import ServerMetrics
 from nanoslg.server.openai_api import (Generation, GenerationFailed, RequestRejected, Responder, chat_requests,
                                        completion_requests)
-from nanoslg.server.schemas import ChatCompletionRequest, CompletionRequest, ServedModel, openapi_schema
+from nanoslg.server.openapi import openapi_schema
+from nanoslg.server.schemas import ChatCompletionRequest, CompletionRequest, ServedModel
 from nanoslg.server.structured import GrammarChecker, StructuredOutputError, chat_templates, plan_output
 from nanoslg.server.tool_calls import detect_parser, template_supports_tools
 
