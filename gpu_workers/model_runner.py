@@ -380,7 +380,7 @@ class ModelRunner:
 
     def needs_sync_before(self, plan: StepPlan) -> bool:
         """Penalties read the request's full token history on the host, which a pending token is not yet in."""
-        return any(s.pending and self.rows[s.rid].has_penalties for s in plan.seqs if s.rid in self.rows)
+        return any(s.pending and self.rows[s.rid].params.has_penalties for s in plan.seqs if s.rid in self.rows)
 
     def execute(self, plan: StepPlan, stage_local: bool = False) -> StepResult:
         return self.finish(self.launch(plan, stage_local))

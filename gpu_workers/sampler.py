@@ -33,19 +33,6 @@ class RowParams:
             row.history = list(setup.prefix_ids or ())  # a prompt prefix served from the prefix cache
         return row
 
-    # the sampler reads these per row
-    temperature = property(lambda self: self.params.temperature)
-    top_p = property(lambda self: self.params.top_p)
-    top_k = property(lambda self: self.params.top_k)
-    min_p = property(lambda self: self.params.min_p)
-    seed = property(lambda self: self.params.seed)
-    logprobs = property(lambda self: self.params.logprobs)
-    presence_penalty = property(lambda self: self.params.presence_penalty)
-    frequency_penalty = property(lambda self: self.params.frequency_penalty)
-    repetition_penalty = property(lambda self: self.params.repetition_penalty)
-    greedy = property(lambda self: self.params.greedy)
-    has_penalties = property(lambda self: self.params.has_penalties)
-
     def record_input(self, start_pos: int, tokens, pending: int) -> None:
         # A pending token was appended to the history when it was sampled (see record_sampled).
         if self.history is not None and not pending:
@@ -89,7 +76,7 @@ class Sampled:
         chosen, top_ids, top_vals = self.chosen.tolist(), self.top_ids.tolist(), self.top_vals.tolist()
         out: list = [None] * len(tokens)
         for j, i in enumerate(self.logprob_rows):
-            n = self.rows[i].logprobs
+            n = self.rows[i].params.logprobs
             out[i] = [chosen[j], [[t, v] for t, v in zip(top_ids[j][:n], top_vals[j][:n])]]
         return tokens, out
 
@@ -106,13 +93,13 @@ class Sampler:
         logits of the tokens a grammar forbids to -inf, in place (every option below then samples among the
         allowed tokens only)."""
         raw = logits  # logprobs report the model's distribution, before penalties and grammars
-        if any(r.has_penalties for r in rows):
+        if any(r.params.has_penalties for r in rows):
             logits = self._apply_penalties(logits.clone(), rows)
         if mask is not None:
             logits = logits.clone() if logits is raw else logits
             mask(logits)
         tokens = logits.argmax(dim=-1)
-        sampled_rows = [i for i, r in enumerate(rows) if not r.greedy]
+        sampled_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
         if sampled_rows:
             idx = upload(sampled_rows, logits.device)
             tokens[idx] = self._sample(logits[idx], [rows[i] for i in sampled_rows],
@@ -123,38 +110,38 @@ class Sampler:
     def _apply_penalties(logits: torch.Tensor, rows: list) -> torch.Tensor:
         vocab, dev = logits.shape[-1], logits.device
         for i, r in enumerate(rows):
-            if not r.has_penalties:
+            if not r.params.has_penalties:
                 continue
             seen = upload(r.history, dev)
-            if r.repetition_penalty != 1:
+            if r.params.repetition_penalty != 1:
                 present = torch.zeros(vocab, dtype=torch.bool, device=dev)
                 present[seen] = True
                 row = logits[i]
-                penalised = torch.where(row > 0, row / r.repetition_penalty, row * r.repetition_penalty)
+                penalised = torch.where(row > 0, row / r.params.repetition_penalty, row * r.params.repetition_penalty)
                 logits[i] = torch.where(present, penalised, row)
             # index_add_, not bincount: bincount reads the ids' range back to the host, a sync per row and step.
             generated = seen[r.prompt_len:]
             counts = torch.zeros(vocab, dtype=logits.dtype, device=dev).index_add_(
                 0, generated, torch.ones(len(generated), dtype=logits.dtype, device=dev))
-            logits[i] -= r.frequency_penalty * counts + r.presence_penalty * (counts > 0).to(logits.dtype)
+            logits[i] -= r.params.frequency_penalty * counts + r.params.presence_penalty * (counts > 0).to(logits.dtype)
         return logits
 
     def _sample(self, logits: torch.Tensor, rows: list, positions: list) -> torch.Tensor:
         dev = logits.device
-        temps = upload([r.temperature for r in rows], dev, torch.float32)
+        temps = upload([r.params.temperature for r in rows], dev, torch.float32)
         logits = logits / temps[:, None]
-        if any(r.top_k > 0 or r.top_p < 1.0 for r in rows):
+        if any(r.params.top_k > 0 or r.params.top_p < 1.0 for r in rows):
             logits = self._top_k_top_p(logits, rows)
         probs = logits.softmax(dim=-1)
-        if any(r.min_p > 0 for r in rows):
-            min_p = upload([r.min_p for r in rows], dev, torch.float32)
+        if any(r.params.min_p > 0 for r in rows):
+            min_p = upload([r.params.min_p for r in rows], dev, torch.float32)
             probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p without a normalised CDF.
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for i, (r, pos) in enumerate(zip(rows, positions)):
-            if r.seed is not None:  # seeded rows redraw from their own stream (one small launch each)
+            if r.params.seed is not None:  # seeded rows redraw from their own stream (one small launch each)
                 g = torch.Generator(device=dev)
-                g.manual_seed((r.seed * _MIX + pos) % (2 ** 63))
+                g.manual_seed((r.params.seed * _MIX + pos) % (2 ** 63))
                 noise[i].exponential_(generator=g)
         return (probs / noise).argmax(dim=-1)
 
@@ -163,10 +150,10 @@ class Sampler:
         dev = logits.device
         vocab = logits.shape[-1]
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        ks = upload([r.top_k if r.top_k > 0 else vocab for r in rows], dev)
+        ks = upload([r.params.top_k if r.params.top_k > 0 else vocab for r in rows], dev)
         rank = torch.arange(vocab, device=dev)[None, :]
         drop = rank >= ks[:, None]
-        top_p = upload([r.top_p for r in rows], dev, torch.float32)
+        top_p = upload([r.params.top_p for r in rows], dev, torch.float32)
         probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
         # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it already does.
         mass_before = probs.cumsum(dim=-1) - probs
@@ -177,12 +164,12 @@ class Sampler:
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list) -> Sampled:
-        wanted = [i for i, r in enumerate(rows) if r.logprobs is not None]
+        wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         if not wanted:
             return Sampled(tokens, [])
         idx = upload(wanted, logits.device)
         logp = logits[idx].log_softmax(dim=-1)
         chosen = logp.gather(-1, tokens[idx][:, None]).squeeze(-1)
-        k = max(rows[i].logprobs for i in wanted)
+        k = max(rows[i].params.logprobs for i in wanted)
         top_vals, top_ids = logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], logp[:, :0].long())
         return Sampled(tokens, wanted, chosen, top_ids, top_vals, rows)
