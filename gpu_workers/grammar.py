@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from nanoslg import structured_outputs as so
-from nanoslg.config import EngineConfig
+from nanoslg.config import ResolvedConfig
 
 log = logging.getLogger("nanoslg.worker")
 
@@ -43,7 +43,7 @@ def synthetic_vocab(vocab_size: int, seed: int = 0) -> list:
     return out
 
 
-def _tokenizer_info(cfg: EngineConfig, vocab_size: int) -> Any:
+def _tokenizer_info(cfg: ResolvedConfig, vocab_size: int) -> Any:
     import xgrammar
 
     eos = list(cfg.model_spec.eos_token_ids) or [vocab_size - 1]
@@ -60,7 +60,7 @@ def _tokenizer_info(cfg: EngineConfig, vocab_size: int) -> Any:
 class GrammarBook:
     """This rank's compiled grammars (by structured_outputs.cache_key) and live matchers (by request id)."""
 
-    def __init__(self, cfg: EngineConfig, vocab_size: int, device: torch.device,
+    def __init__(self, cfg: ResolvedConfig, vocab_size: int, device: torch.device,
                  on_compiled: Optional[Callable[[str, Optional[str]], None]] = None):
         self.cfg, self.vocab_size, self.device, self.on_compiled = cfg, vocab_size, device, on_compiled
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")

@@ -27,7 +27,7 @@ from gpu_workers.sequence_parallel import shard_rows
 from gpu_workers.sampler import RowParams, Sampled, Sampler
 from gpu_workers.upload import upload
 from gpu_workers.weight_loader import init_dummy, load_checkpoint
-from nanoslg.config import EngineConfig
+from nanoslg.config import ResolvedConfig
 from nanoslg.errors import InvalidGrammar
 from nanoslg.protocol import RowSetup, SeqChunk, StepPlan, StepResult, token_ids
 from nanoslg.sampling_params import SamplingParams
@@ -39,7 +39,7 @@ DEAD_END = InvalidGrammar("no token of the model's vocabulary can continue the o
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_device(cfg: EngineConfig, local_rank: int) -> torch.device:
+def resolve_device(cfg: ResolvedConfig, local_rank: int) -> torch.device:
     if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -67,7 +67,7 @@ def choose_dtype(asked: str, config_dtype: str, device_type: str, native=None) -
     return "float32", f"config says {config_dtype}, but {why}"
 
 
-def resolve_dtype(cfg: EngineConfig, device: torch.device) -> torch.dtype:
+def resolve_dtype(cfg: ResolvedConfig, device: torch.device) -> torch.dtype:
     name, why = choose_dtype(cfg.dtype, cfg.model_spec.torch_dtype, device.type)
     if cfg.dtype == "auto" and device.type == "cpu" and cfg.model_spec.torch_dtype != "float32":
         # The dtype decides CPU speed more than anything else, and auto may overrule config.json here: say so.
@@ -76,7 +76,7 @@ def resolve_dtype(cfg: EngineConfig, device: torch.device) -> torch.dtype:
 
 
 class ModelRunner:
-    def __init__(self, cfg: EngineConfig, device: Optional[torch.device] = None):
+    def __init__(self, cfg: ResolvedConfig, device: Optional[torch.device] = None):
         self.cfg = cfg
         self.ps = parallel_state()
         spec = cfg.model_spec

@@ -14,7 +14,7 @@ import zmq
 
 from gpu_workers.step_profiler import StepProfiler
 from nanoslg import cluster, ipc
-from nanoslg.config import EngineConfig
+from nanoslg.config import ResolvedConfig
 from nanoslg.logs import setup_logging
 from nanoslg.protocol import (GrammarCompile, GrammarCompiled, ProfileRequest, ProfileResult, ProtocolError, StepPlan,
                               StepResult, token_ids)
@@ -22,14 +22,14 @@ from nanoslg.protocol import (GrammarCompile, GrammarCompiled, ProfileRequest, P
 log = logging.getLogger("nanoslg.worker")
 
 
-def _dist_init_method(cfg: EngineConfig) -> str:
+def _dist_init_method(cfg: ResolvedConfig) -> str:
     if cfg.nnodes > 1:
         host, port = cfg.dist_host_port
         return f"tcp://{host}:{port}"
     return f"file://{os.path.join(cfg.run_dir, 'dist-init')}"
 
 
-def _connect(ctx: zmq.Context, cfg: EngineConfig, kind: int, offset: int, name: str) -> zmq.Socket:
+def _connect(ctx: zmq.Context, cfg: ResolvedConfig, kind: int, offset: int, name: str) -> zmq.Socket:
     """A socket to the scheduler: ipc on node 0, CURVE over tcp from the other nodes."""
     sock = ctx.socket(kind)
     if kind == zmq.SUB:
@@ -74,7 +74,7 @@ def _usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _size_threads(cfg: EngineConfig, device) -> None:
+def _size_threads(cfg: ResolvedConfig, device) -> None:
     """torch's intra-op threads: a GPU worker only launches kernels and needs few; the CPU ranks of one node share
     its cores. Left at torch's default (every core each), workers spin on each other's cores and slow the host path
     that feeds the GPU."""
@@ -87,7 +87,7 @@ def _size_threads(cfg: EngineConfig, device) -> None:
     torch.set_num_threads(cpu_threads(_usable_cores(), cfg.ranks_per_node, os.environ.get("NANOSLG_CPU_THREADS", "")))
 
 
-def serve(cfg: EngineConfig, rank: int, ready) -> None:
+def serve(cfg: ResolvedConfig, rank: int, ready) -> None:
     from gpu_workers.model_runner import ModelRunner, resolve_device
     from gpu_workers.parallel import init_parallel
 
@@ -149,7 +149,7 @@ def serve(cfg: EngineConfig, rank: int, ready) -> None:
         in_flight = launched
 
 
-def _guarded(cfg: EngineConfig, step_id: int, fn: Callable):
+def _guarded(cfg: ResolvedConfig, step_id: int, fn: Callable):
     """fn's result, or the StepResult that fails the step's requests when it raises (on one rank only)."""
     try:
         return fn()
@@ -214,7 +214,7 @@ def _report(runner, launched, to_scheduler, profiler) -> None:
 
 
 def main() -> None:
-    cfg = EngineConfig.from_arg(sys.argv[1])
+    cfg = ResolvedConfig.from_arg(sys.argv[1])
     rank = int(sys.argv[2])
     setup_logging(cfg.log_level, cfg.log_format)
     ipc.run_child(ipc.worker_name(rank), cfg.run_dir, lambda ready: serve(cfg, rank, ready))

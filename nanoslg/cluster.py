@@ -15,7 +15,7 @@ import zmq
 from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
 
-from nanoslg.config import EngineConfig
+from nanoslg.config import ResolvedConfig
 from nanoslg.model_spec import ConfigError
 
 log = logging.getLogger("nanoslg.cluster")
@@ -30,7 +30,7 @@ _REFUSALS = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUT
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 
 
-def cluster_secret(cfg: EngineConfig) -> bytes:
+def cluster_secret(cfg: ResolvedConfig) -> bytes:
     """The shared secret: the file given, else the environment. Required for more than one node."""
     if cfg.cluster_secret_file:
         try:
@@ -51,14 +51,14 @@ def _server_keys(secret: bytes) -> tuple:
     return zmq.curve_public(secret_key), secret_key
 
 
-def endpoint(cfg: EngineConfig, offset: int, bind: bool = False) -> str:
+def endpoint(cfg: ResolvedConfig, offset: int, bind: bool = False) -> str:
     host, port = cfg.dist_host_port
     if bind:  # ZeroMQ binds to an interface address, not a name
         host = socket.gethostbyname(host)
     return f"tcp://{host}:{port + offset}"
 
 
-def serve_securely(sock: zmq.Socket, cfg: EngineConfig, offset: int, secret: bytes) -> "RefusalLog":
+def serve_securely(sock: zmq.Socket, cfg: ResolvedConfig, offset: int, secret: bytes) -> "RefusalLog":
     """Bind sock on node 0's address as a CURVE server; returns the log of handshakes it refuses."""
     public, secret_key = _server_keys(secret)
     sock.curve_server = True
@@ -68,7 +68,7 @@ def serve_securely(sock: zmq.Socket, cfg: EngineConfig, offset: int, secret: byt
     return refusals
 
 
-def connect_securely(sock: zmq.Socket, cfg: EngineConfig, offset: int, secret: bytes) -> None:
+def connect_securely(sock: zmq.Socket, cfg: ResolvedConfig, offset: int, secret: bytes) -> None:
     """Connect sock to node 0 as a CURVE client (its own key pair is ephemeral; the server key proves the secret)."""
     sock.curve_serverkey = _server_keys(secret)[0]
     sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
@@ -104,7 +104,7 @@ class RefusalLog:
         self.monitor.close(linger=0)
 
 
-def config_digest(cfg: EngineConfig) -> str:
+def config_digest(cfg: ResolvedConfig) -> str:
     """What every node must agree on: the model's shape and every engine setting except where a node keeps its
     files and how it logs. Two nodes that differ would split the model wrongly."""
     local = {"model", "tokenizer", "run_dir", "node_rank", "log_level", "cluster_secret_file", "startup_timeout_s",

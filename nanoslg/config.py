@@ -104,9 +104,10 @@ class EngineConfig:
         host, _, port = (self.dist_init_addr or "").rpartition(":")
         return host.strip("[]"), int(port)
 
-    def resolve(self) -> "EngineConfig":
-        """A new config with the model folder and its spec filled in and every value checked (this one is left
-        as it is); raises ConfigError naming the problem."""
+    def resolve(self) -> "ResolvedConfig":
+        """The config every process runs on: the model folder and its spec filled in, every setting left unset
+        taken from the tuned config or the defaults, and every value checked (this one is left as it is); raises
+        ConfigError naming the problem."""
         model = resolve_model_path(self.model)
         cfg_path = os.path.join(model, "config.json")
         if not os.path.isfile(cfg_path):
@@ -117,11 +118,14 @@ class EngineConfig:
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"cannot read {cfg_path}: {e}") from None
         spec = ModelSpec.from_hf_config(hf_cfg)
-        cfg = dataclasses.replace(self, model=model, model_spec=spec, tokenizer=self.tokenizer or model,
-                                  max_model_len=self.max_model_len or spec.max_position_embeddings)
-        return dataclasses.replace(cfg, **cfg._tuned_settings())._checked()
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        settings.update(model=model, model_spec=spec, tokenizer=self.tokenizer or model,
+                        max_model_len=self.max_model_len or spec.max_position_embeddings)
+        settings.update(self._tuned_settings(model, spec))
+        return ResolvedConfig(**settings)._checked()
 
-    def _checked(self) -> "EngineConfig":
+    def _checked(self) -> "ResolvedConfig":
+        assert isinstance(self, ResolvedConfig)
         checks = [
             (self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}"),
             (self.load_format in ("auto", "dummy"), "load_format", "must be auto or dummy"),
@@ -149,16 +153,15 @@ class EngineConfig:
         for ok, name, what in checks:
             if not ok:
                 raise ConfigError(f"{name} {what}, got {getattr(self, name)!r}")
-        self._check_layout()
+        self._check_layout(self.model_spec)
         return self
 
-    def _tuned_settings(self) -> dict[str, Any]:
+    def _tuned_settings(self, model: str, spec: ModelSpec) -> dict[str, Any]:
         """The settings left unset, from the tuned config for this model, device and layout (or the file given),
         then from the built-in defaults."""
         device_name = tuned_config.device_name(self.device)
         out: dict[str, Any] = {"device_name": device_name}
-        assert self.model is not None and self.model_spec is not None  # called by resolve() once they are known
-        ident = tuned_config.identity(self.model, self.model_spec, device_name, self.tensor_parallel_size,
+        ident = tuned_config.identity(model, spec, device_name, self.tensor_parallel_size,
                                       self.pipeline_parallel_size)
         tuned: dict[str, Any] = {}
         if self.use_tuned_config:
@@ -182,10 +185,9 @@ class EngineConfig:
                 out[key] = value
         return out
 
-    def _check_layout(self) -> None:
+    def _check_layout(self, spec: ModelSpec) -> None:
         """Refuse at startup any parallel layout the model cannot be split into, rather than compute nonsense."""
-        spec, tp, pp = self.model_spec, self.tensor_parallel_size, self.pipeline_parallel_size
-        assert spec is not None  # checked once resolved
+        tp, pp = self.tensor_parallel_size, self.pipeline_parallel_size
         if spec.num_heads % tp:
             raise ConfigError(f"{spec.num_heads} attention heads do not split over tensor_parallel_size={tp}")
         if spec.num_kv_heads % tp and tp % spec.num_kv_heads:
@@ -219,12 +221,43 @@ class EngineConfig:
         """The config as one command-line argument for a child process."""
         return json.dumps(self.to_dict())
 
-    @classmethod
-    def from_arg(cls, arg: str) -> "EngineConfig":
-        return cls.from_dict(json.loads(arg))
+    @staticmethod
+    def from_arg(arg: str) -> "EngineConfig":
+        return EngineConfig.from_dict(json.loads(arg))
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "EngineConfig":
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "EngineConfig":
+        """The config to_dict() wrote: a ResolvedConfig when it was one."""
         d = dict(d)
         spec = d.pop("model_spec", None)
-        return cls(**d, model_spec=ModelSpec(**spec) if spec else None)
+        if spec:
+            return ResolvedConfig(**d, model_spec=ModelSpec(**spec))
+        return EngineConfig(**d)
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedConfig(EngineConfig):
+    """An EngineConfig after resolve(), the one every process gets: the settings that may be left unset in an
+    EngineConfig are known here (keyword-only and without defaults, so none can be forgotten)."""
+
+    model: str = dataclasses.field(kw_only=True)
+    tokenizer: str = dataclasses.field(kw_only=True)
+    max_model_len: int = dataclasses.field(kw_only=True)
+    max_num_seqs: int = dataclasses.field(kw_only=True)
+    max_num_batched_tokens: int = dataclasses.field(kw_only=True)
+    nano_batches: int = dataclasses.field(kw_only=True)
+    nano_overlap: str = dataclasses.field(kw_only=True)
+    sequence_parallel: bool = dataclasses.field(kw_only=True)
+    model_spec: ModelSpec = dataclasses.field(kw_only=True)
+
+    @staticmethod
+    def from_arg(arg: str) -> "ResolvedConfig":
+        """The config a parent process passed with to_arg()."""
+        return ResolvedConfig.from_dict(json.loads(arg))
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "ResolvedConfig":
+        cfg = EngineConfig.from_dict(d)
+        if not isinstance(cfg, ResolvedConfig):
+            raise ConfigError("a child process needs a resolved engine config")
+        return cfg

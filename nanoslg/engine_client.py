@@ -5,7 +5,7 @@ from __future__ import annotations
 import zmq
 
 from nanoslg import ipc
-from nanoslg.config import EngineConfig
+from nanoslg.config import EngineConfig, ResolvedConfig
 from nanoslg.launcher import Launcher
 from nanoslg.protocol import AbortRequest, GenerateRequest, OutputBatch
 
@@ -16,7 +16,7 @@ class EngineDeadError(RuntimeError):
 
 class EngineClient:
     def __init__(self, cfg: EngineConfig, ctx: zmq.Context | None = None, start: bool = True):
-        self.launcher = Launcher(cfg.resolve() if cfg.model_spec is None else cfg)
+        self.launcher = Launcher(cfg if isinstance(cfg, ResolvedConfig) else cfg.resolve())
         self.cfg = self.launcher.cfg  # with its run directory
         self.ctx = ctx or zmq.Context.instance()
         self.closed = True

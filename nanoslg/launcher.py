@@ -23,7 +23,7 @@ import time
 import zmq
 
 from nanoslg import cluster, ipc
-from nanoslg.config import EngineConfig
+from nanoslg.config import EngineConfig, ResolvedConfig
 from nanoslg.nodes import ClusterHub, NodeUplink
 from nanoslg.protocol import Failed, ProtocolError, Ready
 
@@ -73,7 +73,7 @@ def _worker_names(ranks) -> list:
 
 
 class Launcher:
-    def __init__(self, cfg: EngineConfig):
+    def __init__(self, cfg: ResolvedConfig):
         # this engine's own copy: its run directory is made here (mode 0700: only this user reaches the sockets)
         self.cfg = cfg = dataclasses.replace(cfg, run_dir=tempfile.mkdtemp(prefix="nanoslg-"))
         self.children: dict = {}  # name -> Popen
@@ -183,12 +183,10 @@ class Launcher:
         atexit.unregister(self.shutdown)
 
 
-def run_worker_node(cfg: EngineConfig) -> int:
+def run_worker_node(settings: EngineConfig) -> int:
     """Another node (--node-rank > 0): run this node's workers for node 0's engine until node 0 stops them (0) or
     something fails (1)."""
-    if cfg.model_spec is None:
-        cfg = cfg.resolve()
-    launcher = Launcher(cfg)
+    launcher = Launcher(settings if isinstance(settings, ResolvedConfig) else settings.resolve())
     cfg = launcher.cfg
     ranks = cfg.local_ranks
     print(f"nanoslg: node {cfg.node_rank} runs workers {ranks.start}-{ranks.stop - 1} for the engine at "

@@ -15,7 +15,7 @@ from typing import Optional
 import zmq
 
 from nanoslg import cluster, ipc, protocol
-from nanoslg.config import EngineConfig
+from nanoslg.config import ResolvedConfig
 from nanoslg.protocol import Failed, Heartbeat, NodeDown, NodeHello, ProtocolError, Ready, Shutdown
 
 log = logging.getLogger("nanoslg.cluster")
@@ -24,7 +24,7 @@ log = logging.getLogger("nanoslg.cluster")
 class ClusterHub:
     """Node 0's end: a thread that admits the other nodes and watches them. `failure` names the first problem."""
 
-    def __init__(self, cfg: EngineConfig, ctx: zmq.Context, secret: bytes):
+    def __init__(self, cfg: ResolvedConfig, ctx: zmq.Context, secret: bytes):
         self.cfg, self.ctx, self.secret = cfg, ctx, secret
         self.ready: dict = {}  # remote worker name -> what its READY reported
         self.failure: Optional[str] = None
@@ -128,7 +128,7 @@ class ClusterHub:
 class NodeUplink:
     """Another node's end: connects to node 0's hub, says hello, forwards, and watches node 0's heartbeats."""
 
-    def __init__(self, cfg: EngineConfig, ctx: zmq.Context, secret: bytes):
+    def __init__(self, cfg: ResolvedConfig, ctx: zmq.Context, secret: bytes):
         self.cfg = cfg
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 1000)

@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 import zmq
 
 from nanoslg import cluster, ipc, protocol
-from nanoslg.config import EngineConfig
+from nanoslg.config import ResolvedConfig
 from nanoslg.errors import InvalidGrammar
 from nanoslg.logs import setup_logging
 from nanoslg.protocol import (AbortRequest, DebugProfile, DebugReply, DebugSetTargets, DebugStateQuery, DebugSubmit,
@@ -34,7 +34,7 @@ class _PendingProfile:
 
 
 class SchedulerProcess:
-    def __init__(self, cfg: EngineConfig, num_pages: int):
+    def __init__(self, cfg: ResolvedConfig, num_pages: int):
         self.cfg = cfg
         # a resolved config: these are set
         assert cfg.max_model_len is not None and cfg.max_num_seqs is not None and cfg.max_num_batched_tokens
@@ -269,7 +269,7 @@ class SchedulerProcess:
 
 
 def main() -> None:
-    cfg = EngineConfig.from_arg(sys.argv[1])
+    cfg = ResolvedConfig.from_arg(sys.argv[1])
     setup_logging(cfg.log_level, cfg.log_format)
     num_pages = int(sys.argv[2])
 

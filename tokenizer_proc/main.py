@@ -12,7 +12,7 @@ from typing import Optional
 import zmq
 
 from nanoslg import ipc
-from nanoslg.config import EngineConfig
+from nanoslg.config import ResolvedConfig
 from nanoslg.errors import ContextLengthExceeded, EmptyPrompt, Rejection
 from nanoslg.logs import setup_logging
 from nanoslg.protocol import (AbortRequest, ClientReset, GenerateRequest, OutputBatch, OutputDelta, ProtocolError,
@@ -42,7 +42,7 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def eos_token_ids(cfg: EngineConfig, tokenizer) -> list:
+def eos_token_ids(cfg: ResolvedConfig, tokenizer) -> list:
     """EOS ids from generation_config.json, else config.json, else the tokenizer: never a hard-coded id."""
     path = os.path.join(cfg.model, "generation_config.json")
     ids: list = []
@@ -71,7 +71,7 @@ class Stream:
 
 
 class TokenizerProcess:
-    def __init__(self, cfg: EngineConfig):
+    def __init__(self, cfg: ResolvedConfig):
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.tokenizer)
         self.eos_ids = eos_token_ids(cfg, self.tokenizer)
@@ -244,7 +244,7 @@ class TokenizerProcess:
 
 
 def main() -> None:
-    cfg = EngineConfig.from_arg(sys.argv[1])
+    cfg = ResolvedConfig.from_arg(sys.argv[1])
     setup_logging(cfg.log_level, cfg.log_format)
     ipc.run_child(ipc.TOKENIZER, cfg.run_dir, lambda ready: TokenizerProcess(cfg).run(ready))
 

@@ -18,7 +18,7 @@ from typing import Optional
 import zmq
 
 from nanoslg import ipc, protocol
-from nanoslg.config import EngineConfig
+from nanoslg.config import ResolvedConfig
 from nanoslg.logs import setup_logging
 from nanoslg.protocol import ClientReset, Ready, ServerState
 from nanoslg.server.async_engine import DRAINING, RESTARTING, RUNNING, STOPPED, AsyncEngine, EngineUnavailable
@@ -36,7 +36,7 @@ class FollowerEngine(AsyncEngine):
     """The engine as another API-server process reaches it: outputs on an inbox of its own (the tokenizer knows it
     from EngineConfig.client_inboxes), requests to the tokenizer of whichever run directory ServerState names."""
 
-    def __init__(self, cfg: EngineConfig, max_queued_requests: int, max_waiting_requests: Optional[int],
+    def __init__(self, cfg: ResolvedConfig, max_queued_requests: int, max_waiting_requests: Optional[int],
                  client: int, control_address: str, ready_address: str, counts: Optional[QueueCounts] = None,
                  spawned_while_running: bool = False):
         super().__init__(cfg, max_queued_requests, max_waiting_requests, client, counts)
@@ -152,7 +152,7 @@ def main() -> None:
     from nanoslg.server.lifecycle import DrainingServer
 
     spec = json.loads(os.environ.pop(SPEC_ENV))
-    cfg = EngineConfig.from_dict(spec["engine"])
+    cfg = ResolvedConfig.from_dict(spec["engine"])
     setup_logging(cfg.log_level, cfg.log_format)
     index = spec["index"]
     engine = FollowerEngine(cfg, spec["max_queued_requests"], spec["max_waiting_requests"], index,

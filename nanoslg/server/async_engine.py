@@ -19,7 +19,7 @@ import zmq
 import zmq.asyncio
 
 from nanoslg import ipc, protocol
-from nanoslg.config import EngineConfig
+from nanoslg.config import ResolvedConfig
 from nanoslg.engine_client import EngineClient
 from nanoslg.protocol import AbortRequest, DebugReply, DebugStateQuery, OutputBatch
 from nanoslg.server.queue_counts import QueueCounts
@@ -47,7 +47,7 @@ class AsyncEngine:
     drain and the scheduler's state for /metrics. Subclasses say how the engine is reached and watched: the process
     that owns it (SupervisedEngine) or another API-server process that follows it (api_proc.FollowerEngine)."""
 
-    def __init__(self, cfg: EngineConfig, max_queued_requests: int, max_waiting_requests: Optional[int] = None,
+    def __init__(self, cfg: ResolvedConfig, max_queued_requests: int, max_waiting_requests: Optional[int] = None,
                  client: int = 0, counts: Optional[QueueCounts] = None):
         self.ctx = zmq.asyncio.Context()
         self.counts = counts  # with several API-server processes: the limits hold for their sum
@@ -215,7 +215,7 @@ class SupervisedEngine(AsyncEngine):
     """The engine owned by this process: started here, watched by a supervisor task and restarted when one of its
     processes dies."""
 
-    def __init__(self, cfg: EngineConfig, max_queued_requests: int, max_waiting_requests: Optional[int] = None,
+    def __init__(self, cfg: ResolvedConfig, max_queued_requests: int, max_waiting_requests: Optional[int] = None,
                  restart: bool = True, max_restarts: int = 3, restart_window_s: float = 300.0,
                  counts: Optional[QueueCounts] = None):
         super().__init__(cfg, max_queued_requests, max_waiting_requests, counts=counts)
