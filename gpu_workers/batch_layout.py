@@ -9,7 +9,7 @@ import torch
 from gpu_workers.attention.base import BatchLayout
 from gpu_workers.nano_batch import split_rows
 from gpu_workers.upload import upload
-from nanoslg.protocol import StepPlan
+from nanoslg.protocol import SeqChunk, StepPlan
 
 
 class TokenSlots:
@@ -17,7 +17,7 @@ class TokenSlots:
 
     def __init__(self, device: torch.device, capacity: int = 1024):
         self.tokens = torch.zeros(capacity, dtype=torch.long, device=device)
-        self.slots: dict = {}
+        self.slots: dict[str, int] = {}  # rid -> its slot
         self.free_slots = list(range(capacity - 1, -1, -1))
 
     def slot(self, rid: str) -> int:
@@ -41,17 +41,17 @@ class StepBatch:
     """A plan's sequences as the flat token batch the model runs, decode rows first (the attention runs them on the
     decode kernel, the rest on the prefill kernel), and its split into nano-batches of whole rows."""
 
-    seqs: list  # the plan's SeqChunks in batch order
+    seqs: list[SeqChunk]  # in batch order
     input_ids: torch.Tensor  # [T] on the device
     layout: BatchLayout
     cu: np.ndarray  # cumulative query lengths, [B + 1]
-    parts: list  # nano-batches: [(first row, end row)]
+    parts: list[tuple[int, int]]  # nano-batches: [(first row, end row)]
 
     @property
-    def token_bounds(self) -> list:
+    def token_bounds(self) -> list[tuple[int, int]]:
         return [(int(self.cu[a]), int(self.cu[b])) for a, b in self.parts]
 
-    def part_layouts(self) -> list:
+    def part_layouts(self) -> list[BatchLayout]:
         return [self.layout.rows(a, b, t0, t1) for (a, b), (t0, t1) in zip(self.parts, self.token_bounds)]
 
 

@@ -19,7 +19,7 @@ NATIVE_FLAGS = {"bfloat16": ("avx512_bf16", "amx_bf16"), "float16": ("avx512_fp1
 _NAMES = {"avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16", "avx512_fp16": "AVX512-FP16", "amx_fp16": "AMX-FP16"}
 
 
-def cpu_flags(path: Optional[str] = None) -> Optional[set]:
+def cpu_flags(path: Optional[str] = None) -> Optional[set[str]]:
     """The first processor's flags; None when the file cannot be read (not Linux, or hidden by a sandbox)."""
     try:
         with open(path or CPUINFO, encoding="utf-8", errors="replace") as f:

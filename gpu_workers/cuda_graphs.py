@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+from typing import Any, Optional, Union
 
 import torch
 
@@ -17,7 +18,7 @@ from gpu_workers.nano_batch import OpRunner, split_rows
 log = logging.getLogger("nanoslg.worker")
 
 
-def batch_size_ladder(max_batch: int) -> list:
+def batch_size_ladder(max_batch: int) -> list[int]:
     sizes = [1, 2, 4, 8] + list(range(16, 257, 16)) + list(range(288, 1025, 32))
     return [s for s in sizes if s < max_batch] + [max_batch]
 
@@ -42,10 +43,11 @@ class DecodeGraphs:
             dtype = next(model.parameters()).dtype
             self.inputs = {name: torch.zeros(max_batch, spec.hidden_size, dtype=dtype, device=device)
                            for name in ("hidden", "residual")}
-        self.graphs: dict = {}
-        self.parts: dict = {}  # batch size -> [(first row, end row)] of its nano-batches
-        self.wrappers: dict = {}  # batch size -> one decode wrapper per part
-        self.outputs: dict = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.parts: dict[int, list[tuple[int, int]]] = {}  # batch size -> [(first row, end row)] of its nano-batches
+        self.wrappers: dict[int, list[Any]] = {}  # batch size -> one decode wrapper per part
+        # batch size -> the graph's output: final hidden states on the last stage, else (hidden, residual)
+        self.outputs: dict[int, Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
         pool = torch.cuda.graph_pool_handle()
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
             self.parts[bs] = split_rows([1] * bs, nano_batches)
@@ -54,7 +56,7 @@ class DecodeGraphs:
             self._capture(bs, pool)
         log.info("captured decode CUDA graphs for batch sizes %s (%d nano-batches)", self.sizes, nano_batches)
 
-    def _padding_layout(self, bs: int, layout: BatchLayout = None) -> BatchLayout:
+    def _padding_layout(self, bs: int, layout: Optional[BatchLayout] = None) -> BatchLayout:
         """layout's rows plus padding rows (one token at position 0 in the scratch page) up to bs."""
         n = 0 if layout is None else len(layout.q_lens)
         q_lens = torch.ones(bs, dtype=torch.int32)
@@ -66,14 +68,14 @@ class DecodeGraphs:
             tables[:n] = layout.page_tables
         return BatchLayout(q_lens, start, tables, self.positions[:bs], self.slots[:bs])
 
-    def _plan(self, bs: int, layout: BatchLayout) -> list:
+    def _plan(self, bs: int, layout: BatchLayout) -> list[object]:
         self.backend.begin_planning()
         plans = [self.backend.plan_decode(w, layout.rows(a, b, a, b))
                  for w, (a, b) in zip(self.wrappers[bs], self.parts[bs])]
         self.backend.finish_planning()
         return plans
 
-    def _forward(self, bs: int, plans: list):
+    def _forward(self, bs: int, plans: list[object]) -> Any:
         inputs = {name: t[:bs] for name, t in self.inputs.items()}
         return self.model(self.positions[:bs], plans, self.parts[bs], self.runner, **inputs)
 

@@ -16,7 +16,7 @@ import random
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional
 
 import torch
 
@@ -32,7 +32,7 @@ COMPILER_CACHE_BYTES = 512 << 20  # xgrammar's own cache of compiled grammars: a
 
 
 
-def synthetic_vocab(vocab_size: int, seed: int = 0) -> list:
+def synthetic_vocab(vocab_size: int, seed: int = 0) -> list[bytes]:
     """A stand-in vocabulary for a model served without a tokenizer (dummy weights): every byte as a token, then
     short strings of JSON's characters, so grammars compile and match at the real vocabulary's size."""
     rng = random.Random(seed)
@@ -66,11 +66,11 @@ class GrammarBook:
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")
         self._lock = threading.Lock()
         self._compiler: Any = None
-        self._compiled: OrderedDict[str, Future] = OrderedDict()
+        self._compiled: OrderedDict[str, Future[Any]] = OrderedDict()
         self.matchers: dict[str, Any] = {}
         self._batch_matcher: Any = None
         self._bitmask: Optional[torch.Tensor] = None
-        self._apply_backend = "auto"
+        self._apply_backend: Literal["auto", "torch_native"] = "auto"
 
     def _get_compiler(self) -> Any:
         with self._lock:  # the first grammar loads the vocabulary (once; later compiles reuse it)
@@ -97,7 +97,7 @@ class GrammarBook:
             log.warning("the token bitmask kernel failed to warm up (%s): constrained steps use torch ops", e)
             self._apply_backend = "torch_native"
 
-    def _future(self, key: str, spec: dict) -> Future:
+    def _future(self, key: str, spec: dict[str, Any]) -> Future[Any]:
         fut = self._compiled.get(key)
         if fut is None or (fut.done() and fut.exception() is not None):  # a failure is not kept: it may pass later
             fut = self._pool.submit(lambda: so.compile_with(self._get_compiler(), spec))
@@ -108,13 +108,14 @@ class GrammarBook:
             self._compiled.move_to_end(key)
         return fut
 
-    def prepare(self, key: str, spec: dict) -> None:
+    def prepare(self, key: str, spec: dict[str, Any]) -> None:
         """Start compiling (or find compiled) spec; on_compiled(key, error) follows from the pool's thread."""
         fut = self._future(key, spec)
-        if self.on_compiled is not None:
-            fut.add_done_callback(lambda f: self.on_compiled(key, _error_of(f)))
+        on_compiled = self.on_compiled
+        if on_compiled is not None:
+            fut.add_done_callback(lambda f: on_compiled(key, _error_of(f)))
 
-    def add(self, rid: str, spec: dict, stop_token_ids: list) -> None:
+    def add(self, rid: str, spec: dict[str, Any], stop_token_ids: list[int]) -> None:
         """A matcher for a request's first chunk. Its grammar was announced before the request was scheduled, so
         it is compiled here or about to be (a non-driver TP rank may lag the driver by a moment)."""
         import xgrammar
@@ -139,7 +140,7 @@ class GrammarBook:
             raise RuntimeError(f"the grammar refused token {token} it had allowed")
         return m.is_terminated()
 
-    def fill(self, rows: list) -> torch.Tensor:
+    def fill(self, rows: list[Optional[str]]) -> torch.Tensor:
         """The bitmask for a step's sampling rows: rows[i] a request id or None (unconstrained, left unfilled).
         A finished matcher allows everything: the token it gets is discarded by the scheduler anyway."""
         import xgrammar
@@ -163,14 +164,14 @@ class GrammarBook:
         return bitmask
 
     @staticmethod
-    def dead_ends(bitmask: torch.Tensor, rows: list) -> list:
+    def dead_ends(bitmask: torch.Tensor, rows: list[int]) -> list[int]:
         """The rows (of those given) whose bitmask allows no token at all."""
         if not rows:
             return []
         alive = bitmask[torch.tensor(rows)].ne(0).any(dim=1).tolist()
         return [i for i, ok in zip(rows, alive) if not ok]
 
-    def apply(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list) -> None:
+    def apply(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
         """Sets the logits of the tokens the bitmask forbids to -inf, in place, in the given rows."""
         import xgrammar
 
@@ -187,6 +188,6 @@ class GrammarBook:
                                                  backend=self._apply_backend)
 
 
-def _error_of(fut: Future) -> Optional[str]:
+def _error_of(fut: Future[Any]) -> Optional[str]:
     e = fut.exception()
     return None if e is None else str(e) if isinstance(e, so.GrammarError) else f"{type(e).__name__}: {e}"

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional, cast
 
 import torch
 
@@ -20,11 +19,12 @@ from gpu_workers.batch_layout import StepBatch, TokenSlots, build_batch
 from gpu_workers.cuda_graphs import DecodeGraphs
 from gpu_workers.grammar import GrammarBook
 from gpu_workers.layers import fused_ops
-from gpu_workers.models.llama import LlamaForCausalLM, iter_required
+from gpu_workers.models.llama import DecoderLayer, LlamaForCausalLM, iter_required
 from gpu_workers.nano_batch import GEMM, OTHER, OpRunner, OpTimer
 from gpu_workers.parallel import StageLink, parallel_state
 from gpu_workers.sequence_parallel import shard_rows
 from gpu_workers.sampler import RowParams, Sampled, Sampler
+from gpu_workers.step_profiler import StepSpan
 from gpu_workers.upload import upload
 from gpu_workers.weight_loader import init_dummy, load_checkpoint
 from nanoslg.config import ResolvedConfig
@@ -93,14 +93,14 @@ class ModelRunner:
         else:
             targets = self.model.checkpoint_targets()
             self.weight_bytes_read = load_checkpoint(targets, set(iter_required(targets, spec)), cfg.model)
-        self.stage_link = StageLink(spec.hidden_size, self.dtype, device) if self.ps.pp_size > 1 else None
+        self.stage_link = StageLink(spec.hidden_size, self.dtype, self.device) if self.ps.pp_size > 1 else None
         self.backend_cls = self._choose_backend()
         fused_ops.enable_for(self.device, wanted=self.backend_cls.uses_fused_ops)
         self.sampler = Sampler(self.device, cfg.seed)
         # constrained decoding where tokens are sampled; the worker loop gives the driver its on_compiled
         self.grammars = GrammarBook(cfg, spec.vocab_size, self.device) if self.ps.is_last_stage else None
-        self.row_errors: list = []  # [rid, error, reason] of requests failed alone, reported with the next result
-        self.rows: dict = {}  # rid -> RowParams, kept while the scheduler may still schedule the request
+        self.row_errors: list[list[Any]] = []  # [rid, error, reason, code] of requests failed alone, reported next
+        self.rows: dict[str, RowParams] = {}  # kept while the scheduler may still schedule the request
         self.token_slots = TokenSlots(self.device)
         self.graphs = None
         self.nano_batches = cfg.nano_batches
@@ -126,7 +126,7 @@ class ModelRunner:
             classes = frozenset()
         return OpRunner(self.device, classes)
 
-    def _choose_backend(self) -> type:
+    def _choose_backend(self) -> type[AttentionBackend]:
         choice = self.cfg.attention_backend
         usable, reason = flashinfer_usable(self.device)
         if choice == "flashinfer" and not usable:
@@ -138,12 +138,12 @@ class ModelRunner:
         return FlashInferBackend
 
     def _page_bytes(self) -> int:
-        attn = self.model.layers[0].self_attn
+        attn = cast(DecoderLayer, self.model.layers[0]).self_attn  # nn.ModuleList's items are typed Module
         return AttentionBackend.bytes_per_page(len(self.model.layers), self.cfg.page_size, attn.num_kv_heads,
                                                self.cfg.model_spec.head_dim, self.dtype, self.device)
 
     def _make_backend(self, num_pages: int) -> AttentionBackend:
-        attn = self.model.layers[0].self_attn
+        attn = cast(DecoderLayer, self.model.layers[0]).self_attn
         return self.backend_cls(len(self.model.layers), num_pages, self.cfg.page_size, attn.num_heads,
                                 attn.num_kv_heads, self.cfg.model_spec.head_dim, self.dtype, self.device)
 
@@ -218,7 +218,7 @@ class ModelRunner:
             if s.setup is not None:
                 self.rows[s.rid] = RowParams.from_setup(s.setup)
                 if self.grammars is not None and s.setup.params.structured_outputs:
-                    self._add_matcher(s.rid, s.setup)
+                    self._add_matcher(self.grammars, s.rid, s.setup.params.structured_outputs, s.setup.stop_token_ids)
             self.rows[s.rid].record_input(s.start_pos, s.token_ids, s.pending)
         if not plan.seqs:
             return Launched(plan.step_id, [], None)
@@ -243,9 +243,9 @@ class ModelRunner:
             self.complete(launched)
         return launched
 
-    def _add_matcher(self, rid: str, setup: RowSetup) -> None:
+    def _add_matcher(self, grammars: GrammarBook, rid: str, spec: dict[str, Any], stop_token_ids: list[int]) -> None:
         try:
-            self.grammars.add(rid, setup.params.structured_outputs, setup.stop_token_ids)
+            grammars.add(rid, spec, stop_token_ids)
         except Exception as e:  # the request fails alone (its grammar compiled on the driver: should not happen)
             self.row_errors.append([rid, f"structured output: {e}", "error", None])
 
@@ -267,13 +267,13 @@ class ModelRunner:
                 for i in self.grammars.dead_ends(bitmask, constrained):
                     # no token of the vocabulary continues the output (e.g. a character the tokenizer cannot
                     # write): the request is refused rather than sampled outside its grammar
-                    self.row_errors.append([rids[i], str(DEAD_END), "rejected", DEAD_END.code])
-                    self.grammars.release(rids[i])
+                    self.row_errors.append([seqs[i].rid, str(DEAD_END), "rejected", DEAD_END.code])
+                    self.grammars.release(seqs[i].rid)
                     constrained.remove(i)
                 if constrained:
                     mask = lambda lg: self.grammars.apply(lg, bitmask, constrained)  # noqa: E731
-        timer = launched.timer
-        sampled = self._timed(timer, OTHER, self.sampler, logits, rows, positions, mask)
+        assert launched.span is not None  # launch() gives every step with logits its span
+        sampled = self._timed(launched.timer, OTHER, self.sampler, logits, rows, positions, mask)
         # Keep each request's newest token on the device for a decode already planned on top of it.
         slot_ids = upload([self.token_slots.slot(s.rid) for s in seqs], self.device)
         self.token_slots.tokens[slot_ids] = sampled.tokens
@@ -298,9 +298,10 @@ class ModelRunner:
             stand_in = torch.zeros(n, self.cfg.model_spec.hidden_size, dtype=self.dtype, device=self.device)
             inputs = {"hidden": stand_in, "residual": stand_in.clone()}
         else:
+            assert self.stage_link is not None  # pp > 1 on any stage but the first
             hidden, residual = self.stage_link.recv(n)
             inputs = {"hidden": hidden, "residual": residual}
-        if graphed:
+        if graphed and self.graphs is not None:  # graphed implies graphs
             out = self.graphs.run(batch.layout, **inputs)
         else:
             with forward_context(self.backend):
@@ -312,6 +313,7 @@ class ModelRunner:
         if self.ps.is_last_stage:
             return out
         if not stage_local:
+            assert self.stage_link is not None  # pp > 1 on any stage but the last
             self.stage_link.send(*out)
         return None
 
@@ -331,6 +333,7 @@ class ModelRunner:
         hidden = self._forward(batch, stage_local=True, timer=None)
         row = {s.rid: b for b, s in enumerate(batch.seqs)}
         last = upload([int(batch.cu[row[s.rid] + 1]) - 1 for s in plan.seqs], self.device)
+        assert hidden is not None  # logits come from the last stage
         return self.model.compute_logits(hidden[last])
 
     def finish(self, launched: "Launched") -> StepResult:
@@ -347,7 +350,7 @@ class ModelRunner:
                     row.record_sampled(tok)
             result = StepResult(launched.step_id, launched.rids, token_ids(tokens), logprobs)
             if self.grammars is not None and self.grammars.matchers:
-                self._advance_matchers(launched.rids, tokens, result)
+                self._advance_matchers(self.grammars, launched.rids, tokens, result)
         if self.row_errors:
             result.row_errors, self.row_errors = self.row_errors, []
         if launched.span is not None:
@@ -359,16 +362,16 @@ class ModelRunner:
                 result.op_ms = op_ms
         return result
 
-    def _advance_matchers(self, rids: list, tokens: list, result: StepResult) -> None:
+    def _advance_matchers(self, grammars: GrammarBook, rids: list[str], tokens: list[int], result: StepResult) -> None:
         ended = []
         for rid, tok in zip(rids, tokens):
-            if rid not in self.grammars.matchers:
+            if rid not in grammars.matchers:
                 continue
             try:
-                if self.grammars.accept(rid, tok):
+                if grammars.accept(rid, tok):
                     ended.append(rid)
             except Exception as e:  # this request alone fails; its matcher goes
-                self.grammars.release(rid)
+                grammars.release(rid)
                 self.row_errors.append([rid, f"structured output: {e}", "error", None])
         result.grammar_ended = ended or None
 
@@ -386,35 +389,11 @@ class ModelRunner:
         return self.finish(self.launch(plan, stage_local))
 
 
-class StepSpan:
-    """A step's device time: CUDA events around it (host time on CPU, where the step runs as it is launched)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        if self.cuda:
-            self.start, self.stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self.start.record()
-        else:
-            self.t0, self.t1 = time.perf_counter(), None
-
-    def end(self) -> None:
-        if self.cuda:
-            self.stop.record()
-        else:
-            self.t1 = time.perf_counter()
-
-    def ms(self) -> float:
-        if self.cuda:
-            self.stop.synchronize()
-            return self.start.elapsed_time(self.stop)
-        return 1000 * ((self.t1 or time.perf_counter()) - self.t0)
-
-
 @dataclass(slots=True)
 class Launched:
     step_id: int
-    rids: list
+    rids: list[str]
     sampled: Optional[Sampled]
     span: Optional[StepSpan] = None
     timer: Optional[OpTimer] = None
-    logits: Optional[tuple] = None  # (logits, sampling chunks) while sampling waits for complete()
+    logits: Optional[tuple[torch.Tensor, list[SeqChunk]]] = None  # (logits, sampling chunks) until complete()

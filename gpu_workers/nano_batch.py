@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Iterable, Optional, TypeVar
 
 import torch
 
@@ -25,6 +25,7 @@ GEMM, ATTENTION, COLLECTIVE, OTHER = "gemm", "attention", "collective", "other"
 OP_CLASSES = (GEMM, ATTENTION, COLLECTIVE, OTHER)
 # The stream an overlapping operation class runs on (the overlap names of --nano-overlap).
 STREAM_OF = {ATTENTION: "memory", COLLECTIVE: "network"}
+_T = TypeVar("_T")
 
 
 @dataclass(slots=True, eq=False)
@@ -33,22 +34,25 @@ class NanoState:
 
     positions: torch.Tensor
     plan: object  # its attention plan
-    hidden: Optional[torch.Tensor] = None
+    hidden: torch.Tensor
     residual: Optional[torch.Tensor] = None
     q: Optional[torch.Tensor] = None
     k: Optional[torch.Tensor] = None
     v: Optional[torch.Tensor] = None
     buffer: Optional[torch.Tensor] = None  # a collective's output, made on the main stream (sequence parallelism)
     num_tokens: int = 0  # its real tokens (sequence parallelism pads the rows to a multiple of TP)
-    event: Optional[object] = None  # completion of its last side-stream operation, not yet waited for
-    keep: list = field(default_factory=list)  # what that operation touches, held until the wait
+    event: Optional[torch.cuda.Event] = None  # completion of its last side-stream operation, not yet waited for
+    keep: list[torch.Tensor] = field(default_factory=list)  # what that operation touches, held until the wait
 
-    def tensors(self) -> list:
+    def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.positions, self.hidden, self.residual, self.q, self.k, self.v, self.buffer)
                 if t is not None]
 
 
-def split_rows(q_lens: list, n: int) -> list:
+Op = Callable[[NanoState], None]  # one operation of a layer over a nano-batch's state
+
+
+def split_rows(q_lens: list[int], n: int) -> list[tuple[int, int]]:
     """min(n, rows) contiguous row ranges [(start, end)], each row whole, each cut at the row boundary nearest an
     even share of the tokens."""
     rows = len(q_lens)
@@ -70,10 +74,10 @@ class OpTimer:
 
     def __init__(self, cuda: bool):
         self.cuda = cuda
-        self.pending: list = []  # (class, start, end)
+        self.pending: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []  # (class, start, end)
         self.ms = {c: 0.0 for c in OP_CLASSES}
 
-    def time(self, kind: str, fn: Callable, *args):
+    def time(self, kind: str, fn: Callable[..., _T], *args: Any) -> _T:
         if not self.cuda:
             t0 = time.perf_counter()
             out = fn(*args)
@@ -86,7 +90,7 @@ class OpTimer:
         self.pending.append((kind, start, end))
         return out
 
-    def result(self) -> dict:
+    def result(self) -> dict[str, float]:
         """Per class ms; waits for the step's events (call after the step finished)."""
         for kind, start, end in self.pending:
             end.synchronize()
@@ -99,12 +103,12 @@ class OpRunner:
     """Issues a stage's layers over its nano-batches. overlap: the classes that get their own stream ("memory",
     "network"); only on CUDA, with more than one nano-batch and an attention backend that allocates nothing."""
 
-    def __init__(self, device: torch.device, overlap: frozenset):
+    def __init__(self, device: torch.device, overlap: frozenset[str]):
         self.streams = {name: torch.cuda.Stream(device) for name in sorted(overlap)} \
             if device.type == "cuda" else {}
         self.timer: Optional[OpTimer] = None
 
-    def run(self, layers, states: list, sequence_parallel: bool = False) -> None:
+    def run(self, layers: Iterable[Any], states: list[NanoState], sequence_parallel: bool = False) -> None:
         overlapping = len(states) > 1 and bool(self.streams)
         for layer in layers:
             for kind, op in (layer.sp_ops if sequence_parallel else layer.ops):
@@ -118,13 +122,13 @@ class OpRunner:
         for s in states:
             self._join(s)
 
-    def _call(self, kind: str, op: Callable, s: NanoState) -> None:
+    def _call(self, kind: str, op: Op, s: NanoState) -> None:
         if self.timer is None:
             op(s)
         else:
             self.timer.time(kind, op, s)
 
-    def _on_side_stream(self, stream, kind: str, op: Callable, s: NanoState) -> None:
+    def _on_side_stream(self, stream: torch.cuda.Stream, kind: str, op: Op, s: NanoState) -> None:
         ready = s.event
         if ready is None:  # its previous operation ran on the current stream
             ready = torch.cuda.Event()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Any
 
 import torch
 
@@ -43,7 +44,7 @@ def _synthetic_plan(runner, decodes: int, context: int, prefill: int, prefill_co
     ps, seqs, page = runner.cfg.page_size, [], 0
     limit = min(runner.num_pages, max_pages or runner.num_pages)
 
-    def pages(n_tokens: int) -> list:
+    def pages(n_tokens: int) -> list[int]:
         nonlocal page
         n = -(-n_tokens // ps)
         if page + n > limit:
@@ -59,7 +60,7 @@ def _synthetic_plan(runner, decodes: int, context: int, prefill: int, prefill_co
     return StepPlan(-1, seqs)
 
 
-def profile_ops(runner, shapes: dict) -> dict:
+def profile_ops(runner, shapes: dict[str, Any]) -> dict[str, list[list[float]]]:
     """{"gemm": [[tokens, ms]], "lm_head": [[rows, ms]], "decode_attention": [[seqs, context, ms]],
     "prefill_attention": [[tokens, context, ms]], "allreduce": [[tokens, ms]]}: per step of this rank (all its
     layers)."""
@@ -67,7 +68,8 @@ def profile_ops(runner, shapes: dict) -> dict:
     model, spec = runner.model, runner.cfg.model_spec
     layer, n_layers = model.layers[0], len(model.layers)
     attn = layer.self_attn
-    out: dict = {"gemm": [], "lm_head": [], "decode_attention": [], "prefill_attention": [], "allreduce": []}
+    out: dict[str, list[list[float]]] = {"gemm": [], "lm_head": [], "decode_attention": [], "prefill_attention": [],
+                                         "allreduce": []}
     with torch.inference_mode():
         for m in shapes.get("tokens", []):
             x = torch.randn(m, spec.hidden_size, dtype=dtype, device=device)
@@ -109,7 +111,7 @@ def _attention_ms(runner, plan: StepPlan) -> float:
     return _median_ms(lambda: backend.forward(0, q, k, k, plan_, out=out), runner.device)
 
 
-def profile_steps(runner, shapes: dict) -> dict:
+def profile_steps(runner, shapes: dict[str, Any]) -> dict[str, Any]:
     """{"steps": [[decodes, context, prefill, nano, overlap, sequence_parallel, ms, {class: ms}]]}: whole forward
     steps of each shape, for each variant [nano-batches, overlap, sequence parallel] asked for, through the model
     runner's own path (CUDA graphs where it would use them), with one more timed run per shape for its operation
@@ -146,7 +148,7 @@ def _forward(runner, batch, timer) -> None:
         runner.op_runner.timer = None
 
 
-def run_profile(runner, kind: str, shapes: dict) -> dict:
+def run_profile(runner, kind: str, shapes: dict[str, Any]) -> dict[str, Any]:
     if kind == "ops":
         return profile_ops(runner, shapes)
     if kind == "steps":

@@ -10,7 +10,7 @@ import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -23,12 +23,12 @@ class ParallelState:
     tp_size: int = 1
     pp_size: int = 1
     rank: int = 0
-    tp_group: object = None
+    tp_group: Optional[dist.ProcessGroup] = None
     # one two-rank group per pair of neighbouring stages, so a stage's recv from the stage before and its send to the
     # stage after run on different NCCL communicators instead of queueing behind each other on one stream
-    recv_group: object = None
-    send_group: object = None
-    all_reduce: object = None  # a faster all-reduce for small payloads (SymmMemAllReduce), else None
+    recv_group: Optional[dist.ProcessGroup] = None
+    send_group: Optional[dist.ProcessGroup] = None
+    all_reduce: Optional[SymmMemAllReduce] = None  # a faster all-reduce for small payloads, else None
 
     @property
     def tp_rank(self) -> int:
@@ -74,7 +74,7 @@ def init_parallel(tp_size: int, pp_size: int, rank: int, init_method: str, backe
     world = tp_size * pp_size
     if world == 1:
         return _state
-    kwargs = {"device_id": device} if backend == "nccl" and device is not None else {}
+    kwargs: dict[str, Any] = {"device_id": device} if backend == "nccl" and device is not None else {}
     dist.init_process_group(backend, init_method=init_method, world_size=world, rank=rank,
                             timeout=timedelta(seconds=timeout_s), **kwargs)
     for pp in range(pp_size):
@@ -91,6 +91,7 @@ def init_parallel(tp_size: int, pp_size: int, rank: int, init_method: str, backe
             elif rank == pair[1]:
                 _state.recv_group = group
     if backend == "nccl" and tp_size > 1 and os.environ.get("NANOSLG_TP_ALLREDUCE", "auto") != "nccl":
+        assert device is not None  # every NCCL rank is given its GPU
         _state.all_reduce = SymmMemAllReduce.create(_state.tp_group, device)
     return _state
 
@@ -166,18 +167,23 @@ class StageLink:
 
     def __init__(self, hidden_size: int, dtype: torch.dtype, device: torch.device):
         self.hidden_size, self.dtype, self.device = hidden_size, dtype, device
-        self._sending: list = []  # (work, tensor): a send's buffer must outlive the transfer
+        # (work, tensor): a send's buffer must outlive the transfer
+        self._sending: list[tuple[dist.Work, torch.Tensor]] = []
 
-    def recv(self, num_tokens: int) -> tuple:
+    def recv(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         buf = torch.empty(2, num_tokens, self.hidden_size, dtype=self.dtype, device=self.device)
         # On NCCL, wait() makes the current stream wait for the transfer; the host does not block. On gloo it does.
-        dist.irecv(buf, src=_state.prev_stage_rank, group=_state.recv_group).wait()
+        work = dist.irecv(buf, src=_state.prev_stage_rank, group=_state.recv_group)
+        assert work is not None  # None only for a rank outside the group, and this rank is in its recv group
+        work.wait()
         return buf[0], buf[1]
 
     def send(self, hidden: torch.Tensor, residual: torch.Tensor) -> None:
         out = torch.stack((hidden, residual))
         self._sending = [(w, t) for w, t in self._sending if not w.is_completed()]
-        self._sending.append((dist.isend(out, dst=_state.next_stage_rank, group=_state.send_group), out))
+        work = dist.isend(out, dst=_state.next_stage_rank, group=_state.send_group)
+        assert work is not None  # as in recv: this rank is in its send group
+        self._sending.append((work, out))
 
     def drain(self) -> None:
         for work, _ in self._sending:

@@ -6,7 +6,7 @@ request gets the same tokens whatever else shares its batch, and after preemptio
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -49,11 +49,12 @@ class Sampled:
     """A step's sampling results, still on the device; to_host() is the step's one synchronisation."""
 
     tokens: torch.Tensor
-    logprob_rows: list  # row indices that asked for logprobs
+    logprob_rows: list[int]  # row indices that asked for logprobs
+    # set (all of them) when logprob_rows is not empty
     chosen: Optional[torch.Tensor] = None
     top_ids: Optional[torch.Tensor] = None
     top_vals: Optional[torch.Tensor] = None
-    rows: Optional[list] = None
+    rows: Optional[list[RowParams]] = None
     copied: Optional[torch.cuda.Event] = None
 
     def start_copy(self) -> None:
@@ -61,20 +62,24 @@ class Sampled:
         if self.tokens.device.type == "cuda":
             self.tokens = self.tokens.to("cpu", non_blocking=True)
             if self.chosen is not None:
+                assert self.top_ids is not None and self.top_vals is not None  # set with chosen
                 self.chosen = self.chosen.to("cpu", non_blocking=True)
                 self.top_ids = self.top_ids.to("cpu", non_blocking=True)
                 self.top_vals = self.top_vals.to("cpu", non_blocking=True)
             self.copied = torch.cuda.Event()
             self.copied.record()
 
-    def to_host(self) -> tuple:
+    def to_host(self) -> tuple[list[int], Optional[list[Any]]]:
         if self.copied is not None:
             self.copied.synchronize()  # non-blocking copies land in host memory only when the stream gets there
         tokens = self.tokens.tolist()
         if not self.logprob_rows:
             return tokens, None
+        # _logprobs sets all four whenever a row asked for logprobs
+        assert self.chosen is not None and self.top_ids is not None and self.top_vals is not None
+        assert self.rows is not None
         chosen, top_ids, top_vals = self.chosen.tolist(), self.top_ids.tolist(), self.top_vals.tolist()
-        out: list = [None] * len(tokens)
+        out: list[Optional[list[Any]]] = [None] * len(tokens)
         for j, i in enumerate(self.logprob_rows):
             n = self.rows[i].params.logprobs
             out[i] = [chosen[j], [[t, v] for t, v in zip(top_ids[j][:n], top_vals[j][:n])]]
@@ -87,7 +92,7 @@ class Sampler:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, rows: list, positions: list,
+    def __call__(self, logits: torch.Tensor, rows: list[RowParams], positions: list[int],
                  mask: Optional[Callable[[torch.Tensor], None]] = None) -> Sampled:
         """logits: [B, V] float32. positions[b]: the position the sampled token will occupy. mask: sets the
         logits of the tokens a grammar forbids to -inf, in place (every option below then samples among the
@@ -107,7 +112,7 @@ class Sampler:
         return self._logprobs(raw, tokens, rows)
 
     @staticmethod
-    def _apply_penalties(logits: torch.Tensor, rows: list) -> torch.Tensor:
+    def _apply_penalties(logits: torch.Tensor, rows: list[RowParams]) -> torch.Tensor:
         vocab, dev = logits.shape[-1], logits.device
         for i, r in enumerate(rows):
             if not r.params.has_penalties:
@@ -126,7 +131,7 @@ class Sampler:
             logits[i] -= r.params.frequency_penalty * counts + r.params.presence_penalty * (counts > 0).to(logits.dtype)
         return logits
 
-    def _sample(self, logits: torch.Tensor, rows: list, positions: list) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, rows: list[RowParams], positions: list[int]) -> torch.Tensor:
         dev = logits.device
         temps = upload([r.params.temperature for r in rows], dev, torch.float32)
         logits = logits / temps[:, None]
@@ -146,7 +151,7 @@ class Sampler:
         return (probs / noise).argmax(dim=-1)
 
     @staticmethod
-    def _top_k_top_p(logits: torch.Tensor, rows: list) -> torch.Tensor:
+    def _top_k_top_p(logits: torch.Tensor, rows: list[RowParams]) -> torch.Tensor:
         dev = logits.device
         vocab = logits.shape[-1]
         sorted_logits, order = logits.sort(dim=-1, descending=True)
@@ -163,13 +168,13 @@ class Sampler:
         return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
     @staticmethod
-    def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list) -> Sampled:
+    def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[RowParams]) -> Sampled:
         wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         if not wanted:
             return Sampled(tokens, [])
         idx = upload(wanted, logits.device)
         logp = logits[idx].log_softmax(dim=-1)
         chosen = logp.gather(-1, tokens[idx][:, None]).squeeze(-1)
-        k = max(rows[i].params.logprobs for i in wanted)
+        k = max(rows[i].params.logprobs or 0 for i in wanted)  # all set in wanted rows: `or 0` only narrows
         top_vals, top_ids = logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], logp[:, :0].long())
         return Sampled(tokens, wanted, chosen, top_ids, top_vals, rows)

@@ -8,12 +8,17 @@ The layer's operations keep their classes (gemm, attention, collective, other) s
 runs the unsplit ones; collectives write into buffers made on the main stream beforehand."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 
 from gpu_workers.layers.activation import silu_and_mul
-from gpu_workers.nano_batch import ATTENTION, COLLECTIVE, GEMM, OTHER, NanoState
+from gpu_workers.nano_batch import ATTENTION, COLLECTIVE, GEMM, OTHER, NanoState, Op
 from gpu_workers.parallel import _all_gather_single, parallel_state
+
+if TYPE_CHECKING:  # llama imports this module
+    from gpu_workers.models.llama import DecoderLayer
 
 
 def shard_rows(num_tokens: int) -> int:
@@ -41,7 +46,7 @@ def gathered(shard: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return full[:num_tokens]
 
 
-def layer_ops(layer) -> list:
+def layer_ops(layer: DecoderLayer) -> list[tuple[str, Op]]:
     """The decoder layer's operations over shards (see DecoderLayer.ops for the unsplit ones)."""
     attn, mlp = layer.self_attn, layer.mlp
     tp = parallel_state().tp_size
@@ -51,8 +56,10 @@ def layer_ops(layer) -> list:
         s.buffer = s.hidden.new_empty(tp * len(s.hidden), s.hidden.shape[1])  # the all-gather's output
 
     def gather(s: NanoState) -> None:
-        _all_gather_single(s.buffer, s.hidden, group=parallel_state().tp_group)
-        s.hidden, s.buffer = s.buffer[:s.num_tokens], None
+        full = s.buffer
+        assert full is not None  # made by the norm before
+        _all_gather_single(full, s.hidden, group=parallel_state().tp_group)
+        s.hidden, s.buffer = full[:s.num_tokens], None
 
     def row_parallel(s: NanoState, weight: torch.Tensor, x: torch.Tensor) -> None:
         """x @ weight.T into rows padded to a multiple of TP, and the reduce-scatter's output beside it."""
@@ -69,8 +76,10 @@ def layer_ops(layer) -> list:
         row_parallel(s, mlp.down_proj.weight, silu_and_mul(mlp.gate_up_proj(s.hidden)))
 
     def scatter(s: NanoState) -> None:
-        dist.reduce_scatter_tensor(s.buffer, s.hidden, group=parallel_state().tp_group)
-        s.hidden, s.buffer = s.buffer, None
+        shard = s.buffer
+        assert shard is not None  # made by row_parallel
+        dist.reduce_scatter_tensor(shard, s.hidden, group=parallel_state().tp_group)
+        s.hidden, s.buffer = shard, None
 
     def norm_post(s: NanoState) -> None:
         layer._norm_post(s)

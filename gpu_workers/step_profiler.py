@@ -1,4 +1,5 @@
-"""Optional profiler window over a worker's steps, for finding where step time goes.
+"""Timing a worker's steps: each step's device time (StepSpan), and an optional profiler window for finding where
+step time goes.
 
 NANOSLG_PROFILE_STEPS=START:COUNT profiles COUNT steps from step START and writes, to NANOSLG_PROFILE_OUT (default
 /tmp/nanoslg-profile.txt; other ranks add -rankN): the device's busy fraction of the window's wall time, kernels by
@@ -8,6 +9,12 @@ from __future__ import annotations
 
 import os
 import time
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+if TYPE_CHECKING:
+    from torch.profiler import profile
 
 
 class StepProfiler:
@@ -18,9 +25,10 @@ class StepProfiler:
         stem, ext = os.path.splitext(path)
         self.path = path if rank == 0 else f"{stem}-rank{rank}{ext}"
         self.steps = 0
-        self.prof = None
+        self.prof: Optional[profile] = None
         self.t0 = 0.0
-        self.timeline: list = []  # [step id, plan received, launched, reported] in seconds since the epoch
+        # [step id, plan received, launched, reported] in seconds since the epoch
+        self.timeline: list[list[Optional[float]]] = []
 
     def on_plan(self, step_id: int) -> None:
         """Call once per step, right after its plan arrived."""
@@ -49,12 +57,12 @@ class StepProfiler:
                     row[3] = time.time()
 
     def _write(self) -> None:
-        import torch
         from torch.autograd import DeviceType
 
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         wall = time.perf_counter() - self.t0
+        assert self.prof is not None  # on_plan calls this only in an open window
         self.prof.__exit__(None, None, None)
         events = self.prof.key_averages()
         # Only the device's own rows (kernels, memcpys): a CPU op's row repeats the time of the kernels it
@@ -71,3 +79,28 @@ class StepProfiler:
                 f.write("\t".join("" if v is None else (f"{v:.6f}" if isinstance(v, float) else str(v))
                                   for v in row) + "\n")
         self.prof = None
+
+
+class StepSpan:
+    """A step's device time: CUDA events around it (host time on CPU, where the step runs as it is launched)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.start, self.stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+            self.t1: Optional[float] = None  # set by end()
+
+    def end(self) -> None:
+        if self.cuda:
+            self.stop.record()
+        else:
+            self.t1 = time.perf_counter()
+
+    def ms(self) -> float:
+        if self.cuda:
+            self.stop.synchronize()
+            return self.start.elapsed_time(self.stop)
+        return 1000 * ((self.t1 or time.perf_counter()) - self.t0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any, Callable, Optional
 
 import torch
 from safetensors import safe_open
@@ -20,7 +21,8 @@ class CheckpointTensor:
     """A tensor of a safetensors file that is read only where it is narrowed to, so a tensor-parallel rank reads its
     own slice of each weight from disk, not the whole tensor. Parameters' weight_loaders narrow it, then load()."""
 
-    def __init__(self, file_slice, shape: tuple, ranges: tuple = None, on_read=None):
+    def __init__(self, file_slice: Any, shape: tuple[int, ...], ranges: Optional[tuple[tuple[int, int], ...]] = None,
+                 on_read: Optional[Callable[[int], None]] = None):
         self._slice, self._on_read = file_slice, on_read
         self.ranges = ranges or tuple((0, n) for n in shape)
         self.shape = torch.Size(stop - start for start, stop in self.ranges)
@@ -40,7 +42,7 @@ class CheckpointTensor:
         return tensor
 
 
-def _checkpoint_files(folder: str, names: set) -> dict:
+def _checkpoint_files(folder: str, names: set[str]) -> dict[str, set[str]]:
     """file path -> checkpoint names in it that we need."""
     index_path = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index_path):
@@ -49,7 +51,7 @@ def _checkpoint_files(folder: str, names: set) -> dict:
                 weight_map = json.load(f)["weight_map"]
         except (OSError, ValueError, KeyError) as e:
             raise WeightLoadError(f"cannot read {index_path}: {e}") from None
-        files: dict = {}
+        files: dict[str, set[str]] = {}
         for name, file in weight_map.items():
             if name in names:
                 files.setdefault(os.path.join(folder, file), set()).add(name)
@@ -60,10 +62,11 @@ def _checkpoint_files(folder: str, names: set) -> dict:
     return {os.path.join(folder, f): names for f in shards}
 
 
-def load_checkpoint(targets: dict, required: set, folder: str) -> int:
+def load_checkpoint(targets: dict[str, tuple[torch.nn.Parameter, Optional[str]]], required: set[str],
+                    folder: str) -> int:
     """targets: checkpoint name -> (parameter, shard id). Returns the bytes read from disk; raises WeightLoadError
     naming the file or tensor."""
-    loaded: set = set()
+    loaded: set[str] = set()
     read = [0]
 
     def count(nbytes: int) -> None:

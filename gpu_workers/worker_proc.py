@@ -8,7 +8,7 @@ import os
 import sys
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import zmq
 
@@ -29,7 +29,8 @@ def _dist_init_method(cfg: ResolvedConfig) -> str:
     return f"file://{os.path.join(cfg.run_dir, 'dist-init')}"
 
 
-def _connect(ctx: zmq.Context, cfg: ResolvedConfig, kind: int, offset: int, name: str) -> zmq.Socket:
+def _connect(ctx: zmq.Context[zmq.Socket[bytes]], cfg: ResolvedConfig, kind: int, offset: int,
+             name: str) -> zmq.Socket[bytes]:
     """A socket to the scheduler: ipc on node 0, CURVE over tcp from the other nodes."""
     sock = ctx.socket(kind)
     if kind == zmq.SUB:
@@ -100,6 +101,7 @@ def serve(cfg: ResolvedConfig, rank: int, ready) -> None:
     plans = _connect(ctx, cfg, zmq.SUB, cluster.PLANS, ipc.PLANS)
     to_scheduler = _connect(ctx, cfg, zmq.PUSH, cluster.RESULTS, ipc.SCHEDULER) if ps.is_driver else None
     if ps.is_driver:
+        assert runner.grammars is not None  # the driver is on the last stage, which samples
         runner.grammars.on_compiled = _GrammarReplies(
             lambda: _connect(ctx, cfg, zmq.PUSH, cluster.RESULTS, ipc.SCHEDULER)).send
     ready({"num_pages": runner.num_pages, "device": str(runner.device), "dtype": str(runner.dtype),
@@ -149,7 +151,7 @@ def serve(cfg: ResolvedConfig, rank: int, ready) -> None:
         in_flight = launched
 
 
-def _guarded(cfg: ResolvedConfig, step_id: int, fn: Callable):
+def _guarded(cfg: ResolvedConfig, step_id: int, fn: Callable[[], Any]) -> Any:
     """fn's result, or the StepResult that fails the step's requests when it raises (on one rank only)."""
     try:
         return fn()
@@ -166,8 +168,9 @@ class _GrammarReplies:
     """GrammarCompiled messages from the compile threads, sent by one thread that owns its own socket (a zmq
     socket must stay with one thread): the worker loop may be blocked on the plan feed meanwhile."""
 
-    def __init__(self, connect: Callable[[], zmq.Socket]):
-        self.connect, self.sock = connect, None
+    def __init__(self, connect: Callable[[], zmq.Socket[bytes]]):
+        self.connect = connect
+        self.sock: Optional[zmq.Socket[bytes]] = None
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-replies")
 
     def send(self, key: str, error: Optional[str]) -> None:

@@ -46,7 +46,7 @@ def cluster_secret(cfg: ResolvedConfig) -> bytes:
     return secret
 
 
-def _server_keys(secret: bytes) -> tuple:
+def _server_keys(secret: bytes) -> tuple[bytes, bytes]:
     secret_key = z85.encode(hashlib.sha256(b"nanoslg cluster server key\0" + secret).digest())
     return zmq.curve_public(secret_key), secret_key
 
@@ -58,7 +58,7 @@ def endpoint(cfg: ResolvedConfig, offset: int, bind: bool = False) -> str:
     return f"tcp://{host}:{port + offset}"
 
 
-def serve_securely(sock: zmq.Socket, cfg: ResolvedConfig, offset: int, secret: bytes) -> "RefusalLog":
+def serve_securely(sock: zmq.Socket[bytes], cfg: ResolvedConfig, offset: int, secret: bytes) -> "RefusalLog":
     """Bind sock on node 0's address as a CURVE server; returns the log of handshakes it refuses."""
     public, secret_key = _server_keys(secret)
     sock.curve_server = True
@@ -68,7 +68,7 @@ def serve_securely(sock: zmq.Socket, cfg: ResolvedConfig, offset: int, secret: b
     return refusals
 
 
-def connect_securely(sock: zmq.Socket, cfg: ResolvedConfig, offset: int, secret: bytes) -> None:
+def connect_securely(sock: zmq.Socket[bytes], cfg: ResolvedConfig, offset: int, secret: bytes) -> None:
     """Connect sock to node 0 as a CURVE client (its own key pair is ephemeral; the server key proves the secret)."""
     sock.curve_serverkey = _server_keys(secret)[0]
     sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
@@ -81,7 +81,7 @@ class RefusalLog:
 
     LOG_EVERY_S = 10.0
 
-    def __init__(self, sock: zmq.Socket, name: str):
+    def __init__(self, sock: zmq.Socket[bytes], name: str):
         self.name = name
         self.monitor = sock.get_monitor_socket(_REFUSALS)
         self.refused = 0

@@ -3,6 +3,8 @@ Every entry point that starts an engine (serve, generate, bench throughput) adds
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from typing import Any
 
 from nanoslg.config import DTYPES, EngineConfig
 from nanoslg.tuned_config import NANO_OVERLAPS
@@ -105,7 +107,8 @@ def engine_config_from_args(args) -> EngineConfig:
         tuned_config=args.tuned_config, use_tuned_config=args.use_tuned_config)
 
 
-def engine_fields(cfg: EngineConfig) -> dict:
+def engine_fields(cfg: EngineConfig) -> dict[str, Any]:
     """The user-set fields of cfg, as keyword arguments for LLM(...)."""
     resolved = ("model_spec", "run_dir", "device_name", "tuned_config_path")
-    return {f: getattr(cfg, f) for f in cfg.__slots__ if f not in resolved}
+    # fields(), not __slots__: a ResolvedConfig's own __slots__ are empty (its fields are EngineConfig's slots)
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in resolved}

@@ -8,13 +8,15 @@ import signal
 import threading
 import time
 import traceback
-from typing import Callable
+from typing import Any, Callable, TypeVar
 
 import zmq
 
 from nanoslg import protocol
 
 log = logging.getLogger("nanoslg")
+# a context's socket type: blocking, or asyncio's where the API server passes its asyncio context (pull, push)
+_Sock = TypeVar("_Sock", bound="zmq.Socket[Any]")
 
 # One inbox (PULL) per process; everyone else PUSHes to it. Workers instead subscribe to the scheduler's plan feed.
 LAUNCHER = "launcher"
@@ -33,25 +35,25 @@ def address(run_dir: str, name: str) -> str:
     return f"ipc://{os.path.join(run_dir, name)}.sock"
 
 
-def pull(ctx: zmq.Context, run_dir: str, name: str) -> zmq.Socket:
+def pull(ctx: zmq.Context[_Sock], run_dir: str, name: str) -> _Sock:
     sock = ctx.socket(zmq.PULL)
     sock.setsockopt(zmq.LINGER, 0)
     sock.bind(address(run_dir, name))
     return sock
 
 
-def push(ctx: zmq.Context, run_dir: str, name: str) -> zmq.Socket:
+def push(ctx: zmq.Context[_Sock], run_dir: str, name: str) -> _Sock:
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.LINGER, 1000)
     sock.connect(address(run_dir, name))
     return sock
 
 
-def send(sock: zmq.Socket, msg, flags: int = 0) -> None:
+def send(sock: zmq.Socket[bytes], msg, flags: int = 0) -> None:
     sock.send(protocol.encode(msg), flags, copy=False)
 
 
-def recv(sock: zmq.Socket, flags: int = 0):
+def recv(sock: zmq.Socket[bytes], flags: int = 0):
     return protocol.decode(sock.recv(flags, copy=True))
 
 
@@ -78,7 +80,7 @@ def _watch_parent(parent_pid: int) -> None:
         time.sleep(0.5)
 
 
-def run_child(name: str, run_dir: str, body: Callable) -> None:
+def run_child(name: str, run_dir: str, body: Callable[[Callable[[dict[str, Any]], None]], None]) -> None:
     """Run a child process's body(ready) with the lifecycle every child shares. body calls ready(info) once it can
     serve; an exception before that reaches the launcher as FAILED with its message."""
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -88,7 +90,7 @@ def run_child(name: str, run_dir: str, body: Callable) -> None:
     to_launcher = push(ctx, run_dir, LAUNCHER)
     announced = False
 
-    def ready(info: dict) -> None:
+    def ready(info: dict[str, Any]) -> None:
         nonlocal announced
         send(to_launcher, protocol.Ready(name, info))
         announced = True

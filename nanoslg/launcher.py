@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Any, Iterable
 
 import zmq
 
@@ -68,7 +69,7 @@ def stop_processes(procs, timeout: float) -> None:
             p.wait()
 
 
-def _worker_names(ranks) -> list:
+def _worker_names(ranks: Iterable[int]) -> list[str]:
     return [ipc.worker_name(r) for r in ranks]
 
 
@@ -76,12 +77,13 @@ class Launcher:
     def __init__(self, cfg: ResolvedConfig):
         # this engine's own copy: its run directory is made here (mode 0700: only this user reaches the sockets)
         self.cfg = cfg = dataclasses.replace(cfg, run_dir=tempfile.mkdtemp(prefix="nanoslg-"))
-        self.children: dict = {}  # name -> Popen
-        self.info: dict = {}  # name -> what its READY reported (remote workers too)
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.info: dict[str, dict[str, Any]] = {}  # name -> what its READY reported (remote workers too)
         self.secret = cluster.cluster_secret(cfg) if cfg.nnodes > 1 else None
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.inbox = ipc.pull(self._ctx, cfg.run_dir, ipc.LAUNCHER)
-        self.hub = ClusterHub(cfg, self._ctx, self.secret) if cfg.nnodes > 1 and cfg.node_rank == 0 else None
+        # a secret exists exactly when there is more than one node
+        self.hub = ClusterHub(cfg, self._ctx, self.secret) if self.secret is not None and cfg.node_rank == 0 else None
         self._waited_for_nodes = False
         self._cancelled = threading.Event()
         atexit.register(self.shutdown)
@@ -119,7 +121,7 @@ class Launcher:
         """Make a start() running in another thread give up within 200 ms (it stops what it started itself)."""
         self._cancelled.set()
 
-    def _await_ready(self, names: list) -> None:
+    def _await_ready(self, names: list[str]) -> None:
         pending = set(names)
         deadline = time.monotonic() + self.cfg.startup_timeout_s
         while pending:
@@ -153,9 +155,9 @@ class Launcher:
                 raise EngineStartupError(f"{', '.join(sorted(pending))} not ready after "
                                          f"{self.cfg.startup_timeout_s:.0f} s")
 
-    def dead_children(self) -> list:
+    def dead_children(self) -> list[str]:
         """What has died: this node's children by name and exit code, and any other node's failure."""
-        dead = [f"{name} {_exit_status(p.poll())}" for name, p in self.children.items() if p.poll() is not None]
+        dead = [f"{name} {_exit_status(code)}" for name, p in self.children.items() if (code := p.poll()) is not None]
         if self.hub is not None:
             if dead and not self._waited_for_nodes:
                 # A worker here that lost its peer on another node exits at once (its collective fails); that
@@ -167,7 +169,7 @@ class Launcher:
         return dead
 
     @property
-    def pids(self) -> dict:
+    def pids(self) -> dict[str, int]:
         return {name: p.pid for name, p in self.children.items()}
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -191,6 +193,7 @@ def run_worker_node(settings: EngineConfig) -> int:
     ranks = cfg.local_ranks
     print(f"nanoslg: node {cfg.node_rank} runs workers {ranks.start}-{ranks.stop - 1} for the engine at "
           f"{cfg.dist_init_addr}", file=sys.stderr, flush=True)
+    assert launcher.secret is not None  # node_rank > 0 means nnodes > 1, which requires a secret
     uplink = NodeUplink(cfg, launcher._ctx, launcher.secret)
     stop = {"signal": None}
 

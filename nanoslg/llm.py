@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union, cast
 
 from nanoslg.config import EngineConfig
 from nanoslg.engine_client import EngineClient
@@ -11,17 +11,19 @@ from nanoslg.protocol import GenerateRequest, token_ids
 from nanoslg.sampling_params import SamplingParams
 
 Prompt = Union[str, Sequence[int]]
+Conversation = list[dict[str, Any]]  # chat messages
 
 
 @dataclass(slots=True)
 class RequestOutput:
     request_id: str
     prompt: Optional[str]
-    prompt_token_ids: list
+    prompt_token_ids: list[int]
     text: str = ""
-    token_ids: list = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
     finish_reason: Optional[str] = None  # stop | length | rejected (bad request) | error (engine failure)
-    logprobs: Optional[list] = None  # per token: (logprob, [(token id, logprob), ...top-k])
+    # per token: (logprob, [(token id, logprob), ...top-k])
+    logprobs: Optional[list[tuple[float, list[tuple[Any, ...]]]]] = None
     error: Optional[str] = None
 
 
@@ -29,18 +31,21 @@ class LLM:
     """``LLM(model, **engine_args)``: engine_args are EngineConfig fields (dtype, max_model_len, max_num_seqs...).
     Use as a context manager, or call close(), to stop the engine's processes."""
 
-    def __init__(self, model: Optional[str] = None, **engine_args):
+    def __init__(self, model: Optional[str] = None, **engine_args: Any):
         self.engine = EngineClient(EngineConfig(model=model, **engine_args).resolve())
         self.config = self.engine.cfg  # resolved, with the engine's run directory
         self._ids = itertools.count()
 
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]],
                  sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
-                 use_tqdm: bool = False) -> list:
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        # mypy cannot narrow a union on its first element: one prompt is a str or a sequence of ints
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+            batch: Sequence[Prompt] = [cast(Prompt, prompts)]
+        else:
+            batch = cast("Sequence[Prompt]", prompts)
         reqs = []
-        for p, params in zip(prompts, self._per_request(sampling_params, len(prompts))):
+        for p, params in zip(batch, self._per_request(sampling_params, len(batch))):
             rid = f"gen-{next(self._ids)}"
             if isinstance(p, str):
                 reqs.append(GenerateRequest(rid, params, prompt=p))
@@ -48,18 +53,23 @@ class LLM:
                 reqs.append(GenerateRequest(rid, params, prompt_ids=token_ids(p)))
         return self._run(reqs, use_tqdm)
 
-    def chat(self, conversations: Union[list, Sequence[list]],
+    def chat(self, conversations: Union[Conversation, Sequence[Conversation]],
              sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
-             use_tqdm: bool = False, chat_template_kwargs: Optional[dict] = None) -> list:
+             use_tqdm: bool = False, chat_template_kwargs: Optional[dict[str, Any]] = None
+             ) -> list[RequestOutput]:
+        # as in generate: one conversation is a list of message dicts
         if conversations and isinstance(conversations[0], dict):
-            conversations = [conversations]
+            batch: Sequence[Conversation] = [cast(Conversation, conversations)]
+        else:
+            batch = cast("Sequence[Conversation]", conversations)
         reqs = [GenerateRequest(f"chat-{next(self._ids)}", params, messages=list(conv),
                                 chat_template_kwargs=chat_template_kwargs)
-                for conv, params in zip(conversations, self._per_request(sampling_params, len(conversations)))]
+                for conv, params in zip(batch, self._per_request(sampling_params, len(batch)))]
         return self._run(reqs, use_tqdm)
 
     @staticmethod
-    def _per_request(sampling_params, n: int) -> list:
+    def _per_request(sampling_params: Union[SamplingParams, Sequence[SamplingParams], None],
+                     n: int) -> list[SamplingParams]:
         if sampling_params is None:
             return [SamplingParams()] * n
         if isinstance(sampling_params, SamplingParams):
@@ -68,7 +78,7 @@ class LLM:
             raise ValueError(f"got {len(sampling_params)} sampling params for {n} prompts")
         return list(sampling_params)
 
-    def _run(self, reqs: list, use_tqdm: bool) -> list:
+    def _run(self, reqs: list[GenerateRequest], use_tqdm: bool) -> list[RequestOutput]:
         outputs = {r.rid: RequestOutput(r.rid, r.prompt, list(r.prompt_ids or [])) for r in reqs}
         for r in reqs:
             self.engine.submit(r)

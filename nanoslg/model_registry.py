@@ -136,7 +136,7 @@ def _convert(gguf: str, out: str, progress: bool) -> None:
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.bfloat16)
             # The weights are de-quantised on load; left in place, the GGUF quantizer and its config entry
             # would make save_pretrained (and later loaders) treat the bf16 folder as still quantised.
-            model.hf_quantizer = None
+            model.hf_quantizer = None  # type: ignore[assignment]  # torch types Module.__setattr__ too narrowly
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
             model.save_pretrained(out)
@@ -180,8 +180,8 @@ def _install(out: str, target: str, staging: str) -> None:
 def resolve_model_path(model: Optional[str]) -> str:
     """Turn a --model value (folder, pulled name, pullable name, or None) into a model folder path."""
     if model is None:
-        cached = _is_complete(os.path.join(models_dir(), DEFAULT_MODEL))
-        print(f"no model given: using {DEFAULT_MODEL}" + ("" if cached else " (pulling it first)"),
+        pulled = _is_complete(os.path.join(models_dir(), DEFAULT_MODEL))
+        print(f"no model given: using {DEFAULT_MODEL}" + ("" if pulled else " (pulling it first)"),
               file=sys.stderr, flush=True)
         return pull(DEFAULT_MODEL)
     path = os.path.expanduser(model)

@@ -3,6 +3,7 @@ configuration check raises."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -30,12 +31,12 @@ class ModelSpec:
     qkv_bias: bool
     qk_norm: bool
     rope_theta: float
-    rope_scaling: dict  # rope_type plus its parameters
+    rope_scaling: dict[str, Any]  # rope_type plus its parameters
     torch_dtype: str
-    eos_token_ids: list = field(default_factory=list)
+    eos_token_ids: list[int] = field(default_factory=list)
 
     @classmethod
-    def from_hf_config(cls, cfg: dict) -> "ModelSpec":
+    def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelSpec":
         archs = cfg.get("architectures") or []
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import zmq
 
@@ -24,13 +24,13 @@ log = logging.getLogger("nanoslg.cluster")
 class ClusterHub:
     """Node 0's end: a thread that admits the other nodes and watches them. `failure` names the first problem."""
 
-    def __init__(self, cfg: ResolvedConfig, ctx: zmq.Context, secret: bytes):
+    def __init__(self, cfg: ResolvedConfig, ctx: zmq.Context[zmq.Socket[bytes]], secret: bytes):
         self.cfg, self.ctx, self.secret = cfg, ctx, secret
-        self.ready: dict = {}  # remote worker name -> what its READY reported
+        self.ready: dict[str, dict[str, Any]] = {}  # remote worker name -> what its READY reported
         self.failure: Optional[str] = None
         self.failed = threading.Event()  # set with failure
         self.refused = 0  # handshakes refused so far (tests read it)
-        self._nodes: dict = {}  # node rank -> [router identity, last time heard from]
+        self._nodes: dict[int, list[Any]] = {}  # node rank -> [router identity, last time heard from]
         self._stop = threading.Event()
         self._bound = threading.Event()
         self._thread = threading.Thread(target=self._run, name="nanoslg-cluster-hub", daemon=True)
@@ -78,7 +78,7 @@ class ClusterHub:
         refusals.close()
         sock.close()
 
-    def _on_message(self, sock: zmq.Socket, identity: bytes, frame: bytes) -> None:
+    def _on_message(self, sock: zmq.Socket[bytes], identity: bytes, frame: bytes) -> None:
         try:
             msg = protocol.decode(frame)
         except ProtocolError as e:
@@ -128,7 +128,7 @@ class ClusterHub:
 class NodeUplink:
     """Another node's end: connects to node 0's hub, says hello, forwards, and watches node 0's heartbeats."""
 
-    def __init__(self, cfg: ResolvedConfig, ctx: zmq.Context, secret: bytes):
+    def __init__(self, cfg: ResolvedConfig, ctx: zmq.Context[zmq.Socket[bytes]], secret: bytes):
         self.cfg = cfg
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 1000)

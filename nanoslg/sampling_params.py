@@ -3,7 +3,7 @@ API), then sent to the tokenizer, the scheduler and the workers as this one type
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from nanoslg import structured_outputs as so
 
@@ -20,8 +20,8 @@ class SamplingParams:
     top_k: int = 0
     min_p: float = 0.0
     seed: Optional[int] = None
-    stop: Union[str, list, None] = None
-    stop_token_ids: list = field(default_factory=list)
+    stop: Union[str, list[str], None] = None
+    stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: Optional[int] = None  # number of top alternatives to return with each sampled token
     include_stop_str_in_output: bool = False
@@ -30,7 +30,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtracted per occurrence among generated tokens
     repetition_penalty: float = 1.0  # divides positive / multiplies negative logits of prompt + generated tokens
     # what the output must match (structured_outputs.py): {"json": schema} / {"regex": ...} / {"choice": [...]} ...
-    structured_outputs: Optional[dict] = None
+    structured_outputs: Optional[dict[str, Any]] = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -60,6 +60,7 @@ class SamplingParams:
         need(is_int(self.top_k) and self.top_k >= -1, "top_k", "must be an integer >= 0 (0 or -1 disables it)")
         need(is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
         need(self.seed is None or is_int(self.seed), "seed", "must be an integer or None")
+        assert isinstance(self.stop, list)  # __post_init__ turned a str or None into a list
         need(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
         need(all(is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
              "must be non-negative integers")

@@ -24,7 +24,7 @@ class GrammarError(ValueError):
     """The structured output cannot be built: an invalid or unsupported schema, regex or grammar."""
 
 
-def normalize(spec: Any) -> Optional[dict]:
+def normalize(spec: Any) -> Optional[dict[str, Any]]:
     """The canonical form of a request's structured_outputs (None for none); raises ValueError naming what is
     wrong with its shape. A schema given as an object becomes its JSON text (key order kept: properties are
     generated in the schema's order)."""
@@ -58,12 +58,12 @@ def normalize(spec: Any) -> Optional[dict]:
     return {kind: value}
 
 
-def cache_key(spec: dict) -> str:
+def cache_key(spec: dict[str, Any]) -> str:
     """One string per distinct grammar: compiled grammars are cached and shared under it."""
     return json.dumps(spec, separators=(",", ":"))
 
 
-def _choice_ebnf(choices: list) -> str:
+def _choice_ebnf(choices: list[str]) -> str:
     # JSON string literals are valid EBNF literals in xgrammar's dialect (same escapes); non-ASCII stays as is (an
     # escaped surrogate pair would be read as two code points)
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
@@ -74,7 +74,7 @@ def _clean(e: Exception) -> str:
     return _CPP_PREFIX.sub("", text).strip()
 
 
-def _build(spec: dict, target: Any) -> Any:
+def _build(spec: dict[str, Any], target: Any) -> Any:
     """Calls target's builder for spec's kind: xgrammar's Grammar (check) or a GrammarCompiler (compile)."""
     (kind, value), = spec.items()
     compiling = not isinstance(target, type)
@@ -92,7 +92,7 @@ def _build(spec: dict, target: Any) -> Any:
     return (target.compile_grammar if compiling else target.from_ebnf)(ebnf)
 
 
-def check(spec: dict) -> None:
+def check(spec: dict[str, Any]) -> None:
     """Raises GrammarError when xgrammar cannot build spec's grammar (no vocabulary needed: milliseconds for
     common schemas; callers on an event loop run it in a thread all the same)."""
     import xgrammar
@@ -104,7 +104,7 @@ def check(spec: dict) -> None:
         raise GrammarError(f"invalid {_NAMES[kind]}: {_clean(e)}") from None
 
 
-def compile_with(compiler: Any, spec: dict) -> Any:
+def compile_with(compiler: Any, spec: dict[str, Any]) -> Any:
     """spec compiled by an xgrammar GrammarCompiler (which caches by its input); GrammarError on failure."""
     (kind, _), = spec.items()
     try:

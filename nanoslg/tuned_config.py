@@ -9,7 +9,7 @@ import hashlib
 import json
 import os
 import re
-from typing import Optional
+from typing import Any, Optional
 
 from nanoslg.model_spec import ConfigError, ModelSpec
 
@@ -35,19 +35,19 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-") or "unnamed"
 
 
-def identity(model: str, spec: ModelSpec, device: str, tp: int, pp: int) -> dict:
+def identity(model: str, spec: ModelSpec, device: str, tp: int, pp: int) -> dict[str, Any]:
     """What a tuned config was made for; an engine uses one only where all of it matches."""
     return {"model": _slug(os.path.basename(os.path.normpath(model))), "model_shape": spec_digest(spec),
             "device": device, "tensor_parallel_size": tp, "pipeline_parallel_size": pp}
 
 
-def default_path(ident: dict) -> str:
+def default_path(ident: dict[str, Any]) -> str:
     name = (f"{ident['model']}-{ident['model_shape']}__{_slug(ident['device'])}__tp{ident['tensor_parallel_size']}"
             f"-pp{ident['pipeline_parallel_size']}.json")
     return os.path.join(tuned_dir(), name)
 
 
-def load(path: str, ident: dict) -> dict:
+def load(path: str, ident: dict[str, Any]) -> dict[str, Any]:
     """The engine settings of the tuned config at path, checked against ident; ConfigError naming the file when it
     is unreadable, malformed or made for another model, device or layout."""
     try:
@@ -81,7 +81,7 @@ def load(path: str, ident: dict) -> dict:
     return engine
 
 
-def write(path: str, doc: dict) -> None:
+def write(path: str, doc: dict[str, Any]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:

@@ -142,6 +142,12 @@ class BlockManager:
         if not r.num_preemptions:
             r.num_cached_tokens = r.num_computed
 
+    def count_lookup(self, r: "Request") -> None:
+        """Count r's prompt in the hit-rate counters, once, when it is first admitted (a request may look up its
+        prefix several times before it fits, and again after a preemption)."""
+        self.query_tokens += len(r.prompt_ids)
+        self.hit_tokens += r.num_cached_tokens
+
     def filled_keys(self, r: "Request", start: int, end: int, pending: int) -> list[bytes]:
         """Keys of the full pages that a chunk of r completes (none for a chained decode: its token is unknown)."""
         ps = self.page_size

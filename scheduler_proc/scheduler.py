@@ -190,8 +190,7 @@ class Scheduler:
                 return
             self.waiting.popleft()
             if not r.num_preemptions:
-                self.blocks.query_tokens += len(r.prompt_ids)
-                self.blocks.hit_tokens += r.num_cached_tokens
+                self.blocks.count_lookup(r)
                 r.first_scheduled = time.monotonic()
             r.status = Status.RUNNING
             self.running.append(r)

@@ -6,8 +6,9 @@ import json
 import logging
 import os
 import sys
+from array import array
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional, cast
 
 import zmq
 
@@ -42,10 +43,10 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def eos_token_ids(cfg: ResolvedConfig, tokenizer) -> list:
+def eos_token_ids(cfg: ResolvedConfig, tokenizer) -> list[int]:
     """EOS ids from generation_config.json, else config.json, else the tokenizer: never a hard-coded id."""
     path = os.path.join(cfg.model, "generation_config.json")
-    ids: list = []
+    ids: list[int] = []
     if os.path.isfile(path):
         with open(path) as f:
             eos = json.load(f).get("eos_token_id")
@@ -63,8 +64,8 @@ class Stream:
 
     detokenizer: Optional[IncrementalDetokenizer]
     stop: StopStringMatcher
-    stop_token_ids: frozenset
-    prompt_ids: object  # array('i'), sent with the first delta
+    stop_token_ids: frozenset[int]
+    prompt_ids: array[int]  # sent with the first delta
     prompt_text: Optional[str]  # for echo
     client: int = 0  # the API-server process that gets its outputs
     first: bool = True
@@ -154,7 +155,8 @@ class TokenizerProcess:
         detok = None
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, list(prompt_ids), params.skip_special_tokens)
-        self.streams[req.rid] = Stream(detok, StopStringMatcher(params.stop, params.include_stop_str_in_output),
+        stop = cast(Optional[list[str]], params.stop)  # SamplingParams.__post_init__ made it a list at the edge
+        self.streams[req.rid] = Stream(detok, StopStringMatcher(stop, params.include_stop_str_in_output),
                                        frozenset(stop_ids), prompt_ids, self._prompt_text(req, prompt_ids), req.client)
         ipc.send(self.to_scheduler, TokenizedRequest(req.rid, prompt_ids, params, sorted(stop_ids)))
 
@@ -165,13 +167,13 @@ class TokenizerProcess:
             return req.prompt
         return self.tokenizer.decode(list(prompt_ids)) if self.tokenizer is not None else ""
 
-    def _token_texts(self, logprobs: list) -> list:
+    def _token_texts(self, logprobs: list[tuple[int, Any]]) -> list[list[Any]]:
         def text(t: int) -> str:
             return self.tokenizer.decode([t]) if self.tokenizer is not None else ""
 
         return [[text(tok), [text(t) for t, _ in top]] for tok, (_, top) in logprobs]
 
-    def _tokenize(self, req: GenerateRequest):
+    def _tokenize(self, req: GenerateRequest) -> array[int]:
         given = [x is not None for x in (req.prompt, req.prompt_ids, req.messages)]
         if sum(given) != 1:
             raise RequestError("give exactly one of prompt, prompt_ids or messages")
@@ -196,7 +198,7 @@ class TokenizerProcess:
             raise ContextLengthExceeded(len(ids), self.cfg.max_model_len)
         return ids
 
-    def _render_chat(self, messages: list, kwargs: dict) -> str:
+    def _render_chat(self, messages: list[dict[str, Any]], kwargs: dict[str, Any]) -> str:
         if not messages:
             raise RequestError("messages must not be empty")
         for i, m in enumerate(messages):

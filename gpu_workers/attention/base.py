@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -92,10 +92,11 @@ class AttentionBackend(ABC):
         nano-batch of the step this is; plans of different slots stay valid side by side."""
 
     @abstractmethod
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: object,
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Any,
                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """q: [T, heads, D], k/v: [T, kv_heads, D] for the batch's new tokens. Stores k/v in the cache and returns
-        the attention output [T, heads, D] (in out when given)."""
+        the attention output [T, heads, D] (in out when given). plan: what this backend's plan() or plan_decode()
+        made (typed Any so each backend may name its own plan class)."""
 
     def begin_planning(self) -> None:
         """Called once before a step's plans are made."""

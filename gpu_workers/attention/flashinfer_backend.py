@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -16,7 +16,7 @@ WORKSPACE_BYTES = 256 * 1024 * 1024
 log = logging.getLogger("nanoslg.worker")
 
 
-def flashinfer_usable(device: torch.device) -> tuple:
+def flashinfer_usable(device: torch.device) -> tuple[bool, str]:
     """(usable, reason) for the log line that says which backend runs and why."""
     if device.type != "cuda":
         return False, f"device is {device.type}"
@@ -53,8 +53,9 @@ class PageTables:
 class FlashInferPlan:
     """A batch's attention: the decode kernel over its leading one-token rows, the prefill kernel over the rest."""
 
-    decode: Optional[object]  # a decode wrapper planned for rows [0, num_decode), or None
-    prefill: Optional[object]  # a prefill wrapper planned for the other rows, or None
+    # flashinfer's wrapper classes (Any: flashinfer is imported only where it runs)
+    decode: Optional[Any]  # a decode wrapper planned for rows [0, num_decode), or None
+    prefill: Optional[Any]  # a prefill wrapper planned for the other rows, or None
     num_decode: int
     slot_mapping: torch.Tensor
 
@@ -77,7 +78,7 @@ class FlashInferBackend(AttentionBackend):
         # fa3 prefill on SM90 (prebuilt in the GPU kit), fa2 elsewhere.
         sm90 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
         self.prefill_backend = "fa3" if sm90 else "fa2"
-        self._wrappers: dict = {}  # nano-batch slot -> (decode wrapper, prefill wrapper)
+        self._wrappers: dict[int, tuple[Any, Any]] = {}  # nano-batch slot -> (decode wrapper, prefill wrapper)
         self._planned = None  # event after the last step's plan copies
 
     def _tensor_core_decode_works(self) -> bool:
@@ -101,7 +102,7 @@ class FlashInferBackend(AttentionBackend):
             log.warning("tensor-core decode unavailable (%s: %s); decoding on CUDA cores", type(e).__name__, e)
             return False
 
-    def _slot_wrappers(self, slot: int) -> tuple:
+    def _slot_wrappers(self, slot: int) -> tuple[Any, Any]:
         if slot not in self._wrappers:
             import flashinfer
 
@@ -141,7 +142,7 @@ class FlashInferBackend(AttentionBackend):
                      q_data_type=dtype, kv_data_type=dtype)
         return FlashInferPlan(wrapper, None, len(layout.q_lens), layout.slot_mapping)
 
-    def layer_cache(self, layer: int) -> tuple:
+    def layer_cache(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (self.num_pages + 1, self.page_size, self.num_kv_heads, self.head_dim)
         return self.kv_cache[layer, 0].view(shape), self.kv_cache[layer, 1].view(shape)
 

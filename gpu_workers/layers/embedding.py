@@ -19,7 +19,7 @@ class VocabParallelEmbedding(nn.Module):
         self.shard_size = -(-vocab_size // tp)
         self.vocab_start = parallel_state().tp_rank * self.shard_size
         self.weight = nn.Parameter(torch.zeros(self.shard_size, hidden, dtype=dtype), requires_grad=False)
-        self.weight.weight_loader = self.load_weight
+        setattr(self.weight, "weight_loader", self.load_weight)  # noqa: B010 (nn.Parameter does not declare it)
 
     def load_weight(self, param: torch.Tensor, loaded, shard: Optional[str] = None) -> None:
         if loaded.shape[1] != param.shape[1] or loaded.shape[0] != self.vocab_size:

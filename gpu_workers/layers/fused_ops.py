@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import torch
 
 log = logging.getLogger("nanoslg.worker")
-_flashinfer = None
+_flashinfer: Any = None  # the flashinfer module once enable_for() imported it
 _enabled = False
 
 

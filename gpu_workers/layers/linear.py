@@ -13,7 +13,7 @@ from gpu_workers.parallel import parallel_state, tp_all_reduce
 
 def _param(shape, bias_or_weight_loader, dtype) -> nn.Parameter:
     p = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
-    p.weight_loader = bias_or_weight_loader
+    setattr(p, "weight_loader", bias_or_weight_loader)  # noqa: B010 (an attribute nn.Parameter does not declare)
     return p
 
 
@@ -48,7 +48,7 @@ class ColumnParallelLinear(nn.Module):
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of equal width stored as one matrix (gate and up of the MLP)."""
 
-    def __init__(self, in_features: int, out_features: int, shard_names: tuple, dtype: torch.dtype):
+    def __init__(self, in_features: int, out_features: int, shard_names: tuple[str, ...], dtype: torch.dtype):
         super().__init__(in_features, out_features * len(shard_names), False, dtype)
         self.shard_names = shard_names
         self.shard_rows = out_features // parallel_state().tp_size

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -9,7 +10,7 @@ from torch import nn
 from gpu_workers.layers import fused_ops
 
 
-def _inv_freq(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
+def _inv_freq(head_dim: int, theta: float, scaling: dict[str, Any]) -> torch.Tensor:
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     kind = scaling.get("rope_type", "default")
     if kind == "linear":
@@ -31,7 +32,10 @@ def _inv_freq(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """Precomputed cos/sin for every position up to max_positions (rotate-half layout, as in Hugging Face)."""
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict):
+    cos: torch.Tensor  # [max_positions, head_dim / 2], buffers registered in __init__
+    sin: torch.Tensor
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any]):
         super().__init__()
         inv_freq = _inv_freq(head_dim, theta, scaling)
         t = torch.arange(max_positions, dtype=torch.float32)
@@ -39,11 +43,12 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
         self.head_dim = head_dim
-        self._cos_sin_table = None  # [max_positions, head_dim] fp32, the fused kernel's layout
+        self._cos_sin_table: Optional[torch.Tensor] = None  # [max_positions, head_dim] fp32, the fused kernel's layout
 
-        self._step_tables: list = []  # (positions, dtype, cos, sin) of the step's nano-batches, newest last
+        # (positions, dtype, cos, sin) of the step's nano-batches, newest last
+        self._step_tables: list[tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor]] = []
 
-    def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
+    def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # Every layer of a step rotates at the same positions: build the tables once per step (per nano-batch),
         # not once per layer.
         for pos, dt, cos, sin in self._step_tables:

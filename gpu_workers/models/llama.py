@@ -16,7 +16,7 @@ from gpu_workers.layers.rotary import RotaryEmbedding
 from gpu_workers.nano_batch import ATTENTION, COLLECTIVE, GEMM, OTHER, NanoState, OpRunner
 from gpu_workers import sequence_parallel
 from gpu_workers.parallel import parallel_state
-from nanoslg.config import ModelSpec
+from nanoslg.model_spec import ModelSpec
 
 
 class Attention(nn.Module):
@@ -29,20 +29,17 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads = self.qkv_proj.local_heads, self.qkv_proj.local_kv_heads
         self.head_dim = spec.head_dim
         self.rotary = rotary
-        if spec.qk_norm:
-            self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype)
-            self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype)
-        else:
-            self.q_norm = self.k_norm = None
+        self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype) if spec.qk_norm else None
+        self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype) if spec.qk_norm else None
 
-    def project(self, positions: torch.Tensor, x: torch.Tensor) -> tuple:
+    def project(self, positions: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q, k, v) for x, rotated; q contiguous, as the attention kernels read it."""
         d = self.head_dim
         q, k, v = self.qkv_proj(x).split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], -1)
         q = q.view(-1, self.num_heads, d)
         k = k.view(-1, self.num_kv_heads, d)
         v = v.view(-1, self.num_kv_heads, d)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:  # both or neither
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         return q.contiguous(), k, v
@@ -86,6 +83,7 @@ class DecoderLayer(nn.Module):
         s.hidden = torch.empty_like(s.q)  # the attention's output, made here so the attention allocates nothing
 
     def _attend(self, s: NanoState) -> None:
+        assert s.q is not None and s.k is not None and s.v is not None  # made by _qkv, the operation before
         current_backend().forward(self.self_attn.layer_index, s.q, s.k, s.v, s.plan, out=s.hidden)
         s.q = s.k = s.v = None
 
@@ -107,6 +105,15 @@ class DecoderLayer(nn.Module):
         self.mlp.down_proj.reduce_(s.hidden)
 
 
+def _residuals(states: list[NanoState]) -> list[torch.Tensor]:
+    """The nano-batches' residuals after a stage's layers ran (each layer's first norm sets them)."""
+    out = []
+    for s in states:
+        assert s.residual is not None
+        out.append(s.residual)
+    return out
+
+
 def stage_layer_range(num_layers: int, pp_size: int, pp_rank: int) -> range:
     """Split layers as evenly as possible; earlier stages take the remainder (they also hold the embedding)."""
     base, extra = divmod(num_layers, pp_size)
@@ -115,6 +122,9 @@ def stage_layer_range(num_layers: int, pp_size: int, pp_rank: int) -> range:
 
 
 class LlamaForCausalLM(nn.Module):
+    norm: Optional[RMSNorm]  # on the last stage only, as lm_head
+    lm_head: Optional[ParallelLMHead]
+
     def __init__(self, spec: ModelSpec, dtype: torch.dtype, max_positions: int):
         super().__init__()
         ps = parallel_state()
@@ -128,13 +138,14 @@ class LlamaForCausalLM(nn.Module):
             self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
             if spec.tie_word_embeddings and ps.is_first_stage:
                 self.lm_head = ParallelLMHead(spec.vocab_size, spec.hidden_size, dtype)
+                assert self.embed_tokens is not None  # made on the first stage
                 self.lm_head.weight = self.embed_tokens.weight
             else:
                 self.lm_head = ParallelLMHead(spec.vocab_size, spec.hidden_size, dtype)
         else:
             self.norm = self.lm_head = None
 
-    def forward(self, positions: torch.Tensor, plans: list, bounds: list, runner: OpRunner,
+    def forward(self, positions: torch.Tensor, plans: list[object], bounds: list[tuple[int, int]], runner: OpRunner,
                 input_ids: Optional[torch.Tensor] = None, hidden: Optional[torch.Tensor] = None,
                 residual: Optional[torch.Tensor] = None, sequence_parallel: bool = False):
         """Stage 0 takes input_ids; later stages take the previous stage's (hidden, residual). The batch runs as
@@ -145,6 +156,7 @@ class LlamaForCausalLM(nn.Module):
             hidden, residual = self.embed_tokens(input_ids), None
         if sequence_parallel and parallel_state().tp_size > 1:
             return self._forward_sequence_parallel(positions, plans, bounds, runner, hidden, residual)
+        assert hidden is not None  # embedded above on the first stage, passed in on the others
         states = [NanoState(positions[a:b], plan, hidden[a:b], None if residual is None else residual[a:b])
                   for (a, b), plan in zip(bounds, plans)]
         runner.run(self.layers, states)
@@ -152,7 +164,7 @@ class LlamaForCausalLM(nn.Module):
             hidden, residual = states[0].hidden, states[0].residual
         else:
             hidden = torch.cat([s.hidden for s in states])
-            residual = torch.cat([s.residual for s in states])
+            residual = torch.cat(_residuals(states))
         if self.norm is None:
             return hidden, residual
         hidden, _ = self.norm(hidden, residual)
@@ -170,17 +182,18 @@ class LlamaForCausalLM(nn.Module):
             states.append(NanoState(positions[a:b], plan, h, r, num_tokens=b - a))
         runner.run(self.layers, states, sequence_parallel=True)
         if self.norm is None:
-            return torch.cat([s.hidden for s in states]), torch.cat([s.residual for s in states])
+            return torch.cat([s.hidden for s in states]), torch.cat(_residuals(states))
         return torch.cat([sequence_parallel.gathered(self.norm(s.hidden, s.residual)[0], s.num_tokens)
                           for s in states])
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        assert self.lm_head is not None  # only the last stage computes logits
         return self.lm_head(hidden).float()
 
-    def checkpoint_targets(self) -> dict:
+    def checkpoint_targets(self) -> dict[str, tuple[nn.Parameter, Optional[str]]]:
         """Map each checkpoint tensor name this stage needs to (parameter, shard) — HF naming in, fused params out."""
         params = dict(self.named_parameters(remove_duplicate=False))
-        targets = {}
+        targets: dict[str, tuple[nn.Parameter, Optional[str]]] = {}
         fused = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
                  "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up")}
         for local, global_index in enumerate(self.layer_range):
@@ -197,7 +210,7 @@ class LlamaForCausalLM(nn.Module):
                     targets[hf_base + rest] = (param, None)
         if self.embed_tokens is not None:
             targets["model.embed_tokens.weight"] = (self.embed_tokens.weight, None)
-        if self.norm is not None:
+        if self.norm is not None and self.lm_head is not None:  # the last stage: both or neither
             targets["model.norm.weight"] = (self.norm.weight, None)
             if self.lm_head.weight is not getattr(self.embed_tokens, "weight", None):
                 # A tied checkpoint may still ship lm_head.weight; an untied model needs it.
@@ -207,7 +220,7 @@ class LlamaForCausalLM(nn.Module):
         return targets
 
 
-def iter_required(targets: dict, spec: ModelSpec) -> Iterable[str]:
+def iter_required(targets: dict[str, tuple[nn.Parameter, Optional[str]]], spec: ModelSpec) -> Iterable[str]:
     """Checkpoint names that must be present (lm_head may be absent when embeddings are tied)."""
     for name in targets:
         if name == "lm_head.weight" and spec.tie_word_embeddings:

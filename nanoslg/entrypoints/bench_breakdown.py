@@ -5,7 +5,7 @@ processes kept its CPU (the one at 100 % is the one that limits the server). A s
 such metrics) gives no breakdown."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 _WANTED = ("nanoslg_time_to_first_token_seconds_sum", "nanoslg_time_to_first_token_seconds_count",
            "nanoslg_request_queue_time_seconds_sum", "nanoslg_request_queue_time_seconds_count",
@@ -17,7 +17,7 @@ _WANTED = ("nanoslg_time_to_first_token_seconds_sum", "nanoslg_time_to_first_tok
 _PROCESS_CPU = 'nanoslg_process_cpu_seconds_total{process="'
 
 
-async def scrape(client, base_url: str) -> Optional[dict]:
+async def scrape(client, base_url: str) -> Optional[dict[str, float]]:
     """The unlabelled nanoslg totals of GET /metrics (client: an httpx.AsyncClient), or None when the server has
     none."""
     import httpx
@@ -37,7 +37,8 @@ async def scrape(client, base_url: str) -> Optional[dict]:
     return values if all(name in values for name in _WANTED) else None
 
 
-def breakdown(before: Optional[dict], after: Optional[dict], duration_s: float, mean_ttft_ms: float) -> dict:
+def breakdown(before: Optional[dict[str, float]], after: Optional[dict[str, float]], duration_s: float,
+              mean_ttft_ms: float) -> dict[str, Any]:
     """Mean milliseconds per request of each part of the TTFT, and the workers' load, over the run."""
     if not before or not after:
         return {}
@@ -68,7 +69,7 @@ def breakdown(before: Optional[dict], after: Optional[dict], duration_s: float, 
     }
 
 
-def format_breakdown(b: dict) -> str:
+def format_breakdown(b: dict[str, Any]) -> str:
     if not b:
         return ""
     return "\n".join([

@@ -8,13 +8,13 @@ import contextlib
 import multiprocessing as mp
 import queue
 import time
-from typing import Callable
+from typing import Any, Awaitable, Callable
 
 SATURATED = 0.9  # a client process busy this fraction of the run may have delayed what it measured
 MIN_RUN_S = 2.0  # shorter runs are mostly the client's own setup: no warning
 
 
-def new_client(headers: dict, limit: int | None):
+def new_client(headers: dict[str, str], limit: int | None):
     """An httpx client with no connection-pool cap beyond ours: httpx's default of 100 would silently queue requests
     and inflate TTFT."""
     import httpx
@@ -23,8 +23,8 @@ def new_client(headers: dict, limit: int | None):
     return httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(600.0), limits=pool)
 
 
-async def send_share(client, url: str, payloads: list, offsets: list, results: list, limit: int | None,
-                     chat: bool, t0: float, send: Callable) -> float:
+async def send_share(client, url: str, payloads: list[dict[str, Any]], offsets: list[float], results: list[Any],
+                     limit: int | None, chat: bool, t0: float, send: Callable[..., Awaitable[None]]) -> float:
     """Send payloads[i] at t0 + offsets[i] (send(client, url, payload, chat, result, t0) fills results[i]); returns
     the CPU seconds this process used meanwhile."""
     sem = asyncio.Semaphore(limit) if limit else None
@@ -39,7 +39,7 @@ async def send_share(client, url: str, payloads: list, offsets: list, results: l
     return time.process_time() - cpu
 
 
-async def _client_share(job: dict, barrier) -> float:
+async def _client_share(job: dict[str, Any], barrier) -> float:
     async with new_client(job["headers"], job["limit"]) as client:
         # imports, the event loop and a first connection before the start: not on the first request's TTFT
         with contextlib.suppress(Exception):
@@ -50,7 +50,7 @@ async def _client_share(job: dict, barrier) -> float:
                                 job["chat"], t0, job["send"])
 
 
-def _client_process(k: int, job: dict, barrier, out) -> None:
+def _client_process(k: int, job: dict[str, Any], barrier, out) -> None:
     with contextlib.suppress(BaseException):
         cpu = asyncio.run(_client_share(job, barrier))
         out.put((k, job["results"], cpu))
@@ -58,8 +58,9 @@ def _client_process(k: int, job: dict, barrier, out) -> None:
     out.put((k, None, 0.0))
 
 
-def send_from_processes(n: int, url: str, payloads: list, offsets: list, results: list, headers: dict,
-                        limit: int | None, chat: bool, send: Callable) -> tuple:
+def send_from_processes(n: int, url: str, payloads: list[dict[str, Any]], offsets: list[float], results: list[Any],
+                        headers: dict[str, str], limit: int | None, chat: bool,
+                        send: Callable[..., Awaitable[None]]) -> tuple[float, list[float]]:
     """Send every payload from n processes (request i from process i % n, each with its share of the concurrency
     limit, which must be at least n); fills results in place; returns (duration s, CPU seconds of each process)."""
     ctx = mp.get_context("spawn")  # a fresh interpreter: no event loop or sockets inherited
@@ -95,7 +96,7 @@ def send_from_processes(n: int, url: str, payloads: list, offsets: list, results
     return duration, cpu
 
 
-def client_report(cpu: list, duration: float) -> tuple:
+def client_report(cpu: list[float], duration: float) -> tuple[list[float], str]:
     """(busy fraction of each client process, a warning line or "")."""
     busy = [c / duration if duration > 0 else 0.0 for c in cpu]
     if max(busy, default=0.0) < SATURATED or duration < MIN_RUN_S:

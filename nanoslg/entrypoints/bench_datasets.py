@@ -7,7 +7,7 @@ import asyncio
 import math
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -47,14 +47,14 @@ def range_ratio_arg(value: str) -> float:
 
 @dataclass
 class BenchRequest:
-    prompt: object  # list of token ids (completions) or a string (chat)
+    prompt: Union[list[int], str]  # list of token ids (completions) or a string (chat)
     input_len: int  # requested prompt length in tokens
     output_len: int  # max_tokens
 
 
 def make_requests(dataset: str, endpoint: str, num_prompts: int, input_len: int, output_len: int, seed: int,
                   max_model_len: Optional[int] = None, range_ratio: float = 0.0,
-                  token_id_range: tuple = TOKEN_ID_RANGE) -> list:
+                  token_id_range: tuple[int, int] = TOKEN_ID_RANGE) -> list[BenchRequest]:
     """range_ratio (vLLM's --random-range-ratio): random lengths drawn uniformly from [len x (1 - r), len x (1 + r)]
     instead of exactly len."""
     rng = np.random.default_rng(seed)
@@ -80,7 +80,7 @@ def make_requests(dataset: str, endpoint: str, num_prompts: int, input_len: int,
     return requests
 
 
-def _sharegpt_like_lengths(rng: np.random.Generator, max_model_len: Optional[int]) -> tuple:
+def _sharegpt_like_lengths(rng: np.random.Generator, max_model_len: Optional[int]) -> tuple[int, int]:
     # Lognormal with mean exp(mu + sigma^2 / 2) equal to the target mean (before clipping).
     def draw(mean: float) -> int:
         mu = math.log(mean) - SHAREGPT_SIGMA ** 2 / 2
@@ -92,11 +92,13 @@ def _sharegpt_like_lengths(rng: np.random.Generator, max_model_len: Optional[int
         n_in, n_out = draw(SHAREGPT_MEAN_IN), draw(SHAREGPT_MEAN_OUT)
         if not max_model_len or n_in + n_out <= max_model_len:
             return n_in, n_out
+    assert max_model_len  # without a limit the first pair fits
     scale = max_model_len / (n_in + n_out)
     return max(1, int(n_in * scale)), max(1, int(n_out * scale))
 
 
-def make_conversations(num: int, turns: int, system_len: int, user_len: int, seed: int, id_range: tuple) -> tuple:
+def make_conversations(num: int, turns: int, system_len: int, user_len: int, seed: int, id_range: tuple[int, int]
+                       ) -> tuple[list[int], list[list[list[int]]]]:
     """(system prompt ids, per conversation the user turns' ids)."""
     rng = np.random.default_rng([seed, 2])
     system = rng.integers(*id_range, size=system_len).tolist()
@@ -104,13 +106,14 @@ def make_conversations(num: int, turns: int, system_len: int, user_len: int, see
     return system, users
 
 
-async def run_conversations(system: list, users: list, offsets: list, send, new_result) -> list:
+async def run_conversations(system: list[int], users: list[list[list[int]]], offsets: list[float], send,
+                            new_result) -> list[Any]:
     """Run every conversation, each starting at its offset (seconds from now) and sending turn t+1 once turn t's
     reply is complete. send(prompt_ids, result) streams one request into result; new_result(index, prompt_len)
     makes one. Returns the results in (conversation, turn) order; a failed turn ends its conversation."""
     t0 = time.perf_counter()
     turns = len(users[0]) if users else 0
-    results: list = []
+    results: list[Any] = []  # bench_serve's RequestResult
 
     async def conversation(c: int) -> None:
         await asyncio.sleep(max(0.0, t0 + offsets[c] - time.perf_counter()))
@@ -129,7 +132,7 @@ async def run_conversations(system: list, users: list, offsets: list, send, new_
     return sorted(results, key=lambda r: r.index)
 
 
-def ttft_by_turn(results: list) -> dict:
+def ttft_by_turn(results: list[Any]) -> dict[str, dict[str, float]]:
     """Per turn: completed requests and their TTFT median and P99 in ms."""
     out = {}
     for t in sorted({r.turn for r in results}):
@@ -140,7 +143,7 @@ def ttft_by_turn(results: list) -> dict:
     return out
 
 
-def format_turns(by_turn: dict) -> str:
+def format_turns(by_turn: dict[str, dict[str, float]]) -> str:
     lines = ["TTFT by turn (ms):"]
     for turn, m in by_turn.items():
         lines.append(f"  turn {turn}: median {m['p50_ttft_ms']:9.2f}   P99 {m['p99_ttft_ms']:9.2f}"

@@ -14,7 +14,7 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -33,12 +33,12 @@ class RequestResult:
     error: str = ""
     start: float = 0.0  # seconds since the benchmark started
     ttft: float = 0.0  # seconds
-    itl: list = field(default_factory=list)  # seconds between consecutive content chunks
+    itl: list[float] = field(default_factory=list)  # seconds between consecutive content chunks
     e2e: float = 0.0  # seconds
     prompt_tokens: int = 0
     output_tokens: int = 0
     generated_text: str = ""
-    output_ids: list = field(default_factory=list)  # the generated token ids (the server's return_token_ids)
+    output_ids: list[int] = field(default_factory=list)  # the generated token ids (the server's return_token_ids)
     turn: int = 0  # multi-turn dataset: the turn of its conversation
 
 
@@ -77,7 +77,7 @@ def add_bench_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ask the server to generate exactly max_tokens tokens (default on)")
 
 
-def arrival_offsets(num: int, rate: float, seed: int) -> list:
+def arrival_offsets(num: int, rate: float, seed: int) -> list[float]:
     """Send times in seconds from the start: all zero for an infinite rate, else a seeded Poisson process."""
     if math.isinf(rate) or num == 0:
         return [0.0] * num
@@ -86,7 +86,7 @@ def arrival_offsets(num: int, rate: float, seed: int) -> list:
     return np.cumsum(gaps).tolist()
 
 
-async def send_request(client, url: str, payload: dict, chat: bool, result: RequestResult, t0: float) -> None:
+async def send_request(client, url: str, payload: dict[str, Any], chat: bool, result: RequestResult, t0: float) -> None:
     """Stream one request, filling `result` with its timings; never raises."""
     start = time.perf_counter()
     result.start = start - t0
@@ -134,7 +134,9 @@ async def send_request(client, url: str, payload: dict, chat: bool, result: Requ
     result.prompt_tokens = int((usage or {}).get("prompt_tokens") or result.input_len)
 
 
-async def run_requests(args, model: str, requests: list, headers: dict, conversations=None) -> tuple:
+async def run_requests(args, model: str, requests: list[BenchRequest], headers: dict[str, str],
+                       conversations: Optional[tuple[list[int], list[list[list[int]]]]] = None
+                       ) -> tuple[list[RequestResult], float, str, dict[str, Any], list[float]]:
     """(per-request results, benchmark duration in s, warm-up error or "", the server's breakdown). With
     conversations (system prompt ids, user turns), those run instead of requests, which then only serve the
     warm-up."""
@@ -146,7 +148,7 @@ async def run_requests(args, model: str, requests: list, headers: dict, conversa
     results = [RequestResult(i, r.input_len, r.output_len) for i, r in enumerate(requests)]
     limit = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
 
-    def payload(req: BenchRequest) -> dict:
+    def payload(req: BenchRequest) -> dict[str, Any]:
         body = {"model": model, "max_tokens": req.output_len, "temperature": 0.0, "stream": True,
                 "stream_options": {"include_usage": True}}
         if args.prompt_ids:
@@ -190,10 +192,11 @@ async def run_requests(args, model: str, requests: list, headers: dict, conversa
     return results, duration, "", breakdown(server_before, server_after, duration, mean_ttft_ms), cpu
 
 
-async def _conversations(args, conversations: tuple, client, url: str, payload, limit, t0: float) -> list:
+async def _conversations(args, conversations: tuple[list[int], list[list[list[int]]]], client, url: str, payload,
+                         limit, t0: float) -> list[RequestResult]:
     system, users = conversations
 
-    async def send(prompt: list, result: RequestResult) -> None:
+    async def send(prompt: list[int], result: RequestResult) -> None:
         async with (limit or contextlib.nullcontext()):
             await send_request(client, url, payload(BenchRequest(prompt, len(prompt), args.output_len)), False,
                                result, t0)
@@ -207,7 +210,7 @@ def _tpot_s(r) -> float:
     return (r.e2e - r.ttft) / (r.output_tokens - 1)
 
 
-def compute_metrics(results: list, duration: float) -> dict:
+def compute_metrics(results: list[RequestResult], duration: float) -> dict[str, Any]:
     ok = [r for r in results if r.success]
     ms = lambda xs: [1000.0 * x for x in xs]  # noqa: E731
     ttfts = ms([r.ttft for r in ok])
@@ -231,7 +234,7 @@ def compute_metrics(results: list, duration: float) -> dict:
     return metrics
 
 
-def format_summary(m: dict) -> str:
+def format_summary(m: dict[str, Any]) -> str:
     def row(label, value):
         return f"{label:<40}{value:.2f}" if isinstance(value, float) else f"{label:<40}{value}"
 
@@ -255,7 +258,7 @@ def format_summary(m: dict) -> str:
     return "\n".join(lines)
 
 
-def save_plot(path: str, results: list, metrics: dict, title: str) -> None:
+def save_plot(path: str, results: list[RequestResult], metrics: dict[str, Any], title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers; also safe if pyplot was imported elsewhere first
@@ -287,7 +290,7 @@ def save_plot(path: str, results: list, metrics: dict, title: str) -> None:
     plt.close(fig)
 
 
-def _query_server(base_url: str, headers: dict) -> tuple:
+def _query_server(base_url: str, headers: dict[str, str]) -> tuple[Optional[str], Optional[int]]:
     """(first model id or None, max_model_len or None); raises httpx errors for the caller to report."""
     import httpx
 
@@ -376,7 +379,7 @@ def run_bench_serve(args) -> int:
     return 0
 
 
-def main(argv: Optional[list] = None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="nanoslg bench serve", description=__doc__.splitlines()[0])
     add_bench_serve_arguments(parser)
     return run_bench_serve(parser.parse_args(argv))

@@ -12,6 +12,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any, cast
 
 from nanoslg.engine_args import add_engine_arguments, engine_config_from_args, engine_fields
 from nanoslg.entrypoints.bench_datasets import range_ratio_arg
@@ -83,7 +84,7 @@ def _copy_tbps() -> float:
     return 2 * src.numel() / _median_s(lambda: dst.copy_(src), 6, warmup=2) / 1e12
 
 
-def measure_matmul_peak(n: int = 8192, reps: int = 10) -> dict:
+def measure_matmul_peak(n: int = 8192, reps: int = 10) -> dict[str, Any]:
     """Median bf16 TFLOP/s of n x n x n products and device copy bandwidth (read + write), on this GPU now."""
     import torch
 
@@ -93,7 +94,7 @@ def measure_matmul_peak(n: int = 8192, reps: int = 10) -> dict:
     return result
 
 
-def _peak_or_none(args, cfg) -> dict | None:
+def _peak_or_none(args, cfg) -> dict[str, Any] | None:
     """This GPU's measured peaks, unless asked not to or there is no GPU."""
     if args.no_peak or cfg.device == "cpu":
         return None
@@ -102,7 +103,7 @@ def _peak_or_none(args, cfg) -> dict | None:
     return measure_matmul_peak() if torch.cuda.is_available() else None
 
 
-def _write_json(args, result: dict) -> None:
+def _write_json(args, result: dict[str, Any]) -> None:
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(result, f, indent=2)
@@ -115,7 +116,7 @@ def resolve_model_arg(model: str | None) -> str | None:
     return model
 
 
-def _decode_latency(llm, prompt: list, output_len: int, reps: int = 3) -> float:
+def _decode_latency(llm, prompt: list[int], output_len: int, reps: int = 3) -> float:
     """Seconds per output token at batch 1: (time for output_len tokens - time for 1 token) / (output_len - 1),
     so the prefill and per-request overheads cancel out."""
     from nanoslg.sampling_params import SamplingParams
@@ -227,7 +228,9 @@ def _run_workload(args, llm, w: Workload, warmup: int):
     requests = make_requests(w.dataset, "completions", w.num_prompts, w.input_len, w.output_len,
                              args.dataset_seed, limit, w.range_ratio)
     # token ids folded into the vocabulary, prompts cut so prompt + output fit max_model_len
-    prompts = [[t % spec.vocab_size for t in r.prompt[:limit - 1 - min(r.output_len, limit - 2)]] for r in requests]
+    ids = [cast("list[int]", r.prompt) for r in requests]  # completions prompts are token ids
+    prompts = [[t % spec.vocab_size for t in p[:limit - 1 - min(r.output_len, limit - 2)]]
+               for r, p in zip(requests, ids)]
     structured = {"json": BENCH_SCHEMA} if w.json_schema else None
     params = [SamplingParams(max_tokens=max(1, min(r.output_len, limit - len(p))), temperature=0, ignore_eos=True,
                              structured_outputs=structured) for r, p in zip(requests, prompts)]
@@ -265,7 +268,8 @@ def _run_workload(args, llm, w: Workload, warmup: int):
     }
 
 
-def _breakdown(result: dict, cfg, before: dict, after: dict, elapsed: float) -> dict:
+def _breakdown(result: dict[str, Any], cfg, before: dict[str, Any], after: dict[str, Any], elapsed: float
+               ) -> dict[str, Any]:
     dtype_bytes = 4 if "float32" in result["engine"].get("dtype", "") else 2
     costs = RankCosts.of(cfg.model_spec, cfg.tensor_parallel_size, cfg.pipeline_parallel_size, dtype_bytes)
     stats = difference(after["step_stats"], before["step_stats"])
@@ -290,7 +294,7 @@ def _report_decode_latency(args, cfg, spec, tpot: float) -> int:
     return 0
 
 
-def format_summary(r: dict) -> str:
+def format_summary(r: dict[str, Any]) -> str:
     lines = ["=" * 20 + " nanoslg offline throughput " + "=" * 20,
              f"{'Model params:':<34}{r['params'] / 1e9:.2f} B",
              f"{'Workload:':<34}{r['workload']}",

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+from typing import Any, cast
 
 import httpx
 
@@ -68,7 +69,7 @@ def first_model(client: httpx.Client) -> str:
     return models[0]["id"]
 
 
-def stream_reply(client: httpx.Client, body: dict, out=None) -> tuple[str, dict]:
+def stream_reply(client: httpx.Client, body: dict[str, Any], out=None) -> tuple[str, dict[str, Any]]:
     """POST a streaming chat completion, writing content deltas to `out` as they come.
 
     Returns (text, stats). A KeyboardInterrupt closes the stream (so the server aborts the request); it and a
@@ -102,14 +103,14 @@ def stream_reply(client: httpx.Client, body: dict, out=None) -> tuple[str, dict]
                         out.write(delta)
                         out.flush()
     except (KeyboardInterrupt, ChatError) as e:
-        e.partial_text = "".join(parts)
+        cast(Any, e).partial_text = "".join(parts)  # a KeyboardInterrupt gets it too: readers use getattr
         raise
     elapsed = time.monotonic() - start
     tokens = (usage or {}).get("completion_tokens", chunks)
     return "".join(parts), {"tokens": tokens, "seconds": elapsed, "finish_reason": finish}
 
 
-def _stats(stats: dict) -> None:
+def _stats(stats: dict[str, Any]) -> None:
     secs = stats["seconds"]
     text = f"[{stats['tokens']} tokens, {stats['tokens'] / secs if secs > 0 else 0.0:.1f} tok/s"
     if stats.get("finish_reason") == "length":
@@ -170,7 +171,7 @@ def run_chat(args) -> int:
         return 1
 
 
-def _interactive(client: httpx.Client, params: dict, system: list) -> int:
+def _interactive(client: httpx.Client, params: dict[str, Any], system: list[dict[str, Any]]) -> int:
     """The read-send-print loop. Ctrl-C during a reply stops it; anywhere else (at the prompt) it exits 0."""
     tty = sys.stdin.isatty()
     if tty:
@@ -193,7 +194,8 @@ def _interactive(client: httpx.Client, params: dict, system: list) -> int:
     return 0
 
 
-def _turn(client: httpx.Client, params: dict, history: list, line: str) -> list:
+def _turn(client: httpx.Client, params: dict[str, Any], history: list[dict[str, Any]], line: str
+          ) -> list[dict[str, Any]]:
     """Send one user message; return the history to go on with."""
     sent = history + [{"role": "user", "content": line}]
     try:

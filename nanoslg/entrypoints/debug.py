@@ -7,6 +7,7 @@ import os
 import sys
 import tempfile
 import time
+from typing import Any
 
 import zmq
 
@@ -22,16 +23,16 @@ class DebugClient:
         self.sock.connect(ipc.address(run_dir, ipc.DEBUG))
         self.timeout_ms = int(timeout_s * 1000)
 
-    def _call(self, msg) -> dict:
+    def _call(self, msg) -> dict[str, Any]:
         self.sock.send(protocol.encode(msg))
         if not self.sock.poll(self.timeout_ms):
             raise TimeoutError("the scheduler did not answer on its debug socket")
         return protocol.decode(self.sock.recv()).state
 
-    def state(self) -> dict:
+    def state(self) -> dict[str, Any]:
         return self._call(DebugStateQuery())
 
-    def submit(self, prompt_ids: list, **params) -> str:
+    def submit(self, prompt_ids: list[int], **params) -> str:
         """params: SamplingParams' fields (validated here, the debug socket's edge)."""
         from nanoslg.sampling_params import SamplingParams
 
@@ -103,5 +104,5 @@ def run_debug(args) -> int:
         client.close()
 
 
-def _summary(state: dict) -> dict:
+def _summary(state: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in state.items() if k != "debug_requests"}

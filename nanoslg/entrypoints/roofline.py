@@ -8,7 +8,7 @@ driver rank's device time; per operation class on sampled steps) and the model's
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from nanoslg.model_spec import ModelSpec
 
@@ -35,8 +35,8 @@ class RankCosts:
                    float(layers * 2 * kv_heads * hd * dtype_bytes), 4.0 * heads * hd * layers)
 
 
-def breakdown(stats: dict, costs: RankCosts, peak_tflops: Optional[float], copy_tbps: Optional[float],
-              elapsed_s: float, optimum_tokens_per_s: Optional[float]) -> dict:
+def breakdown(stats: dict[str, Any], costs: RankCosts, peak_tflops: Optional[float], copy_tbps: Optional[float],
+              elapsed_s: float, optimum_tokens_per_s: Optional[float]) -> dict[str, Any]:
     """stats: step_stats.difference() over the run. Seconds per step kind and operation class, each class's
     efficiency against its roofline, the serial ceiling and the achieved share of the optimum (the rooflines and
     the ceiling only where the peaks were measured, i.e. on a GPU)."""
@@ -88,7 +88,7 @@ def breakdown(stats: dict, costs: RankCosts, peak_tflops: Optional[float], copy_
     return result
 
 
-def format_breakdown(b: dict) -> str:
+def format_breakdown(b: dict[str, Any]) -> str:
     lines = [f"{' Roofline breakdown (driver rank) ':=^72}",
              f"{'step kind':<12}{'steps':>9}{'tokens':>12}{'GPU s':>10}{'share':>9}{'timed':>8}"]
     run = b["elapsed_s"] or 1.0

@@ -14,10 +14,11 @@ import datetime
 import json
 import sys
 import time
+from typing import Any, Optional, cast
 
 from nanoslg import tuned_config
 from nanoslg.engine_args import add_engine_arguments, engine_config_from_args, engine_fields
-from nanoslg.entrypoints.tune_model import CostModel, search
+from nanoslg.entrypoints.tune_model import Candidate, CostModel, search
 
 OVERLAP_NAMES = {"memory": "attention beside GEMMs", "network": "all-reduce beside GEMMs",
                  "network+memory": "attention and all-reduce beside GEMMs"}
@@ -40,18 +41,19 @@ def add_tune_arguments(parser) -> None:
     g.add_argument("--output", default=None, help="write the tuned config here instead of its default place")
 
 
-def _workload(args, vocab_size: int, max_model_len: int) -> tuple:
+def _workload(args, vocab_size: int, max_model_len: int) -> tuple[list[list[int]], list[int]]:
     """(prompts, output lengths) of the traffic tuned for: token ids folded into the vocabulary, each pair fitting
     max_model_len."""
     from nanoslg.entrypoints.bench_datasets import make_requests
 
     reqs = make_requests(args.dataset, "completions", 256, args.input_len, args.output_len, 0, max_model_len)
     outputs = [max(1, min(r.output_len, max_model_len // 2)) for r in reqs]
-    prompts = [[t % vocab_size for t in r.prompt[:max_model_len - 1 - n]] for r, n in zip(reqs, outputs)]
+    ids = [cast("list[int]", r.prompt) for r in reqs]  # completions prompts are token ids
+    prompts = [[t % vocab_size for t in p[:max_model_len - 1 - n]] for p, n in zip(ids, outputs)]
     return prompts, outputs
 
 
-def _layouts(base, gpus: int) -> list:
+def _layouts(base, gpus: int) -> list[tuple[int, int]]:
     """Every (tp, pp) with tp x pp = gpus that the model splits into."""
     from nanoslg.model_spec import ConfigError
 
@@ -104,7 +106,7 @@ def run_tune(args) -> int:
     return 0
 
 
-def _tune_layout(args, base, tp: int, pp: int, bar) -> dict:
+def _tune_layout(args, base, tp: int, pp: int, bar) -> dict[str, Any]:
     from nanoslg.entrypoints.debug import DebugClient
     from nanoslg.llm import LLM
 
@@ -139,7 +141,8 @@ def _tune_layout(args, base, tp: int, pp: int, bar) -> dict:
         mem_running = max(1, int(0.95 * pages * ps / (mean_in + mean_out / 2)))
         candidates = search(model, mean_in, mean_out, min(max_running, mem_running), max_tokens,
                             {k: v for k, v in speedups.items() if v >= 1.0 or k == (1, "none", False)})
-        checked, seen = [], set()
+        checked: list[Candidate] = []
+        seen: set[tuple[int, Optional[int]]] = set()
         for c in candidates:
             if len(checked) >= args.validate:
                 break
@@ -150,7 +153,7 @@ def _tune_layout(args, base, tp: int, pp: int, bar) -> dict:
             c.measured_tokens_per_s = _measure(llm, debug, c, prompts, outputs, args.window or (10 if gpu else 2))
             checked.append(c)
             bar.update(1)
-    best = max(checked, key=lambda c: c.measured_tokens_per_s)
+    best = max(checked, key=lambda c: c.measured_tokens_per_s or 0.0)  # each one checked has been measured
     decisions.append(f"running target {best.running_target}, dense batch {best.dense_batch_tokens or 'auto'}: "
                      f"{best.measured_tokens_per_s:.0f} tok/s measured, best of {len(checked)} checked "
                      f"(predicted {best.predicted_tokens_per_s:.0f}); memory holds {mem_running} staggered requests of "
@@ -169,7 +172,7 @@ def _tune_layout(args, base, tp: int, pp: int, bar) -> dict:
     return {"tp": tp, "pp": pp, "doc": doc, "best": dataclasses.asdict(best), "checked": checked}
 
 
-def _profile(debug, kind: str, shapes: dict) -> dict:
+def _profile(debug, kind: str, shapes: dict[str, Any]) -> dict[str, Any]:
     from nanoslg.protocol import DebugProfile
 
     reply = debug._call(DebugProfile(kind, shapes))
@@ -178,7 +181,7 @@ def _profile(debug, kind: str, shapes: dict) -> dict:
     return reply["timings"]
 
 
-def _op_shapes(gpu: bool, max_tokens: int, pages: int, ps: int, max_len: int) -> dict:
+def _op_shapes(gpu: bool, max_tokens: int, pages: int, ps: int, max_len: int) -> dict[str, Any]:
     tokens = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192) if gpu else \
         (8, 16, 32, 64, 128, 256, 512)
     seqs = (1, 8, 32, 64, 128, 256, 512) if gpu else (1, 4, 16, 32)
@@ -190,7 +193,8 @@ def _op_shapes(gpu: bool, max_tokens: int, pages: int, ps: int, max_len: int) ->
                         if fits(1, q + c)]}
 
 
-def _step_shapes(mean_in: float, mean_out: float, max_running: int, pages: int, ps: int, max_len: int) -> list:
+def _step_shapes(mean_in: float, mean_out: float, max_running: int, pages: int, ps: int, max_len: int
+                 ) -> list[list[int]]:
     """Steady-state steps of the global batch at a few running sizes, and decode-only ones, that fit the pool."""
     ctx = min(max_len - 1, int(mean_in + mean_out / 2))
     out = []
@@ -201,7 +205,7 @@ def _step_shapes(mean_in: float, mean_out: float, max_running: int, pages: int, 
     return [list(s) for s in dict.fromkeys(map(tuple, out))]
 
 
-def _nano_decisions(steps: list, gpu: bool) -> tuple:
+def _nano_decisions(steps: list[list[Any]], gpu: bool) -> tuple[dict[tuple[int, str, bool], float], list[str]]:
     """(speed-up of each variant (nano, overlap, sequence parallel) over the unsplit step on the mixed shapes, what
     was decided and why). A variant that does not beat the unsplit step is priced at 0: never picked."""
     base = {(d, c, p): ms for d, c, p, n, _, sp, ms, _ in steps if n == 1 and not sp}
@@ -227,7 +231,7 @@ def _nano_decisions(steps: list, gpu: bool) -> tuple:
     return speedups, decisions
 
 
-def _measure(llm, debug, c, prompts: list, outputs: list, window_s: float) -> float:
+def _measure(llm, debug, c, prompts: list[list[int]], outputs: list[int], window_s: float) -> float:
     """Tokens/s of a steady-state window of the candidate on the live engine: the first requests have finished (so
     the batch has turned over), the queue is still full; then everything is aborted."""
     from nanoslg.protocol import DebugSetTargets, GenerateRequest, token_ids
@@ -251,6 +255,7 @@ def _measure(llm, debug, c, prompts: list, outputs: list, window_s: float) -> fl
             if start is not None and time.monotonic() - start[0] >= window_s:
                 break
         # (every request may have finished before the window closed: then the rate until the last one finished)
+        assert start is not None  # set by the first finished request, which ends the loop at the latest
         return (tokens() - start[1]) / max(1e-6, time.monotonic() - start[0])
     finally:
         # An aborted request sends no last delta: wait for the scheduler to empty instead (later deltas of these
@@ -265,7 +270,7 @@ def _measure(llm, debug, c, prompts: list, outputs: list, window_s: float) -> fl
                 break
 
 
-def _report(r: dict) -> str:
+def _report(r: dict[str, Any]) -> str:
     doc = r["doc"]
     lines = [f"== tp={r['tp']} pp={r['pp']}: {r['path']}",
              f"{'R':>6}{'D':>8}{'nano':>6}{'SP':>4}{'predicted tok/s':>18}{'measured tok/s':>16}"]

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
+import numpy.typing as npt
 
 R_GRID = (8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024)
 D_FACTORS = (1.0, 1.15, 1.3, 1.6, 2.0)  # D as a multiple of the steady-state need R x (1 + I / O)
 D_ROUND = 128  # D in whole GEMM tiles of rows
 
 
-def _interp(points: list, x: float) -> float:
+def _interp(points: list[list[float]], x: float) -> float:
     """Piecewise-linear through (x, y) points, extended linearly past the last two (GEMM time grows linearly with
     tokens once the GPU is full) and proportionally below the first."""
     pts = sorted(points)
@@ -34,7 +35,7 @@ def _interp(points: list, x: float) -> float:
     return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
 
-def _fit(rows: list, features) -> np.ndarray:
+def _fit(rows: list[list[float]], features: Callable[..., list[float]]) -> npt.NDArray[np.float64]:
     """Least squares, non-negative coefficients (a negative cost per token would reward bigger steps for free)."""
     if not rows:
         return np.zeros(len(features(*([1] * 2))))
@@ -44,25 +45,25 @@ def _fit(rows: list, features) -> np.ndarray:
     return np.clip(coef, 0, None)
 
 
-def _decode_features(b: float, c: float) -> list:
+def _decode_features(b: float, c: float) -> list[float]:
     return [1.0, b, b * c]
 
 
-def _prefill_features(q: float, c: float) -> list:
+def _prefill_features(q: float, c: float) -> list[float]:
     return [1.0, q, q * (c + q / 2)]
 
 
 @dataclass
 class CostModel:
-    gemm: list  # [[tokens, ms]]
-    lm_head: list  # [[rows, ms]]
-    allreduce: list  # [[tokens, ms]]
-    decode_coef: np.ndarray
-    prefill_coef: np.ndarray
-    other_coef: np.ndarray  # ms = a + b * tokens, the rest of a step
+    gemm: list[list[float]]  # [[tokens, ms]]
+    lm_head: list[list[float]]  # [[rows, ms]]
+    allreduce: list[list[float]]  # [[tokens, ms]]
+    decode_coef: npt.NDArray[np.float64]
+    prefill_coef: npt.NDArray[np.float64]
+    other_coef: npt.NDArray[np.float64]  # ms = a + b * tokens, the rest of a step
 
     @classmethod
-    def fit(cls, ops: dict, steps: list) -> "CostModel":
+    def fit(cls, ops: dict[str, Any], steps: list[list[Any]]) -> "CostModel":
         model = cls(ops["gemm"], ops["lm_head"], ops["allreduce"], _fit(ops["decode_attention"], _decode_features),
                     _fit(ops["prefill_attention"], _prefill_features), np.zeros(2))
         # the rest: whole unsplit steps minus what the operations explain
@@ -101,7 +102,8 @@ class Candidate:
     measured_tokens_per_s: Optional[float] = None
 
 
-def steady_state(model: CostModel, r: int, d_tokens: Optional[int], mean_in: float, mean_out: float) -> tuple:
+def steady_state(model: CostModel, r: int, d_tokens: Optional[int], mean_in: float, mean_out: float
+                 ) -> tuple[float, float, float, float]:
     """(decodes, prefill tokens, step ms, tokens/s) of the global batch's steady state."""
     ratio = mean_in / mean_out
     dense = d_tokens if d_tokens else r * (1 + ratio) * 1.1
@@ -112,10 +114,10 @@ def steady_state(model: CostModel, r: int, d_tokens: Optional[int], mean_in: flo
 
 
 def search(model: CostModel, mean_in: float, mean_out: float, max_running: int, max_tokens: int,
-           nano_speedups: dict) -> list:
+           nano_speedups: dict[tuple[int, str, bool], float]) -> list[Candidate]:
     """Every candidate, best predicted first. nano_speedups: (nano, overlap, sequence parallel) -> unsplit step
     time / that variant's, measured; (1, "none", False) is 1."""
-    out = []
+    out: list[Candidate] = []
     ratio = mean_in / mean_out
     # the grid up to the cap, and the cap itself (often what memory allows) in steps of 16
     running = sorted({x for x in R_GRID if x <= max_running} | {max(1, max_running // 16 * 16)})

@@ -52,7 +52,7 @@ class FollowerEngine(AsyncEngine):
         self.ready_address = ready_address
         self.run_dir = ""  # the run directory this process is linked to
         self._heard = asyncio.Event()
-        self._follower: Optional[asyncio.Task] = None
+        self._follower: Optional[asyncio.Task[None]] = None
 
     def start(self) -> None:
         super().start()
@@ -73,7 +73,7 @@ class FollowerEngine(AsyncEngine):
             sock.connect(self.ready_address)
             await sock.send(protocol.encode(Ready(f"api{self.client_index}")))
 
-    def _deaths(self) -> list:
+    def _deaths(self) -> list[str]:
         return ["the output router stopped"] if self._router is not None and self._router.done() else []
 
     async def _follow(self) -> None:

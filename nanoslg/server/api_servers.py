@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from typing import Optional
+from typing import Any, Optional
 
 import zmq
 
@@ -45,15 +45,15 @@ def default_api_server_count(engine_processes: int) -> int:
 
 
 class ApiServerPool:
-    def __init__(self, engine: SupervisedEngine, count: int, server_dir: str, listen_fd: int, spec: dict,
+    def __init__(self, engine: SupervisedEngine, count: int, server_dir: str, listen_fd: int, spec: dict[str, Any],
                  max_restarts: int = 3, restart_window_s: float = 300.0):
         self.engine, self.count, self.listen_fd = engine, count, listen_fd
         self.spec = spec  # what every process gets besides its index (api_proc.main reads it)
-        self.procs: dict[int, subprocess.Popen] = {}
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.stopping = False  # draining or closing: a process that exits is not restarted
         self.max_restarts, self.restart_window_s = max_restarts, restart_window_s
-        self.restart_times: dict[int, deque] = {}  # per process: several dying at once is one cause, not a loop
-        self._ctx = zmq.Context.instance()
+        self.restart_times: dict[int, deque[float]] = {}  # per process: several dying at once is one cause, not a loop
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.control_address = f"ipc://{os.path.join(server_dir, 'control.sock')}"
         self._control = self._ctx.socket(zmq.PUB)
         self._control.setsockopt(zmq.LINGER, 0)
@@ -62,8 +62,8 @@ class ApiServerPool:
         self._ready = self._ctx.socket(zmq.PULL)  # each process's Ready, once it knows where the engine is
         self._ready.setsockopt(zmq.LINGER, 0)
         self._ready.bind(self.ready_address)
-        self._task: Optional[asyncio.Task] = None
-        self._last: Optional[tuple] = None
+        self._task: Optional[asyncio.Task[None]] = None
+        self._last: Optional[tuple[str, str, int]] = None  # the last state sent: (state, run_dir, restarts)
 
     def spawn_all(self) -> None:
         for index in range(1, self.count):
@@ -99,8 +99,8 @@ class ApiServerPool:
             if time.monotonic() > deadline:
                 raise ApiServerStartupError(f"{', '.join(sorted(pending))} did not start within {timeout_s:.0f} s")
             # a process that was ready and died since is restarted by _run: only the unready ones fail the start
-            dead = [f"api{k} {_exit_status(p.poll())}" for k, p in self.procs.items()
-                    if f"api{k}" in pending and p.poll() is not None]
+            dead = [f"api{k} {_exit_status(code)}" for k, p in self.procs.items()
+                    if f"api{k}" in pending and (code := p.poll()) is not None]
             if dead:
                 raise ApiServerStartupError(f"an API-server process failed to start: {'; '.join(dead)}")
             await asyncio.sleep(0.05)
@@ -134,7 +134,7 @@ class ApiServerPool:
                 continue
             e = self.engine
             if e.state in (RUNNING, DRAINING):  # its requests are nobody's: the engine stops them now
-                e.to_tokenizer.send(protocol.encode(ClientReset(index)))
+                e._linked_tokenizer().send(protocol.encode(ClientReset(index)))
             if e.counts is not None:
                 e.counts.clear(index)
             now = time.monotonic()

@@ -9,10 +9,10 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 from pydantic import ValidationError
-from pydantic_core import from_json
+from pydantic_core import ErrorDetails, from_json
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -41,7 +41,7 @@ class ServerSettings:
     max_tokens_default: Optional[int] = None  # for requests that set no max_tokens; None: up to max_model_len
     tool_call_parser: str = "auto"  # tool_calls.PARSERS, or auto: from the chat template
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in self.__slots__}
 
 
@@ -51,12 +51,12 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
-    def response(self, headers: Optional[dict] = None) -> JSONResponse:
+    def response(self, headers: Optional[Mapping[str, str]] = None) -> JSONResponse:
         return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
                                        "code": self.code}}, status_code=self.status, headers=headers)
 
 
-def _field_path(loc: tuple) -> str:
+def _field_path(loc: tuple[int | str, ...]) -> str:
     """The field a pydantic error location names, without the union members it also names ("str", "list[int]")."""
     return ".".join(str(p) for p in loc if isinstance(p, int) or (
         p.isidentifier() and p.islower() and p not in ("str", "int", "float", "bool")))
@@ -69,7 +69,7 @@ def _validation_error(e: ValidationError) -> ApiError:
     if first.get("type") == "extra_forbidden":
         return ApiError(400, f"unsupported parameter: {param}", param=param)
 
-    def message(err: dict) -> str:  # our own validators' messages stand alone
+    def message(err: ErrorDetails) -> str:  # our own validators' messages stand alone
         return str(err["ctx"]["error"]) if err.get("type") == "value_error" else err.get("msg", "")
 
     same_field = [err for err in errors if _field_path(err.get("loc", ())).startswith(param)]
@@ -84,12 +84,12 @@ class OpenAIServer:
         self.engine, self.settings = engine, settings
         self.metrics = ServerMetrics()
         self._served: Optional[ServedModel] = None
-        self._openapi: Optional[dict] = None
+        self._openapi: Optional[dict[str, Any]] = None
         self.grammars = GrammarChecker()
-        self._tool_format: Optional[tuple] = None
+        self._tool_format: Optional[tuple[str, bool]] = None
 
     @property
-    def tool_format(self) -> tuple:
+    def tool_format(self) -> tuple[str, bool]:
         """(tool-call parser, whether the chat template renders tools), read from the model's chat templates."""
         if self._tool_format is None:
             cfg = self.engine.cfg
@@ -120,7 +120,7 @@ class OpenAIServer:
         if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
             raise ApiError(401, "missing or invalid API key", "authentication_error", code="invalid_api_key")
 
-    async def _json_body(self, request: Request) -> dict:
+    async def _json_body(self, request: Request) -> dict[str, Any]:
         limit = self.settings.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -163,14 +163,14 @@ class OpenAIServer:
             self._check_model(body.model)
             self._default_max_tokens(body, chat)
             # before building them: a body of many prompts times n must not hold up the event loop first
-            self.engine.check_room(body.n * (1 if chat else len(body.prompts())))
+            self.engine.check_room(body.n * (len(body.prompts()) if isinstance(body, CompletionRequest) else 1))
             request_id = uuid.uuid4().hex
             parser, template_tools = self.tool_format
             try:
                 plan = plan_output(body, parser)
                 await self.grammars.check(plan)  # a bad schema is a 400 before the engine sees it
-                reqs = chat_requests(body, request_id, plan, template_tools) if chat else \
-                    completion_requests(body, request_id, plan)
+                reqs = chat_requests(body, request_id, plan, template_tools) \
+                    if isinstance(body, ChatCompletionRequest) else completion_requests(body, request_id, plan)
             except StructuredOutputError as e:
                 raise ApiError(400, str(e), param=e.param, code=e.code) from None
             except ValidationError as e:
@@ -244,7 +244,7 @@ class OpenAIServer:
 
     async def metrics_endpoint(self, request: Request) -> Response:
         try:
-            state: Optional[dict] = await self.engine.scheduler_state()
+            state: Optional[dict[str, Any]] = await self.engine.scheduler_state()
         except EngineUnavailable:
             state = None  # serve the counters we have; the engine gauges keep their last values
         self.metrics.engine.update(state, self.engine.num_restarts, self.engine.pids)
@@ -288,6 +288,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> Starlette:
         return ApiError(500, "internal server error", "server_error").response()
 
     app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={HTTPException: http_error, Exception: unexpected_error})
+                    # starlette types every handler as taking any exception; it passes http_error HTTPExceptions only
+                    exception_handlers={HTTPException: http_error,  # type: ignore[dict-item]
+                                        Exception: unexpected_error})
     app.state.server = server
     return app

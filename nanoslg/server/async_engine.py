@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections import deque
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import zmq
 import zmq.asyncio
@@ -21,7 +21,7 @@ import zmq.asyncio
 from nanoslg import ipc, protocol
 from nanoslg.config import ResolvedConfig
 from nanoslg.engine_client import EngineClient
-from nanoslg.protocol import AbortRequest, DebugReply, DebugStateQuery, OutputBatch
+from nanoslg.protocol import AbortRequest, DebugReply, DebugStateQuery, GenerateRequest, OutputBatch, OutputDelta
 from nanoslg.server.queue_counts import QueueCounts
 
 log = logging.getLogger("nanoslg.server")
@@ -36,6 +36,10 @@ class EngineUnavailable(RuntimeError):
     def __init__(self, message: str, reason: str = "engine_unavailable", retry_after: Optional[int] = None):
         super().__init__(message)
         self.reason, self.retry_after = reason, retry_after
+
+
+# A generation's queue: (choice index, the choice's next delta or the failure that ends it)
+DeltaQueue = asyncio.Queue[tuple[int, OutputDelta | EngineUnavailable]]
 
 
 class TooManyChoices(ValueError):
@@ -54,15 +58,17 @@ class AsyncEngine:
         self.cfg = cfg
         self.client_index = client  # which inbox the tokenizer sends this process's outputs to
         self.max_queued_requests, self.max_waiting_requests = max_queued_requests, max_waiting_requests
-        self.routes: dict = {}  # rid -> (its generation's queue, its choice index), until the rid finishes
-        self.unstarted: set = set()  # admitted rids without a first delta yet: tokenizing or waiting to be scheduled
+        # rid -> (its generation's queue, its choice index), until the rid finishes
+        self.routes: dict[str, tuple[DeltaQueue, int]] = {}
+        # admitted rids without a first delta yet: tokenizing or waiting to be scheduled
+        self.unstarted: set[str] = set()
         self.state = RUNNING
         self.num_restarts = 0
         self.exit_code = 0
-        self.known_pids: dict = {}  # the server's processes by name as last told, for /metrics
+        self.known_pids: dict[str, int] = {}  # the server's processes by name as last told, for /metrics
         self.on_fatal: Callable[[], None] = lambda: None  # set by the HTTP server: stop serving
         self.to_tokenizer: Optional[zmq.asyncio.Socket] = None
-        self._router: Optional[asyncio.Task] = None
+        self._router: Optional[asyncio.Task[None]] = None
         self._debug: Optional[zmq.asyncio.Socket] = None
         self._debug_lock: Optional[asyncio.Lock] = None
 
@@ -75,14 +81,18 @@ class AsyncEngine:
     def start(self) -> None:
         self._debug_lock = asyncio.Lock()
 
+    def _linked_tokenizer(self) -> zmq.asyncio.Socket:
+        assert self.to_tokenizer is not None  # linked to the engine whenever it runs or drains
+        return self.to_tokenizer
+
     @property
-    def pids(self) -> dict:
+    def pids(self) -> dict[str, int]:
         return self.known_pids
 
     async def ready(self) -> None:
         """Returns once this process can answer requests (or say why not)."""
 
-    def _deaths(self) -> list:
+    def _deaths(self) -> list[str]:
         """What makes this process's link to the engine unusable now (empty while it works)."""
         raise NotImplementedError
 
@@ -122,7 +132,7 @@ class AsyncEngine:
         self.unstarted.clear()
         for rid, (queue, index) in routes.items():
             if self.state in (RUNNING, DRAINING):
-                self.to_tokenizer.send(protocol.encode(AbortRequest(rid)))
+                self._linked_tokenizer().send(protocol.encode(AbortRequest(rid)))
             queue.put_nowait((index, failure))
         self._publish_counts()
 
@@ -165,7 +175,7 @@ class AsyncEngine:
             raise EngineUnavailable(f"the server is overloaded: {waiting} requests wait to start and "
                                     f"this one adds {num} (limit {limit}); retry later", retry_after=1)
 
-    async def admit(self, reqs: list, queue: asyncio.Queue) -> None:
+    async def admit(self, reqs: list[GenerateRequest], queue: DeltaQueue) -> None:
         """Start reqs (all or none); request i's deltas arrive on queue as (i, delta), or (i, EngineUnavailable)."""
         self.check_room(len(reqs))
         for i, req in enumerate(reqs):
@@ -174,23 +184,25 @@ class AsyncEngine:
         self._publish_counts()
         for req in reqs:
             req.client = self.client_index
-            await self.to_tokenizer.send(protocol.encode(req))
+            await self._linked_tokenizer().send(protocol.encode(req))
 
-    def release(self, reqs: list) -> None:
+    def release(self, reqs: list[GenerateRequest]) -> None:
         """Abort whichever of reqs have not finished (their client is gone or the request failed)."""
         for req in reqs:
             self.unstarted.discard(req.rid)
             if self.routes.pop(req.rid, None) is not None and self.state in (RUNNING, DRAINING):
-                self.to_tokenizer.send(protocol.encode(AbortRequest(req.rid)))
+                self._linked_tokenizer().send(protocol.encode(AbortRequest(req.rid)))
         self._publish_counts()
 
-    async def scheduler_state(self) -> dict:
+    async def scheduler_state(self) -> dict[str, Any]:
         """KV and queue figures from the scheduler's debug socket (for /metrics)."""
         if self.state not in (RUNNING, DRAINING):
             raise EngineUnavailable("the engine is not running")
+        assert self._debug_lock is not None  # made by start(), before any request
         async with self._debug_lock:
             if self.state not in (RUNNING, DRAINING):  # it died while this scrape waited for the lock
                 raise EngineUnavailable("the engine is not running")
+            assert self._debug is not None  # linked to the engine whenever it runs or drains
             try:
                 await self._debug.send(protocol.encode(DebugStateQuery()))
                 if not await self._debug.poll(2000):
@@ -225,15 +237,15 @@ class SupervisedEngine(AsyncEngine):
         # Several nodes cannot be restarted from here: the other nodes' workers leave when node 0's engine stops.
         self.restart = restart and cfg.nnodes == 1
         self.max_restarts, self.restart_window_s = max_restarts, restart_window_s
-        self.restart_times: deque = deque()
+        self.restart_times: deque[float] = deque()
         self.last_death = ""
-        self.peer_pids: dict = {}  # the other API-server processes (ApiServerPool)
-        self._starting: Optional[EngineClient] = None  # an engine being restarted, until it is READY
-        self._supervisor: Optional[asyncio.Task] = None
+        self.peer_pids: dict[str, int] = {}  # the other API-server processes (ApiServerPool)
+        self._starting: Optional[EngineClient[zmq.asyncio.Socket]] = None  # an engine restarting, until it is READY
+        self._supervisor: Optional[asyncio.Task[None]] = None
         self.to_tokenizer = self.client.to_tokenizer
         self._debug = self._connect_debug()
 
-    def _use(self, client: EngineClient) -> None:
+    def _use(self, client: EngineClient[zmq.asyncio.Socket]) -> None:
         self.client, self.cfg, self.to_tokenizer = client, client.cfg, client.to_tokenizer
         self._debug = self._connect_debug()
         self._router = asyncio.get_running_loop().create_task(self._route_outputs(client.inbox))
@@ -244,11 +256,11 @@ class SupervisedEngine(AsyncEngine):
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
 
     @property
-    def pids(self) -> dict:
+    def pids(self) -> dict[str, int]:
         """Every process of the server by name: the engine's, this one and the other API servers (peer_pids)."""
         return {**self.client.launcher.pids, "api0": os.getpid(), **self.peer_pids}
 
-    def _deaths(self) -> list:
+    def _deaths(self) -> list[str]:
         if self.client.closed:
             return ["the engine is stopped"]
         dead = self.client.launcher.dead_children()
@@ -316,6 +328,7 @@ class SupervisedEngine(AsyncEngine):
         client = self.client
         await asyncio.to_thread(client.launcher.shutdown)  # stops the survivors; may wait for a slow one
         client.close()
+        assert self._debug_lock is not None and self._debug is not None  # made by start() and __init__
         async with self._debug_lock:  # after a scrape in progress, which gives up within 2 s
             self._debug.close(linger=0)
 

@@ -60,7 +60,8 @@ class DrainingServer(uvicorn.Server):
             return
         self._draining = True
         log.warning("%s: draining (up to %.0f s)", signal.Signals(sig).name, self.shutdown_timeout_s)
-        self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain()))
+        loop = self._loop
+        loop.call_soon_threadsafe(lambda: loop.create_task(self._drain()))
 
     async def _drain(self) -> None:
         await self.engine.drain(self.shutdown_timeout_s)

@@ -8,7 +8,7 @@ each process's CPU time) are read at scrape time by the process that answers, so
 from __future__ import annotations
 
 import os
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -54,7 +54,7 @@ class EngineFigures:
         self.restarts = 0
         self.pids: dict[str, int] = {}
 
-    def update(self, state: Optional[dict], restarts: int, pids: dict[str, int]) -> None:
+    def update(self, state: Optional[dict[str, Any]], restarts: int, pids: dict[str, int]) -> None:
         self.restarts, self.pids = restarts, dict(pids)
         if state is None:  # the engine is down: the gauges keep their last values
             return
@@ -67,7 +67,7 @@ class EngineFigures:
             self.totals[key] += now - seen if now >= seen else now
             self._seen[key] = now
 
-    def describe(self) -> list:
+    def describe(self) -> list[Metric]:
         return []  # generated at scrape time: nothing to check at registration
 
     def collect(self) -> Iterator[Metric]:

@@ -6,12 +6,12 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional
+from typing import Any, AsyncIterator, Optional
 
 from pydantic_core import to_json
 
 from nanoslg.protocol import GenerateRequest, OutputDelta, token_ids
-from nanoslg.server.async_engine import AsyncEngine, EngineUnavailable
+from nanoslg.server.async_engine import AsyncEngine, DeltaQueue, EngineUnavailable
 from nanoslg.server.metrics import ServerMetrics
 from nanoslg.server.schemas import ChatCompletionRequest, CompletionRequest
 from nanoslg.server.structured import OutputPlan, ToolCallOutput
@@ -34,18 +34,22 @@ class GenerationFailed(RuntimeError):
     pass
 
 
+# one generated token's logprob entry: (token text, logprob, [(text, logprob), ...] of the top tokens)
+LogprobEntry = tuple[str, float, list[tuple[str, float]]]
+
+
 @dataclass(slots=True)
 class Choice:
     index: int
     prompt_index: int  # which prompt of the request this choice continues (n choices share one)
-    text_parts: list = field(default_factory=list)  # joined once at the end: += per delta would be quadratic
+    text_parts: list[str] = field(default_factory=list)  # joined once at the end: += per delta would be quadratic
     text_len: int = 0
     num_tokens: int = 0
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
-    token_ids: list = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
     finish_reason: Optional[str] = None
-    logprobs: list = field(default_factory=list)  # (token text, logprob, [(text, logprob), ...])
+    logprobs: list[LogprobEntry] = field(default_factory=list)
     prompt_text: Optional[str] = None
 
     @property
@@ -53,18 +57,23 @@ class Choice:
         return "".join(self.text_parts)
 
 
+# what a generation yields: (choice, its delta, the delta's new logprob entries)
+Event = tuple[Choice, OutputDelta, list[LogprobEntry]]
+
+
 class Generation:
     """One HTTP request's choices running in the engine, merged into a single stream of (choice, delta, logprobs)."""
 
-    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, reqs: list, choices_per_prompt: int):
+    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, reqs: list[GenerateRequest],
+                 choices_per_prompt: int):
         self.engine, self.metrics, self.reqs = engine, metrics, reqs
         self.choices = [Choice(i, i // choices_per_prompt) for i in range(len(reqs))]
         self.start = time.monotonic()
         self.first_token: Optional[float] = None
-        self._queue: asyncio.Queue = asyncio.Queue()  # (choice index, delta or exception), filled by the engine
+        self._queue: DeltaQueue = asyncio.Queue()  # (choice index, delta or exception), filled by the engine
         self._status = "aborted"
 
-    async def deltas(self) -> AsyncIterator[tuple]:
+    async def deltas(self) -> AsyncIterator[Event]:
         """Starts the requests, then yields (choice, delta, the delta's new logprob entries) until every choice has
         finished; raises RequestRejected / GenerationFailed / EngineUnavailable."""
         pending = len(self.reqs)
@@ -118,7 +127,7 @@ class Generation:
         """Whether a delta already waits (the next one comes without waiting)."""
         return not self._queue.empty()
 
-    def _apply(self, choice: Choice, d: OutputDelta) -> list:
+    def _apply(self, choice: Choice, d: OutputDelta) -> list[LogprobEntry]:
         """Folds d into choice; returns the logprob entries it added."""
         if d.token_ids and self.first_token is None:
             self.first_token = time.monotonic()
@@ -135,7 +144,7 @@ class Generation:
             choice.prompt_text = d.prompt_text
         if d.finish_reason is not None:
             choice.finish_reason = d.finish_reason
-        new = []
+        new: list[LogprobEntry] = []
         if d.logprobs:
             for (lp, top), (text, top_texts) in zip(d.logprobs, d.logprob_texts or []):
                 new.append((text, lp, [(t, v) for t, (_, v) in zip(top_texts, top)]))
@@ -144,7 +153,7 @@ class Generation:
 
     def _per_prompt(self, field: str) -> int:
         # n choices of one prompt share it: count each distinct prompt once
-        per_prompt: dict = {}
+        per_prompt: dict[int, int] = {}
         for c in self.choices:
             per_prompt[c.prompt_index] = max(per_prompt.get(c.prompt_index, 0), getattr(c, field))
         return sum(per_prompt.values())
@@ -157,7 +166,7 @@ class Generation:
     def completion_tokens(self) -> int:
         return sum(c.num_tokens for c in self.choices)
 
-    def usage(self) -> dict:
+    def usage(self) -> dict[str, Any]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens,
                 "prompt_tokens_details": {"cached_tokens": self._per_prompt("num_cached_tokens")}}
@@ -167,7 +176,8 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def chat_requests(body: ChatCompletionRequest, request_id: str, plan: OutputPlan, template_tools: bool) -> list:
+def chat_requests(body: ChatCompletionRequest, request_id: str, plan: OutputPlan,
+                  template_tools: bool) -> list[GenerateRequest]:
     """template_tools: the model's chat template renders `tools`; otherwise a system prompt describes them."""
     conv = messages_for_template(body.conversation(), template_tools)
     kwargs = None
@@ -188,7 +198,7 @@ def chat_requests(body: ChatCompletionRequest, request_id: str, plan: OutputPlan
     return reqs
 
 
-def completion_requests(body: CompletionRequest, request_id: str, plan: OutputPlan) -> list:
+def completion_requests(body: CompletionRequest, request_id: str, plan: OutputPlan) -> list[GenerateRequest]:
     reqs = []
     for p_index, prompt in enumerate(body.prompts()):
         for i in range(body.n):
@@ -201,17 +211,17 @@ def completion_requests(body: CompletionRequest, request_id: str, plan: OutputPl
     return reqs
 
 
-def _bytes(text: str) -> list:
+def _bytes(text: str) -> list[int]:
     return list(text.encode("utf-8"))
 
 
-def _chat_logprobs(entries: list) -> dict:
+def _chat_logprobs(entries: list[LogprobEntry]) -> dict[str, Any]:
     return {"content": [{"token": t, "logprob": lp, "bytes": _bytes(t),
                          "top_logprobs": [{"token": tt, "logprob": tv, "bytes": _bytes(tt)} for tt, tv in top]}
                         for t, lp, top in entries]}
 
 
-def _completion_logprobs(entries: list, offset: int) -> dict:
+def _completion_logprobs(entries: list[LogprobEntry], offset: int) -> dict[str, Any]:
     offsets = []
     for t, _, _ in entries:
         offsets.append(offset)
@@ -237,14 +247,14 @@ class Responder:
         self._event_head = b"data: " + envelope[:-1] + b',"choices":['
         self._event_tail = b'],"usage":null}\n\n' if body.include_usage else b"]}\n\n"
 
-    def _envelope(self, obj: str, choices: list) -> dict:
+    def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
 
-    def whole(self) -> dict:
+    def whole(self) -> dict[str, Any]:
         choices = []
         for c in self.gen.choices:
             if self.chat:
-                message: dict = {"role": "assistant", "content": c.text}
+                message: dict[str, Any] = {"role": "assistant", "content": c.text}
                 finish = c.finish_reason
                 if self.tool_outputs is not None:
                     content, calls, finish = self.tool_outputs[c.index].whole(c.text, finish)
@@ -266,7 +276,7 @@ class Responder:
         out["usage"] = self.gen.usage()
         return out
 
-    async def stream(self, first: Optional[tuple], rest: AsyncIterator[tuple]) -> AsyncIterator[bytes]:
+    async def stream(self, first: Optional[Event], rest: AsyncIterator[Event]) -> AsyncIterator[bytes]:
         include_usage = self.body.include_usage
         obj = self.chunk_object
         if self.chat:
@@ -318,9 +328,10 @@ class Responder:
             yield b"data: " + to_json(usage) + b"\n\n"
         yield b"data: [DONE]\n\n"
 
-    def _chunk_choice(self, choice: Choice, text: str, new_logprobs: list, finish: Optional[str]) -> dict:
+    def _chunk_choice(self, choice: Choice, text: str, new_logprobs: list[LogprobEntry],
+                      finish: Optional[str]) -> dict[str, Any]:
         if self.chat:
-            delta: dict = {"content": text} if text else {}
+            delta: dict[str, Any] = {"content": text} if text else {}
             if self.tool_outputs is not None:
                 out = self.tool_outputs[choice.index]
                 content, calls = out.feed(text)
@@ -338,6 +349,6 @@ class Responder:
                 "logprobs": _completion_logprobs(new_logprobs, offset) if self.want_logprobs and new_logprobs
                 else None, "finish_reason": finish}
 
-    def _sse(self, choices: list) -> bytes:
+    def _sse(self, choices: list[dict[str, Any]]) -> bytes:
         body = b",".join(to_json(c) for c in choices)
         return self._event_head + body + self._event_tail

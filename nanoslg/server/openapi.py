@@ -3,10 +3,12 @@ served model's limits, the rules that span several fields, and the real response
 agree: tests/test_schemathesis.py checks that every body the document allows is accepted."""
 from __future__ import annotations
 
+from typing import Any
+
 from nanoslg.server.schemas import ChatCompletionRequest, CompletionRequest, ServedModel
 
 
-def _error(description: str, retry_after: bool = False) -> dict:
+def _error(description: str, retry_after: bool = False) -> dict[str, Any]:
     out = {"description": description, "content": {"application/json": {
         "schema": {"$ref": "#/components/schemas/Error"}}}}
     if retry_after:
@@ -15,7 +17,7 @@ def _error(description: str, retry_after: bool = False) -> dict:
     return out
 
 
-def _obj(required: list, **props) -> dict:
+def _obj(required: list[str], **props: Any) -> dict[str, Any]:
     return {"type": "object", "required": required, "properties": props}
 
 
@@ -23,12 +25,12 @@ _INT, _STR, _NULLABLE_OBJ = {"type": "integer"}, {"type": "string"}, {"type": ["
 _FINISH = {"enum": ["stop", "length", "tool_calls"]}  # a whole response has finished every choice
 
 
-def _response_schemas() -> dict:
+def _response_schemas() -> dict[str, Any]:
     usage = _obj(["prompt_tokens", "completion_tokens", "total_tokens"], prompt_tokens=_INT, completion_tokens=_INT,
                  total_tokens=_INT, prompt_tokens_details=_obj(["cached_tokens"], cached_tokens=_INT))
     token_ids = {"type": "array", "items": _INT, "description": "only with return_token_ids"}
 
-    def envelope(obj: str, choice: dict) -> dict:
+    def envelope(obj: str, choice: dict[str, Any]) -> dict[str, Any]:
         return _obj(["id", "object", "created", "model", "choices", "usage"], id=_STR, object={"const": obj},
                     created=_INT, model=_STR, choices={"type": "array", "items": choice}, usage=usage)
 
@@ -39,7 +41,8 @@ def _response_schemas() -> dict:
     call_delta = _obj(["index"], index=_INT, id=_STR, type={"const": "function"},
                       function=_obj([], name=_STR, arguments=_STR))
 
-    def chunk(obj: str, choice: dict) -> dict:  # usage is null on each chunk, or absent without include_usage
+    # usage is null on each chunk, or absent without include_usage
+    def chunk(obj: str, choice: dict[str, Any]) -> dict[str, Any]:
         return _obj(["id", "object", "created", "model", "choices"], id=_STR, object={"const": obj}, created=_INT,
                     model=_STR, choices={"type": "array", "items": choice}, usage={"anyOf": [usage, {"type": "null"}]})
 
@@ -67,7 +70,7 @@ def _response_schemas() -> dict:
     }
 
 
-def _apply_served_model(schemas: dict, served: ServedModel) -> None:
+def _apply_served_model(schemas: dict[str, Any], served: ServedModel) -> None:
     """The served model's limits, where the static models can only say "an int32"."""
     top_id = served.vocab_size - 1
     max_ids = max(1, served.max_model_len - 1)  # the prompt must leave room for one generated token
@@ -95,7 +98,7 @@ def _apply_served_model(schemas: dict, served: ServedModel) -> None:
                                     f"{default or 'no limit'} (the server's --max-tokens-default); {stop}")
 
 
-def _add_cross_field_rules(schemas: dict) -> None:
+def _add_cross_field_rules(schemas: dict[str, Any]) -> None:
     """What the validators refuse across fields, in JSON Schema's words."""
     json_format = {"properties": {"type": {"enum": ["json_object", "json_schema"]}}}
     for name in ("ChatCompletionRequest", "CompletionRequest"):
@@ -126,7 +129,7 @@ def _add_cross_field_rules(schemas: dict) -> None:
         "invalid_json_schema or invalid_grammar")
 
 
-def openapi_schema(version: str, served: ServedModel) -> dict:
+def openapi_schema(version: str, served: ServedModel) -> dict[str, Any]:
     """The OpenAPI 3.1 document of this server: its endpoints, the served model's limits, its real responses."""
     from pydantic.json_schema import models_json_schema
 
@@ -147,15 +150,15 @@ def openapi_schema(version: str, served: ServedModel) -> dict:
     }
     if served.api_key:
         errors["401"] = _error("missing or wrong API key")
-    security = {"security": [{"bearer": []}]} if served.api_key else {}
+    security: dict[str, Any] = {"security": [{"bearer": []}]} if served.api_key else {}
 
-    def event(chunk: str) -> dict:
+    def event(chunk: str) -> dict[str, Any]:
         """One server-sent event: a chunk, an error met after the stream began, or the closing [DONE]."""
         payload = {"anyOf": [{"$ref": f"#/components/schemas/{chunk}"}, {"$ref": "#/components/schemas/Error"}]}
         return _obj(["data"], data={"anyOf": [{"const": "[DONE]"}, {
             "type": "string", "contentMediaType": "application/json", "contentSchema": payload}]})
 
-    def post(body: str, response: str, summary: str) -> dict:
+    def post(body: str, response: str, summary: str) -> dict[str, Any]:
         return {"post": {"summary": summary, **security, "requestBody": {"required": True, "content": {
             "application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}}},
             "responses": {"200": {
@@ -164,7 +167,7 @@ def openapi_schema(version: str, served: ServedModel) -> dict:
                 "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{response}"}},
                             "text/event-stream": {"schema": event(f"{response}Chunk")}}}, **errors}}}
 
-    def get(summary: str, media: str, schema: dict, **more) -> dict:
+    def get(summary: str, media: str, schema: dict[str, Any], **more: Any) -> dict[str, Any]:
         return {"get": {"summary": summary, "responses": {
             "200": {"description": "OK", "content": {media: {"schema": schema}}}, **more}}}
 

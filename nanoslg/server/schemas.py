@@ -13,7 +13,7 @@ all (400, code empty_prompt), both documented. So:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union, cast
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -23,17 +23,17 @@ from nanoslg.sampling_params import MAX_LOGPROBS, SamplingParams
 INT32_MAX = 2 ** 31 - 1
 
 
-def _integral(v):
+def _integral(v: Any) -> Any:
     # JSON Schema's "integer" includes 64.0; strict mode would refuse it, yet still refuses true and "64"
     return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
-def Int(ge: int, le: int):
-    """A bounded integer (the bounds inside the annotation, or pydantic would publish them as "ge"/"le")."""
-    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_integral)]
-
-
-TokenId = Int(0, INT32_MAX)
+# Bounded integers: the bounds inside the annotation, or pydantic would publish them as "ge"/"le". Spelled out as
+# aliases (no function making them): a type checker only reads an annotation written out.
+_INTEGRAL = BeforeValidator(_integral)
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX), _INTEGRAL]
+PositiveInt32 = Annotated[int, Field(ge=1, le=INT32_MAX), _INTEGRAL]
+NumLogprobs = Annotated[int, Field(ge=0, le=MAX_LOGPROBS), _INTEGRAL]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 # An empty text prompt tokenizes to nothing (SmolLM2 and Llama 3 tokenizers add no BOS): vLLM refuses it too.
 NonEmptyStr = Annotated[str, Field(min_length=1)]
@@ -71,7 +71,8 @@ class ToolCall(_Strict):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
-    index: Optional[Int(0, 1024)] = None  # present when a client rebuilt the call from streamed deltas
+    # present when a client rebuilt the call from streamed deltas
+    index: Optional[Annotated[int, Field(ge=0, le=1024), _INTEGRAL]] = None
 
 
 class ChatMessage(_Strict):
@@ -101,9 +102,9 @@ class ChatMessage(_Strict):
             return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
-    def to_template(self) -> dict:
+    def to_template(self) -> dict[str, Any]:
         role = "system" if self.role == "developer" else self.role  # OpenAI's newer name for the system role
-        out: dict = {"role": role, "content": self.text()}
+        out: dict[str, Any] = {"role": role, "content": self.text()}
         if self.tool_calls:
             out["tool_calls"] = [{"id": c.id, "type": "function",
                                   "function": {"name": c.function.name, "arguments": c.function.arguments}}
@@ -133,19 +134,24 @@ class ResponseFormat(_Strict):
         return self
 
 
+# The default of a key either given with a value or absent: None, typed Any so that the field's own type leaves null
+# out (schema and validator refuse a null there)
+_ABSENT: Any = None
+
+
 class StructuredOutputs(_Strict):
     """vLLM's extension: exactly one of these constrains the output."""
     model_config = ConfigDict(extra="forbid", strict=True,
                               json_schema_extra={"minProperties": 1, "maxProperties": 1})
     # typed without null (a default of None is not validated): the schema says a key is given with a value
-    json_: Union[dict[str, Any], str] = Field(None, alias="json", description="a JSON schema")
-    json_object: Literal[True] = None
-    regex: NonEmptyStr = None
-    choice: Annotated[list[NonEmptyStr], Field(min_length=1)] = None
-    grammar: NonEmptyStr = Field(None, description="EBNF (GBNF) with a root rule")
-    structural_tag: Union[dict[str, Any], str] = Field(None, description="xgrammar's structural tag")
+    json_: Union[dict[str, Any], str] = Field(_ABSENT, alias="json", description="a JSON schema")
+    json_object: Literal[True] = _ABSENT
+    regex: NonEmptyStr = _ABSENT
+    choice: Annotated[list[NonEmptyStr], Field(min_length=1)] = _ABSENT
+    grammar: NonEmptyStr = Field(_ABSENT, description="EBNF (GBNF) with a root rule")
+    structural_tag: Union[dict[str, Any], str] = Field(_ABSENT, description="xgrammar's structural tag")
 
-    def spec(self) -> dict:
+    def spec(self) -> dict[str, Any]:
         return {"json": self.json_, "json_object": self.json_object, "regex": self.regex, "choice": self.choice,
                 "grammar": self.grammar, "structural_tag": self.structural_tag}
 
@@ -171,7 +177,7 @@ class NamedToolChoice(_Strict):
     function: NamedFunction
 
 
-def _check_vocab(ids: list, info: ValidationInfo) -> None:
+def _check_vocab(ids: list[int], info: ValidationInfo) -> None:
     served = info.context
     if isinstance(served, ServedModel):
         bad = next((t for t in ids if t >= served.vocab_size), None)
@@ -185,12 +191,12 @@ class _Sampling(_Strict):
     model: Optional[str] = Field(None, description="the served model's id (GET /v1/models); null: that model")
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: Int(-1, INT32_MAX) = Field(0, description="0 or -1: no top-k")
+    top_k: Annotated[int, Field(ge=-1, le=INT32_MAX), _INTEGRAL] = Field(0, description="0 or -1: no top-k")
     min_p: float = Field(0.0, ge=0, le=1)
-    n: Int(1, 16) = 1
+    n: Annotated[int, Field(ge=1, le=16), _INTEGRAL] = 1
     stop: Union[NonEmptyStr, Annotated[list[NonEmptyStr], Field(max_length=16)], None] = None
     stop_token_ids: Optional[list[TokenId]] = None
-    seed: Optional[Int(-2 ** 63, 2 ** 63 - 1)] = None
+    seed: Optional[Annotated[int, Field(ge=-2 ** 63, le=2 ** 63 - 1), _INTEGRAL]] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
@@ -209,7 +215,7 @@ class _Sampling(_Strict):
         return v
 
     def sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int], seed_offset: int,
-                        structured: Optional[dict] = None) -> SamplingParams:
+                        structured: Optional[dict[str, Any]] = None) -> SamplingParams:
         return SamplingParams(structured_outputs=structured,
 
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
@@ -225,25 +231,25 @@ class _Sampling(_Strict):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: Optional[Int(1, INT32_MAX)] = None
-    max_completion_tokens: Optional[Int(1, INT32_MAX)] = None
+    max_tokens: Optional[PositiveInt32] = None
+    max_completion_tokens: Optional[PositiveInt32] = None
     logprobs: bool = False
-    top_logprobs: Optional[Int(0, MAX_LOGPROBS)] = None
+    top_logprobs: Optional[NumLogprobs] = None
     tools: Optional[Annotated[list[Tool], Field(min_length=1, max_length=128)]] = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = Field(
         None, description="unset: auto with tools, none without; needs tools")
     parallel_tool_calls: bool = True
 
-    def conversation(self) -> list:
+    def conversation(self) -> list[dict[str, Any]]:
         return [m.to_template() for m in self.messages]
 
-    def to_sampling_params(self, index: int, structured: Optional[dict] = None) -> SamplingParams:
+    def to_sampling_params(self, index: int, structured: Optional[dict[str, Any]] = None) -> SamplingParams:
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self.sampling_params(self.max_completion_tokens or self.max_tokens, logprobs, index, structured)
 
 
-_ECHO_WITH_LOGPROBS = {"required": ["echo", "logprobs"],
-                       "properties": {"echo": {"const": True}, "logprobs": {"type": "integer"}}}
+_ECHO_WITH_LOGPROBS: dict[str, Any] = {"required": ["echo", "logprobs"],
+                                       "properties": {"echo": {"const": True}, "logprobs": {"type": "integer"}}}
 
 
 class CompletionRequest(_Sampling):
@@ -252,8 +258,8 @@ class CompletionRequest(_Sampling):
 
     prompt: Union[NonEmptyStr, Annotated[list[NonEmptyStr], Field(min_length=1)], TokenIds,
                   Annotated[list[TokenIds], Field(min_length=1)]]
-    max_tokens: Optional[Int(1, INT32_MAX)] = 16
-    logprobs: Optional[Int(0, MAX_LOGPROBS)] = None
+    max_tokens: Optional[PositiveInt32] = 16
+    logprobs: Optional[NumLogprobs] = None
     echo: bool = False
 
     @field_validator("prompt")
@@ -273,14 +279,14 @@ class CompletionRequest(_Sampling):
             raise ValueError("echo together with logprobs is not supported")
         return self
 
-    def prompts(self) -> list:
+    def prompts(self) -> list[Union[str, list[int]]]:
         """Each prompt as a str or a list of token ids."""
         p = self.prompt
         if isinstance(p, str):
             return [p]
         if p and isinstance(p[0], int):
             return [p]
-        return list(p)
+        return list(cast("Union[list[str], list[list[int]]]", p))  # not token ids (returned above)
 
-    def to_sampling_params(self, index: int, structured: Optional[dict] = None) -> SamplingParams:
+    def to_sampling_params(self, index: int, structured: Optional[dict[str, Any]] = None) -> SamplingParams:
         return self.sampling_params(self.max_tokens, self.logprobs, index, structured)

@@ -16,7 +16,7 @@ import os
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from nanoslg import structured_outputs as so
 from nanoslg.server.schemas import ChatCompletionRequest, NamedToolChoice
@@ -33,21 +33,22 @@ class StructuredOutputError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class OutputPlan:
-    spec: Optional[dict] = None  # the engine's structured_outputs
+    spec: Optional[dict[str, Any]] = None  # the engine's structured_outputs
     tools: str = "none"  # none | auto | named | required: how the text becomes tool calls
     function: Optional[str] = None  # the named function
     parser: Optional[str] = None  # auto: the model's tool-call format
-    checks: tuple = field(default=())  # (param, spec) pairs the grammar builder must accept
+    checks: tuple[tuple[str, dict[str, Any]], ...] = field(default=())  # (param, spec) the grammar builder must accept
 
 
-def _arguments_schema(parameters: Optional[dict]) -> dict:
+def _arguments_schema(parameters: Optional[dict[str, Any]]) -> dict[str, Any]:
     return parameters if parameters else {"type": "object"}
 
 
 def plan_output(body, parser: str) -> OutputPlan:
     """What body asks of its output; raises StructuredOutputError for what cannot be built."""
     rf = body.response_format
-    spec, param = None, None
+    spec: Optional[dict[str, Any]] = None
+    param = ""  # the field spec comes from, set with it
     if rf is not None and rf.type == "json_object":
         spec, param = {"json_object": True}, "response_format"
     elif rf is not None and rf.type == "json_schema":
@@ -61,7 +62,7 @@ def plan_output(body, parser: str) -> OutputPlan:
             spec = so.normalize(body.structured_outputs.spec())
         except ValueError as e:
             raise StructuredOutputError(str(e), param, "invalid_grammar") from None
-    checks = [(param, spec)] if spec is not None else []
+    checks: list[tuple[str, dict[str, Any]]] = [(param, spec)] if spec is not None else []
     if not isinstance(body, ChatCompletionRequest):
         return OutputPlan(spec, checks=tuple(checks))
     if body.tool_choice is not None and not body.tools:
@@ -84,7 +85,7 @@ def plan_output(body, parser: str) -> OutputPlan:
                                         f"among the tools", "tool_choice", "unknown_tool")
         return OutputPlan({"json": json.dumps(_arguments_schema(fn.parameters))}, "named", fn.name,
                           checks=tuple(checks))
-    calls = {"type": "array", "minItems": 1, "items": {"anyOf": []}, "$defs": {}}
+    calls: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": []}, "$defs": {}}
     for i, t in enumerate(tools):
         # each tool's arguments schema moves under $defs, its own $defs beside it and its $refs renamed to
         # match: a schema's "#/$defs/..." refers to its root, which is no longer the root once nested
@@ -97,7 +98,7 @@ def plan_output(body, parser: str) -> OutputPlan:
     return OutputPlan(spec, "required", checks=tuple(checks) + (("tools", spec),))
 
 
-def _lift_definitions(schema: dict, name: str, defs: dict) -> dict:
+def _lift_definitions(schema: dict[str, Any], name: str, defs: dict[str, Any]) -> dict[str, Any]:
     """Puts schema (with its own $defs / definitions, renamed name_*) into defs; returns a $ref to it."""
     own = {**schema.get("definitions", {}), **schema.get("$defs", {})}
     renames = {f"#/{kind}/{key}": f"#/$defs/{name}_{key}" for kind in ("$defs", "definitions") for key in own}
@@ -148,10 +149,10 @@ class GrammarChecker:
                 self.ok.popitem(last=False)
 
 
-def chat_templates(path: str) -> list:
+def chat_templates(path: str) -> list[str]:
     """Every chat template a model folder holds (tokenizer_config.json's, named ones included, and
     chat_template.jinja): which tool-call format the model writes is read from them."""
-    out = []
+    out: list[str] = []
     try:
         with open(os.path.join(path, "tokenizer_config.json")) as f:
             t = json.load(f).get("chat_template")
@@ -177,27 +178,38 @@ class ToolCallOutput:
 
     def __init__(self, plan: OutputPlan):
         self.plan = plan
-        self.stream = ToolCallStream(plan.parser) if plan.tools == "auto" else None
+        self.stream = ToolCallStream(self._parser()) if plan.tools == "auto" else None
         self.text = ""  # required: the array so far
         self.pos = 0  # required: where the next call of the array starts
         self.num_calls = 0
 
-    def whole(self, text: str, finish: Optional[str]) -> tuple:
+    def _parser(self) -> str:
+        assert self.plan.parser is not None  # plan_output gives every auto plan its parser
+        return self.plan.parser
+
+    def _function(self) -> str:
+        assert self.plan.function is not None  # plan_output gives every named plan its function
+        return self.plan.function
+
+    def whole(self, text: str, finish: Optional[str]) -> tuple[Optional[str], list[dict[str, Any]], Optional[str]]:
         """(content or None, tool calls, finish_reason) of a whole reply."""
         mode = self.plan.tools
+        content: Optional[str]
+        calls: list[ToolCall]
         if mode == "auto":
-            content, calls = parse_tool_calls(self.plan.parser, text)
+            content, calls = parse_tool_calls(self._parser(), text)
             content = content or None
         elif mode == "named":
-            content, calls = None, [ToolCall(self.plan.function, text)]
+            content, calls = None, [ToolCall(self._function(), text)]
         else:
             calls = self._array_calls(text)
             content = None if calls else text
         return content, [c.to_openai() for c in calls], self._finish_reason(finish, bool(calls))
 
-    def _array_calls(self, text: str) -> list:
+    def _array_calls(self, text: str) -> list[ToolCall]:
         """The complete calls of a required reply's JSON array, from self.pos on (advancing it)."""
-        calls, decoder = [], json.JSONDecoder()
+        calls: list[ToolCall] = []
+        decoder = json.JSONDecoder()
         while True:
             i = self.pos
             while i < len(text) and text[i] in "[, \n\t":
@@ -215,10 +227,11 @@ class ToolCallOutput:
     def _finish_reason(finish: Optional[str], called: bool) -> Optional[str]:
         return "tool_calls" if called and finish == "stop" else finish
 
-    def feed(self, text: str) -> tuple:
+    def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
         """(content delta, tool-call deltas) for a streamed piece of text."""
         mode = self.plan.tools
         if mode == "auto":
+            assert self.stream is not None  # made for every auto plan
             content, calls = self.stream.feed(text)
             return content, self._deltas(calls)
         if not text:
@@ -226,7 +239,7 @@ class ToolCallOutput:
         if mode == "named":  # the text is the arguments: they stream as they come
             if self.num_calls == 0:
                 self.num_calls = 1
-                call = ToolCall(self.plan.function, "")
+                call = ToolCall(self._function(), "")
                 return "", [{"index": 0, "id": call.id, "type": "function",
                              "function": {"name": call.name, "arguments": text}}]
             return "", [{"index": 0, "function": {"arguments": text}}]
@@ -235,18 +248,20 @@ class ToolCallOutput:
             return "", []
         return "", self._deltas(self._array_calls(self.text))
 
-    def finish(self, finish: Optional[str]) -> tuple:
+    def finish(self, finish: Optional[str]) -> tuple[str, list[dict[str, Any]], Optional[str]]:
         """(content, tool-call deltas, finish_reason) when the choice ends."""
-        content, deltas = "", []
+        content = ""
+        deltas: list[dict[str, Any]] = []
         if self.plan.tools == "auto":
+            assert self.stream is not None  # made for every auto plan
             content, calls = self.stream.finish()
             deltas = self._deltas(calls)
         elif self.plan.tools == "required" and self.num_calls == 0:
             content = self.text  # not even one complete call
         return content, deltas, self._finish_reason(finish, self.num_calls > 0)
 
-    def _deltas(self, calls: list) -> list:
-        out = []
+    def _deltas(self, calls: list[ToolCall]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
         for c in calls:
             out.append({"index": self.num_calls, "id": c.id, "type": "function",
                         "function": {"name": c.name, "arguments": c.arguments}})

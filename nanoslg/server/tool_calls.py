@@ -12,6 +12,7 @@ import json
 import re
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 PARSERS = ("hermes", "llama3_json", "mistral")
 
@@ -55,7 +56,7 @@ class ToolCall:
     arguments: str  # JSON text of the arguments object
     id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
 
-    def to_openai(self) -> dict:
+    def to_openai(self) -> dict[str, Any]:
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
@@ -88,7 +89,9 @@ def _call_from_json(text: str) -> ToolCall | None:
 
 
 def _skip_ws(s: str, pos: int) -> int:
-    return _WS.match(s, pos).end()
+    m = _WS.match(s, pos)
+    assert m is not None  # \s* matches anywhere, if only the empty string
+    return m.end()
 
 
 def _decode(s: str, pos: int):
@@ -151,7 +154,8 @@ def _llama_scan(text: str, final: bool):
         s = s[len(_PYTHON_TAG):]
     elif _PYTHON_TAG.startswith(s):
         return _BAD if final else None
-    calls, pos = [], _skip_ws(s, 0)
+    calls: list[ToolCall] = []
+    pos = _skip_ws(s, 0)
     while True:
         if pos == len(s):
             return (calls or _BAD) if final else None
@@ -211,11 +215,12 @@ class ToolCallStream:
             return self._scan(final=True)
         text, self._buf = self._buf, ""
         calls = _BAD if self._plain else _llama_scan(text, final=True)
-        return ("", calls) if calls is not _BAD else (text, [])
+        return ("", calls) if isinstance(calls, list) else (text, [])  # final: a list of calls or _BAD
 
     def _scan(self, final: bool) -> tuple[str, list[ToolCall]]:
         opener = _HERMES_OPEN if self.parser == "hermes" else _MISTRAL
-        content, calls = [], []
+        content: list[str] = []
+        calls: list[ToolCall] = []
         while True:
             if not self._in_call:
                 i = self._buf.find(opener)
@@ -270,7 +275,7 @@ def parse_tool_calls(parser: str, text: str) -> tuple[str, list[ToolCall]]:
     return ((content + rest).strip(), calls) if calls else (text, [])
 
 
-def fallback_tools_prompt(tools: list[dict]) -> str:
+def fallback_tools_prompt(tools: list[dict[str, Any]]) -> str:
     """A system-prompt text for templates without tool support: lists the tools (OpenAI `tools` entries:
     {"type":"function","function":{"name","description","parameters"}}) as JSON and tells the model to answer a
     call as <tool_call>{"name": ..., "arguments": {...}}</tool_call> (Hermes style)."""
@@ -292,7 +297,7 @@ def _text(content) -> str:
     return str(content)
 
 
-def messages_for_template(messages: list[dict], supports_tools: bool) -> list[dict]:
+def messages_for_template(messages: list[dict[str, Any]], supports_tools: bool) -> list[dict[str, Any]]:
     """OpenAI chat messages -> what the chat template gets. Assistant `tool_calls` entries get their
     `function.arguments` JSON string parsed into a dict when it is a JSON object (HF templates expect a dict);
     `content: None` becomes "". Without template tool support: an assistant message's tool_calls are appended to
@@ -302,7 +307,7 @@ def messages_for_template(messages: list[dict], supports_tools: bool) -> list[di
 
     Without tool support, consecutive tool messages (parallel calls) merge into one user message: many such
     templates insist that user and assistant turns alternate."""
-    out: list[dict] = []
+    out: list[dict[str, Any]] = []
     after_tool = False
     for msg in messages:
         msg = copy.deepcopy(msg)
