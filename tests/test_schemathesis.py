@@ -1,5 +1,5 @@
 """schemathesis (property-based API testing) against a live `nanoslg serve`: every operation of /openapi.json, all
-checks, over a thousand generated cases. A failure here means the published schema and the server disagree (or
+checks, over 800 generated cases. A failure here means the published schema and the server disagree (or
 the server answered 5xx): fix the server or the schema, not the check.
 
 This module is also the CLI's hooks module (SCHEMATHESIS_HOOKS=test_schemathesis): it registers the one argued
@@ -19,7 +19,9 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance  # noqa: 
 from server_utils import Server  # noqa: E402
 
 KEY = "fuzz-key"  # with a key, the ignored_auth check has something to test
-MAX_EXAMPLES = 250  # fuzzing cases per operation: with the coverage phase, about 1200 cases in all
+# fuzzing cases per operation: with the coverage phase, about 1100 cases in all (2 to 3 minutes alone on two cores;
+# 250 took up to 8 minutes in the full suite for a few more cases)
+MAX_EXAMPLES = 120
 
 
 # The codes of the 400s a schema-valid body can get (nanoslg/errors.py): a prompt's length in tokens
@@ -86,5 +88,5 @@ def test_schemathesis_finds_no_disagreement(tiny_chat_model, tmp_path):
     # every operation but GET /openapi.json, which schemathesis leaves out as the schema's own address
     assert report["operations"]["tested"] == report["operations"]["total"] >= 7, output[-5000:]
     assert not report["failures"] and not report["errors"], output[-20000:]
-    assert report["test_cases"]["generated"] >= 1000, output[-5000:]
+    assert report["test_cases"]["generated"] >= 800, output[-5000:]
     assert run.returncode == 0, output[-5000:]
