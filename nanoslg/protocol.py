@@ -1,75 +1,31 @@
-"""Every message exchanged between nanoslg processes, and their msgpack codec.
-
-Each message is a slotted dataclass registered under a unique type tag. Token-id sequences travel as
-``array('i')`` (packed int32 bytes on the wire). ``decode`` rejects unknown tags and oversized frames, so a
-confused or hostile peer cannot make a process allocate without bound or act on a message it does not know.
-Decoding fills a message's fields without running its constructor: what was validated where it entered the engine
-(SamplingParams, at the API edge or in the offline API) is not validated again in every process it crosses.
+"""Every message exchanged between nanoslg processes: slotted dataclasses registered under a unique type tag, which
+the codec (codec.py) encodes and decodes. Token-id sequences are ``array('i')``.
 """
 from __future__ import annotations
 
-import dataclasses
 from array import array
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, TypeVar
+from dataclasses import field
+from typing import Any, Iterable, Optional
 
-import msgpack
-from typing_extensions import dataclass_transform
-
+from nanoslg import codec
+from nanoslg.codec import ProtocolError as ProtocolError
+from nanoslg.codec import encode as encode
+from nanoslg.codec import message, register
 from nanoslg.sampling_params import SamplingParams
 
-_T = TypeVar("_T")
-MAX_FRAME_BYTES = 256 * 1024 * 1024
-
-_EXT_MESSAGE = 1
-_EXT_INT32 = 2
-
-_TAGS: dict[str, type] = {}
-# per message type: its field names, and for each a factory of its default (None: the field is required)
-_FIELDS: dict[type, tuple[tuple[str, ...], tuple[Any, ...]]] = {}
-# messages whose constructor validates, decoded without running it: a generated function assigns every field
-_VALIDATING: dict[type, Any] = {}
+MAX_FRAME_BYTES = 256 * 1024 * 1024  # a larger frame is refused before it is unpacked
 
 
-def _field_setter(names: tuple[str, ...]) -> Any:
-    args = ", ".join(names)
-    body = "".join(f"    obj.{n} = {n}\n" for n in names)
-    scope: dict[str, Any] = {}
-    exec(f"def assign(obj, {args}):\n{body}    return obj\n", scope)  # noqa: S102 - names come from dataclasses
-    return scope["assign"]
-
-
-def _register(cls: type[_T]) -> type[_T]:
-    tag = cls.__name__
-    if tag in _TAGS:
-        raise TypeError(f"duplicate message tag {tag}")
-    _TAGS[tag] = cls
-    fields = dataclasses.fields(cls)  # type: ignore[arg-type]  # every message is a dataclass
-    if hasattr(cls, "__post_init__"):
-        _VALIDATING[cls] = _field_setter(tuple(f.name for f in fields))
-    _FIELDS[cls] = (tuple(f.name for f in fields), tuple(
-        (lambda v=f.default: v) if f.default is not dataclasses.MISSING else
-        f.default_factory if f.default_factory is not dataclasses.MISSING else None for f in fields))
-    return cls
-
-
-@dataclass_transform()
-def message(cls: type[_T]) -> type[_T]:
-    """Register a dataclass as a wire message under its class name."""
-    return _register(dataclass(slots=True)(cls))
-
+def decode(frame: bytes) -> Any:
+    return codec.decode(frame, MAX_FRAME_BYTES)
 
 # Defined beside its validation (sampling_params.py), sent as it is: one typed object from the edge to the sampler.
-_register(SamplingParams)
+register(SamplingParams)
 
 
 def token_ids(ids: Iterable[int] = ()) -> array[int]:
     """The wire type for token-id sequences."""
     return ids if isinstance(ids, array) and ids.typecode == "i" else array("i", ids)
-
-
-class ProtocolError(ValueError):
-    pass
 
 
 # ---------------------------------------------------------------- process lifecycle
@@ -318,86 +274,3 @@ class ServerState:
     detail: str = ""
     num_restarts: int = 0
     pids: dict[str, int] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------- codec
-def _default(obj: Any) -> msgpack.ExtType:
-    if isinstance(obj, array):
-        if obj.typecode != "i":
-            raise TypeError(f"only int32 arrays travel, got typecode {obj.typecode!r}")
-        return msgpack.ExtType(_EXT_INT32, obj.tobytes())
-    cls = type(obj)
-    layout = _FIELDS.get(cls)
-    if layout is not None:
-        return msgpack.ExtType(_EXT_MESSAGE, _pack([cls.__name__, *[getattr(obj, n) for n in layout[0]]]))
-    raise TypeError(f"cannot encode {cls.__name__}")
-
-
-def _ext_hook(code: int, data: bytes) -> Any:
-    if code == _EXT_INT32:
-        out = array("i")
-        out.frombytes(data)
-        return out
-    if code == _EXT_MESSAGE:
-        tag, *values = msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
-        cls = _TAGS.get(tag)
-        if cls is None:
-            raise ProtocolError(f"unknown message tag {tag!r}")
-        assign = _VALIDATING.get(cls)
-        if assign is None:  # a plain dataclass constructor only assigns: the quickest way in
-            try:
-                return cls(*values)
-            except TypeError as e:
-                raise ProtocolError(f"malformed {tag}: {e}") from None
-        names, defaults = _FIELDS[cls]
-        if len(values) == len(names):
-            return assign(object.__new__(cls), *values)
-        if len(values) > len(names):
-            raise ProtocolError(f"malformed {tag}: {len(values)} fields, it has {len(names)}")
-        msg: Any = object.__new__(cls)
-        for i, name in enumerate(names):
-            if i < len(values):
-                value = values[i]
-            elif defaults[i] is None:
-                raise ProtocolError(f"malformed {tag}: no {name}")
-            else:
-                value = defaults[i]()
-            object.__setattr__(msg, name, value)
-        return msg
-    raise ProtocolError(f"unknown extension type {code}")
-
-
-# a Packer per nesting level in use: making one per nested message costs more than packing
-_idle_packers: list[msgpack.Packer] = []
-
-
-def _pack(obj: Any) -> bytes:
-    packer = _idle_packers.pop() if _idle_packers else msgpack.Packer(default=_default, use_bin_type=True)
-    try:
-        packed: bytes = packer.pack(obj)
-        return packed
-    except BaseException:
-        packer.reset()
-        raise
-    finally:
-        _idle_packers.append(packer)
-
-
-def encode(msg: Any) -> bytes:
-    if type(msg) not in _FIELDS:
-        raise TypeError(f"{type(msg).__name__} is not a registered message")
-    return _pack(msg)
-
-
-def decode(frame: bytes) -> Any:
-    if len(frame) > MAX_FRAME_BYTES:
-        raise ProtocolError(f"frame of {len(frame)} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
-    try:
-        msg = msgpack.unpackb(frame, ext_hook=_ext_hook, raw=False, strict_map_key=False)
-    except ProtocolError:
-        raise
-    except Exception as e:
-        raise ProtocolError(f"undecodable frame: {e}") from None
-    if type(msg) not in _FIELDS:
-        raise ProtocolError(f"frame is not a tagged message: {type(msg).__name__}")
-    return msg
