@@ -124,38 +124,6 @@ class EngineConfig:
         settings.update(self._tuned_settings(model, spec))
         return ResolvedConfig(**settings)._checked()
 
-    def _checked(self) -> "ResolvedConfig":
-        assert isinstance(self, ResolvedConfig)
-        checks = [
-            (self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}"),
-            (self.load_format in ("auto", "dummy"), "load_format", "must be auto or dummy"),
-            (self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda"),
-            ((self.max_model_len or 0) >= 1, "max_model_len", "must be >= 1"),
-            ((self.max_num_seqs or 0) >= 1, "max_num_seqs", "must be >= 1"),
-            ((self.max_num_batched_tokens or 0) >= 1, "max_num_batched_tokens", "must be >= 1"),
-            (self.running_target is None or self.running_target >= 1, "running_target", "must be >= 1"),
-            (self.dense_batch_tokens is None or self.dense_batch_tokens >= 1, "dense_batch_tokens", "must be >= 1"),
-            ((self.nano_batches or 0) >= 1, "nano_batches", "must be >= 1"),
-            (self.nano_overlap in tuned_config.NANO_OVERLAPS, "nano_overlap",
-             f"must be one of {', '.join(tuned_config.NANO_OVERLAPS)}"),
-            (self.op_timing_every >= 0, "op_timing_every", "must be >= 0"),
-            (self.page_size >= 1, "page_size", "must be >= 1"),
-            (self.num_kv_pages is None or self.num_kv_pages >= 1, "num_kv_pages", "must be >= 1"),
-            (0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]"),
-            (self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1"),
-            (self.pipeline_parallel_size >= 1, "pipeline_parallel_size", "must be >= 1"),
-            (self.nnodes >= 1, "nnodes", "must be >= 1"),
-            (self.node_join_timeout_s > 0, "node_join_timeout_s", "must be > 0"),
-            (self.log_format in ("text", "json"), "log_format", "must be text or json"),
-            (self.attention_backend in ("auto", "sdpa", "flashinfer"), "attention_backend",
-             "must be auto, sdpa or flashinfer"),
-        ]
-        for ok, name, what in checks:
-            if not ok:
-                raise ConfigError(f"{name} {what}, got {getattr(self, name)!r}")
-        self._check_layout(self.model_spec)
-        return self
-
     def _tuned_settings(self, model: str, spec: ModelSpec) -> dict[str, Any]:
         """The settings left unset, from the tuned config for this model, device and layout (or the file given),
         then from the built-in defaults."""
@@ -185,9 +153,78 @@ class EngineConfig:
                 out[key] = value
         return out
 
-    def _check_layout(self, spec: ModelSpec) -> None:
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["model_spec"] = dataclasses.asdict(self.model_spec) if self.model_spec else None
+        return d
+
+    def to_arg(self) -> str:
+        """The config as one command-line argument for a child process."""
+        return json.dumps(self.to_dict())
+
+    @staticmethod
+    def from_arg(arg: str) -> "EngineConfig":
+        return EngineConfig.from_dict(json.loads(arg))
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "EngineConfig":
+        """The config to_dict() wrote: a ResolvedConfig when it was one."""
+        d = dict(d)
+        spec = d.pop("model_spec", None)
+        if spec and all(d.get(name) is not None for name in _RESOLVED_SETTINGS):
+            return ResolvedConfig(**d, model_spec=ModelSpec(**spec))
+        return EngineConfig(**d)
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedConfig(EngineConfig):
+    """An EngineConfig after resolve(), the one every process gets: the settings that may be left unset in an
+    EngineConfig are known here (keyword-only and without defaults, so none can be forgotten)."""
+
+    model: str = dataclasses.field(kw_only=True)
+    tokenizer: str = dataclasses.field(kw_only=True)
+    max_model_len: int = dataclasses.field(kw_only=True)
+    max_num_seqs: int = dataclasses.field(kw_only=True)
+    max_num_batched_tokens: int = dataclasses.field(kw_only=True)
+    nano_batches: int = dataclasses.field(kw_only=True)
+    nano_overlap: str = dataclasses.field(kw_only=True)
+    sequence_parallel: bool = dataclasses.field(kw_only=True)
+    model_spec: ModelSpec = dataclasses.field(kw_only=True)
+
+    def _checked(self) -> "ResolvedConfig":
+        checks = [
+            (self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}"),
+            (self.load_format in ("auto", "dummy"), "load_format", "must be auto or dummy"),
+            (self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda"),
+            (self.max_model_len >= 1, "max_model_len", "must be >= 1"),
+            (self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1"),
+            (self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1"),
+            (self.running_target is None or self.running_target >= 1, "running_target", "must be >= 1"),
+            (self.dense_batch_tokens is None or self.dense_batch_tokens >= 1, "dense_batch_tokens", "must be >= 1"),
+            (self.nano_batches >= 1, "nano_batches", "must be >= 1"),
+            (self.nano_overlap in tuned_config.NANO_OVERLAPS, "nano_overlap",
+             f"must be one of {', '.join(tuned_config.NANO_OVERLAPS)}"),
+            (self.op_timing_every >= 0, "op_timing_every", "must be >= 0"),
+            (self.page_size >= 1, "page_size", "must be >= 1"),
+            (self.num_kv_pages is None or self.num_kv_pages >= 1, "num_kv_pages", "must be >= 1"),
+            (0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]"),
+            (self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1"),
+            (self.pipeline_parallel_size >= 1, "pipeline_parallel_size", "must be >= 1"),
+            (self.nnodes >= 1, "nnodes", "must be >= 1"),
+            (self.node_join_timeout_s > 0, "node_join_timeout_s", "must be > 0"),
+            (self.log_format in ("text", "json"), "log_format", "must be text or json"),
+            (self.attention_backend in ("auto", "sdpa", "flashinfer"), "attention_backend",
+             "must be auto, sdpa or flashinfer"),
+        ]
+        for ok, name, what in checks:
+            if not ok:
+                raise ConfigError(f"{name} {what}, got {getattr(self, name)!r}")
+        self.check_layout()
+        return self
+
+    def check_layout(self) -> None:
         """Refuse at startup any parallel layout the model cannot be split into, rather than compute nonsense."""
-        tp, pp = self.tensor_parallel_size, self.pipeline_parallel_size
+        spec, tp, pp = self.model_spec, self.tensor_parallel_size, self.pipeline_parallel_size
         if spec.num_heads % tp:
             raise ConfigError(f"{spec.num_heads} attention heads do not split over tensor_parallel_size={tp}")
         if spec.num_kv_heads % tp and tp % spec.num_kv_heads:
@@ -212,44 +249,6 @@ class EngineConfig:
                 raise ConfigError(f"--nnodes {self.nnodes} needs --dist-init-addr HOST:PORT (node 0's address, a "
                                   f"port below {65535 - CLUSTER_PORTS}), got {self.dist_init_addr!r}")
 
-    def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d["model_spec"] = dataclasses.asdict(self.model_spec) if self.model_spec else None
-        return d
-
-    def to_arg(self) -> str:
-        """The config as one command-line argument for a child process."""
-        return json.dumps(self.to_dict())
-
-    @staticmethod
-    def from_arg(arg: str) -> "EngineConfig":
-        return EngineConfig.from_dict(json.loads(arg))
-
-    @staticmethod
-    def from_dict(d: dict[str, Any]) -> "EngineConfig":
-        """The config to_dict() wrote: a ResolvedConfig when it was one."""
-        d = dict(d)
-        spec = d.pop("model_spec", None)
-        if spec:
-            return ResolvedConfig(**d, model_spec=ModelSpec(**spec))
-        return EngineConfig(**d)
-
-
-@dataclass(frozen=True, slots=True)
-class ResolvedConfig(EngineConfig):
-    """An EngineConfig after resolve(), the one every process gets: the settings that may be left unset in an
-    EngineConfig are known here (keyword-only and without defaults, so none can be forgotten)."""
-
-    model: str = dataclasses.field(kw_only=True)
-    tokenizer: str = dataclasses.field(kw_only=True)
-    max_model_len: int = dataclasses.field(kw_only=True)
-    max_num_seqs: int = dataclasses.field(kw_only=True)
-    max_num_batched_tokens: int = dataclasses.field(kw_only=True)
-    nano_batches: int = dataclasses.field(kw_only=True)
-    nano_overlap: str = dataclasses.field(kw_only=True)
-    sequence_parallel: bool = dataclasses.field(kw_only=True)
-    model_spec: ModelSpec = dataclasses.field(kw_only=True)
-
     @staticmethod
     def from_arg(arg: str) -> "ResolvedConfig":
         """The config a parent process passed with to_arg()."""
@@ -261,3 +260,7 @@ class ResolvedConfig(EngineConfig):
         if not isinstance(cfg, ResolvedConfig):
             raise ConfigError("a child process needs a resolved engine config")
         return cfg
+
+
+# the settings an EngineConfig may leave unset and a ResolvedConfig always has (besides model_spec)
+_RESOLVED_SETTINGS = tuple(f.name for f in dataclasses.fields(ResolvedConfig) if f.kw_only and f.name != "model_spec")

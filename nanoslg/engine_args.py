@@ -110,5 +110,5 @@ def engine_config_from_args(args) -> EngineConfig:
 def engine_fields(cfg: EngineConfig) -> dict[str, Any]:
     """The user-set fields of cfg, as keyword arguments for LLM(...)."""
     resolved = ("model_spec", "run_dir", "device_name", "tuned_config_path")
-    # fields(), not __slots__: a ResolvedConfig's own __slots__ are empty (its fields are EngineConfig's slots)
+    # fields(), not __slots__: a subclass's __slots__ (ResolvedConfig's) need not list the fields its base holds
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in resolved}

@@ -36,8 +36,6 @@ class _PendingProfile:
 class SchedulerProcess:
     def __init__(self, cfg: ResolvedConfig, num_pages: int):
         self.cfg = cfg
-        # a resolved config: these are set
-        assert cfg.max_model_len is not None and cfg.max_num_seqs is not None and cfg.max_num_batched_tokens
         capacity = num_pages * cfg.page_size
         if capacity < cfg.max_model_len:
             raise ValueError(f"the KV cache holds {capacity} tokens ({num_pages} pages), fewer than "

@@ -137,16 +137,16 @@ def _run_known_delays(tmp_path, capsys):
 
 def test_completions_metrics_match_known_delays(tmp_path, capsys):
     # The client and the fake server share this process and its GIL: on a loaded 2-core CI machine one run's
-    # TTFT reached 372 ms. Load can only add delay, so the upper bounds hold the quickest of up to three runs.
+    # TTFT reached 372 ms. Load can only add delay, so the upper bounds need hold in one of up to three runs.
     runs = []
     for attempt in range(3):
         (tmp_path / str(attempt)).mkdir()
-        runs.append(_run_known_delays(tmp_path / str(attempt), capsys))
-        best = min(runs, key=lambda m: m["median_ttft_ms"] + m["median_e2el_ms"])
-        if best["median_ttft_ms"] <= 250 and best["median_e2el_ms"] <= 450:
-            break
-    assert best["median_ttft_ms"] <= 250 and best["median_e2el_ms"] <= 450, runs
-    assert best["median_itl_ms"] <= 60 and best["mean_tpot_ms"] <= 60, best
+        m = _run_known_delays(tmp_path / str(attempt), capsys)
+        runs.append(m)
+        if m["median_ttft_ms"] <= 250 and m["median_e2el_ms"] <= 450 and m["median_itl_ms"] <= 60 and \
+                m["mean_tpot_ms"] <= 60:
+            return
+    raise AssertionError(f"every run exceeded an upper bound: {runs}")
 
 
 def test_chat_skips_role_chunk_counts_chunks_without_usage(tmp_path):

@@ -11,8 +11,8 @@ from scenario import run_scenario
 
 LAYOUTS = {"single": {}, "tp2": dict(tensor_parallel_size=2), "pp2": dict(pipeline_parallel_size=2),
            "tp2pp2": dict(tensor_parallel_size=2, pipeline_parallel_size=2)}
-# Every family in TP2xPP2 (test_parallel leaves two of them out of it) and in one more layout, and every layout
-# with both nano-batch counts, in 10 engine runs rather than 32 (the CPU suite's time on two cores).
+# Every family in TP2xPP2 (test_parallel leaves two of them out of it) and in at least one other layout, and every
+# layout with both nano-batch counts, in 10 engine runs rather than 32 (the CPU suite's time on two cores).
 CASES = [("llama", "tp2pp2", 3), ("mistral", "tp2pp2", 2), ("qwen2", "tp2pp2", 3), ("qwen3", "tp2pp2", 2),
          ("llama", "single", 2), ("qwen3", "single", 3), ("mistral", "tp2", 3), ("qwen2", "tp2", 2),
          ("qwen3", "pp2", 2), ("llama", "pp2", 3)]

@@ -1,5 +1,5 @@
 """schemathesis (property-based API testing) against a live `nanoslg serve`: every operation of /openapi.json, all
-checks, over 800 generated cases. A failure here means the published schema and the server disagree (or
+checks, at least 800 generated cases. A failure here means the published schema and the server disagree (or
 the server answered 5xx): fix the server or the schema, not the check.
 
 This module is also the CLI's hooks module (SCHEMATHESIS_HOOKS=test_schemathesis): it registers the one argued

@@ -128,3 +128,17 @@ def test_tune_with_tensor_parallelism_weighs_nano_batching_and_sequence_parallel
     assert {tuple(s[3:6]) for s in doc["profile"]["steps"]} >= {(1, "none", False), (1, "none", True),
                                                                  (2, "network", False), (2, "network", True)}
     assert doc["engine"]["nano_batches"] == 1  # no streams on CPU
+
+
+def test_gpus_searches_only_the_layouts_the_model_splits_into(tiny_model_dir):
+    """`tune --gpus G` tries every tp x pp = G that the model can be split into (the check every engine makes at
+    startup)."""
+    from nanoslg.config import EngineConfig
+    from nanoslg.entrypoints.tune import _layouts
+
+    base = EngineConfig(model=tiny_model_dir("llama"), use_tuned_config=False).resolve()
+    # 4 query heads (no TP 8), 2 KV heads (replicated on 4 ranks), 3 layers (no 4 stages)
+    assert _layouts(base, 4) == [(2, 2), (4, 1)]
+    assert _layouts(base, 3) == [(1, 3)]
+    assert _layouts(base, 8) == [(4, 2)]
+    assert _layouts(base, 16) == []

@@ -2,13 +2,15 @@
 more processes on the same listening socket (nanoslg/server/api_servers.py)."""
 from __future__ import annotations
 
-import logging
+import argparse
 import dataclasses
+import logging
 import os
 import shutil
 import sys
 import tempfile
 
+from nanoslg.config import EngineConfig
 from nanoslg.engine_args import add_engine_arguments, engine_config_from_args
 from nanoslg.logs import setup_logging
 from nanoslg.model_spec import ConfigError
@@ -75,7 +77,7 @@ def run_serve(args) -> int:
         shutil.rmtree(server_dir, ignore_errors=True)
 
 
-def _serve(args, cfg, count: int, server_dir: str) -> int:
+def _serve(args: argparse.Namespace, cfg: EngineConfig, count: int, server_dir: str) -> int:
     from nanoslg.launcher import EngineStartupError
     from nanoslg.server.api_servers import ApiServerPool, ApiServerStartupError, client_inbox
 

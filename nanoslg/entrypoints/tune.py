@@ -17,6 +17,7 @@ import time
 from typing import Any, Optional, cast
 
 from nanoslg import tuned_config
+from nanoslg.config import ResolvedConfig
 from nanoslg.engine_args import add_engine_arguments, engine_config_from_args, engine_fields
 from nanoslg.entrypoints.tune_model import Candidate, CostModel, search
 
@@ -53,7 +54,7 @@ def _workload(args, vocab_size: int, max_model_len: int) -> tuple[list[list[int]
     return prompts, outputs
 
 
-def _layouts(base, gpus: int) -> list[tuple[int, int]]:
+def _layouts(base: ResolvedConfig, gpus: int) -> list[tuple[int, int]]:
     """Every (tp, pp) with tp x pp = gpus that the model splits into."""
     from nanoslg.model_spec import ConfigError
 
@@ -62,7 +63,7 @@ def _layouts(base, gpus: int) -> list[tuple[int, int]]:
         if gpus % tp:
             continue
         try:
-            dataclasses.replace(base, tensor_parallel_size=tp, pipeline_parallel_size=gpus // tp)._check_layout()
+            dataclasses.replace(base, tensor_parallel_size=tp, pipeline_parallel_size=gpus // tp).check_layout()
             out.append((tp, gpus // tp))
         except ConfigError:
             continue
@@ -106,18 +107,17 @@ def run_tune(args) -> int:
     return 0
 
 
-def _tune_layout(args, base, tp: int, pp: int, bar) -> dict[str, Any]:
+def _tune_layout(args, base: ResolvedConfig, tp: int, pp: int, bar) -> dict[str, Any]:
     from nanoslg.entrypoints.debug import DebugClient
     from nanoslg.llm import LLM
 
     gpu = base.device_name != "cpu"
     max_running = args.max_running or (1024 if gpu else 64)
     max_tokens = base.max_num_batched_tokens if args.max_num_batched_tokens else (8192 if gpu else 512)
-    cfg = dataclasses.replace(base, tensor_parallel_size=tp, pipeline_parallel_size=pp, max_num_seqs=max_running,
-                              max_num_batched_tokens=max_tokens, running_target=None, dense_batch_tokens=None,
-                              nano_batches=1, enable_prefix_caching=False, model_spec=None, run_dir="")
+    fields = {**engine_fields(base), "tensor_parallel_size": tp, "pipeline_parallel_size": pp,
+              "max_num_seqs": max_running, "max_num_batched_tokens": max_tokens, "running_target": None,
+              "dense_batch_tokens": None, "nano_batches": 1, "enable_prefix_caching": False}
     bar.set_postfix_str(f"tp={tp} pp={pp}: starting the engine")
-    fields = engine_fields(cfg)
     with LLM(**fields) as llm, DebugClient(llm.config.run_dir, timeout_s=600) as debug:
         prompts, outputs = _workload(args, llm.config.model_spec.vocab_size, llm.config.max_model_len)
         mean_in, mean_out = sum(map(len, prompts)) / len(prompts), sum(outputs) / len(outputs)
@@ -158,7 +158,7 @@ def _tune_layout(args, base, tp: int, pp: int, bar) -> dict[str, Any]:
                      f"{best.measured_tokens_per_s:.0f} tok/s measured, best of {len(checked)} checked "
                      f"(predicted {best.predicted_tokens_per_s:.0f}); memory holds {mem_running} staggered requests of "
                      f"{mean_in:.0f} + {mean_out:.0f} tokens")
-    ident = tuned_config.identity(cfg.model, llm.config.model_spec, base.device_name, tp, pp)
+    ident = tuned_config.identity(base.model, llm.config.model_spec, base.device_name, tp, pp)
     engine = {"max_num_seqs": best.running_target, "running_target": best.running_target,
               "max_num_batched_tokens": max_tokens, "dense_batch_tokens": best.dense_batch_tokens,
               "nano_batches": best.nano_batches, "nano_overlap": best.nano_overlap,

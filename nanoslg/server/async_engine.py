@@ -19,7 +19,7 @@ import zmq
 import zmq.asyncio
 
 from nanoslg import ipc, protocol
-from nanoslg.config import ResolvedConfig
+from nanoslg.config import EngineConfig, ResolvedConfig
 from nanoslg.engine_client import EngineClient
 from nanoslg.protocol import AbortRequest, DebugReply, DebugStateQuery, GenerateRequest, OutputBatch, OutputDelta
 from nanoslg.server.queue_counts import QueueCounts
@@ -227,9 +227,10 @@ class SupervisedEngine(AsyncEngine):
     """The engine owned by this process: started here, watched by a supervisor task and restarted when one of its
     processes dies."""
 
-    def __init__(self, cfg: ResolvedConfig, max_queued_requests: int, max_waiting_requests: Optional[int] = None,
+    def __init__(self, settings: EngineConfig, max_queued_requests: int, max_waiting_requests: Optional[int] = None,
                  restart: bool = True, max_restarts: int = 3, restart_window_s: float = 300.0,
                  counts: Optional[QueueCounts] = None):
+        cfg = settings if isinstance(settings, ResolvedConfig) else settings.resolve()
         super().__init__(cfg, max_queued_requests, max_waiting_requests, counts=counts)
         self._base_cfg = cfg  # what each restart starts from (each engine gets its own run directory)
         self.client = EngineClient(cfg, self.ctx)  # blocks until every process is READY
