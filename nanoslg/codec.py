@@ -47,10 +47,11 @@ def register(cls: type[_T]) -> type[_T]:
         raise TypeError(f"duplicate message tag {tag}")
     _TAGS[tag] = cls
     fields = dataclasses.fields(cls)  # type: ignore[arg-type]  # every message is a dataclass
+    names = tuple(f.name for f in fields)
     if hasattr(cls, "__post_init__"):
-        _VALIDATING[cls] = _field_setter(tuple(f.name for f in fields))
-    _WIRE[cls] = _generated(f"def f(obj):\n    return [{tag!r}, {''.join(f'obj.{f.name}, ' for f in fields)}]\n")
-    _FIELDS[cls] = (tuple(f.name for f in fields), tuple(
+        _VALIDATING[cls] = _field_setter(names)
+    _WIRE[cls] = _generated(f"def f(obj):\n    return [{tag!r}, {''.join(f'obj.{n}, ' for n in names)}]\n")
+    _FIELDS[cls] = (names, tuple(
         (lambda v=f.default: v) if f.default is not dataclasses.MISSING else
         f.default_factory if f.default_factory is not dataclasses.MISSING else None for f in fields))
     return cls
