@@ -96,9 +96,9 @@ class ModelRunner:
         self.stage_link = StageLink(spec.hidden_size, self.dtype, self.device) if self.ps.pp_size > 1 else None
         self.backend_cls = self._choose_backend()
         fused_ops.enable_for(self.device, wanted=self.backend_cls.uses_fused_ops)
-        self.sampler = Sampler(self.device, cfg.seed)
         # constrained decoding where tokens are sampled; the worker loop gives the driver its on_compiled
         self.grammars = GrammarBook(cfg, spec.vocab_size, self.device) if self.ps.is_last_stage else None
+        self.sampler = Sampler(self.device, cfg.seed, self.grammars)
         self.row_errors: list[list[Any]] = []  # [rid, error, reason, code] of requests failed alone, reported next
         self.rows: dict[str, RowParams] = {}  # kept while the scheduler may still schedule the request
         self.token_slots = TokenSlots(self.device)
@@ -239,7 +239,9 @@ class ModelRunner:
         finally:
             self.op_runner.timer = None
         launched = Launched(plan.step_id, [s.rid for s in seqs], None, span, timer, (logits, seqs))
-        if self.grammars is None or not any(s.rid in self.grammars.matchers for s in seqs):
+        if self.sampler.constrains(launched.rids):
+            span.pause()  # the device may wait for the grammar's bitmask: not the step's own time
+        else:
             self.complete(launched)
         return launched
 
@@ -258,21 +260,13 @@ class ModelRunner:
         launched.logits = None
         rows = [self.rows[s.rid] for s in seqs]
         positions = [s.start_pos + len(s.token_ids) + s.pending for s in seqs]
-        mask = None
-        if self.grammars is not None and self.grammars.matchers:
-            rids = [s.rid if s.rid in self.grammars.matchers else None for s in seqs]
-            constrained = [i for i, rid in enumerate(rids) if rid is not None]
-            if constrained:
-                bitmask = self.grammars.fill(rids)
-                for i in self.grammars.dead_ends(bitmask, constrained):
-                    # no token of the vocabulary continues the output (e.g. a character the tokenizer cannot
-                    # write): the request is refused rather than sampled outside its grammar
-                    self.row_errors.append([seqs[i].rid, str(DEAD_END), "rejected", DEAD_END.code])
-                    self.grammars.release(seqs[i].rid)
-                    constrained.remove(i)
-                if constrained:
-                    mask = lambda lg: self.grammars.apply(lg, bitmask, constrained)  # noqa: E731
+        mask = self.sampler.grammar_mask(launched.rids)
+        for i in mask.dead_ends if mask is not None else ():
+            # no token of the vocabulary continues the output (e.g. a character the tokenizer cannot write): the
+            # request is refused rather than sampled outside its grammar
+            self.row_errors.append([seqs[i].rid, str(DEAD_END), "rejected", DEAD_END.code])
         assert launched.span is not None  # launch() gives every step with logits its span
+        launched.span.resume()
         sampled = self._timed(launched.timer, OTHER, self.sampler, logits, rows, positions, mask)
         # Keep each request's newest token on the device for a decode already planned on top of it.
         slot_ids = upload([self.token_slots.slot(s.rid) for s in seqs], self.device)
@@ -350,7 +344,9 @@ class ModelRunner:
                     row.record_sampled(tok)
             result = StepResult(launched.step_id, launched.rids, token_ids(tokens), logprobs)
             if self.grammars is not None and self.grammars.matchers:
-                self._advance_matchers(self.grammars, launched.rids, tokens, result)
+                ended, failed = self.grammars.advance(launched.rids, tokens)
+                result.grammar_ended = ended or None
+                self.row_errors += [[rid, error, "error", None] for rid, error in failed]
         if self.row_errors:
             result.row_errors, self.row_errors = self.row_errors, []
         if launched.span is not None:
@@ -361,19 +357,6 @@ class ModelRunner:
                 op_ms[OTHER] += max(0.0, result.gpu_ms - sum(op_ms.values()))
                 result.op_ms = op_ms
         return result
-
-    def _advance_matchers(self, grammars: GrammarBook, rids: list[str], tokens: list[int], result: StepResult) -> None:
-        ended = []
-        for rid, tok in zip(rids, tokens):
-            if rid not in grammars.matchers:
-                continue
-            try:
-                if grammars.accept(rid, tok):
-                    ended.append(rid)
-            except Exception as e:  # this request alone fails; its matcher goes
-                grammars.release(rid)
-                self.row_errors.append([rid, f"structured output: {e}", "error", None])
-        result.grammar_ended = ended or None
 
     @staticmethod
     def is_done(launched) -> bool:

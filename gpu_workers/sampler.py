@@ -1,4 +1,5 @@
-"""Batched sampling on the model's device: greedy, temperature, top-k, top-p, min-p and top-k logprobs.
+"""Batched sampling on the model's device: greedy, temperature, top-k, top-p, min-p, grammar masks (structured
+outputs) and top-k logprobs.
 
 Random draws come from a per-row generator seeded by (request seed, position of the sampled token), so a seeded
 request gets the same tokens whatever else shares its batch, and after preemption and recompute too.
@@ -6,10 +7,11 @@ request gets the same tokens whatever else shares its batch, and after preemptio
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
+from gpu_workers.grammar import GrammarBook, StepMask
 from gpu_workers.upload import upload
 from nanoslg.protocol import RowSetup
 from nanoslg.sampling_params import SamplingParams
@@ -87,22 +89,35 @@ class Sampled:
 
 
 class Sampler:
-    def __init__(self, device: torch.device, seed: int):
-        self.device = device
+    """grammars: the rank's constrained-decoding book, on a sampling rank: a step's rows with a matcher sample only
+    what their grammar allows."""
+
+    def __init__(self, device: torch.device, seed: int, grammars: Optional[GrammarBook] = None):
+        self.device, self.grammars = device, grammars
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
+    def constrains(self, rids: list[str]) -> bool:
+        """Whether any of a step's sampling rows samples under a grammar (then its mask needs the previous step's
+        tokens, and sampling waits for them)."""
+        return self.grammars is not None and self.grammars.constrains(rids)
+
+    def grammar_mask(self, rids: list[str]) -> Optional[StepMask]:
+        """The bitmask of a step's sampling rows (request ids in row order), filled on the host; None when no row
+        is constrained."""
+        return self.grammars.mask(rids) if self.grammars is not None else None
+
     def __call__(self, logits: torch.Tensor, rows: list[RowParams], positions: list[int],
-                 mask: Optional[Callable[[torch.Tensor], None]] = None) -> Sampled:
-        """logits: [B, V] float32. positions[b]: the position the sampled token will occupy. mask: sets the
-        logits of the tokens a grammar forbids to -inf, in place (every option below then samples among the
-        allowed tokens only)."""
+                 mask: Optional[StepMask] = None) -> Sampled:
+        """logits: [B, V] float32. positions[b]: the position the sampled token will occupy. mask (grammar_mask's):
+        the logits of the tokens a grammar forbids become -inf (every option below then samples among the allowed
+        tokens only)."""
         raw = logits  # logprobs report the model's distribution, before penalties and grammars
         if any(r.params.has_penalties for r in rows):
             logits = self._apply_penalties(logits.clone(), rows)
-        if mask is not None:
+        if mask is not None and mask.rows:
             logits = logits.clone() if logits is raw else logits
-            mask(logits)
+            mask.apply(logits)
         tokens = logits.argmax(dim=-1)
         sampled_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
         if sampled_rows:

@@ -8,17 +8,13 @@ The layer's operations keep their classes (gemm, attention, collective, other) s
 runs the unsplit ones; collectives write into buffers made on the main stream beforehand."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.distributed as dist
 
 from gpu_workers.layers.activation import silu_and_mul
+from gpu_workers.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from gpu_workers.nano_batch import ATTENTION, COLLECTIVE, GEMM, OTHER, NanoState, Op
 from gpu_workers.parallel import _all_gather_single, parallel_state
-
-if TYPE_CHECKING:  # llama imports this module
-    from gpu_workers.models.llama import DecoderLayer
 
 
 def shard_rows(num_tokens: int) -> int:
@@ -46,13 +42,16 @@ def gathered(shard: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return full[:num_tokens]
 
 
-def layer_ops(layer: DecoderLayer) -> list[tuple[str, Op]]:
-    """The decoder layer's operations over shards (see DecoderLayer.ops for the unsplit ones)."""
-    attn, mlp = layer.self_attn, layer.mlp
+def layer_ops(norm_in_op: Op, qkv: Op, attend: Op, norm_post_op: Op, o_proj_layer: RowParallelLinear,
+              attn_width: int, gate_up: MergedColumnParallelLinear,
+              down_proj: RowParallelLinear) -> list[tuple[str, Op]]:
+    """A decoder layer's operations over shards (models/llama.py's DecoderLayer.ops are the unsplit ones): its
+    norms, QKV projection and attention as they are, the row-parallel GEMMs and the collectives around them here.
+    attn_width: this rank's query heads x head size (o_proj's input)."""
     tp = parallel_state().tp_size
 
     def norm_in(s: NanoState) -> None:
-        layer._norm_in(s)
+        norm_in_op(s)
         s.buffer = s.hidden.new_empty(tp * len(s.hidden), s.hidden.shape[1])  # the all-gather's output
 
     def gather(s: NanoState) -> None:
@@ -70,10 +69,10 @@ def layer_ops(layer: DecoderLayer) -> list[tuple[str, Op]]:
         s.hidden, s.buffer = out, x.new_empty(shard, weight.shape[0])
 
     def o_proj(s: NanoState) -> None:
-        row_parallel(s, attn.o_proj.weight, s.hidden.view(-1, attn.num_heads * attn.head_dim))
+        row_parallel(s, o_proj_layer.weight, s.hidden.view(-1, attn_width))
 
     def mlp_op(s: NanoState) -> None:
-        row_parallel(s, mlp.down_proj.weight, silu_and_mul(mlp.gate_up_proj(s.hidden)))
+        row_parallel(s, down_proj.weight, silu_and_mul(gate_up(s.hidden)))
 
     def scatter(s: NanoState) -> None:
         shard = s.buffer
@@ -82,10 +81,10 @@ def layer_ops(layer: DecoderLayer) -> list[tuple[str, Op]]:
         s.hidden, s.buffer = shard, None
 
     def norm_post(s: NanoState) -> None:
-        layer._norm_post(s)
+        norm_post_op(s)
         s.buffer = s.hidden.new_empty(tp * len(s.hidden), s.hidden.shape[1])
 
-    if attn.o_proj.bias is not None or mlp.down_proj.bias is not None:
+    if o_proj_layer.bias is not None or down_proj.bias is not None:
         raise ValueError("sequence parallelism supports row-parallel layers without bias")
-    return [(OTHER, norm_in), (COLLECTIVE, gather), (GEMM, layer._qkv), (ATTENTION, layer._attend), (GEMM, o_proj),
+    return [(OTHER, norm_in), (COLLECTIVE, gather), (GEMM, qkv), (ATTENTION, attend), (GEMM, o_proj),
             (COLLECTIVE, scatter), (OTHER, norm_post), (COLLECTIVE, gather), (GEMM, mlp_op), (COLLECTIVE, scatter)]

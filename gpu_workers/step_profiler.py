@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
@@ -82,10 +82,13 @@ class StepProfiler:
 
 
 class StepSpan:
-    """A step's device time: CUDA events around it (host time on CPU, where the step runs as it is launched)."""
+    """A step's device time: CUDA events around it (host time on CPU, where the step runs as it is launched). A
+    pause (the device waiting for the host, e.g. for a grammar's token bitmask between the forward pass and the
+    sampling) does not count."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        self.paused: Optional[tuple[Any, Any]] = None  # (pause, resume) marks
         if self.cuda:
             self.start, self.stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             self.start.record()
@@ -93,7 +96,22 @@ class StepSpan:
             self.t0 = time.perf_counter()
             self.t1: Optional[float] = None  # set by end()
 
+    def _mark(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def pause(self) -> None:
+        self.paused = (self._mark(), None)
+
+    def resume(self) -> None:
+        if self.paused is not None and self.paused[1] is None:
+            self.paused = (self.paused[0], self._mark())
+
     def end(self) -> None:
+        self.resume()
         if self.cuda:
             self.stop.record()
         else:
@@ -102,5 +120,9 @@ class StepSpan:
     def ms(self) -> float:
         if self.cuda:
             self.stop.synchronize()
-            return self.start.elapsed_time(self.stop)
-        return 1000 * ((self.t1 or time.perf_counter()) - self.t0)
+            total = self.start.elapsed_time(self.stop)
+            gap = self.paused[0].elapsed_time(self.paused[1]) if self.paused is not None else 0.0
+        else:
+            total = 1000 * ((self.t1 or time.perf_counter()) - self.t0)
+            gap = 1000 * (self.paused[1] - self.paused[0]) if self.paused is not None else 0.0
+        return total - gap

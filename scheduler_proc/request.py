@@ -4,25 +4,15 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 from nanoslg.sampling_params import SamplingParams
-
-if TYPE_CHECKING:
-    from scheduler_proc.step_stats import StepShape
 
 
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
-
-
-@dataclass(slots=True)
-class InFlightStep:
-    rids: list[str]
-    num_tokens: int
-    shape: StepShape  # what the step computes, for the run's breakdown
 
 
 @dataclass(slots=True, eq=False)

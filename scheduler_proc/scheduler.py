@@ -20,8 +20,8 @@ from nanoslg.errors import ContextLengthExceeded, EmptyPrompt, Rejection
 from nanoslg.protocol import RowSetup, SeqChunk, StepPlan, StepResult, TokenizedRequest, TokenUpdate, token_ids
 from scheduler_proc.block_manager import BlockManager
 from scheduler_proc.global_batch import BatchTargets, LengthStats, PoolForecast
-from scheduler_proc.request import InFlightStep, Request, Status
-from scheduler_proc.step_stats import StepStats
+from scheduler_proc.request import Request, Status
+from scheduler_proc.step_stats import InFlightStep, StepStats
 
 # (request, start, end, pending): compute the request's tokens [start, end), the last `pending` of them sampled by a
 # step still in flight

@@ -3,7 +3,8 @@
 
 The scheduler knows each step's shape when it plans it; the driver worker reports the step's GPU time (CUDA events
 around it) with the result, and on sampled steps the time of each operation class (GEMM, attention, collective,
-other). Counters only grow, so a reader takes the difference of two snapshots around the window it measures."""
+other). Counters only grow, so a reader takes the difference of two snapshots around the window it measures
+(nanoslg/entrypoints/roofline.py: difference)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,6 +34,13 @@ class StepShape:
         if not self.prefill_tokens:
             return "decode"
         return "prefill" if 10 * self.num_decode < self.num_tokens else "mixed"
+
+
+@dataclass(slots=True)
+class InFlightStep:
+    rids: list[str]
+    num_tokens: int
+    shape: StepShape  # what the step computes, for the run's breakdown
 
 
 class StepStats:
@@ -76,9 +84,3 @@ class StepStats:
     def totals(self) -> dict[str, Any]:
         return {"counts": {k: dict(v) for k, v in self.counts.items()},
                 "timed": {k: dict(v) for k, v in self.timed.items()}}
-
-
-def difference(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
-    """after - before for two totals() snapshots."""
-    return {part: {kind: {name: after[part][kind][name] - before[part][kind].get(name, 0)
-                          for name in after[part][kind]} for kind in after[part]} for part in after}

@@ -272,6 +272,32 @@ def test_auto_tool_choice_parses_the_models_own_markup(hermes_server, stream):
     assert plain.usage.prompt_tokens > bare.usage.prompt_tokens + 50
 
 
+BARE_CALL = '{"name": "get_weather", "arguments": {"city": "Rome", "days": 2}}'
+NOT_A_CALL = '{"name": "get_forecast", "arguments": {"city": "Rome"}}'  # no such tool: an answer in JSON
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_auto_tool_choice_takes_bare_json_naming_a_tool_as_a_call(hermes_server, stream):
+    """Small models often answer a call as bare JSON without their template's markup (Qwen2.5-0.5B does)."""
+    client = openai.OpenAI(base_url=f"{hermes_server.url}/v1", api_key="unused", max_retries=0)
+    for text, expected in ((BARE_CALL, [("get_weather", {"city": "Rome", "days": 2})]), (NOT_A_CALL, [])):
+        kw = dict(model="tiny", messages=USER, tools=TOOLS, max_tokens=80, temperature=0,
+                  extra_body={"structured_outputs": {"choice": [text]}})
+        if stream:
+            chunks = list(client.chat.completions.create(stream=True, **kw))
+            content, finish = _stream_text(chunks)
+            calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+        else:
+            r = client.chat.completions.create(**kw)
+            content, finish, calls = r.choices[0].message.content, r.choices[0].finish_reason, \
+                r.choices[0].message.tool_calls or []
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == expected
+        if expected:
+            assert finish == "tool_calls" and not content and calls[0].id.startswith("call_")
+        else:
+            assert finish == "stop" and content == text
+
+
 def test_a_conversation_the_template_refuses_is_a_400(hermes_server):
     client = openai.OpenAI(base_url=f"{hermes_server.url}/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.BadRequestError, match="no boom here"):

@@ -171,3 +171,34 @@ def test_grammar_gate_holds_requests_until_their_grammar_is_compiled():
     held, error = gate.on_compiled(GrammarCompiled(announced[1].key, "invalid regex"))
     assert [r.rid for r in held] == ["e"] and error == "invalid regex"
     assert not gate.offer(req("f", bad)) and len(announced) == 3  # a failed grammar is not remembered as built
+
+
+def test_the_bitmask_fill_takes_the_cores_the_node_leaves():
+    from gpu_workers.grammar import grammar_threads
+
+    # a GPU node of 16 cores: one worker, the scheduler, the tokenizer and an API server leave 12
+    assert grammar_threads("cuda", 16, 1, 4) == 12
+    assert grammar_threads("cuda", 16, 2, 4) == 5  # two ranks on the node share what is left
+    assert grammar_threads("cuda", 128, 1, 4) == 32  # capped
+    assert grammar_threads("cuda", 4, 1, 4) == 1 and grammar_threads("cuda", 2, 2, 1) == 1
+    # on a CPU the forward pass is over when the fill runs: the rank's own threads
+    assert grammar_threads("cpu", 16, 1, 14) == 14 and grammar_threads("cpu", 2, 1, 2) == 2
+    assert grammar_threads("cuda", 16, 1, 4, override="6") == 6
+    assert grammar_threads("cuda", 16, 1, 4, override="lots") == 12  # ignored, with a warning
+
+
+def test_a_paused_step_span_leaves_the_host_wait_out():
+    import time
+
+    import torch
+
+    from gpu_workers.step_profiler import StepSpan
+
+    span = StepSpan(torch.device("cpu"))
+    time.sleep(0.02)
+    span.pause()  # the forward pass is queued; the host fills the grammar's bitmask meanwhile
+    time.sleep(0.2)
+    span.resume()
+    time.sleep(0.02)
+    span.end()
+    assert 35 <= span.ms() < 150

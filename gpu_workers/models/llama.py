@@ -70,7 +70,10 @@ class DecoderLayer(nn.Module):
         self.ops = [(OTHER, self._norm_in), (GEMM, self._qkv), (ATTENTION, self._attend), (GEMM, self._o_proj)] + \
             ([(COLLECTIVE, self._reduce_attn)] if reduces else []) + \
             [(OTHER, self._norm_post), (GEMM, self._mlp)] + ([(COLLECTIVE, self._reduce_mlp)] if reduces else [])
-        self.sp_ops = sequence_parallel.layer_ops(self) if reduces else self.ops
+        attn = self.self_attn
+        self.sp_ops = sequence_parallel.layer_ops(
+            self._norm_in, self._qkv, self._attend, self._norm_post, attn.o_proj, attn.num_heads * attn.head_dim,
+            self.mlp.gate_up_proj, self.mlp.down_proj) if reduces else self.ops
 
     def _norm_in(self, s: NanoState) -> None:
         if s.residual is None:

@@ -16,8 +16,7 @@ from typing import Any, cast
 
 from nanoslg.engine_args import add_engine_arguments, engine_config_from_args, engine_fields
 from nanoslg.entrypoints.bench_datasets import range_ratio_arg
-from nanoslg.entrypoints.roofline import RankCosts, breakdown, format_breakdown
-from scheduler_proc.step_stats import difference
+from nanoslg.entrypoints.roofline import RankCosts, breakdown, difference, format_breakdown
 
 BREAKDOWN_EVERY = 16  # steps between two whose operation classes are timed
 

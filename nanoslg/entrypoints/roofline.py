@@ -16,6 +16,12 @@ OPS = ("gemm", "attention", "collective", "other")
 KINDS = ("prefill", "mixed", "decode")
 
 
+def difference(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
+    """after - before for two snapshots of the scheduler's step counters (its debug state's "step_stats")."""
+    return {part: {kind: {name: after[part][kind][name] - before[part][kind].get(name, 0)
+                          for name in after[part][kind]} for kind in after[part]} for part in after}
+
+
 @dataclass(slots=True)
 class RankCosts:
     """What one token (or one row, pair, KV entry) costs the driver rank."""
@@ -37,7 +43,7 @@ class RankCosts:
 
 def breakdown(stats: dict[str, Any], costs: RankCosts, peak_tflops: Optional[float], copy_tbps: Optional[float],
               elapsed_s: float, optimum_tokens_per_s: Optional[float]) -> dict[str, Any]:
-    """stats: step_stats.difference() over the run. Seconds per step kind and operation class, each class's
+    """stats: difference() of the step counters over the run. Seconds per step kind and operation class, each class's
     efficiency against its roofline, the serial ceiling and the achieved share of the optimum (the rooflines and
     the ceiling only where the peaks were measured, i.e. on a GPU)."""
     counts, timed = stats["counts"], stats["timed"]

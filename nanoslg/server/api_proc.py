@@ -22,11 +22,11 @@ from nanoslg.config import ResolvedConfig
 from nanoslg.logs import setup_logging
 from nanoslg.protocol import ClientReset, Ready, ServerState
 from nanoslg.server.async_engine import DRAINING, RESTARTING, RUNNING, STOPPED, AsyncEngine, EngineUnavailable
+from nanoslg.server.api_servers import SPEC_ENV
 from nanoslg.server.queue_counts import QueueCounts
 
 log = logging.getLogger("nanoslg.server")
 
-SPEC_ENV = "NANOSLG_API_SERVER_SPEC"  # the process's settings, in its environment (argv is world-readable)
 # No ServerState for this long: the first process is stuck (if it died, the kernel's parent-death signal stops this
 # one), so the engine's state is unknown: running requests fail and new ones get 503 until it speaks again.
 SILENCE_S = 5.0

@@ -22,11 +22,11 @@ import zmq
 from nanoslg import protocol
 from nanoslg.launcher import _die_with_parent, _exit_status, stop_processes
 from nanoslg.protocol import ClientReset, Ready, ServerState
-from nanoslg.server.api_proc import SPEC_ENV
 from nanoslg.server.async_engine import DRAINING, RUNNING, STOPPED, SupervisedEngine
 
 log = logging.getLogger("nanoslg.server")
 
+SPEC_ENV = "NANOSLG_API_SERVER_SPEC"  # a process's settings, in its environment (argv is world-readable)
 STATE_EVERY_S = 0.5  # besides every change: a process that (re)started hears the state within this
 
 

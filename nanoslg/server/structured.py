@@ -6,7 +6,8 @@ enforces, and from the generated text back to OpenAI's message content and tool 
   tools, and a named function to that function's arguments object: any chat template works, and the call is
   parsed from JSON the grammar made well-formed.
 - tool_choice "auto" (the default with tools) constrains nothing: the model's own tool-call markup, chosen from
-  its chat template (tool_calls.py), is parsed out of the text.
+  its chat template (tool_calls.py), is parsed out of the text, and so is a reply that is only bare JSON calling
+  one of the tools.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ class OutputPlan:
     tools: str = "none"  # none | auto | named | required: how the text becomes tool calls
     function: Optional[str] = None  # the named function
     parser: Optional[str] = None  # auto: the model's tool-call format
+    tool_names: tuple[str, ...] = ()  # auto: the tools a bare JSON call may name
     checks: tuple[tuple[str, dict[str, Any]], ...] = field(default=())  # (param, spec) the grammar builder must accept
 
 
@@ -77,7 +79,8 @@ def plan_output(body, parser: str) -> OutputPlan:
     if choice == "none":
         return OutputPlan(spec, checks=tuple(checks))
     if choice == "auto":
-        return OutputPlan(spec, "auto", parser=parser, checks=tuple(checks))
+        return OutputPlan(spec, "auto", parser=parser, tool_names=tuple(t.function.name for t in tools),
+                          checks=tuple(checks))
     if isinstance(choice, NamedToolChoice):
         fn = next((t.function for t in tools if t.function.name == choice.function.name), None)
         if fn is None:
@@ -178,7 +181,7 @@ class ToolCallOutput:
 
     def __init__(self, plan: OutputPlan):
         self.plan = plan
-        self.stream = ToolCallStream(self._parser()) if plan.tools == "auto" else None
+        self.stream = ToolCallStream(self._parser(), plan.tool_names) if plan.tools == "auto" else None
         self.text = ""  # required: the array so far
         self.pos = 0  # required: where the next call of the array starts
         self.num_calls = 0
@@ -197,7 +200,7 @@ class ToolCallOutput:
         content: Optional[str]
         calls: list[ToolCall]
         if mode == "auto":
-            content, calls = parse_tool_calls(self._parser(), text)
+            content, calls = parse_tool_calls(self._parser(), text, self.plan.tool_names)
             content = content or None
         elif mode == "named":
             content, calls = None, [ToolCall(self._function(), text)]

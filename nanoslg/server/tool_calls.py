@@ -3,8 +3,11 @@ or while it streams, and render tool conversations for chat templates that have 
 
 Three output formats cover the common open models: Hermes `<tool_call>{json}</tool_call>` blocks (Qwen2.5/Qwen3,
 Hermes, and what our fallback prompt asks any other model for), Llama 3.1's bare JSON object(s), and Mistral's
-`[TOOL_CALLS]` marker. Whole-text parsing is the streaming parser fed everything at once, so the two cannot drift
-apart: a stream gives the same content and calls however the text is cut into chunks."""
+`[TOOL_CALLS]` marker. Whatever the format, small models often answer a call as bare JSON without their markup:
+given the request's tool names, a reply that is only one JSON object (or a list of them) naming one of those tools
+with an arguments (or parameters) object is a call too; other JSON stays content. Whole-text parsing is the
+streaming parser fed everything at once, so the two cannot drift apart: a stream gives the same content and calls
+however the text is cut into chunks."""
 from __future__ import annotations
 
 import copy
@@ -12,7 +15,7 @@ import json
 import re
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Collection, Optional
 
 PARSERS = ("hermes", "llama3_json", "mistral")
 
@@ -146,11 +149,12 @@ def _could_be_object(s: str, pos: int) -> bool:
     return p == len(s) or s[p] in '"}'
 
 
-def _llama_scan(text: str, final: bool):
+def _llama_scan(text: str, final: bool, names: Collection[str] = ()):
     """Llama 3.1 JSON calls: the calls when the whole text is `[<|python_tag|>]{call}[; {call}...]`, None while it
-    may still become that, or _BAD."""
+    may still become that, or _BAD. names: the request's tools, which an untagged call must name."""
     s = text.lstrip()
-    if s.startswith(_PYTHON_TAG):
+    tagged = s.startswith(_PYTHON_TAG)
+    if tagged:
         s = s[len(_PYTHON_TAG):]
     elif _PYTHON_TAG.startswith(s):
         return _BAD if final else None
@@ -171,22 +175,55 @@ def _llama_scan(text: str, final: bool):
         if value is None:
             return _BAD if final or not _could_be_object(s, pos) else None
         call = _call_from_obj(value, need_args=True)  # bare JSON: without arguments it is just a JSON answer
-        if call is None:
+        if call is None or (names and not tagged and call.name not in names):
             return _BAD
         calls.append(call)
         pos = _skip_ws(s, end)
 
 
+def _bare_call(obj, names: Collection[str]) -> ToolCall | None:
+    """A call from a bare JSON object: it names one of the tools and its arguments are an object."""
+    if not isinstance(obj, dict) or obj.get("name") not in names:
+        return None
+    args = obj.get("arguments", obj.get("parameters"))
+    return ToolCall(obj["name"], _arguments_text(args)) if isinstance(args, dict) else None
+
+
+def _bare_scan(text: str, names: Collection[str], final: bool):
+    """Bare JSON calls: the calls when the whole text is one call object or a list of them, None while it may
+    still become that, or _BAD."""
+    pos = _skip_ws(text, 0)
+    if pos == len(text):
+        return _BAD if final else None
+    if text[pos] not in "[{":
+        return _BAD
+    value, end = _decode(text, pos)
+    if value is None:
+        if final:
+            return _BAD
+        if text[pos] == "{":
+            return None if _could_be_object(text, pos) else _BAD
+        p = _skip_ws(text, pos + 1)
+        return None if p == len(text) or text[p] == "{" else _BAD
+    if _skip_ws(text, end) != len(text):
+        return _BAD  # more than the JSON: an answer that contains JSON, not a call
+    calls = [_bare_call(x, names) for x in (value if isinstance(value, list) else [value])]
+    return calls if calls and all(c is not None for c in calls) else _BAD
+
+
 class ToolCallStream:
     """Incremental version for SSE: feed(text) -> (content safe to show now, calls completed by this text);
     finish() -> (remaining content, remaining calls) at the end of generation. Content that could be the start of a
-    tool-call marker is held back until it is known not to be one. Concatenating all content outputs and all calls
-    must equal parse_tool_calls on the whole text (content modulo surrounding whitespace)."""
+    tool-call marker is held back until it is known not to be one; with tool_names, so is a reply that may still
+    be bare JSON calls of those tools (then the calls come at the end). Concatenating all content outputs and all
+    calls must equal parse_tool_calls on the whole text (content modulo surrounding whitespace)."""
 
-    def __init__(self, parser: str):
+    def __init__(self, parser: str, tool_names: Optional[Collection[str]] = None):
         if parser not in PARSERS:
             raise ValueError(f"unknown tool-call parser {parser!r} (expected one of {', '.join(PARSERS)})")
         self.parser = parser
+        self.tool_names = frozenset(tool_names or ())
+        self._head: Optional[str] = "" if self.tool_names else None  # text held while it may be bare JSON calls
         self._buf = ""
         self._in_call = False  # hermes/mistral: the buffer is the text after an opening marker
         self._plain = False  # llama3_json: known not to be a call, so text passes straight through
@@ -196,11 +233,22 @@ class ToolCallStream:
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
         if self._finished:
             raise RuntimeError("feed() after finish()")
+        if self._head is not None:
+            self._head += text
+            closer = "}" in text or "]" in text
+            if (closer or len(self._head) <= _RESCAN_ALWAYS or not text) and \
+                    _bare_scan(self._head, self.tool_names, final=False) is _BAD:
+                text, self._head = self._head, None  # not bare calls: the model's own format decides
+                return self._feed(text)
+            return "", []
+        return self._feed(text)
+
+    def _feed(self, text: str) -> tuple[str, list[ToolCall]]:
         self._buf += text
         self._closer = "}" in text or "]" in text or ";" in text
         if self.parser == "llama3_json":
             if not self._plain and (self._closer or len(self._buf) <= _RESCAN_ALWAYS):
-                self._plain = _llama_scan(self._buf, final=False) is _BAD
+                self._plain = _llama_scan(self._buf, False, self.tool_names) is _BAD
             if not self._plain:
                 return "", []
             out, self._buf = self._buf, ""
@@ -210,11 +258,20 @@ class ToolCallStream:
     def finish(self) -> tuple[str, list[ToolCall]]:
         if self._finished:
             return "", []
+        if self._head is not None:
+            head, self._head = self._head, None
+            calls = _bare_scan(head, self.tool_names, final=True)
+            if isinstance(calls, list):
+                self._finished = True
+                return "", calls
+            content, calls = self._feed(head)
+            rest, more = self.finish()
+            return content + rest, calls + more
         self._finished = True
         if self.parser != "llama3_json":
             return self._scan(final=True)
         text, self._buf = self._buf, ""
-        calls = _BAD if self._plain else _llama_scan(text, final=True)
+        calls = _BAD if self._plain else _llama_scan(text, True, self.tool_names)
         return ("", calls) if isinstance(calls, list) else (text, [])  # final: a list of calls or _BAD
 
     def _scan(self, final: bool) -> tuple[str, list[ToolCall]]:
@@ -265,10 +322,12 @@ class ToolCallStream:
         return "", got[0], got[1]
 
 
-def parse_tool_calls(parser: str, text: str) -> tuple[str, list[ToolCall]]:
+def parse_tool_calls(parser: str, text: str,
+                     tool_names: Optional[Collection[str]] = None) -> tuple[str, list[ToolCall]]:
     """(content with the tool-call markup removed, stripped of surrounding whitespace, calls). Text with no
-    well-formed call comes back unchanged with []. A malformed call block is left in the content (never lost)."""
-    stream = ToolCallStream(parser)
+    well-formed call comes back unchanged with []. A malformed call block is left in the content (never lost).
+    tool_names: the request's tools (bare JSON calls of them count; untagged Llama 3.1 calls must name one)."""
+    stream = ToolCallStream(parser, tool_names)
     content, calls = stream.feed(text)
     rest, more = stream.finish()
     calls += more
