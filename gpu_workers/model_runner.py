@@ -71,7 +71,7 @@ def resolve_dtype(cfg: ResolvedConfig, device: torch.device) -> torch.dtype:
     name, why = choose_dtype(cfg.dtype, cfg.model_spec.torch_dtype, device.type)
     if cfg.dtype == "auto" and device.type == "cpu" and cfg.model_spec.torch_dtype != "float32":
         # The dtype decides CPU speed more than anything else, and auto may overrule config.json here: say so.
-        log.warning("dtype auto on cpu: %s (%s)", name, why)
+        log.info("dtype auto on cpu: %s (%s)", name, why)
     return _DTYPES[name]
 
 
@@ -108,7 +108,7 @@ class ModelRunner:
         self.op_runner = self.make_op_runner(cfg.nano_overlap)
         self.num_pages = self._count_kv_pages()
         self.backend = self._make_backend(self.num_pages)
-        log.warning("worker %d (tp %d/%d, pp %d/%d, layers %d-%d): %s %s, %d torch threads, %d KV pages of %d tokens, "
+        log.info("worker %d (tp %d/%d, pp %d/%d, layers %d-%d): %s %s, %d torch threads, %d KV pages of %d tokens, "
                     "attention backend %s (%s), fused ops %s", self.ps.rank, self.ps.tp_rank, self.ps.tp_size,
                     self.ps.pp_rank, self.ps.pp_size, self.model.layer_range.start, self.model.layer_range.stop - 1,
                     self.device, self.dtype, torch.get_num_threads(), self.num_pages, cfg.page_size,
@@ -196,7 +196,7 @@ class ModelRunner:
         kv_bytes = self._page_bytes() * probe_pages
         # the probe's own KV pages are not activations; CUDA graphs and fragmentation get 1 GiB of headroom
         budget = total * cfg.gpu_memory_utilization - (peak - kv_bytes) - (1 << 30)
-        log.warning("memory profile: peak %.1f GiB at %d tokens, KV budget %.1f GiB", peak / 2 ** 30, tokens,
+        log.info("memory profile: peak %.1f GiB at %d tokens, KV budget %.1f GiB", peak / 2 ** 30, tokens,
                     budget / 2 ** 30)
         return budget
 

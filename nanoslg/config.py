@@ -62,7 +62,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # share the KV pages of common prompt prefixes between requests
     cuda_graph_max_batch: int = 512
     startup_timeout_s: float = 600.0
-    log_level: str = "warning"
+    log_level: str = "info"
     log_format: str = "text"  # text | json (one object per line)
     # The inboxes (ipc addresses) of the API-server processes after the first (`serve --api-server-count`):
     # GenerateRequest.client k > 0 gets its outputs at client_inboxes[k - 1], client 0 at the run dir's.
@@ -140,7 +140,7 @@ class EngineConfig:
         applied = {key: value for key, value in tuned.items() if getattr(self, key) is None and value is not None}
         out.update(applied)
         if "tuned_config_path" in out:
-            log.warning("tuned config %s: %s", out["tuned_config_path"],
+            log.info("tuned config %s: %s", out["tuned_config_path"],
                         ", ".join(f"{k}={v}" for k, v in applied.items()) or "every value set by hand")
         # On a GPU, vLLM's defaults for large GPUs: the predicted-memory admission keeps the running set to what the
         # KV pool holds, and a larger running set gives the dense batch's GEMMs more rows.

@@ -21,6 +21,16 @@ class ContextLengthExceeded(Rejection):
                          f"output must fit in it)")
 
 
+class MaxTokensTooLarge(Rejection):
+    code = "context_length_exceeded"
+
+    def __init__(self, max_tokens: int, num_tokens: int, max_model_len: int):
+        super().__init__(f"max_tokens is {max_tokens}, but the prompt has {num_tokens} token{'s' * (num_tokens != 1)} "
+                         f"and max_model_len is "
+                         f"{max_model_len}: at most {max_model_len - num_tokens} tokens can be generated (ask for "
+                         f"fewer, or leave max_tokens out)")
+
+
 class EmptyPrompt(Rejection):
     code = "empty_prompt"
 

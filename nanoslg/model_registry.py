@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from typing import Optional
+from typing import Any, Optional
 
 from nanoslg.model_spec import SUPPORTED_ARCHITECTURES, ConfigError
 
@@ -116,6 +116,16 @@ def _download_gguf(name: str, workdir: str, progress: bool) -> str:
     return gguf_path
 
 
+def _dequantizing() -> dict[str, Any]:
+    """from_pretrained's arguments that unpack a GGUF's weights at load: transformers versions that can keep them
+    packed (GgufConfig) would otherwise keep them so, and advise the user on a dtype the user cannot choose."""
+    try:
+        from transformers.utils.quantization_config import GgufConfig
+    except ImportError:  # older versions always unpack
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
 def _convert(gguf: str, out: str, progress: bool) -> None:
     _say(progress, f"converting {os.path.basename(gguf)} to bf16 safetensors")
     # Imported here so that resolving an already-pulled model never pays for importing transformers.
@@ -133,7 +143,8 @@ def _convert(gguf: str, out: str, progress: bool) -> None:
                 quiet.callback(hf_logging.set_verbosity, hf_logging.get_verbosity())
                 hf_logging.set_verbosity_error()
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.bfloat16)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.bfloat16,
+                                                         **_dequantizing())
             # The weights are de-quantised on load; left in place, the GGUF quantizer and its config entry
             # would make save_pretrained (and later loaders) treat the bf16 folder as still quantised.
             model.hf_quantizer = None  # type: ignore[assignment]  # torch types Module.__setattr__ too narrowly

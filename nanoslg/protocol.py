@@ -77,6 +77,9 @@ class GenerateRequest:
     chat_template_kwargs: Optional[dict[str, Any]] = None
     echo: bool = False  # send the prompt's text back with the first delta
     client: int = 0  # the API-server process that sent it, which gets its outputs (EngineConfig.client_inboxes)
+    # the OpenAI API's rule: prompt + max_tokens must fit in max_model_len, else the request is refused (offline,
+    # a request stops at max_model_len instead)
+    strict_max_tokens: bool = False
 
 
 @message

@@ -39,8 +39,9 @@ def positive_data_acceptance_but_token_count(ctx, response, case):
     chat template's), so the schema says it in prose and the server answers 400 with OpenAI's code
     context_length_exceeded, as OpenAI and vLLM do. Likewise a non-empty text can be zero tokens (SmolLM2's
     tokenizer drops six control bytes it has no token for, so "\x16" tokenizes to nothing): 400, code
-    empty_prompt, as vLLM refuses an empty prompt. Token-id prompts need neither: their minItems and maxItems are
-    exact.
+    empty_prompt, as vLLM refuses an empty prompt. A max_tokens the body sets must fit beside the prompt in
+    max_model_len, which relates two fields by the prompt's token count: 400, code context_length_exceeded, as
+    OpenAI and vLLM answer.
 
     Likewise a JSON schema, regex or grammar in response_format, structured_outputs or a tool's parameters is
     schema-valid as any object or string, but xgrammar builds only real ones (a "type" of 5 is not a schema): 400

@@ -87,6 +87,30 @@ def test_engine_rejections_carry_their_openai_code(server, body, code):
         assert r.status_code == 400 and r.json()["error"]["code"] == code, r.text
 
 
+def test_max_tokens_beyond_what_max_model_len_leaves_is_a_400_naming_both(server):
+    """OpenAI's and vLLM's rule: prompt + max_tokens must fit in max_model_len (256 here)."""
+    cases = [("/v1/completions", {"model": "tiny", "prompt": [1, 2, 3, 4], "max_tokens": 300}, 4),
+             ("/v1/completions", {"model": "tiny", "prompt": [1, 2, 3, 4], "max_tokens": 253}, 4),
+             ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                                       "max_tokens": 9000}, None),
+             ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                                       "max_completion_tokens": 256}, None)]
+    for path, body, prompt_tokens in cases:
+        for stream in (False, True):
+            err = _assert_error(_post(server, path, {**body, "stream": stream}), 400, "max_model_len is 256",
+                                f"max_tokens is {body.get('max_tokens') or body.get('max_completion_tokens')}")
+            assert err["code"] == "context_length_exceeded"
+            if prompt_tokens:
+                assert f"the prompt has {prompt_tokens} tokens" in err["message"]
+                assert f"at most {256 - prompt_tokens} tokens" in err["message"]
+    # what fits exactly runs, to max_model_len; so does a request that leaves max_tokens out
+    r = _post(server, "/v1/completions", {"model": "tiny", "prompt": [1, 2, 3, 4], "max_tokens": 252,
+                                          "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 252
+    r = _post(server, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200
+
+
 def test_api_key(server):
     _assert_error(_post(server, "/v1/chat/completions", GOOD, key=None), 401, "API key")
     _assert_error(_post(server, "/v1/chat/completions", GOOD, key="wrong"), 401)

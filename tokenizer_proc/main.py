@@ -14,7 +14,7 @@ import zmq
 
 from nanoslg import ipc
 from nanoslg.config import ResolvedConfig
-from nanoslg.errors import ContextLengthExceeded, EmptyPrompt, Rejection
+from nanoslg.errors import ContextLengthExceeded, EmptyPrompt, MaxTokensTooLarge, Rejection
 from nanoslg.logs import setup_logging
 from nanoslg.protocol import (AbortRequest, ClientReset, GenerateRequest, OutputBatch, OutputDelta, ProtocolError,
                               Shutdown, TokenBatch, TokenizedRequest, token_ids)
@@ -196,6 +196,9 @@ class TokenizerProcess:
             raise EmptyPrompt()
         if len(ids) >= self.cfg.max_model_len:
             raise ContextLengthExceeded(len(ids), self.cfg.max_model_len)
+        asked = req.params.max_tokens
+        if req.strict_max_tokens and asked is not None and len(ids) + asked > self.cfg.max_model_len:
+            raise MaxTokensTooLarge(asked, len(ids), self.cfg.max_model_len)
         return ids
 
     def _render_chat(self, messages: list[dict[str, Any]], kwargs: dict[str, Any]) -> str:

@@ -16,6 +16,9 @@ from nanoslg.logs import setup_logging
 from nanoslg.model_spec import ConfigError
 
 
+DEMO_MAX_TOKENS = 512
+
+
 def add_serve_arguments(parser) -> None:
     add_engine_arguments(parser)
     g = parser.add_argument_group("server")
@@ -30,7 +33,8 @@ def add_serve_arguments(parser) -> None:
                    help="requests waiting to start (tokenizing or queued for the scheduler) beyond which new ones "
                         "get 503 with Retry-After at once")
     g.add_argument("--max-tokens-default", type=int, default=None,
-                   help="max_tokens of a request that sets none (default: up to max_model_len)")
+                   help=f"max_tokens of a request that sets none (default: up to max_model_len; {DEMO_MAX_TOKENS} for "
+                        f"the default demo model)")
     g.add_argument("--tool-call-parser", default="auto", choices=("auto", "hermes", "llama3_json", "mistral"),
                    help="how the model writes tool calls, parsed out of its replies under tool_choice auto (default: "
                         "read from the chat template; hermes when it has no tool support)")
@@ -40,10 +44,28 @@ def add_serve_arguments(parser) -> None:
                    help="exit when an engine process dies instead of restarting the engine (it restarts up to "
                         "3 times within 5 minutes, then exits non-zero)")
     g.add_argument("--max-body-mb", type=float, default=8.0, help="largest accepted request body")
+    g.add_argument("--no-access-log", dest="access_log", action="store_false",
+                   help="no INFO line per request (client, method, path, status, prompt and output tokens, finish "
+                        "reason, TTFT, duration)")
     g.add_argument("--api-server-count", type=int, default=None,
                    help="HTTP server processes on the port, each with its own link to the engine (default: one per "
                         "4 cores left by the engine's processes, 1 to 8); the queue limits hold for all of them "
                         "together")
+
+
+def _max_tokens_default(args: argparse.Namespace, model: str) -> int | None:
+    """--max-tokens-default, else DEMO_MAX_TOKENS for the default demo model: a 135M model in 4 bits rambles, and
+    a request without max_tokens would then run to max_model_len (minutes on a laptop's CPU)."""
+    from nanoslg.model_registry import DEFAULT_MODEL, models_dir
+
+    if args.max_tokens_default is not None:
+        return args.max_tokens_default
+    if os.path.normpath(model) == os.path.join(models_dir(), DEFAULT_MODEL):
+        logging.getLogger("nanoslg.server").info(
+            "%s is a small demo model: requests that set no max_tokens get at most %d tokens "
+            "(--max-tokens-default N to change)", DEFAULT_MODEL, DEMO_MAX_TOKENS)
+        return DEMO_MAX_TOKENS
+    return None
 
 
 def run_serve(args) -> int:
@@ -107,11 +129,12 @@ def _serve(args: argparse.Namespace, cfg: EngineConfig, count: int, server_dir: 
         print(f"nanoslg serve: {e}", file=sys.stderr)
         return 1
     name = args.served_model_name or os.path.basename(os.path.normpath(engine.cfg.model))
-    settings = ServerSettings(name, args.api_key, int(args.max_body_mb * 1024 * 1024), args.max_tokens_default,
-                              args.tool_call_parser)
+    settings = ServerSettings(name, args.api_key, int(args.max_body_mb * 1024 * 1024),
+                              _max_tokens_default(args, engine.cfg.model), args.tool_call_parser, args.access_log)
     # log_config=None: uvicorn's loggers go through ours (one format, --log-format json included)
+    # uvicorn's access log is ours (nanoslg/server/access_log.py), with the tokens and finish reasons added
     config = uvicorn.Config(build_app(engine, settings), host=args.host, port=args.port, log_config=None,
-                            log_level=args.log_level, timeout_graceful_shutdown=5)
+                            log_level=args.log_level, access_log=False, timeout_graceful_shutdown=5)
     pool = None
     try:
         listener = config.bind_socket()

@@ -159,7 +159,7 @@ def main() -> None:
                             spec["control_address"], spec["ready_address"],
                             QueueCounts(spec["queue_counts"], index), spec["engine_state"] == RUNNING)
     settings = ServerSettings(**spec["settings"])
-    config = uvicorn.Config(build_app(engine, settings), log_config=None, log_level=cfg.log_level,
+    config = uvicorn.Config(build_app(engine, settings), log_config=None, log_level=cfg.log_level, access_log=False,
                             timeout_graceful_shutdown=5)
     listener = socket.socket(fileno=spec["fd"])
     started = time.monotonic()

@@ -20,6 +20,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 import nanoslg
+from nanoslg.server.access_log import GENERATION, AccessLog
 from nanoslg.server.async_engine import AsyncEngine, EngineUnavailable, TooManyChoices
 from nanoslg.server.metrics import ServerMetrics
 from nanoslg.server.openai_api import (Generation, GenerationFailed, RequestRejected, Responder, chat_requests,
@@ -40,6 +41,7 @@ class ServerSettings:
     max_body_bytes: int = 8 * 1024 * 1024
     max_tokens_default: Optional[int] = None  # for requests that set no max_tokens; None: up to max_model_len
     tool_call_parser: str = "auto"  # tool_calls.PARSERS, or auto: from the chat template
+    access_log: bool = True  # one INFO line per request (access_log.py)
 
     def to_dict(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in self.__slots__}
@@ -161,7 +163,7 @@ class OpenAIServer:
             except ValidationError as e:
                 raise _validation_error(e) from None
             self._check_model(body.model)
-            self._default_max_tokens(body, chat)
+            asked_max_tokens = self._default_max_tokens(body, chat)
             # before building them: a body of many prompts times n must not hold up the event loop first
             self.engine.check_room(body.n * (len(body.prompts()) if isinstance(body, CompletionRequest) else 1))
             request_id = uuid.uuid4().hex
@@ -169,8 +171,9 @@ class OpenAIServer:
             try:
                 plan = plan_output(body, parser)
                 await self.grammars.check(plan)  # a bad schema is a 400 before the engine sees it
-                reqs = chat_requests(body, request_id, plan, template_tools) \
-                    if isinstance(body, ChatCompletionRequest) else completion_requests(body, request_id, plan)
+                reqs = chat_requests(body, request_id, plan, template_tools, asked_max_tokens) \
+                    if isinstance(body, ChatCompletionRequest) else \
+                    completion_requests(body, request_id, plan, asked_max_tokens)
             except StructuredOutputError as e:
                 raise ApiError(400, str(e), param=e.param, code=e.code) from None
             except ValidationError as e:
@@ -178,6 +181,7 @@ class OpenAIServer:
             except ValueError as e:  # SamplingParams' own checks
                 raise ApiError(400, str(e)) from None
             gen = Generation(self.engine, self.metrics, reqs, body.n)
+            setattr(request.state, GENERATION, gen)
             responder = Responder(chat, self.settings.served_model_name, gen, body, plan)
             deltas = gen.deltas()
             # Wait for the first output before answering, so a request the engine rejects gets a 400.
@@ -199,14 +203,20 @@ class OpenAIServer:
         except GenerationFailed as e:
             return ApiError(500, f"generation failed: {e}", "server_error").response()
 
-    def _default_max_tokens(self, body, chat: bool) -> None:
+    def _default_max_tokens(self, body, chat: bool) -> bool:
+        """Gives a body without max_tokens the server's default; whether the client set max_tokens itself (then
+        prompt + max_tokens must fit in max_model_len, as OpenAI's and vLLM's servers require)."""
+        if chat:
+            asked = body.max_tokens is not None or body.max_completion_tokens is not None
+        else:
+            asked = "max_tokens" in body.model_fields_set and body.max_tokens is not None
         default = self.settings.max_tokens_default
-        if default is None:
-            return
-        if chat and body.max_tokens is None and body.max_completion_tokens is None:
-            body.max_completion_tokens = default
-        elif not chat and "max_tokens" not in body.model_fields_set:
-            body.max_tokens = default
+        if default is not None and not asked:
+            if chat:
+                body.max_completion_tokens = default
+            else:
+                body.max_tokens = default
+        return asked
 
     @staticmethod
     async def _drain(deltas) -> None:
@@ -259,7 +269,13 @@ class OpenAIServer:
         return FileResponse(os.path.join(STATIC, "index.html"), media_type="text/html")
 
 
-def build_app(engine: AsyncEngine, settings: ServerSettings) -> Starlette:
+def build_app(engine: AsyncEngine, settings: ServerSettings) -> Any:
+    """The ASGI application: Starlette's, behind the access log unless settings turn it off."""
+    app = _starlette_app(engine, settings)
+    return AccessLog(app) if settings.access_log else app
+
+
+def _starlette_app(engine: AsyncEngine, settings: ServerSettings) -> Starlette:
     server = OpenAIServer(engine, settings)
 
     @asynccontextmanager

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -16,9 +15,6 @@ from nanoslg.server.metrics import ServerMetrics
 from nanoslg.server.schemas import ChatCompletionRequest, CompletionRequest
 from nanoslg.server.structured import OutputPlan, ToolCallOutput
 from nanoslg.server.tool_calls import fallback_tools_prompt, messages_for_template
-
-
-log = logging.getLogger("nanoslg.server")
 
 
 class RequestRejected(ValueError):
@@ -71,7 +67,11 @@ class Generation:
         self.start = time.monotonic()
         self.first_token: Optional[float] = None
         self._queue: DeltaQueue = asyncio.Queue()  # (choice index, delta or exception), filled by the engine
-        self._status = "aborted"
+        self.status = "aborted"  # ok, rejected, or how it ended early (access_log.py writes it)
+
+    @property
+    def request_id(self) -> str:
+        return self.reqs[0].rid.partition("-")[0].partition(".")[0]  # the HTTP request's id (uuid hex)
 
     async def deltas(self) -> AsyncIterator[Event]:
         """Starts the requests, then yields (choice, delta, the delta's new logprob entries) until every choice has
@@ -95,33 +95,25 @@ class Generation:
                 if item.finish_reason is not None:
                     pending -= 1
                 yield choice, item, new_logprobs
-            self._status = "ok"
+            self.status = "ok"
         except RequestRejected:
-            self._status = "rejected"
+            self.status = "rejected"
             raise
         except EngineUnavailable as e:
-            self._status, abort_reason = "error", e.reason
+            self.status, abort_reason = "error", e.reason
             raise
         except Exception:
-            self._status, abort_reason = "error", "error"
+            self.status, abort_reason = "error", "error"
             raise
         finally:
             self.engine.release(self.reqs)  # a client gone or an error: abort whatever still runs
-            end = time.monotonic()
-            if admitted:
-                self._log_end(end, abort_reason)
-                if self._status not in ("ok", "rejected"):
+            status = self.status
+            if status not in ("ok", "rejected"):
+                self.status = f"{status} ({abort_reason})"
+                if admitted:
                     self.metrics.aborts.labels(reason=abort_reason).inc()
-            self.metrics.observe_request(self._status, self.start, self.first_token, end,
+            self.metrics.observe_request(status, self.start, self.first_token, time.monotonic(),
                                          self.prompt_tokens, self.completion_tokens)
-
-    def _log_end(self, end: float, abort_reason: str) -> None:
-        request_id = self.reqs[0].rid.partition("-")[0].partition(".")[0]  # the HTTP request's id (uuid hex)
-        ttft = "-" if self.first_token is None else f"{self.first_token - self.start:.3f} s"
-        outcome = self._status if self._status in ("ok", "rejected") else f"{self._status} ({abort_reason})"
-        log.info("request %s: %s, %d prompt + %d output tokens, TTFT %s, total %.3f s", request_id, outcome,
-                 self.prompt_tokens, self.completion_tokens, ttft, end - self.start,
-                 extra={"request_id": request_id})
 
     def ready(self) -> bool:
         """Whether a delta already waits (the next one comes without waiting)."""
@@ -176,9 +168,10 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def chat_requests(body: ChatCompletionRequest, request_id: str, plan: OutputPlan,
-                  template_tools: bool) -> list[GenerateRequest]:
-    """template_tools: the model's chat template renders `tools`; otherwise a system prompt describes them."""
+def chat_requests(body: ChatCompletionRequest, request_id: str, plan: OutputPlan, template_tools: bool,
+                  strict_max_tokens: bool = False) -> list[GenerateRequest]:
+    """template_tools: the model's chat template renders `tools`; otherwise a system prompt describes them.
+    strict_max_tokens: the client set max_tokens, which prompt + output must then fit (else a 400)."""
     conv = messages_for_template(body.conversation(), template_tools)
     kwargs = None
     if body.tools and body.tool_choice != "none":
@@ -194,20 +187,24 @@ def chat_requests(body: ChatCompletionRequest, request_id: str, plan: OutputPlan
         params = body.to_sampling_params(i, plan.spec)
         if plan.tools == "auto":  # a tool-call marker may be a special token ([TOOL_CALLS]): the parser needs it
             params.skip_special_tokens = False
-        reqs.append(GenerateRequest(f"{request_id}-{i}", params, messages=conv, chat_template_kwargs=kwargs))
+        reqs.append(GenerateRequest(f"{request_id}-{i}", params, messages=conv, chat_template_kwargs=kwargs,
+                                    strict_max_tokens=strict_max_tokens))
     return reqs
 
 
-def completion_requests(body: CompletionRequest, request_id: str, plan: OutputPlan) -> list[GenerateRequest]:
+def completion_requests(body: CompletionRequest, request_id: str, plan: OutputPlan,
+                        strict_max_tokens: bool = False) -> list[GenerateRequest]:
     reqs = []
     for p_index, prompt in enumerate(body.prompts()):
         for i in range(body.n):
             rid = f"{request_id}.{p_index}-{i}"
             params = body.to_sampling_params(i, plan.spec)
             if isinstance(prompt, str):
-                reqs.append(GenerateRequest(rid, params, prompt=prompt, echo=body.echo))
+                reqs.append(GenerateRequest(rid, params, prompt=prompt, echo=body.echo,
+                                            strict_max_tokens=strict_max_tokens))
             else:
-                reqs.append(GenerateRequest(rid, params, prompt_ids=token_ids(prompt), echo=body.echo))
+                reqs.append(GenerateRequest(rid, params, prompt_ids=token_ids(prompt), echo=body.echo,
+                                            strict_max_tokens=strict_max_tokens))
     return reqs
 
 

@@ -86,7 +86,9 @@ def _apply_served_model(schemas: dict[str, Any], served: ServedModel) -> None:
                              f"context_length_exceeded, one of no tokens (only characters the tokenizer drops) a "
                              f"400 with code empty_prompt")
     default = served.max_tokens_default
-    stop = f"generation always stops at max_model_len ({served.max_model_len}) tokens of prompt plus output"
+    stop = (f"generation always stops at max_model_len ({served.max_model_len}) tokens of prompt plus output, and a "
+            f"max_tokens the request sets must fit there beside the prompt (else a 400 with code "
+            f"context_length_exceeded)")
     completion_max = schemas["CompletionRequest"]["properties"]["max_tokens"]
     completion_max["default"] = default or 16
     completion_max["description"] = (f"unset: {default or 16} (the server's --max-tokens-default, else 16 as in "
@@ -140,7 +142,8 @@ def openapi_schema(version: str, served: ServedModel) -> dict[str, Any]:
     _add_cross_field_rules(schemas)
     errors = {
         "400": _error("invalid request: the body breaks this schema, or its prompt (conversation) has too many "
-                      "tokens for max_model_len (code context_length_exceeded) or none (code empty_prompt), or it "
+                      "tokens for max_model_len, alone or with the max_tokens it sets (code "
+                      "context_length_exceeded), or none (code empty_prompt), or it "
                       "asks for more completions (prompts x n) than the server runs at once (code "
                       "too_many_choices: --max-waiting-requests and --max-queued-requests)"),
         "404": _error("the model is not the served one"),
