@@ -140,8 +140,9 @@ class EngineConfig:
         applied = {key: value for key, value in tuned.items() if getattr(self, key) is None and value is not None}
         out.update(applied)
         if "tuned_config_path" in out:
-            log.info("tuned config %s: %s", out["tuned_config_path"],
-                        ", ".join(f"{k}={v}" for k, v in applied.items()) or "every value set by hand")
+            said = ", ".join(f"{k}={v}" for k, v in applied.items()) or \
+                ("every value set by hand" if tuned else "the defaults (tune found nothing faster)")
+            log.info("tuned config %s: %s", out["tuned_config_path"], said)
         # On a GPU, vLLM's defaults for large GPUs: the predicted-memory admission keeps the running set to what the
         # KV pool holds, and a larger running set gives the dense batch's GEMMs more rows.
         gpu = device_name != "cpu"

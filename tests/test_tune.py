@@ -1,6 +1,7 @@
-"""`nanoslg tune` on CPU: it measures a tiny model, writes its tuned config, and `serve` and `bench throughput`
-pick that file up for the same model, device and layout (a log line says so; `nanoslg debug state` shows the
-values). A tuned config that is corrupt or made for another engine is an error naming the file."""
+"""`nanoslg tune` on CPU: it measures a tiny model, the defaults among the candidates, and writes its tuned config
+(values only where a candidate beat the defaults by more than the noise); `serve` and `bench throughput` pick that
+file up for the same model, device and layout (a log line says so; `nanoslg debug state` shows the values). A tuned
+config that is corrupt or made for another engine is an error naming the file."""
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 
 from nanoslg import LLM, tuned_config
 from nanoslg.entrypoints.debug import DebugClient
+from nanoslg.entrypoints.tune_model import MIN_GAIN, Candidate, decide
 from nanoslg.model_spec import ConfigError
 from server_utils import Server
 from tiny_models import make_tiny_model
@@ -43,20 +45,67 @@ def test_tune_writes_a_config_with_its_decisions_in_under_two_minutes(tuned):
     files = os.listdir(tuned_dir)
     assert len(files) == 1 and files[0].endswith("__cpu__tp1-pp1.json")
     doc = json.load(open(os.path.join(tuned_dir, files[0])))
-    engine = doc["engine"]
-    assert engine["running_target"] >= 8 and engine["max_num_seqs"] >= engine["running_target"]
-    assert engine["nano_batches"] == 1  # no streams on CPU: an overlap never wins there
     checked = doc["candidates"]
     assert 1 <= len(checked) <= 3 and all(c["measured_tokens_per_s"] > 0 for c in checked)
+    defaults = doc["defaults"]
+    assert len(defaults["runs"]) == 2 and all(x > 0 for x in defaults["runs"])
+    assert defaults["running_target"] == 256  # the CPU's default max_num_seqs, measured as it is
     assert any("nano-batches" in d and "measured on the real step" in d for d in doc["decisions"])
     assert doc["profile"]["ops"]["gemm"] and doc["profile"]["steps"]
-    # the table of predicted against measured, and the decisions, are printed
+    # the values are set only when the best candidate beat the defaults by more than their noise (and 3 %)
+    mean = sum(defaults["runs"]) / 2
+    best = max(c["measured_tokens_per_s"] for c in checked)
+    needed = max(MIN_GAIN, (max(defaults["runs"]) - min(defaults["runs"])) / mean)
+    engine = doc["engine"]
+    if best / mean - 1 > needed:
+        assert engine["running_target"] >= 8 and engine["max_num_seqs"] >= engine["running_target"]
+        assert engine["nano_batches"] == 1  # no streams on CPU: an overlap never wins there
+        assert any(d.startswith("tuned beats the defaults") for d in doc["decisions"])
+    else:
+        assert engine == {} and any(d.startswith("the defaults are best") for d in doc["decisions"])
+    # the table of predicted against measured (the defaults' two runs first), and the decisions, are printed
     assert "predicted tok/s" in out.stdout and "measured tok/s" in out.stdout and "not used" in out.stdout
+    assert "defaults" in out.stdout
 
 
-def test_bench_and_the_offline_engine_pick_the_tuned_config_up(tuned, monkeypatch):
+def _candidate(r: int, measured: float) -> Candidate:
+    return Candidate(r, None, 1, "none", False, 0.0, 0.0, 0.0, 0.0, measured)
+
+
+def test_tune_keeps_the_defaults_unless_a_candidate_beats_them_by_more_than_the_noise():
+    a, b = _candidate(64, 103.0), _candidate(128, 101.0)
+    verdict = decide([100.0, 104.0], [a, b])  # the defaults at 102 +- 4 %: a 1 % gain is noise
+    assert verdict.chosen is None and verdict.reason.startswith("the defaults are best")
+    assert abs(verdict.noise - 4 / 102) < 1e-9 and verdict.threshold == verdict.noise
+    winner = _candidate(96, 110.0)
+    verdict = decide([100.0, 104.0], [a, winner, b])
+    assert verdict.chosen is winner and verdict.reason.startswith("tuned beats the defaults by +7.8%")
+    # quiet runs: still 3 % at least, so a tuned config is never a coin toss
+    assert decide([100.0, 100.0], [_candidate(64, 102.9)]).chosen is None
+    assert decide([100.0, 100.0], [_candidate(64, 103.5)]).chosen is not None
+    # a loud run: the noise decides (what loses to the defaults is never chosen)
+    assert decide([80.0, 120.0], [_candidate(64, 130.0)]).chosen is None
+    assert decide([100.0, 101.0], [_candidate(64, 90.0)]).chosen is None
+
+
+@pytest.fixture(scope="module")
+def pickup(tuned, tmp_path_factory):
+    """(model folder, folder of a tuned config with values set, those values): the file tune wrote, with values
+    set by hand when tune found the defaults best (which one wins on a CPU is up to the noise)."""
     folder, tuned_dir, _, _ = tuned
-    engine = json.load(open(os.path.join(tuned_dir, os.listdir(tuned_dir)[0])))["engine"]
+    name = os.listdir(tuned_dir)[0]
+    doc = json.load(open(os.path.join(tuned_dir, name)))
+    if not doc["engine"]:
+        doc["engine"] = {"max_num_seqs": 24, "running_target": 24, "max_num_batched_tokens": 512,
+                         "dense_batch_tokens": None, "nano_batches": 1, "nano_overlap": "none",
+                         "sequence_parallel": False}
+    out_dir = str(tmp_path_factory.mktemp("pickup"))
+    tuned_config.write(os.path.join(out_dir, name), {k: v for k, v in doc.items() if k != "format"})
+    return folder, out_dir, doc["engine"]
+
+
+def test_bench_and_the_offline_engine_pick_the_tuned_config_up(pickup, monkeypatch):
+    folder, tuned_dir, engine = pickup
     out = _nanoslg("bench", "throughput", folder, "--max-model-len", "256", "--input-len", "16", "--output-len",
                    "8", "--num-prompts", "8", "--warmup-prompts", "0", env_dir=tuned_dir)
     assert out.returncode == 0, out.stderr
@@ -72,8 +121,8 @@ def test_bench_and_the_offline_engine_pick_the_tuned_config_up(tuned, monkeypatc
         assert llm.config.tuned_config_path == "" and llm.config.running_target is None
 
 
-def test_serve_picks_the_tuned_config_up(tuned, tmp_path, monkeypatch):
-    folder, tuned_dir, _, _ = tuned
+def test_serve_picks_the_tuned_config_up(pickup, tmp_path, monkeypatch):
+    folder, tuned_dir, engine = pickup
     monkeypatch.setenv("NANOSLG_TUNED_DIR", tuned_dir)
     log = open(tmp_path / "serve.log", "w+")
     with Server(folder, "--max-model-len", "256", stderr=log):
@@ -81,13 +130,26 @@ def test_serve_picks_the_tuned_config_up(tuned, tmp_path, monkeypatch):
     log.seek(0)
     assert f"tuned config {tuned_dir}" in log.read()
     state = json.loads(out.stdout)
-    engine = json.load(open(os.path.join(tuned_dir, os.listdir(tuned_dir)[0])))["engine"]
     assert state["tuned_config"].startswith(tuned_dir)
     assert (state["running_target"], state["max_num_seqs"]) == (engine["running_target"], engine["max_num_seqs"])
 
 
-def test_a_corrupt_or_mismatched_tuned_config_is_an_error_naming_the_file(tuned, tmp_path, monkeypatch):
-    folder, tuned_dir, _, _ = tuned
+def test_a_tuned_config_of_the_defaults_sets_nothing_and_says_so(pickup, tmp_path, caplog):
+    folder, tuned_dir, _ = pickup
+    doc = json.load(open(os.path.join(tuned_dir, os.listdir(tuned_dir)[0])))
+    doc["engine"] = {}
+    path = str(tmp_path / "defaults.json")
+    tuned_config.write(path, {k: v for k, v in doc.items() if k != "format"})
+    from nanoslg.config import EngineConfig
+
+    with caplog.at_level("INFO", logger="nanoslg"):
+        cfg = EngineConfig(model=folder, max_model_len=256, tuned_config=path).resolve()
+    assert cfg.tuned_config_path == path and cfg.running_target is None and cfg.max_num_seqs == 256
+    assert "the defaults (tune found nothing faster)" in caplog.text
+
+
+def test_a_corrupt_or_mismatched_tuned_config_is_an_error_naming_the_file(pickup, tmp_path, monkeypatch):
+    folder, tuned_dir, _ = pickup
     good = os.path.join(tuned_dir, os.listdir(tuned_dir)[0])
     bad_dir = tmp_path / "bad"
     bad_dir.mkdir()
@@ -127,7 +189,7 @@ def test_tune_with_tensor_parallelism_weighs_nano_batching_and_sequence_parallel
     assert "all-reduce beside GEMMs in 2 nano-batches" in decisions and "with sequence parallelism" in decisions
     assert {tuple(s[3:6]) for s in doc["profile"]["steps"]} >= {(1, "none", False), (1, "none", True),
                                                                  (2, "network", False), (2, "network", True)}
-    assert doc["engine"]["nano_batches"] == 1  # no streams on CPU
+    assert doc["engine"].get("nano_batches", 1) == 1  # no streams on CPU (an empty engine: the defaults)
 
 
 def test_gpus_searches_only_the_layouts_the_model_splits_into(tiny_model_dir):

@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(args, "log_level"):  # the commands that run an engine log as its processes do, from the start
+        from nanoslg.logs import setup_logging
+
+        setup_logging(args.log_level, getattr(args, "log_format", "text"))
     try:
         if args.command == "pull":
             return run_pull(args)

@@ -130,3 +130,38 @@ def search(model: CostModel, mean_in: float, mean_out: float, max_running: int, 
             for (nano, overlap, sp), speedup in nano_speedups.items():
                 out.append(Candidate(r, d, nano, overlap, sp, tps * speedup, decodes, prefill, step / speedup))
     return sorted(out, key=lambda c: -c.predicted_tokens_per_s)
+
+
+MIN_GAIN = 0.03  # a tuned config must beat the defaults by this much at least (and by more than the noise)
+
+
+@dataclass(slots=True)
+class Verdict:
+    """What tune writes: the chosen candidate, or None when the defaults are best, and why."""
+
+    chosen: Optional[Candidate]
+    defaults_tokens_per_s: float  # the mean of the defaults' runs
+    noise: float  # the defaults' run-to-run spread, relative to their mean
+    gain: float  # the best candidate's measured rate over the defaults', minus 1
+    threshold: float  # the gain a candidate needed: max(MIN_GAIN, noise)
+
+    @property
+    def reason(self) -> str:
+        spread = f"the defaults measured {self.defaults_tokens_per_s:.0f} tok/s (run-to-run noise {self.noise:.1%})"
+        if self.chosen is None:
+            return (f"the defaults are best: {spread}, and no candidate beat them by more than "
+                    f"{self.threshold:.1%} (the best by {self.gain:+.1%}); the tuned config sets nothing")
+        return f"tuned beats the defaults by {self.gain:+.1%}: {spread}, {self.threshold:.1%} needed"
+
+
+def decide(defaults_runs: list[float], checked: list[Candidate], min_gain: float = MIN_GAIN) -> Verdict:
+    """The best checked candidate when it beats the mean of the defaults' runs by more than max(min_gain, their
+    relative spread); otherwise the defaults (chosen None). A tuned config therefore never runs slower than the
+    defaults by more than the noise the run itself showed."""
+    mean = sum(defaults_runs) / len(defaults_runs)
+    noise = (max(defaults_runs) - min(defaults_runs)) / mean if mean > 0 else 0.0
+    threshold = max(min_gain, noise)
+    measured = [c for c in checked if c.measured_tokens_per_s is not None]
+    best = max(measured, key=lambda c: c.measured_tokens_per_s or 0.0, default=None)
+    gain = (best.measured_tokens_per_s or 0.0) / mean - 1 if best is not None and mean > 0 else float("-inf")
+    return Verdict(best if best is not None and gain > threshold else None, mean, noise, gain, threshold)
