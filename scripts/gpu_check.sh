@@ -264,31 +264,56 @@ for mode in $MODES; do
         random:128:128:$((n * 5)) --breakdown
       runs_summary nanoflow-accept
       ;;
-    structured)  # issue 19: sharegpt-like free and with every request under a JSON schema, in one engine; the
-      # per-step bitmask work at 256 constrained sequences on this host
+    structured)  # issues 19 and 25: sharegpt-like free and with every request under a JSON schema, in one
+      # engine (the fill on the threads the worker sizes from this host's cores); then the per-step bitmask work at
+      # 256 constrained sequences, synthetic and real vocabularies (.vocab: SmolLM2's tokenizer, Qwen's tiktoken
+      # ranks), on those threads and on 4
       n=${STRUCTURED_PROMPTS:-1000}
       bench structured --workloads sharegpt-like:$n sharegpt-like:$n+json
       runs_summary structured
-      python3 benchmarks/grammar_bitmask.py --threads 4 --output-json "$OUT/grammar-bitmask.json" \
-        > "$OUT/grammar-bitmask.log" 2>&1
-      summary+=("$(cat "$OUT/grammar-bitmask.log")")
+      vocabs=""; [ -d .vocab/smollm2 ] && vocabs="--tokenizer .vocab/smollm2"
+      [ -f .vocab/qwen.tiktoken ] && vocabs="$vocabs --tiktoken .vocab/qwen.tiktoken"
+      for threads in "" 4; do
+        python3 benchmarks/grammar_bitmask.py ${threads:+--threads $threads} $vocabs \
+          --output-json "$OUT/grammar-bitmask${threads}.json" > "$OUT/grammar-bitmask${threads}.log" 2>&1
+        summary+=("$(grep -v Warn "$OUT/grammar-bitmask${threads}.log" | cut -c1-230)")
+      done
+      ;;
+    low-load)  # issue 25: TTFT at 4 req/s with the chained-step hold off and on, then P99s at 32 and 64 req/s
+      # (sustained: rate x 40 s of prompts)
+      NANOSLG_CHAIN_HOLD=0 start_server --enable-prefix-caching && \
+        serve_bench "hold-off-poisson-4" --dataset sharegpt-like --prompt-ids --num-prompts 160 --request-rate 4 \
+        --client-processes "${CLIENTS:-4}"
+      stop_server
+      start_server --enable-prefix-caching && for rate in ${RATES:-4 32 64}; do
+        serve_bench "hold-on-poisson-$rate" --dataset sharegpt-like --prompt-ids --num-prompts $((rate * 40)) \
+          --request-rate "$rate" --client-processes "${CLIENTS:-4}"
+      done
+      stop_server
       ;;
     offline-check)  # issue 18: the offline workloads an online change must not slow down, at default flags
       n=${ACCEPT_PROMPTS:-2000}
       bench offline-check --workloads random:1024:512:$n sharegpt-like:$((n / 2)) --breakdown
       runs_summary offline-check
       ;;
-    tune-8b)  # nanoslg tune on the 8B shape (timed), then its config against 256 sequences / 8192 tokens
+    tune-8b)  # nanoslg tune on the 8B shape (timed), then its config against the defaults (issue 25: a tune that
+      # never loses), each on offline-1024-512 and sharegpt-like in one engine; the defaults' run is also issue 25's
+      # offline no-regression check
       start=$(date +%s)
       timeout ${TUNE_LIMIT_S:-600} python3 -m nanoslg tune llama-3.1-8b --load-format dummy --max-model-len 4096 \
         ${TUNE_ARGS:-} > "$OUT/tune-8b.log" 2>&1
       summary+=("tune-8b: rc $? in $(( $(date +%s) - start )) s; $(grep -h '^engine:' "$OUT/tune-8b.log")")
-      grep -v "^tune:\|WARNING" "$OUT/tune-8b.log" | tail -12
+      grep -v "^tune:\|WARNING\| INFO " "$OUT/tune-8b.log" | tail -14
       cp ~/.cache/nanoslg/tuned/*.json "$OUT/" 2>/dev/null
-      bench tuned-1024-512 --input-len 1024 --output-len 512 --num-prompts ${TUNED_PROMPTS:-1000} --breakdown
-      bench today-1024-512 --input-len 1024 --output-len 512 --num-prompts ${TUNED_PROMPTS:-1000} --breakdown \
-        --no-tuned-config --max-num-seqs 256 --max-num-batched-tokens 8192
-      ratio "tuned / 256+8192" tuned-1024-512 today-1024-512
+      n=${TUNED_PROMPTS:-2000}
+      bench defaults-offline --workloads random:1024:512:$n sharegpt-like:$((n / 2)) --breakdown --no-tuned-config
+      runs_summary defaults-offline
+      if grep -q '^engine: the defaults' "$OUT/tune-8b.log"; then
+        summary+=("tuned = defaults: tune found the defaults best and set nothing")
+      else
+        bench tuned-offline --workloads random:1024:512:$n sharegpt-like:$((n / 2)) --breakdown
+        runs_summary tuned-offline
+      fi
       ;;
     smoke)
       bench smoke-1024-512 --input-len 1024 --output-len 512 --num-prompts 300 --max-num-seqs 256 \
