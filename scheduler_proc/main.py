@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -18,7 +17,6 @@ from nanoslg.logs import setup_logging
 from nanoslg.protocol import (AbortRequest, DebugProfile, DebugReply, DebugSetTargets, DebugStateQuery, DebugSubmit,
                               GrammarCompile, GrammarCompiled, ProfileRequest, ProfileResult, ProtocolError, Shutdown,
                               StepPlan, StepResult, TokenBatch, TokenizedRequest, TokenUpdate, token_ids)
-from scheduler_proc.chain_hold import ChainHold
 from scheduler_proc.grammar_gate import GrammarGate
 from scheduler_proc.scheduler import Scheduler
 from scheduler_proc.step_timeline import StepTimeline
@@ -68,7 +66,6 @@ class SchedulerProcess:
             self.remote_inbox.setsockopt(zmq.LINGER, 0)
             self.refusals.append(cluster.serve_securely(self.remote_inbox, cfg, cluster.RESULTS, secret))
         self.timeline = StepTimeline()
-        self.hold = ChainHold(self.core, enabled=cfg.device_name != "cpu")
         self.grammars = GrammarGate(self._publish_plan)
         # Totals since start, for /metrics: time with a step in flight (the workers busy or waiting on a result),
         # the scheduler's own time forming plans and applying results, and the steps run.
@@ -113,7 +110,6 @@ class SchedulerProcess:
             feed.send(frame, copy=False)
         if isinstance(plan, StepPlan):
             self.timeline.planned(plan.step_id)
-            self.hold.on_publish(plan.step_id, time.monotonic())
 
     def run(self, ready: Callable[[dict[str, Any]], None]) -> None:
         self._await_subscribers()
@@ -124,9 +120,8 @@ class SchedulerProcess:
             poller.register(sock, zmq.POLLIN)
         while True:
             # Every change the scheduler reacts to arrives on a socket, and each pass below schedules until it can
-            # not, so blocking here never delays a step (a held chained step is waited for here too).
-            held = self.hold.until(time.monotonic())
-            events = dict(poller.poll(100 if held is None else max(0, math.ceil((held - time.monotonic()) * 1000))))
+            # not, so blocking here never delays a step.
+            events = dict(poller.poll(100))
             for inbox in inboxes:
                 if inbox in events:
                     while self._handle_inbox(inbox):
@@ -139,8 +134,6 @@ class SchedulerProcess:
             if self.profile is not None:
                 self._start_profile()
             while self.profile is None and len(self.core.steps_in_flight) < self.max_in_flight:
-                if self.hold.until(time.monotonic()) is not None:
-                    break  # a decode-only chained step, held for a request that may still arrive
                 started = time.perf_counter()
                 plan = self.core.schedule()
                 self.cpu_s += time.perf_counter() - started
@@ -169,8 +162,6 @@ class SchedulerProcess:
         if isinstance(msg, StepResult):
             self.timeline.result(msg.step_id)
             started = time.perf_counter()
-            step = self.core.steps_in_flight.get(msg.step_id)
-            self.hold.on_result(msg.step_id, step.shape if step is not None else None, msg.gpu_ms, time.monotonic())
             self._publish(self.core.on_result(msg))
             self.cpu_s += time.perf_counter() - started
             if not self.core.steps_in_flight:

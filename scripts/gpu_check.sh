@@ -267,26 +267,21 @@ for mode in $MODES; do
     structured)  # issues 19 and 25: sharegpt-like free and with every request under a JSON schema, in one
       # engine (the fill on the threads the worker sizes from this host's cores); then the per-step bitmask work at
       # 256 constrained sequences, synthetic and real vocabularies (.vocab: SmolLM2's tokenizer, Qwen's tiktoken
-      # ranks), on those threads and on 4
+      # ranks), on those threads (and on GRAMMAR_THREADS_TOO, e.g. 4)
       n=${STRUCTURED_PROMPTS:-1000}
       bench structured --workloads sharegpt-like:$n sharegpt-like:$n+json
       runs_summary structured
       vocabs=""; [ -d .vocab/smollm2 ] && vocabs="--tokenizer .vocab/smollm2"
       [ -f .vocab/qwen.tiktoken ] && vocabs="$vocabs --tiktoken .vocab/qwen.tiktoken"
-      for threads in "" 4; do
+      for threads in "" ${GRAMMAR_THREADS_TOO:-}; do
         python3 benchmarks/grammar_bitmask.py ${threads:+--threads $threads} $vocabs \
           --output-json "$OUT/grammar-bitmask${threads}.json" > "$OUT/grammar-bitmask${threads}.log" 2>&1
         summary+=("$(grep -v Warn "$OUT/grammar-bitmask${threads}.log" | cut -c1-230)")
       done
       ;;
-    low-load)  # issue 25: TTFT at 4 req/s with the chained-step hold off and on, then P99s at 32 and 64 req/s
-      # (sustained: rate x 40 s of prompts)
-      NANOSLG_CHAIN_HOLD=0 start_server --enable-prefix-caching && \
-        serve_bench "hold-off-poisson-4" --dataset sharegpt-like --prompt-ids --num-prompts 160 --request-rate 4 \
-        --client-processes "${CLIENTS:-4}"
-      stop_server
+    low-load)  # issue 25: TTFT at 4 req/s and P99s at 32 and 64 req/s (sustained: rate x 40 s of prompts)
       start_server --enable-prefix-caching && for rate in ${RATES:-4 32 64}; do
-        serve_bench "hold-on-poisson-$rate" --dataset sharegpt-like --prompt-ids --num-prompts $((rate * 40)) \
+        serve_bench "poisson-$rate" --dataset sharegpt-like --prompt-ids --num-prompts $((rate * 40)) \
           --request-rate "$rate" --client-processes "${CLIENTS:-4}"
       done
       stop_server

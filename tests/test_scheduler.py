@@ -242,38 +242,3 @@ def test_requests_too_big_to_share_the_pool_finish_one_after_another_with_steps_
         assert _drive(s, 2000) == {f"r{i}": "length" for i in range(3)}
         assert s.blocks.num_used == 0
 
-
-def test_at_low_load_a_decode_only_chained_step_waits_for_an_arrival_until_the_step_in_flight_nearly_ends():
-    from scheduler_proc.chain_hold import LEAD_MS, ChainHold
-
-    s = Scheduler(num_pages=100, page_size=4, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64,
-                  overlap=True)
-    hold = ChainHold(s)
-    s.add(_req("a", 5, max_tokens=20))
-    first = s.schedule()  # a's prefill
-    hold.on_publish(first.step_id, 0.0)
-    assert hold.until(0.0) is None  # a prefill in flight
-    chained = s.schedule()  # a's first decode, chained on the prefill's token
-    hold.on_publish(chained.step_id, 0.001)
-    shape = s.steps_in_flight[first.step_id].shape
-    s.on_result(StepResult(first.step_id, ["a"], token_ids([7])))
-    hold.on_result(first.step_id, shape, 20.0, 0.010)
-    assert hold.until(0.010) is None  # no decode step's time known yet
-    for step in range(3):  # decode steps of 10 ms: the chain now waits
-        decode_shape = s.steps_in_flight[chained.step_id].shape
-        nxt = s.schedule()
-        hold.on_publish(nxt.step_id, 0.011 + 0.01 * step)
-        s.on_result(StepResult(chained.step_id, ["a"], token_ids([7])))
-        hold.on_result(chained.step_id, decode_shape, 10.0, 0.02 + 0.01 * step)
-        chained = nxt
-    now = 0.045
-    release = hold.until(now)
-    # the step in flight started when the one before it ended (0.04) and should end 10 ms later
-    assert release is not None and abs(release - (0.04 + (10.0 * 0.8 - LEAD_MS) / 1000)) < 1e-9
-    assert hold.until(release) is None  # time to send it
-    # an arrival ends the hold at once, and joins the next step beside the chained decode
-    s.add(_req("b", 3))
-    assert hold.until(now) is None
-    plan = s.schedule()
-    assert sorted((c.rid, c.pending) for c in plan.seqs) == [("a", 1), ("b", 0)]
-    assert ChainHold(s, enabled=False).until(now) is None
