@@ -206,17 +206,17 @@ class OpenAIServer:
     def _default_max_tokens(self, body, chat: bool) -> bool:
         """Gives a body without max_tokens the server's default; whether the client set max_tokens itself (then
         prompt + max_tokens must fit in max_model_len, as OpenAI's and vLLM's servers require)."""
+        default = self.settings.max_tokens_default
         if chat:
             asked = body.max_tokens is not None or body.max_completion_tokens is not None
-        else:
-            asked = "max_tokens" in body.model_fields_set and body.max_tokens is not None
-        default = self.settings.max_tokens_default
-        if default is not None and not asked:
-            if chat:
+            if default is not None and not asked:
                 body.max_completion_tokens = default
-            else:
+            return asked
+        if "max_tokens" not in body.model_fields_set:  # unset: the default; null: no limit
+            if default is not None:
                 body.max_tokens = default
-        return asked
+            return False
+        return body.max_tokens is not None
 
     @staticmethod
     async def _drain(deltas) -> None:
