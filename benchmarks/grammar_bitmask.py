@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import xgrammar  # noqa: E402
 
-from gpu_workers.grammar import grammar_threads, synthetic_vocab, usable_cores  # noqa: E402
+from gpu_workers.cpu_features import usable_cores  # noqa: E402
+from gpu_workers.grammar import grammar_threads, synthetic_vocab  # noqa: E402
 from nanoslg.entrypoints.bench_throughput import BENCH_SCHEMA  # noqa: E402
 
 RECORD = {"type": "object", "properties": {
@@ -121,7 +122,8 @@ def main() -> int:
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads is None:
-        args.threads = grammar_threads(device.type, usable_cores(), 1, min(4, torch.get_num_threads()))
+        # one GPU worker beside the scheduler, the tokenizer and one API server
+        args.threads = grammar_threads(device.type, usable_cores(), 1, min(4, torch.get_num_threads()), 3)
     out = {"batch": args.batch, "threads": args.threads, "device": str(device), "cpu_count": os.cpu_count(),
            "vocabularies": {}}
     for vocab_name, info, size in vocabularies(args):

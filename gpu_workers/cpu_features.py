@@ -7,6 +7,7 @@ and when the file cannot be read, the answer is 'not native', so the default fal
 always right, if sometimes slower."""
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 CPUINFO = "/proc/cpuinfo"
@@ -51,3 +52,11 @@ def native(dtype: str, path: Optional[str] = None) -> tuple[bool, str]:
 
 def native_bf16(path: Optional[str] = None) -> tuple[bool, str]:
     return native("bfloat16", path)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on: taskset and cpusets leave fewer than the machine has."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1

@@ -22,6 +22,7 @@ from typing import Any, Callable, Literal, Optional
 
 import torch
 
+from gpu_workers import cpu_features
 from nanoslg import structured_outputs as so
 from nanoslg.config import ResolvedConfig
 
@@ -32,20 +33,20 @@ GRAMMAR_THREADS_ENV = "NANOSLG_GRAMMAR_THREADS"
 # scheduler admitted as compiled finds its grammar here unless hundreds of new ones came while it waited
 MAX_GRAMMARS = 512
 COMPILER_CACHE_BYTES = 512 << 20  # xgrammar's own cache of compiled grammars: a schema per request must not grow it
-# the node's other busy threads besides each worker's own: the scheduler, the tokenizer and an API server
-OTHER_PROCESSES = 3
 MAX_FILL_THREADS = 32
 
 
-def grammar_threads(device_type: str, cores: int, ranks_per_node: int, torch_threads: int, override: str = "") -> int:
+def grammar_threads(device_type: str, cores: int, ranks_per_node: int, torch_threads: int, other_processes: int,
+                    override: str = "") -> int:
     """Threads that fill a step's token bitmask on each sampling rank. On a GPU the fill runs on the host while the
     device runs the step's forward pass, and the worker's own torch threads only launch kernels (4 at most): the
-    fill takes the cores the node's processes leave (one per worker, OTHER_PROCESSES for the rest), shared among
-    the node's ranks. On a CPU the forward pass has finished when the fill runs, so it takes the rank's torch
-    threads. `override` ($NANOSLG_GRAMMAR_THREADS), a positive integer, wins.
+    fill takes the cores the node's processes leave (one per worker, and `other_processes`: the scheduler, the
+    tokenizer and the API servers on node 0), shared among the node's ranks. On a CPU the forward pass has
+    finished when the fill runs, so it takes the rank's torch threads. `override` ($NANOSLG_GRAMMAR_THREADS), a
+    positive integer, wins.
 
     Measured on an H100 host of 16 cores (issue 25): sharegpt-like x 1000 under a JSON schema ran at 0.61x the
-    unconstrained rate on 4 fill threads and 0.94x on 12."""
+    unconstrained rate on 4 fill threads and 0.88x on 12 (BENCHMARKS.md)."""
     override = override.strip()
     if override.isdigit() and int(override) > 0:
         return int(override)
@@ -53,15 +54,8 @@ def grammar_threads(device_type: str, cores: int, ranks_per_node: int, torch_thr
         log.warning("ignoring %s=%r: not a positive integer", GRAMMAR_THREADS_ENV, override)
     if device_type != "cuda":
         return max(1, torch_threads)
-    spare = (cores - ranks_per_node - OTHER_PROCESSES) // max(1, ranks_per_node)
+    spare = (cores - ranks_per_node - other_processes) // max(1, ranks_per_node)
     return max(1, min(MAX_FILL_THREADS, spare))
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # taskset and cpusets leave fewer cores than the machine has
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 class StepMask:
@@ -134,11 +128,13 @@ class GrammarBook:
         self._compiler: Any = None
         self._compiled: OrderedDict[str, Future[Any]] = OrderedDict()
         self.matchers: dict[str, Any] = {}
-        self.fill_threads = grammar_threads(device.type, usable_cores(), cfg.ranks_per_node, torch.get_num_threads(),
-                                            os.environ.get(GRAMMAR_THREADS_ENV, ""))
+        # node 0 also runs the scheduler, the tokenizer and the API servers (one, and one per client inbox more)
+        others = 3 + len(cfg.client_inboxes) if cfg.node_rank == 0 else 0
+        self.fill_threads = grammar_threads(device.type, cpu_features.usable_cores(), cfg.ranks_per_node,
+                                            torch.get_num_threads(), others, os.environ.get(GRAMMAR_THREADS_ENV, ""))
         self._batch_matcher: Any = None
-        # two pinned buffers, alternating: a step's bitmask may still be on its way to the device when the next
-        # step's fill begins
+        # two pinned buffers, alternating: the worker loop already waits for a step's tokens (after its bitmask's
+        # copy) before the next fill; the second buffer keeps that safe should the loop change
         self._bitmasks: list[Optional[torch.Tensor]] = [None, None]
         self._turn = 0
         self._apply_backend: Literal["auto", "torch_native"] = "auto"

@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 
 import zmq
 
+from gpu_workers import cpu_features
 from gpu_workers.step_profiler import StepProfiler
 from nanoslg import cluster, ipc
 from nanoslg.config import ResolvedConfig
@@ -68,13 +69,6 @@ def cpu_threads(cores: int, ranks_per_node: int, override: str = "") -> int:
     return threads
 
 
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # taskset and cpusets leave fewer cores than the machine has
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 def _size_threads(cfg: ResolvedConfig, device) -> None:
     """torch's intra-op threads: a GPU worker only launches kernels and needs few; the CPU ranks of one node share
     its cores. Left at torch's default (every core each), workers spin on each other's cores and slow the host path
@@ -85,7 +79,8 @@ def _size_threads(cfg: ResolvedConfig, device) -> None:
         cores = os.cpu_count() or 1
         torch.set_num_threads(max(1, min(4, cores // (cfg.ranks_per_node + 2))))
         return
-    torch.set_num_threads(cpu_threads(_usable_cores(), cfg.ranks_per_node, os.environ.get("NANOSLG_CPU_THREADS", "")))
+    torch.set_num_threads(cpu_threads(cpu_features.usable_cores(), cfg.ranks_per_node,
+                                      os.environ.get("NANOSLG_CPU_THREADS", "")))
 
 
 def serve(cfg: ResolvedConfig, rank: int, ready) -> None:

@@ -177,14 +177,16 @@ def test_the_bitmask_fill_takes_the_cores_the_node_leaves():
     from gpu_workers.grammar import grammar_threads
 
     # a GPU node of 16 cores: one worker, the scheduler, the tokenizer and an API server leave 12
-    assert grammar_threads("cuda", 16, 1, 4) == 12
-    assert grammar_threads("cuda", 16, 2, 4) == 5  # two ranks on the node share what is left
-    assert grammar_threads("cuda", 128, 1, 4) == 32  # capped
-    assert grammar_threads("cuda", 4, 1, 4) == 1 and grammar_threads("cuda", 2, 2, 1) == 1
+    assert grammar_threads("cuda", 16, 1, 4, 3) == 12
+    assert grammar_threads("cuda", 16, 1, 4, 5) == 10  # three API-server processes
+    assert grammar_threads("cuda", 16, 2, 4, 3) == 5  # two ranks on the node share what is left
+    assert grammar_threads("cuda", 16, 8, 4, 0) == 1  # a node of eight workers and nothing else
+    assert grammar_threads("cuda", 128, 1, 4, 3) == 32  # capped
+    assert grammar_threads("cuda", 4, 1, 4, 3) == 1 and grammar_threads("cuda", 2, 2, 1, 3) == 1
     # on a CPU the forward pass is over when the fill runs: the rank's own threads
-    assert grammar_threads("cpu", 16, 1, 14) == 14 and grammar_threads("cpu", 2, 1, 2) == 2
-    assert grammar_threads("cuda", 16, 1, 4, override="6") == 6
-    assert grammar_threads("cuda", 16, 1, 4, override="lots") == 12  # ignored, with a warning
+    assert grammar_threads("cpu", 16, 1, 14, 3) == 14 and grammar_threads("cpu", 2, 1, 2, 3) == 2
+    assert grammar_threads("cuda", 16, 1, 4, 3, override="6") == 6
+    assert grammar_threads("cuda", 16, 1, 4, 3, override="lots") == 12  # ignored, with a warning
 
 
 def test_a_paused_step_span_leaves_the_host_wait_out():

@@ -24,7 +24,9 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bearer token (default: $NANOSLG_API_KEY)")
     parser.add_argument("--system", default=None, help="system prompt")
     parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--max-tokens", type=int, default=512)
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="a reply's length limit (default: the server's; prompt and reply must fit in its "
+                             "max_model_len)")
     parser.add_argument("--prompt", default=None, help="send this one message, print the reply and exit")
 
 
@@ -114,7 +116,7 @@ def _stats(stats: dict[str, Any]) -> None:
     secs = stats["seconds"]
     text = f"[{stats['tokens']} tokens, {stats['tokens'] / secs if secs > 0 else 0.0:.1f} tok/s"
     if stats.get("finish_reason") == "length":
-        text += ", hit --max-tokens"
+        text += ", hit the length limit"
     text += "]"
     if sys.stderr.isatty():
         text = f"\033[2m{text}\033[0m"
@@ -144,7 +146,9 @@ def run_chat(args) -> int:
         with httpx.Client(base_url=args.url.rstrip("/"), headers=headers, timeout=timeout) as client:
             model = args.model or first_model(client)
             params = {"model": model, "stream": True, "stream_options": {"include_usage": True},
-                      "temperature": args.temperature, "max_tokens": args.max_tokens}
+                      "temperature": args.temperature}
+            if args.max_tokens is not None:
+                params["max_tokens"] = args.max_tokens
             if args.prompt is not None:
                 try:
                     _, stats = stream_reply(client, {**params, "messages": system + [

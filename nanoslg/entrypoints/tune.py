@@ -118,7 +118,7 @@ def _tune_layout(args, base: ResolvedConfig, tp: int, pp: int, bar) -> dict[str,
 
     gpu = base.device_name != "cpu"
     max_running = args.max_running or (1024 if gpu else 64)
-    max_tokens = base.max_num_batched_tokens if args.max_num_batched_tokens else (8192 if gpu else 512)
+    max_tokens = base.max_num_batched_tokens  # the flag, else the default the engine runs without a tuned config
     # the engine allows the defaults' running target too: they are measured on it as they are
     fields = {**engine_fields(base), "tensor_parallel_size": tp, "pipeline_parallel_size": pp,
               "max_num_seqs": max(max_running, base.max_num_seqs), "max_num_batched_tokens": max_tokens,

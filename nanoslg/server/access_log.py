@@ -3,7 +3,8 @@
     127.0.0.1:52814 "POST /v1/chat/completions" 200 12 prompt + 64 output tokens, finish stop, TTFT 0.041 s, 1.234 s
 
 A completion's line names its token counts, finish reasons and time to first token (the handler leaves its
-Generation in the request's state); other routes' lines stop at the status. It replaces uvicorn's access log (the
+Generation in the request's state); other routes' lines stop at the status, and health probes and metrics scrapes
+log at DEBUG. It replaces uvicorn's access log (the
 same line without what the engine did); `--no-access-log` turns it off."""
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 log = logging.getLogger("nanoslg.access")
 
 GENERATION = "generation"  # the request-state key a completion handler sets
+QUIET_PATHS = ("/health", "/metrics")  # probes and scrapes, every few seconds: their lines at DEBUG
 
 
 def describe(generation: Any) -> str:
@@ -45,16 +47,17 @@ class AccessLog:
 
         def write() -> None:
             nonlocal logged
-            if logged or not log.isEnabledFor(logging.INFO):
+            path = scope.get("path", "")
+            level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
+            if logged or not log.isEnabledFor(level):
                 return
             logged = True
             client = scope.get("client") or ("-", 0)
-            path = scope.get("path", "")
             generation = state.get(GENERATION)
             detail = f" {describe(generation)}," if generation is not None else ""
-            log.info('%s:%s "%s %s" %d%s %.3f s', client[0], client[1], scope.get("method", ""), path, status,
-                     detail, time.monotonic() - start,
-                     extra={"request_id": getattr(generation, "request_id", None)} if generation is not None else None)
+            log.log(level, '%s:%s "%s %s" %d%s %.3f s', client[0], client[1], scope.get("method", ""), path, status,
+                    detail, time.monotonic() - start,
+                    extra={"request_id": getattr(generation, "request_id", None)} if generation is not None else None)
 
         async def send_and_note(message: dict[str, Any]) -> None:
             nonlocal status

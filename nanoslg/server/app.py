@@ -28,7 +28,8 @@ from nanoslg.server.openai_api import (Generation, GenerationFailed, RequestReje
 from nanoslg.server.openapi import openapi_schema
 from nanoslg.server.schemas import ChatCompletionRequest, CompletionRequest, ServedModel
 from nanoslg.server.structured import GrammarChecker, StructuredOutputError, chat_templates, plan_output
-from nanoslg.server.tool_calls import detect_parser, template_supports_tools
+from nanoslg.server.tool_calls import detect_parser
+from nanoslg.server.tool_prompts import template_supports_tools
 
 log = logging.getLogger("nanoslg.server")
 STATIC = os.path.join(os.path.dirname(__file__), "static")

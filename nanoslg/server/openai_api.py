@@ -14,7 +14,7 @@ from nanoslg.server.async_engine import AsyncEngine, DeltaQueue, EngineUnavailab
 from nanoslg.server.metrics import ServerMetrics
 from nanoslg.server.schemas import ChatCompletionRequest, CompletionRequest
 from nanoslg.server.structured import OutputPlan, ToolCallOutput
-from nanoslg.server.tool_calls import fallback_tools_prompt, messages_for_template
+from nanoslg.server.tool_prompts import fallback_tools_prompt, messages_for_template
 
 
 class RequestRejected(ValueError):

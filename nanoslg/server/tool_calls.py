@@ -1,5 +1,5 @@
 """Tool calls (OpenAI `tool_choice: "auto"`): parse a model's own tool-call markup out of its generated text, whole
-or while it streams, and render tool conversations for chat templates that have no tool support of their own.
+or while it streams (tool_prompts.py renders tool conversations for chat templates).
 
 Three output formats cover the common open models: Hermes `<tool_call>{json}</tool_call>` blocks (Qwen2.5/Qwen3,
 Hermes, and what our fallback prompt asks any other model for), Llama 3.1's bare JSON object(s), and Mistral's
@@ -10,7 +10,6 @@ streaming parser fed everything at once, so the two cannot drift apart: a stream
 however the text is cut into chunks."""
 from __future__ import annotations
 
-import copy
 import json
 import re
 import uuid
@@ -19,15 +18,13 @@ from typing import Any, Collection, Optional
 
 PARSERS = ("hermes", "llama3_json", "mistral")
 
-_HERMES_OPEN, _HERMES_CLOSE = "<tool_call>", "</tool_call>"
+HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 _MISTRAL = "[TOOL_CALLS]"
 _ARGS = "[ARGS]"
 _PYTHON_TAG = "<|python_tag|>"
 _DECODER = json.JSONDecoder()
 _WS = re.compile(r"\s*")
 _MISTRAL_NAME = re.compile(r"[^\s\[\]{}\"]+")
-_JINJA = re.compile(r"\{\{.*?\}\}|\{%.*?%\}", re.DOTALL)
-_TOOLS_VAR = re.compile(r"\btools\b")
 _BAD = object()  # a call block that is not well-formed: it stays in the content
 # Past this many buffered characters a held-back call is re-decoded only when the new text could close its JSON:
 # decoding the whole buffer on every token would be quadratic in the call's length.
@@ -39,18 +36,13 @@ def detect_parser(chat_template: str | None) -> str:
     '[TOOL_CALLS]' -> 'mistral'; '<|python_tag|>' or Llama-3.1 style ('ipython' role / '"parameters"' JSON with
     tools) -> 'llama3_json'; anything else (including None) -> 'hermes' (the format our fallback prompt asks for)."""
     t = chat_template or ""
-    if _HERMES_OPEN in t:
+    if HERMES_OPEN in t:
         return "hermes"
     if _MISTRAL in t:
         return "mistral"
     if _PYTHON_TAG in t or "ipython" in t or ('"parameters"' in t and "tools" in t):
         return "llama3_json"
     return "hermes"
-
-
-def template_supports_tools(chat_template: str | None) -> bool:
-    """Whether the jinja template renders a `tools` variable (e.g. mentions 'tools' in a jinja expression/statement)."""
-    return any(_TOOLS_VAR.search(block) for block in _JINJA.findall(chat_template or ""))
 
 
 @dataclass(slots=True)
@@ -174,19 +166,28 @@ def _llama_scan(text: str, final: bool, names: Collection[str] = ()):
         value, end = _decode(s, pos)
         if value is None:
             return _BAD if final or not _could_be_object(s, pos) else None
-        call = _call_from_obj(value, need_args=True)  # bare JSON: without arguments it is just a JSON answer
-        if call is None or (names and not tagged and call.name not in names):
+        # bare JSON: without arguments it is just a JSON answer; given the tools, it must call one (the rule
+        # every parser applies to bare JSON)
+        call = _bare_call(value, names) if names and not tagged else _call_from_obj(value, need_args=True)
+        if call is None:
             return _BAD
         calls.append(call)
         pos = _skip_ws(s, end)
 
 
 def _bare_call(obj, names: Collection[str]) -> ToolCall | None:
-    """A call from a bare JSON object: it names one of the tools and its arguments are an object."""
-    if not isinstance(obj, dict) or obj.get("name") not in names:
+    """A call from a bare JSON object: it names one of the tools and its arguments are an object (or, as OpenAI
+    writes them on the wire, a string holding one)."""
+    name = obj.get("name") if isinstance(obj, dict) else None
+    if not isinstance(name, str) or name not in names:
         return None
     args = obj.get("arguments", obj.get("parameters"))
-    return ToolCall(obj["name"], _arguments_text(args)) if isinstance(args, dict) else None
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    return ToolCall(name, _arguments_text(args)) if isinstance(args, dict) else None
 
 
 def _bare_scan(text: str, names: Collection[str], final: bool):
@@ -275,7 +276,7 @@ class ToolCallStream:
         return ("", calls) if isinstance(calls, list) else (text, [])  # final: a list of calls or _BAD
 
     def _scan(self, final: bool) -> tuple[str, list[ToolCall]]:
-        opener = _HERMES_OPEN if self.parser == "hermes" else _MISTRAL
+        opener = HERMES_OPEN if self.parser == "hermes" else _MISTRAL
         content: list[str] = []
         calls: list[ToolCall] = []
         while True:
@@ -301,13 +302,13 @@ class ToolCallStream:
 
     def _hermes_call(self, final: bool):
         """(content, calls, characters consumed) for the block the buffer starts, or None until it is closed."""
-        j = self._buf.find(_HERMES_CLOSE)
+        j = self._buf.find(HERMES_CLOSE)
         if j < 0 and not final:
             return None
         # An unclosed block at the end still counts when its JSON is whole: models sometimes stop before the tag.
-        end = len(self._buf) if j < 0 else j + len(_HERMES_CLOSE)
+        end = len(self._buf) if j < 0 else j + len(HERMES_CLOSE)
         call = _call_from_json(self._buf if j < 0 else self._buf[:j])
-        return ("", [call], end) if call else (_HERMES_OPEN + self._buf[:end], [], end)
+        return ("", [call], end) if call else (HERMES_OPEN + self._buf[:end], [], end)
 
     def _mistral_call(self, final: bool):
         j = self._buf.find(_MISTRAL)
@@ -332,73 +333,3 @@ def parse_tool_calls(parser: str, text: str,
     rest, more = stream.finish()
     calls += more
     return ((content + rest).strip(), calls) if calls else (text, [])
-
-
-def fallback_tools_prompt(tools: list[dict[str, Any]]) -> str:
-    """A system-prompt text for templates without tool support: lists the tools (OpenAI `tools` entries:
-    {"type":"function","function":{"name","description","parameters"}}) as JSON and tells the model to answer a
-    call as <tool_call>{"name": ..., "arguments": {...}}</tool_call> (Hermes style)."""
-    listed = "\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools)
-    return ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-            "You are provided with function signatures within <tools></tools> XML tags:\n"
-            f"<tools>\n{listed}\n</tools>\n\n"
-            "For each function call, return a json object with function name and arguments within "
-            "<tool_call></tool_call> XML tags:\n"
-            '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>\n\n'
-            "Function results come back to you within <tool_response></tool_response> XML tags.")
-
-
-def _text(content) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, list):  # OpenAI content parts
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-    return str(content)
-
-
-def messages_for_template(messages: list[dict[str, Any]], supports_tools: bool) -> list[dict[str, Any]]:
-    """OpenAI chat messages -> what the chat template gets. Assistant `tool_calls` entries get their
-    `function.arguments` JSON string parsed into a dict when it is a JSON object (HF templates expect a dict);
-    `content: None` becomes "". Without template tool support: an assistant message's tool_calls are appended to
-    its content as Hermes <tool_call>{...}</tool_call> blocks (and the tool_calls key removed), and a `tool`
-    message becomes a `user` message whose content is "<tool_response>\n{content}\n</tool_response>"; with
-    support, messages keep their roles/keys (tool messages keep tool_call_id/name). Never mutates the input.
-
-    Without tool support, consecutive tool messages (parallel calls) merge into one user message: many such
-    templates insist that user and assistant turns alternate."""
-    out: list[dict[str, Any]] = []
-    after_tool = False
-    for msg in messages:
-        msg = copy.deepcopy(msg)
-        if "content" in msg and msg["content"] is None:
-            msg["content"] = ""
-        role = msg.get("role")
-        if role == "assistant" and "tool_calls" in msg and not msg["tool_calls"]:
-            msg.pop("tool_calls")  # an empty list trips templates that insist on exactly one call
-        for tc in (msg.get("tool_calls") or []) if role == "assistant" else []:
-            fn = tc.get("function") if isinstance(tc, dict) else None
-            if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
-                try:
-                    parsed = json.loads(fn["arguments"])
-                except ValueError:
-                    parsed = None
-                if isinstance(parsed, dict):
-                    fn["arguments"] = parsed
-        if not supports_tools and role == "tool":
-            block = f"<tool_response>\n{_text(msg.get('content'))}\n</tool_response>"
-            if after_tool:
-                out[-1]["content"] += "\n" + block
-            else:
-                out.append({"role": "user", "content": block})
-            after_tool = True
-            continue
-        if not supports_tools and role == "assistant" and msg.get("tool_calls"):
-            blocks = []
-            for tc in msg.pop("tool_calls"):
-                fn = (tc.get("function") if isinstance(tc, dict) else None) or {}
-                call = {"name": fn.get("name"), "arguments": fn.get("arguments", {})}
-                blocks.append(f"{_HERMES_OPEN}\n{json.dumps(call, ensure_ascii=False)}\n{_HERMES_CLOSE}")
-            msg["content"] = "\n".join([t for t in [_text(msg.get("content"))] if t] + blocks)
-        out.append(msg)
-        after_tool = False
-    return out
