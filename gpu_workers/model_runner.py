@@ -109,10 +109,10 @@ class ModelRunner:
         self.num_pages = self._count_kv_pages()
         self.backend = self._make_backend(self.num_pages)
         log.info("worker %d (tp %d/%d, pp %d/%d, layers %d-%d): %s %s, %d torch threads, %d KV pages of %d tokens, "
-                    "attention backend %s (%s), fused ops %s", self.ps.rank, self.ps.tp_rank, self.ps.tp_size,
-                    self.ps.pp_rank, self.ps.pp_size, self.model.layer_range.start, self.model.layer_range.stop - 1,
-                    self.device, self.dtype, torch.get_num_threads(), self.num_pages, cfg.page_size,
-                    self.backend.name, self.backend_reason, "on" if fused_ops.enabled() else "off")
+                 "attention backend %s (%s), fused ops %s", self.ps.rank, self.ps.tp_rank, self.ps.tp_size,
+                 self.ps.pp_rank, self.ps.pp_size, self.model.layer_range.start, self.model.layer_range.stop - 1,
+                 self.device, self.dtype, torch.get_num_threads(), self.num_pages, cfg.page_size,
+                 self.backend.name, self.backend_reason, "on" if fused_ops.enabled() else "off")
         if self.device.type == "cuda" and self.backend_cls.supports_cuda_graphs and not cfg.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.backend, self.op_runner,
                                        min(cfg.cuda_graph_max_batch, cfg.max_num_seqs), cfg.max_model_len,
@@ -197,7 +197,7 @@ class ModelRunner:
         # the probe's own KV pages are not activations; CUDA graphs and fragmentation get 1 GiB of headroom
         budget = total * cfg.gpu_memory_utilization - (peak - kv_bytes) - (1 << 30)
         log.info("memory profile: peak %.1f GiB at %d tokens, KV budget %.1f GiB", peak / 2 ** 30, tokens,
-                    budget / 2 ** 30)
+                 budget / 2 ** 30)
         return budget
 
     def batch(self, plan: StepPlan) -> StepBatch:

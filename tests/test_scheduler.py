@@ -241,4 +241,3 @@ def test_requests_too_big_to_share_the_pool_finish_one_after_another_with_steps_
             s.add(_req(f"r{i}", 20, max_tokens=15))
         assert _drive(s, 2000) == {f"r{i}": "length" for i in range(3)}
         assert s.blocks.num_used == 0
-
