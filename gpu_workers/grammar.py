@@ -133,10 +133,9 @@ class GrammarBook:
         self.fill_threads = grammar_threads(device.type, cpu_features.usable_cores(), cfg.ranks_per_node,
                                             torch.get_num_threads(), others, os.environ.get(GRAMMAR_THREADS_ENV, ""))
         self._batch_matcher: Any = None
-        # two pinned buffers, alternating: the worker loop already waits for a step's tokens (after its bitmask's
-        # copy) before the next fill; the second buffer keeps that safe should the loop change
-        self._bitmasks: list[Optional[torch.Tensor]] = [None, None]
-        self._turn = 0
+        # one pinned buffer: its copy to the device is queued without a wait, and the next fill starts only after
+        # the worker waited for that step's tokens, which the stream makes after the copy
+        self._bitmask: Optional[torch.Tensor] = None
         self._apply_backend: Literal["auto", "torch_native"] = "auto"
 
     def _get_compiler(self) -> Any:
@@ -229,12 +228,10 @@ class GrammarBook:
         import xgrammar
 
         n, words = len(rows), -(-self.vocab_size // 32)
-        self._turn ^= 1
-        buffer = self._bitmasks[self._turn]
-        if buffer is None or buffer.shape[0] < n:
-            buffer = torch.empty((max(n, 64), words), dtype=torch.int32, pin_memory=self.device.type == "cuda")
-            self._bitmasks[self._turn] = buffer
-        bitmask = buffer[:n]
+        if self._bitmask is None or self._bitmask.shape[0] < n:
+            self._bitmask = torch.empty((max(n, 64), words), dtype=torch.int32,
+                                        pin_memory=self.device.type == "cuda")
+        bitmask = self._bitmask[:n]
         bitmask.fill_(-1)
         matchers, indices = [], []
         for i, rid in enumerate(rows):

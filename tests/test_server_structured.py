@@ -246,20 +246,23 @@ CALL_TEXT = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {
              '</tool_call>')
 
 
+def _forced_auto_reply(client, text: str, stream: bool) -> tuple:
+    """(content, finish_reason, tool calls) of a tool_choice auto reply that a grammar forces to be `text`."""
+    kw = dict(model="tiny", messages=USER, tools=TOOLS, max_tokens=80, temperature=0,
+              extra_body={"structured_outputs": {"choice": [text]}})
+    if stream:
+        chunks = list(client.chat.completions.create(stream=True, **kw))
+        content, finish = _stream_text(chunks)
+        return content, finish, [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    r = client.chat.completions.create(**kw)
+    return r.choices[0].message.content, r.choices[0].finish_reason, r.choices[0].message.tool_calls or []
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_auto_tool_choice_parses_the_models_own_markup(hermes_server, stream):
     client = openai.OpenAI(base_url=f"{hermes_server.url}/v1", api_key="unused", max_retries=0)
     # the random model is made to write a Hermes tool call (a grammar allowing only that text); auto parses it
-    kw = dict(model="tiny", messages=USER, tools=TOOLS, max_tokens=80, temperature=0,
-              extra_body={"structured_outputs": {"choice": [CALL_TEXT]}})
-    if stream:
-        chunks = list(client.chat.completions.create(stream=True, **kw))
-        content, finish = _stream_text(chunks)
-        calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
-    else:
-        r = client.chat.completions.create(**kw)
-        content, finish, calls = r.choices[0].message.content, r.choices[0].finish_reason, \
-            r.choices[0].message.tool_calls
+    content, finish, calls = _forced_auto_reply(client, CALL_TEXT, stream)
     assert finish == "tool_calls" and "<tool_call>" not in (content or "")
     assert content.strip() == "Let me check."
     assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == \
@@ -281,16 +284,7 @@ def test_auto_tool_choice_takes_bare_json_naming_a_tool_as_a_call(hermes_server,
     """Small models often answer a call as bare JSON without their template's markup (Qwen2.5-0.5B does)."""
     client = openai.OpenAI(base_url=f"{hermes_server.url}/v1", api_key="unused", max_retries=0)
     for text, expected in ((BARE_CALL, [("get_weather", {"city": "Rome", "days": 2})]), (NOT_A_CALL, [])):
-        kw = dict(model="tiny", messages=USER, tools=TOOLS, max_tokens=80, temperature=0,
-                  extra_body={"structured_outputs": {"choice": [text]}})
-        if stream:
-            chunks = list(client.chat.completions.create(stream=True, **kw))
-            content, finish = _stream_text(chunks)
-            calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
-        else:
-            r = client.chat.completions.create(**kw)
-            content, finish, calls = r.choices[0].message.content, r.choices[0].finish_reason, \
-                r.choices[0].message.tool_calls or []
+        content, finish, calls = _forced_auto_reply(client, text, stream)
         assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == expected
         if expected:
             assert finish == "tool_calls" and not content and calls[0].id.startswith("call_")

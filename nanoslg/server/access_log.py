@@ -4,8 +4,8 @@
 
 A completion's line names its token counts, finish reasons and time to first token (the handler leaves its
 Generation in the request's state); other routes' lines stop at the status, and health probes and metrics scrapes
-log at DEBUG. It replaces uvicorn's access log (the
-same line without what the engine did); `--no-access-log` turns it off."""
+log at DEBUG. It replaces uvicorn's access log (the same line without what the engine did); `--no-access-log` turns
+it off."""
 from __future__ import annotations
 
 import logging
@@ -24,7 +24,7 @@ def describe(generation: Any) -> str:
         return "rejected by the engine"
     finishes = ", ".join(dict.fromkeys(c.finish_reason or "none" for c in generation.choices))
     ttft = "" if generation.first_token is None else f", TTFT {generation.first_token - generation.start:.3f} s"
-    outcome = "" if generation.status in ("ok", "rejected") else f", {generation.status}"
+    outcome = "" if generation.status == "ok" else f", {generation.status}"
     return (f"{generation.prompt_tokens} prompt + {generation.completion_tokens} output tokens, finish {finishes}"
             f"{ttft}{outcome}")
 
