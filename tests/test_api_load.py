@@ -13,7 +13,7 @@ from server_utils import ROOT, Server
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from api_load import stream_load  # noqa: E402
 
-STREAMS, TOKENS, TOP_LOGPROBS = 256, 64, 20
+STREAMS, TOKENS, TOP_LOGPROBS, RUNS = 256, 64, 20, 3
 
 
 def test_two_api_processes_stream_more_events_per_second_than_one(tiny_model_dir, monkeypatch):
@@ -23,7 +23,11 @@ def test_two_api_processes_stream_more_events_per_second_than_one(tiny_model_dir
     for count in ("1", "2"):
         with Server(model, "--max-model-len", "256", "--api-server-count", count) as srv:
             stream_load(srv.port, STREAMS, TOKENS, TOP_LOGPROBS)  # warm-up: first steps, imports, connections
-            rates[count] = stream_load(srv.port, STREAMS, TOKENS, TOP_LOGPROBS)
+            # Two cores are shared by the client, the worker, the scheduler, the tokenizer and the API processes, so
+            # one run's events/s swings with the OS's scheduling (0.9k to 2.7k for one process): the best of three
+            # is what the API processes can do.
+            rates[count] = max((stream_load(srv.port, STREAMS, TOKENS, TOP_LOGPROBS) for _ in range(RUNS)),
+                               key=lambda rate: rate[0])
     (ev1, tok1, n1), (ev2, tok2, n2) = rates["1"], rates["2"]
     print(f"\n1 API process: {ev1:.0f} events/s, {tok1:.0f} tok/s; 2: {ev2:.0f} events/s, {tok2:.0f} tok/s; "
           f"events ratio {ev2 / ev1:.2f}, tokens ratio {tok2 / tok1:.2f}")
