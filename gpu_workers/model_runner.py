@@ -3,6 +3,7 @@ others receive the previous stage's activations; every stage runs its layers (TP
 the last stage samples, the others send their activations on. The layout only changes which of these apply."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from gpu_workers.batch_layout import StepBatch, TokenSlots, build_batch
 from gpu_workers.cuda_graphs import DecodeGraphs
 from gpu_workers.grammar import GrammarBook
 from gpu_workers.layers import fused_ops
+from gpu_workers.layers.linear_methods import process_weights
 from gpu_workers.models.llama import DecoderLayer, LlamaForCausalLM, iter_required
 from gpu_workers.nano_batch import GEMM, OTHER, OpRunner, OpTimer
 from gpu_workers.parallel import StageLink, parallel_state
@@ -83,9 +85,12 @@ class ModelRunner:
         self.device = device or resolve_device(cfg, 0)
         self.dtype = resolve_dtype(cfg, self.device)
         torch.manual_seed(cfg.seed)
+        quant = cfg.quant_scheme
+        if quant is not None and cfg.load_format == "dummy":  # random values: made in the model's dtype, quantized
+            quant = dataclasses.replace(quant, source="online", weight_scales="channel", static_input_scales=False)
         with torch.device(self.device):
-            self.model = LlamaForCausalLM(spec, self.dtype, max_positions=max(cfg.max_model_len,
-                                                                              spec.max_position_embeddings))
+            self.model = LlamaForCausalLM(spec, self.dtype, max(cfg.max_model_len, spec.max_position_embeddings),
+                                          quant)
         self.model.eval()
         self.weight_bytes_read = 0
         if cfg.load_format == "dummy":
@@ -93,6 +98,10 @@ class ModelRunner:
         else:
             targets = self.model.checkpoint_targets()
             self.weight_bytes_read = load_checkpoint(targets, set(iter_required(targets, spec)), cfg.model)
+        fp8_gemms = process_weights(self.model, self.dtype, self.device)
+        self.weights_dtype = "fp8" if quant is not None and fp8_gemms == "FP8 GEMMs" else str(self.dtype)[6:]
+        if quant is not None:
+            log.info("%s; %s", quant.describe(), fp8_gemms)
         self.stage_link = StageLink(spec.hidden_size, self.dtype, self.device) if self.ps.pp_size > 1 else None
         self.backend_cls = self._choose_backend()
         fused_ops.enable_for(self.device, wanted=self.backend_cls.uses_fused_ops)
@@ -140,12 +149,14 @@ class ModelRunner:
     def _page_bytes(self) -> int:
         attn = cast(DecoderLayer, self.model.layers[0]).self_attn  # nn.ModuleList's items are typed Module
         return AttentionBackend.bytes_per_page(len(self.model.layers), self.cfg.page_size, attn.num_kv_heads,
-                                               self.cfg.model_spec.head_dim, self.dtype, self.device)
+                                               self.cfg.model_spec.head_dim, self.dtype, self.device,
+                                               self.cfg.kv_cache_dtype == "fp8")
 
     def _make_backend(self, num_pages: int) -> AttentionBackend:
         attn = cast(DecoderLayer, self.model.layers[0]).self_attn
         return self.backend_cls(len(self.model.layers), num_pages, self.cfg.page_size, attn.num_heads,
-                                attn.num_kv_heads, self.cfg.model_spec.head_dim, self.dtype, self.device)
+                                attn.num_kv_heads, self.cfg.model_spec.head_dim, self.dtype, self.device,
+                                self.cfg.kv_cache_dtype == "fp8")
 
     def _count_kv_pages(self) -> int:
         """KV pages this rank can hold: each rank sizes from its own layers and heads; the scheduler takes the

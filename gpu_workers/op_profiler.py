@@ -74,7 +74,7 @@ def profile_ops(runner, shapes: dict[str, Any]) -> dict[str, list[list[float]]]:
         for m in shapes.get("tokens", []):
             x = torch.randn(m, spec.hidden_size, dtype=dtype, device=device)
             a = torch.randn(m, attn.num_heads * attn.head_dim, dtype=dtype, device=device)
-            inter = layer.mlp.gate_up_proj.weight.shape[0] // 2
+            inter = layer.mlp.gate_up_proj.out_local // 2
             g = torch.randn(m, inter, dtype=dtype, device=device)
 
             def gemms():

@@ -60,19 +60,20 @@ def layer_ops(norm_in_op: Op, qkv: Op, attend: Op, norm_post_op: Op, o_proj_laye
         _all_gather_single(full, s.hidden, group=parallel_state().tp_group)
         s.hidden, s.buffer = full[:s.num_tokens], None
 
-    def row_parallel(s: NanoState, weight: torch.Tensor, x: torch.Tensor) -> None:
-        """x @ weight.T into rows padded to a multiple of TP, and the reduce-scatter's output beside it."""
+    def row_parallel(s: NanoState, layer: RowParallelLinear, x: torch.Tensor) -> None:
+        """x's product with the layer's weight into rows padded to a multiple of TP, and the reduce-scatter's
+        output beside it."""
         shard = shard_rows(s.num_tokens)
-        out = x.new_empty(tp * shard, weight.shape[0])
-        torch.mm(x, weight.t(), out=out[:s.num_tokens])
+        out = x.new_empty(tp * shard, layer.out_local)
+        layer.method.apply(layer, x, None, out=out[:s.num_tokens])
         out[s.num_tokens:].zero_()
-        s.hidden, s.buffer = out, x.new_empty(shard, weight.shape[0])
+        s.hidden, s.buffer = out, x.new_empty(shard, layer.out_local)
 
     def o_proj(s: NanoState) -> None:
-        row_parallel(s, o_proj_layer.weight, s.hidden.view(-1, attn_width))
+        row_parallel(s, o_proj_layer, s.hidden.view(-1, attn_width))
 
     def mlp_op(s: NanoState) -> None:
-        row_parallel(s, down_proj.weight, silu_and_mul(gate_up(s.hidden)))
+        row_parallel(s, down_proj, silu_and_mul(gate_up(s.hidden)))
 
     def scatter(s: NanoState) -> None:
         shard = s.buffer

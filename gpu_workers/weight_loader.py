@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 import torch
 from safetensors import safe_open
 
-from gpu_workers.layers.linear import copy_checked
+from gpu_workers.layers.linear_methods import copy_checked
 
 
 class WeightLoadError(RuntimeError):

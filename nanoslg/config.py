@@ -11,6 +11,7 @@ from typing import Any, Optional
 from nanoslg import tuned_config
 from nanoslg.model_registry import resolve_model_path
 from nanoslg.model_spec import ConfigError, ModelSpec
+from nanoslg.quantization import QuantScheme, kv_cache_dtype, quant_scheme
 
 log = logging.getLogger("nanoslg.config")
 
@@ -24,6 +25,10 @@ class EngineConfig:
     model: Optional[str] = None  # HF folder, or a pulled model's name; None: the default model
     tokenizer: Optional[str] = None  # defaults to the model folder
     dtype: str = "auto"
+    # fp8: FP8 weights (quantized at load from a bf16 checkpoint); None: as the checkpoint is (an FP8 checkpoint's
+    # quantization_config is read either way). resolve() sets it to what runs (nanoslg/quantization.py).
+    quantization: Optional[str] = None
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype | fp8 (e4m3, half the bytes of bf16 per token)
     load_format: str = "auto"  # auto (safetensors) | dummy (random weights from config.json)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -74,6 +79,11 @@ class EngineConfig:
     run_dir: str = ""
 
     @property
+    def quant_scheme(self) -> Optional[QuantScheme]:
+        """How the linear layers are quantized (None: they are not)."""
+        return quant_scheme(self.model_spec.quantization_config if self.model_spec else None, self.quantization)
+
+    @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
@@ -118,19 +128,22 @@ class EngineConfig:
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"cannot read {cfg_path}: {e}") from None
         spec = ModelSpec.from_hf_config(hf_cfg)
+        scheme = quant_scheme(spec.quantization_config, self.quantization)
         settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         settings.update(model=model, model_spec=spec, tokenizer=self.tokenizer or model,
-                        max_model_len=self.max_model_len or spec.max_position_embeddings)
-        settings.update(self._tuned_settings(model, spec))
+                        max_model_len=self.max_model_len or spec.max_position_embeddings,
+                        quantization="fp8" if scheme else None, kv_cache_dtype=kv_cache_dtype(self.kv_cache_dtype))
+        settings.update(self._tuned_settings(model, spec, settings["quantization"], settings["kv_cache_dtype"]))
         return ResolvedConfig(**settings)._checked()
 
-    def _tuned_settings(self, model: str, spec: ModelSpec) -> dict[str, Any]:
+    def _tuned_settings(self, model: str, spec: ModelSpec, quantization: Optional[str],
+                        kv_dtype: str) -> dict[str, Any]:
         """The settings left unset, from the tuned config for this model, device and layout (or the file given),
         then from the built-in defaults."""
         device_name = tuned_config.device_name(self.device)
         out: dict[str, Any] = {"device_name": device_name}
         ident = tuned_config.identity(model, spec, device_name, self.tensor_parallel_size,
-                                      self.pipeline_parallel_size)
+                                      self.pipeline_parallel_size, quantization, kv_dtype)
         tuned: dict[str, Any] = {}
         if self.use_tuned_config:
             path = self.tuned_config or tuned_config.default_path(ident)

@@ -7,6 +7,7 @@ import dataclasses
 from typing import Any
 
 from nanoslg.config import DTYPES, EngineConfig
+from nanoslg.quantization import KV_CACHE_DTYPES, QUANTIZATIONS
 from nanoslg.tuned_config import NANO_OVERLAPS
 
 
@@ -18,6 +19,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser, with_model: bool = Tru
     g = parser.add_argument_group("engine")
     g.add_argument("--tokenizer", default=None)
     g.add_argument("--dtype", default=d.dtype, choices=DTYPES)
+    g.add_argument("--quantization", "-q", default=None, choices=QUANTIZATIONS,
+                   help="fp8: quantize a bf16 checkpoint's linear layers to FP8 at load (FP8 GEMMs on SM89+, "
+                        "weights dequantized elsewhere); FP8 checkpoints are detected without it")
+    g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=KV_CACHE_DTYPES,
+                   help="fp8: an e4m3 KV cache, half the bytes per token of bf16 (default auto: the model's dtype)")
     g.add_argument("--load-format", default=d.load_format, choices=["auto", "dummy"])
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
@@ -92,6 +98,7 @@ def _auto_or_int(value: str):
 def engine_config_from_args(args) -> EngineConfig:
     return EngineConfig(
         model=getattr(args, "model", None), tokenizer=args.tokenizer, dtype=args.dtype,
+        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
         load_format=args.load_format, seed=args.seed, device=args.device, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         page_size=args.page_size, num_kv_pages=args.num_kv_pages, kv_cache_memory_gb=args.kv_cache_memory_gb,

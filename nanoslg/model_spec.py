@@ -34,6 +34,8 @@ class ModelSpec:
     rope_scaling: dict[str, Any]  # rope_type plus its parameters
     torch_dtype: str
     eos_token_ids: list[int] = field(default_factory=list)
+    # config.json's quantization_config as written ({}: not quantized); nanoslg/quantization.py reads it
+    quantization_config: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelSpec":
@@ -72,6 +74,7 @@ class ModelSpec:
                 rope_scaling=rope,
                 torch_dtype=str(dtype).replace("torch.", ""),
                 eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+                quantization_config=cfg.get("quantization_config") or {},
             )
         except KeyError as e:
             raise ConfigError(f"config.json lacks required field {e.args[0]!r}") from None

@@ -35,15 +35,24 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-") or "unnamed"
 
 
-def identity(model: str, spec: ModelSpec, device: str, tp: int, pp: int) -> dict[str, Any]:
-    """What a tuned config was made for; an engine uses one only where all of it matches."""
-    return {"model": _slug(os.path.basename(os.path.normpath(model))), "model_shape": spec_digest(spec),
-            "device": device, "tensor_parallel_size": tp, "pipeline_parallel_size": pp}
+def identity(model: str, spec: ModelSpec, device: str, tp: int, pp: int, quantization: Optional[str] = None,
+             kv_cache_dtype: str = "auto") -> dict[str, Any]:
+    """What a tuned config was made for; an engine uses one only where all of it matches. FP8 weights or KV (which
+    change the best batch sizes) are named only when used, so a bf16 engine's tuned files keep their names."""
+    ident: dict[str, Any] = {"model": _slug(os.path.basename(os.path.normpath(model))),
+                             "model_shape": spec_digest(spec), "device": device, "tensor_parallel_size": tp,
+                             "pipeline_parallel_size": pp}
+    if quantization:
+        ident["quantization"] = quantization
+    if kv_cache_dtype != "auto":
+        ident["kv_cache_dtype"] = kv_cache_dtype
+    return ident
 
 
 def default_path(ident: dict[str, Any]) -> str:
+    dtypes = "".join(f"-{key.split('_')[0]}-{ident[key]}" for key in ("quantization", "kv_cache_dtype") if key in ident)
     name = (f"{ident['model']}-{ident['model_shape']}__{_slug(ident['device'])}__tp{ident['tensor_parallel_size']}"
-            f"-pp{ident['pipeline_parallel_size']}.json")
+            f"-pp{ident['pipeline_parallel_size']}{dtypes}.json")
     return os.path.join(tuned_dir(), name)
 
 
@@ -63,7 +72,9 @@ def load(path: str, ident: dict[str, Any]) -> dict[str, Any]:
     made_for = doc.get("identity")
     if not isinstance(made_for, dict):
         raise ConfigError(f"tuned config {path}: has no identity")
-    wrong = [f"{k} {made_for.get(k)!r} (this engine: {v!r})" for k, v in ident.items() if made_for.get(k) != v]
+    keys = list(ident) + [k for k in ("quantization", "kv_cache_dtype") if k in made_for and k not in ident]
+    wrong = [f"{k} {made_for.get(k)!r} (this engine: {ident.get(k)!r})" for k in keys
+             if made_for.get(k) != ident.get(k)]
     if wrong:
         raise ConfigError(f"tuned config {path} was made for another engine: {'; '.join(wrong)}")
     engine = doc.get("engine")

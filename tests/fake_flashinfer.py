@@ -12,7 +12,7 @@ class _Wrapper:
         assert layout == "NHD"
         self.prefill = False
 
-    def _attend(self, q, cache, q_indptr, out):
+    def _attend(self, q, cache, q_indptr, out, k_scale=None, v_scale=None):
         k_cache, v_cache = cache
         ps = k_cache.shape[1]
         out = torch.empty_like(q) if out is None else out
@@ -21,6 +21,7 @@ class _Wrapper:
             kv_len = (len(pages) - 1) * ps + int(self.last[b])
             k = k_cache[pages].reshape(-1, *k_cache.shape[2:])[:kv_len].float()
             v = v_cache[pages].reshape(-1, *v_cache.shape[2:])[:kv_len].float()
+            k, v = k * (k_scale or 1.0), v * (v_scale or 1.0)  # an FP8 cache's per-tensor scales
             rows = q[q_indptr[b]:q_indptr[b + 1]].float()
             group = rows.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
@@ -35,9 +36,9 @@ class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
     def plan(self, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size, **kw):
         self.indptr, self.indices, self.last = indptr.tolist(), indices.cpu(), last_page_len.tolist()
 
-    def run(self, q, paged_kv_cache, out=None):
+    def run(self, q, paged_kv_cache, out=None, k_scale=None, v_scale=None):
         assert q.is_contiguous() and q.shape[0] == len(self.indptr) - 1
-        return self._attend(q, paged_kv_cache, list(range(q.shape[0] + 1)), out)
+        return self._attend(q, paged_kv_cache, list(range(q.shape[0] + 1)), out, k_scale, v_scale)
 
 
 class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
@@ -47,9 +48,9 @@ class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
         self.qo_indptr = qo_indptr.tolist()
         self.indptr, self.indices, self.last = indptr.tolist(), indices.cpu(), last_page_len.tolist()
 
-    def run(self, q, paged_kv_cache, out=None):
+    def run(self, q, paged_kv_cache, out=None, k_scale=None, v_scale=None):
         assert q.is_contiguous() and q.shape[0] == self.qo_indptr[-1]
-        return self._attend(q, paged_kv_cache, self.qo_indptr, out)
+        return self._attend(q, paged_kv_cache, self.qo_indptr, out, k_scale, v_scale)
 
 
 def module() -> types.ModuleType:

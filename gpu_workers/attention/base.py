@@ -7,6 +7,8 @@ from typing import Any, Optional
 
 import torch
 
+from gpu_workers.layers.fp8 import FP8, to_fp8
+
 
 @dataclass(slots=True)
 class BatchLayout:
@@ -44,28 +46,40 @@ class AttentionBackend(ABC):
     name = "abstract"
 
     def __init__(self, num_layers: int, num_pages: int, page_size: int, num_heads: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device):
+                 head_dim: int, dtype: torch.dtype, device: torch.device, kv_fp8: bool = False):
         self.num_pages, self.page_size = num_pages, page_size
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim ** -0.5
-        if device.type == "cpu":
-            # torch's CPU attention kernels are several times slower in bf16/fp16 than in fp32 at decode shapes,
-            # so on CPU the cache (and attention) stays fp32 whatever the model's dtype.
-            dtype = torch.float32
+        self.compute_dtype = self.attention_dtype(dtype, device)
+        # An FP8 cache holds K / k_scale and V / v_scale in e4m3. One scale per tensor, 1.0: vLLM's default where
+        # the checkpoint calibrated none (e4m3 keeps 3 mantissa bits from 2^-6 to 448; K and V stay inside).
+        self.kv_fp8 = kv_fp8
+        self.k_scale = self.v_scale = 1.0
         # [layer, k|v, page * page_size + offset, kv_head, head_dim]. One page more than the scheduler hands out:
         # padding rows of a CUDA-graph batch write their KV there.
         self.scratch_page = num_pages
         self.kv_cache = torch.zeros(num_layers, 2, (num_pages + 1) * page_size, num_kv_heads, head_dim,
-                                    dtype=dtype, device=device)
+                                    dtype=FP8 if kv_fp8 else self.compute_dtype, device=device)
+
+    @staticmethod
+    def attention_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+        """The dtype attention computes in: torch's CPU attention kernels are several times slower in bf16/fp16
+        than in fp32 at decode shapes, so on CPU it is fp32 whatever the model's dtype."""
+        return torch.float32 if device.type == "cpu" else dtype
 
     @staticmethod
     def bytes_per_page(num_layers: int, page_size: int, num_kv_heads: int, head_dim: int,
-                       dtype: torch.dtype, device: torch.device) -> int:
-        if device.type == "cpu":
-            dtype = torch.float32
-        return num_layers * 2 * page_size * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+                       dtype: torch.dtype, device: torch.device, kv_fp8: bool = False) -> int:
+        element = 1 if kv_fp8 else AttentionBackend.attention_dtype(dtype, device).itemsize
+        return num_layers * 2 * page_size * num_kv_heads * head_dim * element
 
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        if self.kv_fp8:  # written as bytes: index_copy_ has no float8 kernel on the CPU
+            self.kv_cache[layer, 0].view(torch.uint8).index_copy_(0, slot_mapping, to_fp8(k, self.k_scale)
+                                                                  .view(torch.uint8))
+            self.kv_cache[layer, 1].view(torch.uint8).index_copy_(0, slot_mapping, to_fp8(v, self.v_scale)
+                                                                  .view(torch.uint8))
+            return
         self.kv_cache[layer, 0].index_copy_(0, slot_mapping, k.to(self.kv_cache.dtype))
         self.kv_cache[layer, 1].index_copy_(0, slot_mapping, v.to(self.kv_cache.dtype))
 

@@ -76,8 +76,12 @@ class FlashInferBackend(AttentionBackend):
         # an H100 (300 prompts of 1024/512, Llama-3.1-8B's group of 4) gave 2.6 % more throughput (BENCHMARKS.md).
         self.decode_tc = self.num_heads // self.num_kv_heads >= 4 and self._tensor_core_decode_works()
         # fa3 prefill on SM90 (prebuilt in the GPU kit), fa2 elsewhere.
+        # fa3 prefill on SM90 (prebuilt in the GPU kit), fa2 elsewhere and for an FP8 cache (fa3's FP8 variant does
+        # not build in the kit: ../shared/probes/fp8-h100.md).
         sm90 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
-        self.prefill_backend = "fa3" if sm90 else "fa2"
+        self.prefill_backend = "fa3" if sm90 and not self.kv_fp8 else "fa2"
+        # FP8 K and V are scaled back inside the kernels (a per-tensor scale; none at 1.0)
+        self.scales: dict[str, float] = {"k_scale": self.k_scale, "v_scale": self.v_scale} if self.kv_fp8 else {}
         self._wrappers: dict[int, tuple[Any, Any]] = {}  # nano-batch slot -> (decode wrapper, prefill wrapper)
         self._planned = None  # event after the last step's plan copies
 
@@ -88,15 +92,16 @@ class FlashInferBackend(AttentionBackend):
 
         if self.kv_cache.shape[0] == 0:
             return False
-        dev, dtype = self.kv_cache.device, self.kv_cache.dtype
+        dev, dtype, kv_dtype = self.kv_cache.device, self.compute_dtype, self.kv_cache.dtype
         try:
             probe = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2",
                                                                   use_tensor_cores=True)
             probe.plan(torch.tensor([0, 1], dtype=torch.int32),
                        torch.tensor([self.scratch_page], dtype=torch.int32, device=dev),
                        torch.tensor([1], dtype=torch.int32), self.num_heads, self.num_kv_heads, self.head_dim,
-                       self.page_size, q_data_type=dtype, kv_data_type=dtype)
-            probe.run(torch.zeros(1, self.num_heads, self.head_dim, dtype=dtype, device=dev), self.layer_cache(0))
+                       self.page_size, q_data_type=dtype, kv_data_type=kv_dtype)
+            probe.run(torch.zeros(1, self.num_heads, self.head_dim, dtype=dtype, device=dev), self.layer_cache(0),
+                      **self.scales)
             return True
         except Exception as e:  # a JIT build failure surfaces as any of several exception types
             log.warning("tensor-core decode unavailable (%s: %s); decoding on CUDA cores", type(e).__name__, e)
@@ -137,9 +142,8 @@ class FlashInferBackend(AttentionBackend):
     def plan_decode(self, wrapper, layout: BatchLayout) -> FlashInferPlan:
         """Plan a decode-only batch on the given wrapper (a CUDA graph's own, or a slot's)."""
         indptr, indices, last = PageTables.build(layout, self.page_size, self.kv_cache.device)
-        dtype = self.kv_cache.dtype
         wrapper.plan(indptr, indices, last, self.num_heads, self.num_kv_heads, self.head_dim, self.page_size,
-                     q_data_type=dtype, kv_data_type=dtype)
+                     q_data_type=self.compute_dtype, kv_data_type=self.kv_cache.dtype)
         return FlashInferPlan(wrapper, None, len(layout.q_lens), layout.slot_mapping)
 
     def layer_cache(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,11 +165,10 @@ class FlashInferBackend(AttentionBackend):
             indptr, indices, last = PageTables.build(part, self.page_size, self.kv_cache.device)
             qo_indptr = torch.zeros(len(part.q_lens) + 1, dtype=torch.int32)
             torch.cumsum(part.q_lens, 0, out=qo_indptr[1:])
-            dtype = self.kv_cache.dtype
             # seq_lens given (pinned): otherwise plan() derives them into pageable memory and copies from there.
             prefill.plan(pinned(qo_indptr), indptr, indices, last, self.num_heads, self.num_kv_heads, self.head_dim,
-                         self.page_size, causal=True, q_data_type=dtype, kv_data_type=dtype,
-                         seq_lens=pinned(part.kv_lens.int()))
+                         self.page_size, causal=True, q_data_type=self.compute_dtype,
+                         kv_data_type=self.kv_cache.dtype, seq_lens=pinned(part.kv_lens.int()))
             plan.prefill = prefill
         return plan
 
@@ -177,7 +180,7 @@ class FlashInferBackend(AttentionBackend):
         out = torch.empty_like(q) if out is None else out
         nd = plan.num_decode
         if plan.decode is not None:
-            plan.decode.run(q[:nd], cache, out=out[:nd])
+            plan.decode.run(q[:nd], cache, out=out[:nd], **self.scales)
         if plan.prefill is not None:
-            plan.prefill.run(q[nd:], cache, out=out[nd:])
+            plan.prefill.run(q[nd:], cache, out=out[nd:], **self.scales)
         return out

@@ -73,6 +73,10 @@ class SdpaBackend(AttentionBackend):
         shape = (plan.batch, plan.max_kv, self.num_kv_heads, self.head_dim)
         keys = self.kv_cache[layer, 0].index_select(0, plan.kv_index).view(shape).transpose(1, 2)
         values = self.kv_cache[layer, 1].index_select(0, plan.kv_index).view(shape).transpose(1, 2)
+        if self.kv_fp8:  # stored in FP8, attended in the compute dtype
+            keys, values = keys.to(self.compute_dtype), values.to(self.compute_dtype)
+            if self.k_scale != 1.0 or self.v_scale != 1.0:
+                keys, values = keys * self.k_scale, values * self.v_scale
         out_dtype = q.dtype
         q = q.to(keys.dtype)
         heads, d = q.shape[1], q.shape[2]

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpu_workers.layers.linear import copy_checked
+from gpu_workers.layers.linear_methods import copy_checked
 from gpu_workers.parallel import parallel_state, tp_all_gather_last_dim, tp_all_reduce
 
 

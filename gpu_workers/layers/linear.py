@@ -1,69 +1,92 @@
-"""Tensor-parallel linear layers. Each parameter carries a ``weight_loader`` that copies this rank's slice of a
-full checkpoint tensor, so the weight loader never needs to know the parallel layout."""
+"""Tensor-parallel linear layers. Each says which part of a full checkpoint tensor is its own (out_span: output rows,
+in_span: input columns); its linear method (linear_methods.py: plain, or FP8) holds the parameters, whose
+``weight_loader``s copy that part, so the weight loader never needs to know the parallel layout or the quantization."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from gpu_workers.layers.linear_methods import UNQUANTIZED, LinearMethod, copy_checked
 from gpu_workers.parallel import parallel_state, tp_all_reduce
 
+class ParallelLinear(nn.Module):
+    """y = x W^T (+ b) over this rank's [out_local, in_local] part of W."""
 
-def _param(shape, bias_or_weight_loader, dtype) -> nn.Parameter:
-    p = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
-    setattr(p, "weight_loader", bias_or_weight_loader)  # noqa: B010 (an attribute nn.Parameter does not declare)
-    return p
+    shard_names: tuple[Optional[str], ...] = (None,)  # the checkpoint tensors merged into this one
 
-
-def copy_checked(param: torch.Tensor, loaded, shard: Optional[str] = None) -> None:
-    """The whole of loaded (a tensor, or a weight_loader.CheckpointTensor read only now) into param, converting
-    dtype and device (shard: accepted so this serves as any parameter's loader)."""
-    if param.shape != loaded.shape:
-        raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} does not fit parameter "
-                         f"of shape {tuple(param.shape)}")
-    param.data.copy_(loaded if isinstance(loaded, torch.Tensor) else loaded.load())
-
-
-class ColumnParallelLinear(nn.Module):
-    """y = x W^T with W's output rows split across TP ranks; the output stays sharded."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
+    def __init__(self, in_local: int, out_local: int, bias: bool, dtype: torch.dtype,
+                 method: Optional[LinearMethod]):
         super().__init__()
+        self.in_local, self.out_local = in_local, out_local
+        self.method = method or UNQUANTIZED
+        self.method.create_weights(self, dtype)
+        self.bias: Optional[nn.Parameter] = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.bias_rows, dtype=dtype), requires_grad=False)
+            setattr(self.bias, "weight_loader", self.load_bias)  # noqa: B010 (not an nn.Parameter attribute)
+
+    @property
+    def bias_rows(self) -> int:
+        return self.out_local
+
+    def out_span(self, shard: Optional[str]) -> tuple[int, int, int]:
+        """(first row here, rows, first row in the checkpoint tensor) of the output rows a shard's tensor fills."""
+        raise NotImplementedError
+
+    def in_span(self) -> tuple[int, int]:
+        """(first column in the checkpoint tensor, columns) of this rank's input columns."""
+        return 0, self.in_local
+
+    def load_bias(self, param: torch.Tensor, loaded, shard: Optional[str] = None) -> None:
+        dest, rows, src = self.out_span(shard)
+        copy_checked(param.data.narrow(0, dest, rows), loaded.narrow(0, src, rows))
+
+    def local(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's product, without the bias of a row-parallel layer (added after the reduction)."""
+        return self.method.apply(self, x, None)
+
+
+class ColumnParallelLinear(ParallelLinear):
+    """W's output rows split across TP ranks; the output stays sharded."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+                 method: Optional[LinearMethod] = None):
         tp = parallel_state().tp_size
         if out_features % tp:
             raise ValueError(f"{out_features} output features do not split over {tp} TP ranks")
-        self.weight = _param((out_features // tp, in_features), self.load_weight, dtype)
-        self.bias = _param((out_features // tp,), self.load_weight, dtype) if bias else None
+        super().__init__(in_features, out_features // tp, bias, dtype, method)
 
-    def load_weight(self, param: torch.Tensor, loaded: torch.Tensor, shard: Optional[str] = None) -> None:
-        n = param.shape[0]
-        copy_checked(param, loaded.narrow(0, parallel_state().tp_rank * n, n))
+    def out_span(self, shard: Optional[str]) -> tuple[int, int, int]:
+        n = self.out_local
+        return 0, n, parallel_state().tp_rank * n
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.method.apply(self, x, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of equal width stored as one matrix (gate and up of the MLP)."""
 
-    def __init__(self, in_features: int, out_features: int, shard_names: tuple[str, ...], dtype: torch.dtype):
-        super().__init__(in_features, out_features * len(shard_names), False, dtype)
+    def __init__(self, in_features: int, out_features: int, shard_names: tuple[str, ...], dtype: torch.dtype,
+                 method: Optional[LinearMethod] = None):
         self.shard_names = shard_names
         self.shard_rows = out_features // parallel_state().tp_size
+        super().__init__(in_features, out_features * len(shard_names), False, dtype, method)
 
-    def load_weight(self, param: torch.Tensor, loaded: torch.Tensor, shard: Optional[str] = None) -> None:
+    def out_span(self, shard: Optional[str]) -> tuple[int, int, int]:
         n = self.shard_rows
-        dest = param.data.narrow(0, self.shard_names.index(shard) * n, n)
-        copy_checked(dest, loaded.narrow(0, parallel_state().tp_rank * n, n))
+        return self.shard_names.index(shard) * n, n, parallel_state().tp_rank * n
 
 
 class QKVParallelLinear(ColumnParallelLinear):
     """q, k and v projections in one matrix. KV heads are replicated when there are fewer of them than TP ranks."""
 
+    shard_names = ("q", "k", "v")
+
     def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, method: Optional[LinearMethod] = None):
         tp = parallel_state().tp_size
         if num_heads % tp:
             raise ValueError(f"{num_heads} attention heads do not split over {tp} TP ranks")
@@ -72,44 +95,38 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.local_kv_heads = max(1, num_kv_heads // tp)
         self.kv_replicas = max(1, tp // num_kv_heads)
         out = (self.local_heads + 2 * self.local_kv_heads) * head_dim * tp
-        super().__init__(hidden, out, bias, dtype)
+        super().__init__(hidden, out, bias, dtype, method)
 
-    def load_weight(self, param: torch.Tensor, loaded: torch.Tensor, shard: Optional[str] = None) -> None:
+    def out_span(self, shard: Optional[str]) -> tuple[int, int, int]:
         tp_rank, d = parallel_state().tp_rank, self.head_dim
         q_rows, kv_rows = self.local_heads * d, self.local_kv_heads * d
         if shard == "q":
-            offset, rows, src = 0, q_rows, tp_rank * q_rows
-        else:
-            offset = q_rows + (0 if shard == "k" else kv_rows)
-            rows, src = kv_rows, (tp_rank // self.kv_replicas) * kv_rows
-        copy_checked(param.data.narrow(0, offset, rows), loaded.narrow(0, src, rows))
+            return 0, q_rows, tp_rank * q_rows
+        return q_rows + (0 if shard == "k" else kv_rows), kv_rows, (tp_rank // self.kv_replicas) * kv_rows
 
 
-class RowParallelLinear(nn.Module):
-    """y = x W^T with W's input columns split across TP ranks; partial sums are all-reduced."""
+class RowParallelLinear(ParallelLinear):
+    """W's input columns split across TP ranks; partial sums are all-reduced."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
-        super().__init__()
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+                 method: Optional[LinearMethod] = None):
         tp = parallel_state().tp_size
         if in_features % tp:
             raise ValueError(f"{in_features} input features do not split over {tp} TP ranks")
-        self.weight = _param((out_features, in_features // tp), self.load_weight, dtype)
-        # the bias is not sharded: every rank holds all of it
-        self.bias = _param((out_features,), copy_checked, dtype) if bias else None
+        super().__init__(in_features // tp, out_features, bias, dtype, method)
 
-    def load_weight(self, param: torch.Tensor, loaded: torch.Tensor, shard: Optional[str] = None) -> None:
-        n = param.shape[1]
-        copy_checked(param, loaded.narrow(1, parallel_state().tp_rank * n, n))
+    def out_span(self, shard: Optional[str]) -> tuple[int, int, int]:
+        return 0, self.out_local, 0
 
-    def local(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's partial product (the GEMM alone)."""
-        return F.linear(x, self.weight)
+    def in_span(self) -> tuple[int, int]:
+        n = self.in_local
+        return parallel_state().tp_rank * n, n
 
     def reduce_(self, y: torch.Tensor) -> torch.Tensor:
         """Sum the partial products over the TP ranks, in place, and add the bias (allocates nothing, so it may
         run on a side stream)."""
         tp_all_reduce(y)
-        # The bias is added once, after the reduction, not once per rank.
+        # The bias is added once, after the reduction, not once per rank (every rank holds all of it).
         return y.add_(self.bias) if self.bias is not None else y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -11,21 +11,26 @@ from gpu_workers.attention.context import current_backend
 from gpu_workers.layers.activation import silu_and_mul
 from gpu_workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from gpu_workers.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from gpu_workers.layers.linear_methods import method_for
 from gpu_workers.layers.norm import RMSNorm
 from gpu_workers.layers.rotary import RotaryEmbedding
 from gpu_workers.nano_batch import ATTENTION, COLLECTIVE, GEMM, OTHER, NanoState, OpRunner
 from gpu_workers import sequence_parallel
 from gpu_workers.parallel import parallel_state
 from nanoslg.model_spec import ModelSpec
+from nanoslg.quantization import QuantScheme
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec, layer_index: int, rotary: RotaryEmbedding, dtype: torch.dtype):
+    def __init__(self, spec: ModelSpec, layer_index: int, rotary: RotaryEmbedding, dtype: torch.dtype,
+                 quant: Optional[QuantScheme], hf_prefix: str):
         super().__init__()
         self.layer_index = layer_index  # index among this stage's layers: the KV cache's layer slot
         self.qkv_proj = QKVParallelLinear(spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads,
-                                          spec.qkv_bias, dtype)
-        self.o_proj = RowParallelLinear(spec.num_heads * spec.head_dim, spec.hidden_size, False, dtype)
+                                          spec.qkv_bias, dtype,
+                                          method_for(quant, [f"{hf_prefix}.{p}_proj" for p in "qkv"]))
+        self.o_proj = RowParallelLinear(spec.num_heads * spec.head_dim, spec.hidden_size, False, dtype,
+                                        method_for(quant, [f"{hf_prefix}.o_proj"]))
         self.num_heads, self.num_kv_heads = self.qkv_proj.local_heads, self.qkv_proj.local_kv_heads
         self.head_dim = spec.head_dim
         self.rotary = rotary
@@ -46,11 +51,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: ModelSpec, dtype: torch.dtype):
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, quant: Optional[QuantScheme], hf_prefix: str):
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(spec.hidden_size, spec.intermediate_size, ("gate", "up"),
-                                                       dtype)
-        self.down_proj = RowParallelLinear(spec.intermediate_size, spec.hidden_size, False, dtype)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            spec.hidden_size, spec.intermediate_size, ("gate", "up"), dtype,
+            method_for(quant, [f"{hf_prefix}.gate_proj", f"{hf_prefix}.up_proj"]))
+        self.down_proj = RowParallelLinear(spec.intermediate_size, spec.hidden_size, False, dtype,
+                                           method_for(quant, [f"{hf_prefix}.down_proj"]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -60,10 +67,12 @@ class DecoderLayer(nn.Module):
     """A decoder layer as a list of operations over a nano-batch's state, each tagged with its class (see
     gpu_workers/nano_batch.py); run in order they are the usual pre-norm layer."""
 
-    def __init__(self, spec: ModelSpec, layer_index: int, rotary: RotaryEmbedding, dtype: torch.dtype):
+    def __init__(self, spec: ModelSpec, layer_index: int, rotary: RotaryEmbedding, dtype: torch.dtype,
+                 quant: Optional[QuantScheme] = None, global_index: Optional[int] = None):
         super().__init__()
-        self.self_attn = Attention(spec, layer_index, rotary, dtype)
-        self.mlp = MLP(spec, dtype)
+        hf_prefix = f"model.layers.{layer_index if global_index is None else global_index}"
+        self.self_attn = Attention(spec, layer_index, rotary, dtype, quant, f"{hf_prefix}.self_attn")
+        self.mlp = MLP(spec, dtype, quant, f"{hf_prefix}.mlp")
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
         reduces = parallel_state().tp_size > 1  # one rank: o_proj and down_proj have no bias to add either
@@ -128,7 +137,8 @@ class LlamaForCausalLM(nn.Module):
     norm: Optional[RMSNorm]  # on the last stage only, as lm_head
     lm_head: Optional[ParallelLMHead]
 
-    def __init__(self, spec: ModelSpec, dtype: torch.dtype, max_positions: int):
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, max_positions: int,
+                 quant: Optional[QuantScheme] = None):
         super().__init__()
         ps = parallel_state()
         self.spec = spec
@@ -136,7 +146,8 @@ class LlamaForCausalLM(nn.Module):
         rotary = RotaryEmbedding(spec.head_dim, max_positions, spec.rope_theta, spec.rope_scaling)
         self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, dtype) \
             if ps.is_first_stage else None
-        self.layers = nn.ModuleList(DecoderLayer(spec, i, rotary, dtype) for i in range(len(self.layer_range)))
+        self.layers = nn.ModuleList(DecoderLayer(spec, i, rotary, dtype, quant, self.layer_range.start + i)
+                                    for i in range(len(self.layer_range)))
         if ps.is_last_stage:
             self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
             if spec.tie_word_embeddings and ps.is_first_stage:

@@ -178,7 +178,8 @@ def _tune_layout(args, base: ResolvedConfig, tp: int, pp: int, bar) -> dict[str,
                          f"(predicted {best.predicted_tokens_per_s:.0f}); memory holds {mem_running} staggered "
                          f"requests of {mean_in:.0f} + {mean_out:.0f} tokens")
     decisions.append(verdict.reason)
-    ident = tuned_config.identity(base.model, llm.config.model_spec, base.device_name, tp, pp)
+    ident = tuned_config.identity(base.model, llm.config.model_spec, base.device_name, tp, pp, base.quantization,
+                                  base.kv_cache_dtype)
     engine = {} if best is None else {
         "max_num_seqs": best.running_target, "running_target": best.running_target,
         "max_num_batched_tokens": max_tokens, "dense_batch_tokens": best.dense_batch_tokens,

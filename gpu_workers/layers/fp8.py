@@ -1,0 +1,120 @@
+"""FP8 (e4m3) arithmetic: quantizing weights per output channel and activations per token, dequantizing the scale
+layouts checkpoints ship, and the GEMM on Hopper's (SM89+) FP8 tensor cores. Values are clamped to +-448 before
+every cast (a cast of a larger value is NaN on some devices) and scales never reach 0 (an all-zero row keeps a tiny
+scale, so dividing by it stays finite)."""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from nanoslg.quantization import FP8_MAX
+
+FP8 = torch.float8_e4m3fn
+MIN_SCALE = 1e-12
+log = logging.getLogger("nanoslg.worker")
+
+try:  # Triton comes with CUDA builds of torch; the CPU build runs the torch-op versions below
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the torch build
+    triton = None
+
+
+def fp8_gemm_supported(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    """(supported, why): FP8 GEMMs need an SM89+ GPU, torch's row-wise scaled GEMM and a bf16 model."""
+    if device.type != "cuda":
+        return False, f"the device is {device.type}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return False, f"SM{major}{minor} has no FP8 tensor cores (SM89+)"
+    if not hasattr(torch, "_scaled_mm"):
+        return False, "this torch has no _scaled_mm"
+    if dtype != torch.bfloat16:
+        return False, f"row-wise FP8 GEMMs write bf16 and the model runs {dtype}"
+    return True, f"SM{major}{minor} FP8 tensor cores"
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x as e4m3, float32 scale per row [rows]) with x ~= q * scale[:, None]: each row's largest magnitude maps
+    to 448."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1) / FP8_MAX).clamp(min=MIN_SCALE)
+    return (xf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def to_fp8(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """x / scale as e4m3, clamped (a per-tensor scale)."""
+    xf = x.float() if scale == 1.0 else x.float() / scale
+    return xf.clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scale.float().reshape(-1, 1)).to(dtype)
+
+
+def expand_block_rows(scale: torch.Tensor, first_row: int, rows: int, block_rows: int) -> torch.Tensor:
+    """Rows [first_row, first_row + rows) of a weight, each given its block row of `scale` [row blocks, column
+    blocks] (the grid starts at row 0 of `scale`, which covers row block first_row // block_rows)."""
+    index = torch.arange(first_row, first_row + rows) // block_rows - first_row // block_rows
+    return scale.float().index_select(0, index.to(scale.device))
+
+
+def dequantize_blocks(q: torch.Tensor, row_scales: torch.Tensor, block_cols: int) -> torch.Tensor:
+    """float32 weight of q [rows, cols] whose block scales are given per row [rows, ceil(cols / block_cols)] (a
+    partial last block included)."""
+    cols = q.shape[1]
+    per_col = row_scales.float().repeat_interleave(block_cols, dim=1)[:, :cols]
+    return q.float() * per_col
+
+
+def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token activation quantization: (e4m3 [M, K], float32 scales [M, 1]). One fused kernel on CUDA
+    (as torch ops it costs more than the FP8 GEMM saves: ../shared/probes/fp8-h100.md)."""
+    if x.is_cuda and triton is not None:
+        return _quantize_tokens_triton(x)
+    q, scale = quantize_rows(x)
+    return q, scale[:, None]
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
+               input_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [.., K] (bf16) times an e4m3 weight [N, K] with float32 scales [1, N]: activations quantized per token
+    (or with a static per-tensor input_scale), the GEMM on FP8 tensor cores, bf16 out."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if input_scale is None:
+        xq, xs = quantize_tokens(x2)
+    else:
+        xq = (x2.float() / input_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        xs = input_scale.expand(x2.shape[0], 1).contiguous()
+    y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale, out_dtype=x.dtype)
+    if bias is not None:
+        y.add_(bias)
+    return y.view(*shape[:-1], weight.shape[0])
+
+
+if triton is not None:
+    @triton.jit
+    def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, cols, x_stride, q_stride, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < cols
+        x = tl.load(x_ptr + row * x_stride + offs, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(x), axis=0) / 448.0, 1e-12)
+        q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+        tl.store(q_ptr + row * q_stride + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(s_ptr + row, scale)
+
+
+def _quantize_tokens_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    rows, cols = x.shape
+    q = torch.empty((rows, cols), dtype=FP8, device=x.device)
+    scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
+    if rows:
+        block = triton.next_power_of_2(cols)
+        _quantize_rows_kernel[(rows,)](x, q, scale, cols, x.stride(0), q.stride(0), BLOCK=block,
+                                       num_warps=min(16, max(1, block // 512)))
+    return q, scale

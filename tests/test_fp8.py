@@ -1,0 +1,163 @@
+"""FP8 on the CPU: the quantization math against a reference, FP8 checkpoints of every supported layout loading to
+Hugging Face's tokens on their dequantized weights (one rank, TP=2 and PP=2), `--quantization fp8` as the model
+its per-channel rounding makes, and every quantization_config nanoslg cannot run refused at startup by name."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from conftest import random_prompts
+from fp8_checkpoints import LAYOUTS, quantize_weight, write_fake_quantized, write_fp8_checkpoint
+from gpu_workers.layers import fp8
+from nanoslg import LLM, SamplingParams
+from nanoslg.config import EngineConfig
+from nanoslg.model_spec import ConfigError
+from nanoslg.quantization import quant_scheme
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+PROMPTS = random_prompts(6, seed=11)
+
+
+def _tokens(folder, **engine_args):
+    with LLM(folder, max_model_len=128, **engine_args) as llm:
+        outs = llm.generate(PROMPTS, GREEDY)
+    assert all(o.error is None for o in outs)
+    return [o.token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def fp8_models(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fp8")
+    return lambda arch, layout: write_fp8_checkpoint(tiny_model_dir(arch), str(root / arch), layout)
+
+
+# --- the math -------------------------------------------------------------------------------------------------------
+
+def test_per_row_quantization_maps_each_row_max_to_448_and_rounds_to_nearest():
+    w = torch.randn(16, 40) * torch.logspace(-3, 2, 16)[:, None]
+    w[3] = 0.0  # an all-zero row keeps a finite scale
+    q, scale = fp8.quantize_rows(w)
+    assert q.dtype == fp8.FP8 and scale.shape == (16,)
+    assert torch.isfinite(scale).all() and (scale > 0).all()
+    rows = [r for r in range(16) if r != 3]
+    assert torch.equal(q.float().abs().amax(dim=1)[rows], torch.full((15,), 448.0))
+    assert torch.equal(q[3].float(), torch.zeros(40))
+    # e4m3 keeps 3 mantissa bits: round to nearest is within 1/16 of the value (or of 2^-6 near zero), in units
+    units = w / scale[:, None]
+    err = (q.float() - units).abs()
+    assert (err <= torch.maximum(units.abs() / 16, torch.full_like(units, 2.0 ** -10))).all()
+    # and it is the nearest representable value: the reference cast of the same units gives the same bytes
+    assert torch.equal(q.view(torch.uint8), units.clamp(-448, 448).to(fp8.FP8).view(torch.uint8))
+
+
+def test_values_beyond_the_range_clamp_to_448_not_nan():
+    x = torch.tensor([1e6, -1e6, 448.0, 449.0, 1e-9])
+    assert fp8.to_fp8(x).float().tolist()[:4] == [448.0, -448.0, 448.0, 448.0]
+    assert fp8.to_fp8(x, scale=1e4).float()[0].item() == 96.0  # 100 lies halfway between 96 and 104: to even
+
+
+def test_per_token_activation_scales_match_the_row_reference():
+    x = torch.randn(5, 64)
+    q, s = fp8.quantize_tokens(x)
+    assert s.shape == (5, 1)
+    ref = x.abs().amax(dim=1, keepdim=True) / 448.0
+    assert torch.allclose(s, ref)
+    assert torch.allclose(q.float() * s, x, rtol=1 / 16, atol=1e-3)
+
+
+def test_block_scales_dequantize_with_partial_edge_blocks():
+    w = torch.randn(70, 50)
+    q, scale, reference = quantize_weight(w, "block", (32, 16))  # 3 x 4 blocks, the last row and column partial
+    assert scale.shape == (3, 4)
+    rows = fp8.expand_block_rows(scale, 0, 70, 32)
+    assert torch.equal(fp8.dequantize_blocks(q, rows, 16), reference)
+    # a tensor-parallel rank's rows [40, 70) start inside block row 1: the grid it is given starts there
+    part = fp8.expand_block_rows(scale[1:], 40, 30, 32)
+    assert torch.equal(fp8.dequantize_blocks(q[40:], part, 16), reference[40:])
+    assert (reference - w).abs().max() <= w.abs().max() / 16
+
+
+# --- configs --------------------------------------------------------------------------------------------------------
+
+def _with_quant_config(src, dst, quant_config):
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    with open(os.path.join(dst, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = quant_config
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(config, f)
+    return dst
+
+
+@pytest.mark.parametrize("quant_config, named", [
+    ({"quant_method": "awq", "bits": 4}, "'awq'"),
+    ({"quant_method": "gptq", "bits": 4}, "'gptq'"),
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "'bitsandbytes'"),
+    ({"load_in_8bit": True}, "None"),
+    ({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {}}, "'pack-quantized'"),
+    ({**LAYOUTS["ct-channel"][0], "config_groups": {"g": {"targets": ["Linear"], "weights": {
+        "num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True}}}}, "'int'"),
+    ({**LAYOUTS["ct-channel"][0], "config_groups": {"g": {"targets": ["Linear"], "weights": {
+        "num_bits": 8, "type": "float", "strategy": "group", "symmetric": True}}}}, "'group'"),
+    ({"quant_method": "fp8", "activation_scheme": "static", "weight_block_size": [128, 128]}, "'static'"),
+    ({"quant_method": "fp8", "activation_scheme": "dynamic"}, "weight_block_size"),
+    ({"quant_method": "fp8", "weight_block_size": [128]}, "weight_block_size"),
+    ("fp8", "not an object"),
+])
+def test_a_quantization_config_nanoslg_cannot_run_is_a_startup_error_naming_it(quant_config, named, tiny_model_dir,
+                                                                                tmp_path):
+    folder = _with_quant_config(tiny_model_dir("llama"), str(tmp_path / "m"), quant_config)
+    with pytest.raises(ConfigError, match="quantization_config|compressed-tensors|quant_method") as e:
+        EngineConfig(model=folder).resolve()
+    assert named in str(e.value)
+
+
+def test_schemes_of_the_published_layouts():
+    ct = quant_scheme(LAYOUTS["ct-channel"][0], None)
+    assert (ct.source, ct.weight_scales, ct.static_input_scales) == ("compressed-tensors", "channel", False)
+    assert not ct.quantizes("lm_head") and ct.quantizes("model.layers.0.mlp.down_proj")
+    static = quant_scheme(LAYOUTS["ct-tensor"][0], "fp8")
+    assert (static.weight_scales, static.static_input_scales) == ("tensor", True)
+    block = quant_scheme(LAYOUTS["fp8-block"][0], None)
+    assert (block.source, block.block, block.scale_name) == ("fp8", (48, 32), "weight_scale_inv")
+    assert quant_scheme({}, "fp8").source == "online" and quant_scheme(None, None) is None
+    ignore = quant_scheme({**LAYOUTS["ct-channel"][0], "ignore": ["lm_head", "re:.*layers\\.1\\..*"]}, None)
+    assert not ignore.quantizes("model.layers.1.mlp.up_proj") and ignore.quantizes("model.layers.0.mlp.up_proj")
+
+
+def test_a_checkpoint_that_says_fp8_but_holds_other_weights_fails_naming_the_dtype(tiny_model_dir, tmp_path):
+    folder = _with_quant_config(tiny_model_dir("llama"), str(tmp_path / "m"), LAYOUTS["ct-channel"][0])
+    with pytest.raises(Exception, match="weight_scale|says FP8"):
+        _tokens(folder)
+
+
+# --- checkpoints against Hugging Face -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_fp8_checkpoint_gives_the_dequantized_models_tokens(arch, layout, fp8_models, hf_reference):
+    fp8_dir, deq_dir = fp8_models(arch, layout)
+    assert _tokens(fp8_dir) == hf_reference(deq_dir, PROMPTS, 10)
+
+
+PARALLEL_CASES = [("llama", "ct-channel", "tp2"), ("qwen3", "ct-tensor", "tp2"), ("llama", "fp8-block", "tp2"),
+                  ("qwen3", "ct-channel", "pp2"), ("llama", "ct-tensor", "pp2"), ("qwen3", "fp8-block", "pp2")]
+
+
+@pytest.mark.parametrize("arch, layout, parallel", PARALLEL_CASES)
+def test_fp8_checkpoint_split_over_ranks(arch, layout, parallel, fp8_models, hf_reference):
+    fp8_dir, deq_dir = fp8_models(arch, layout)
+    layout_args = {"tp2": dict(tensor_parallel_size=2), "pp2": dict(pipeline_parallel_size=2)}[parallel]
+    assert _tokens(fp8_dir, **layout_args) == hf_reference(deq_dir, PROMPTS, 10)
+
+
+@pytest.mark.parametrize("arch, parallel", [("llama", {}), ("qwen3", {}), ("qwen2", {"tensor_parallel_size": 2})])
+def test_quantization_fp8_runs_the_per_channel_rounded_model(arch, parallel, tiny_model_dir, tmp_path_factory,
+                                                             hf_reference):
+    src = tiny_model_dir(arch)
+    fake = write_fake_quantized(src, str(tmp_path_factory.mktemp("fake-fp8") / arch))
+    ours = _tokens(src, quantization="fp8", **parallel)
+    assert ours == hf_reference(fake, PROMPTS, 10)
+    assert ours != hf_reference(src, PROMPTS, 10)  # the rounding is real: some token moved
