@@ -98,10 +98,11 @@ class ModelRunner:
         else:
             targets = self.model.checkpoint_targets()
             self.weight_bytes_read = load_checkpoint(targets, set(iter_required(targets, spec)), cfg.model)
-        fp8_gemms = process_weights(self.model, self.dtype, self.device)
-        self.weights_dtype = "fp8" if quant is not None and fp8_gemms == "FP8 GEMMs" else str(self.dtype)[6:]
+        # how the FP8 weights run: "FP8 GEMMs", or dequantized to the model's dtype (and why)
+        self.fp8_compute = process_weights(self.model, self.dtype, self.device)
+        self.weights_dtype = "fp8" if quant is not None else str(self.dtype).removeprefix("torch.")
         if quant is not None:
-            log.info("%s; %s", quant.describe(), fp8_gemms)
+            log.info("%s; %s", quant.describe(), self.fp8_compute)
         self.stage_link = StageLink(spec.hidden_size, self.dtype, self.device) if self.ps.pp_size > 1 else None
         self.backend_cls = self._choose_backend()
         fused_ops.enable_for(self.device, wanted=self.backend_cls.uses_fused_ops)
@@ -115,12 +116,15 @@ class ModelRunner:
         self.nano_batches = cfg.nano_batches
         self.sequence_parallel = cfg.sequence_parallel and self.ps.tp_size > 1
         self.op_runner = self.make_op_runner(cfg.nano_overlap)
+        self.kv_dtype = "fp8" if cfg.kv_cache_dtype == "fp8" else \
+            str(AttentionBackend.attention_dtype(self.dtype, self.device)).removeprefix("torch.")
         self.num_pages = self._count_kv_pages()
         self.backend = self._make_backend(self.num_pages)
-        log.info("worker %d (tp %d/%d, pp %d/%d, layers %d-%d): %s %s, %d torch threads, %d KV pages of %d tokens, "
-                 "attention backend %s (%s), fused ops %s", self.ps.rank, self.ps.tp_rank, self.ps.tp_size,
-                 self.ps.pp_rank, self.ps.pp_size, self.model.layer_range.start, self.model.layer_range.stop - 1,
-                 self.device, self.dtype, torch.get_num_threads(), self.num_pages, cfg.page_size,
+        log.info("worker %d (tp %d/%d, pp %d/%d, layers %d-%d): %s, weights %s, %d torch threads, %d %s KV pages "
+                 "of %d tokens, attention backend %s (%s), fused ops %s", self.ps.rank, self.ps.tp_rank,
+                 self.ps.tp_size, self.ps.pp_rank, self.ps.pp_size, self.model.layer_range.start,
+                 self.model.layer_range.stop - 1, self.device, self.weights_dtype, torch.get_num_threads(),
+                 self.num_pages, self.kv_dtype, cfg.page_size,
                  self.backend.name, self.backend_reason, "on" if fused_ops.enabled() else "off")
         if self.device.type == "cuda" and self.backend_cls.supports_cuda_graphs and not cfg.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.backend, self.op_runner,
@@ -331,14 +335,17 @@ class ModelRunner:
             self._timed(timer, GEMM, self.model.compute_logits, hidden[upload(rows, self.device)])
 
     @torch.inference_mode()
-    def logits(self, plan: StepPlan) -> torch.Tensor:
-        """Logits at each sequence's last token, in the plan's order, from one forward pass that samples nothing
-        and keeps no request state (the GPU tests' teacher forcing)."""
+    def logits(self, plan: StepPlan, every_token: bool = False) -> torch.Tensor:
+        """Logits at each sequence's last token, in the plan's order (every_token: at every token of the step, in
+        the batch's order), from one forward pass that samples nothing and keeps no request state (the GPU tests'
+        teacher forcing, bench quality's perplexity)."""
         batch = self.batch(plan)
         hidden = self._forward(batch, stage_local=True, timer=None)
+        assert hidden is not None  # logits come from the last stage
+        if every_token:
+            return self.model.compute_logits(hidden)
         row = {s.rid: b for b, s in enumerate(batch.seqs)}
         last = upload([int(batch.cu[row[s.rid] + 1]) - 1 for s in plan.seqs], self.device)
-        assert hidden is not None  # logits come from the last stage
         return self.model.compute_logits(hidden[last])
 
     def finish(self, launched: "Launched") -> StepResult:

@@ -102,7 +102,8 @@ def serve(cfg: ResolvedConfig, rank: int, ready) -> None:
     ready({"num_pages": runner.num_pages, "device": str(runner.device), "dtype": str(runner.dtype),
            "attention_backend": runner.backend.name, "layers": [runner.model.layer_range.start,
                                                                 runner.model.layer_range.stop],
-           "weight_bytes_read": runner.weight_bytes_read})
+           "weight_bytes_read": runner.weight_bytes_read, "weights": runner.weights_dtype,
+           "kv_cache": runner.kv_dtype, "fp8_compute": runner.fp8_compute})
     # One step stays launched while the next plan is received and launched behind it on the device; only then
     # does the worker wait for the older step's tokens. With overlap scheduling the GPU never idles between steps.
     profiler = StepProfiler(rank)

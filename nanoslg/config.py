@@ -84,6 +84,13 @@ class EngineConfig:
         return quant_scheme(self.model_spec.quantization_config if self.model_spec else None, self.quantization)
 
     @property
+    def storage_dtypes(self) -> tuple[str, str]:
+        """(weights, KV cache) dtypes as configured, for start lines and /metrics (auto: config.json's dtype; the
+        workers' READY info says what a CPU actually runs)."""
+        model_dtype = self.dtype if self.dtype != "auto" or self.model_spec is None else self.model_spec.torch_dtype
+        return ("fp8" if self.quantization else model_dtype), ("fp8" if self.kv_cache_dtype == "fp8" else model_dtype)
+
+    @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
 

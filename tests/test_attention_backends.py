@@ -14,16 +14,21 @@ from gpu_workers.attention.sdpa import SdpaBackend
 PS, HEADS, KV_HEADS, DIM, PAGES = 4, 8, 2, 16, 64
 
 
-@pytest.fixture()
-def backends(monkeypatch):
+@pytest.fixture(params=["auto", "fp8"])
+def backends(monkeypatch, request):
+    """(FlashInfer, SDPA) over the same random cache: the model's dtype, or FP8 with per-tensor scales."""
     monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
     from gpu_workers.attention.flashinfer_backend import FlashInferBackend
 
-    args = (2, PAGES, PS, HEADS, KV_HEADS, DIM, torch.float32, torch.device("cpu"))
+    kv_fp8 = request.param == "fp8"
+    args = (2, PAGES, PS, HEADS, KV_HEADS, DIM, torch.float32, torch.device("cpu"), kv_fp8)
     fi, sd = FlashInferBackend(*args), SdpaBackend(*args)
     torch.manual_seed(0)
-    sd.kv_cache.normal_()
+    sd.kv_cache.copy_(torch.randn(sd.kv_cache.shape).to(sd.kv_cache.dtype))
     fi.kv_cache.copy_(sd.kv_cache)
+    if kv_fp8:
+        for b in (fi, sd):
+            b.k_scale, b.v_scale = 0.5, 2.0
     return fi, sd
 
 
@@ -67,6 +72,21 @@ def test_flashinfer_planning_matches_sdpa(backends, rows):
     ref = sd.forward(0, q, k, v, sd.plan(layout))
     assert not out.isnan().any()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_an_fp8_cache_holds_k_and_v_to_e4m3_precision_in_a_quarter_of_fp32s_bytes():
+    args = (2, PAGES, PS, HEADS, KV_HEADS, DIM, torch.float32, torch.device("cpu"))
+    fp8 = SdpaBackend(*args, kv_fp8=True)
+    fp8.k_scale, fp8.v_scale = 0.25, 4.0
+    assert fp8.kv_cache.dtype == torch.float8_e4m3fn
+    assert SdpaBackend.bytes_per_page(2, PS, KV_HEADS, DIM, torch.bfloat16, torch.device("cpu"), True) * 4 == \
+        SdpaBackend.bytes_per_page(2, PS, KV_HEADS, DIM, torch.bfloat16, torch.device("cpu"))
+    k, v = torch.randn(5, KV_HEADS, DIM) * 3, torch.randn(5, KV_HEADS, DIM) * 1000  # v beyond 448 * 1: scaled
+    slots = torch.tensor([3, 17, 4, 60, 0])
+    fp8.write_kv(1, k, v, slots)
+    k_back, v_back = fp8.kv_cache[1, 0, slots].float() * 0.25, fp8.kv_cache[1, 1, slots].float() * 4.0
+    assert torch.allclose(k_back, k, rtol=1 / 16, atol=2.0 ** -9 * 0.25)
+    assert torch.allclose(v_back, v.clamp(-448 * 4, 448 * 4), rtol=1 / 16, atol=2.0 ** -9 * 4)
 
 
 def test_each_nano_batch_slot_keeps_its_own_plan(backends):

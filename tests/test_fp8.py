@@ -4,6 +4,7 @@ its per-channel rounding makes, and every quantization_config nanoslg cannot run
 import json
 import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from fp8_checkpoints import LAYOUTS, quantize_weight, write_fake_quantized, writ
 from gpu_workers.layers import fp8
 from nanoslg import LLM, SamplingParams
 from nanoslg.config import EngineConfig
+from nanoslg.entrypoints.debug import DebugClient
 from nanoslg.model_spec import ConfigError
 from nanoslg.quantization import quant_scheme
 
@@ -161,3 +163,39 @@ def test_quantization_fp8_runs_the_per_channel_rounded_model(arch, parallel, tin
     ours = _tokens(src, quantization="fp8", **parallel)
     assert ours == hf_reference(fake, PROMPTS, 10)
     assert ours != hf_reference(src, PROMPTS, 10)  # the rounding is real: some token moved
+
+
+# --- the FP8 KV cache -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_fp8_kv_cache_leaves_transformers_only_at_ties_and_holds_four_times_fp32s_pages(arch, tiny_model_dir):
+    """The tie-aware rule of tests/gpu/bf16_oracle.py with FP8's own error: teacher-forced logits within e4m3's
+    rounding of fp32 Hugging Face, and the engine's greedy tokens (chunked prefill, mixed steps, a prefix hit) leave
+    Hugging Face's only where its margin is within that error."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "gpu"))
+    import bf16_oracle as oracle
+
+    folder = tiny_model_dir(arch)
+    prompts = random_prompts(6, seed=5)
+    prompts[5] = prompts[0] + prompts[5]  # shares a prefix with the first: a prefix-cache hit
+    hf = oracle.hf_model(folder, torch.float32)
+    theirs, their_logits = oracle.hf_greedy(hf, prompts, 16)
+    forced = oracle.hf_forced(hf, prompts, theirs)
+    _, ours_forced = oracle.engine_logits(folder, "sdpa", prompts, 16, forced=theirs, kv_cache_dtype="fp8")
+    err = oracle.forced_errors(ours_forced, forced)
+    assert float(err.median()) < 1 / 16 and float(err.max()) < 0.15  # e4m3 keeps 3 mantissa bits
+    assert float(err.median()) > 1e-3  # and the cache really is FP8 (fp32 gives 1e-6)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    with LLM(folder, max_model_len=128, kv_cache_dtype="fp8", max_num_batched_tokens=24) as llm:
+        outs = llm.generate(prompts[:5], params) + llm.generate(prompts[5:], params)
+        with DebugClient(llm.config.run_dir) as debug:
+            fp8_pages = debug.state()["kv_pages_total"]
+    ours = [o.token_ids for o in outs]
+    for prompt, step, margin, allowed in oracle.divergences(ours, theirs, their_logits, float(err.median())):
+        assert margin <= allowed, f"prompt {prompt} left Hugging Face at step {step} by {margin:.3f} > {allowed:.3f}"
+    with LLM(folder, max_model_len=128, kv_cache_memory_gb=0.01) as llm, DebugClient(llm.config.run_dir) as debug:
+        fp32_pages = debug.state()["kv_pages_total"]
+    with LLM(folder, max_model_len=128, kv_cache_memory_gb=0.01, kv_cache_dtype="fp8") as llm, \
+            DebugClient(llm.config.run_dir) as debug:
+        assert debug.state()["kv_pages_total"] // 4 == fp32_pages  # the same bytes (rounded down to pages)
+    assert fp8_pages > 0

@@ -156,6 +156,8 @@ def test_metrics_parse(server, client):
     ok = [s for s in families["nanoslg_requests"].samples if s.labels.get("status") == "ok"
           and s.name.endswith("_total")]
     assert ok and ok[0].value >= 1
+    dtypes = families["nanoslg_model_dtype_info"].samples  # the tiny model is fp32, neither FP8 flag given
+    assert [(s.labels, s.value) for s in dtypes] == [({"weights": "float32", "kv_cache": "float32"}, 1.0)]
 
 
 def test_http_greedy_chat_equals_llm_chat(server, client, tiny_chat_model):

@@ -80,10 +80,14 @@ class FlashInferBackend(AttentionBackend):
         # not build in the kit: ../shared/probes/fp8-h100.md).
         sm90 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
         self.prefill_backend = "fa3" if sm90 and not self.kv_fp8 else "fa2"
-        # FP8 K and V are scaled back inside the kernels (a per-tensor scale; none at 1.0)
-        self.scales: dict[str, float] = {"k_scale": self.k_scale, "v_scale": self.v_scale} if self.kv_fp8 else {}
+
         self._wrappers: dict[int, tuple[Any, Any]] = {}  # nano-batch slot -> (decode wrapper, prefill wrapper)
         self._planned = None  # event after the last step's plan copies
+
+    @property
+    def scales(self) -> dict[str, float]:
+        """What the kernels are given to scale FP8 K and V back (per tensor)."""
+        return {"k_scale": self.k_scale, "v_scale": self.v_scale} if self.kv_fp8 else {}
 
     def _tensor_core_decode_works(self) -> bool:
         """Tensor-core decode loads FlashInfer's fa2 prefill module, which the GPU kit does not ship prebuilt: it is

@@ -269,7 +269,8 @@ def _run_workload(args, llm, w: Workload, warmup: int):
 
 def _breakdown(result: dict[str, Any], cfg, before: dict[str, Any], after: dict[str, Any], elapsed: float
                ) -> dict[str, Any]:
-    dtype_bytes = 4 if "float32" in result["engine"].get("dtype", "") else 2
+    engine = result["engine"]
+    dtype_bytes = 1 if engine.get("kv_cache") == "fp8" else 4 if "float32" in engine.get("dtype", "") else 2
     costs = RankCosts.of(cfg.model_spec, cfg.tensor_parallel_size, cfg.pipeline_parallel_size, dtype_bytes)
     stats = difference(after["step_stats"], before["step_stats"])
     return breakdown(stats, costs, result.get("matmul_tflops"), result.get("copy_tbps"), elapsed,
@@ -297,6 +298,8 @@ def format_summary(r: dict[str, Any]) -> str:
     lines = ["=" * 20 + " nanoslg offline throughput " + "=" * 20,
              f"{'Model params:':<34}{r['params'] / 1e9:.2f} B",
              f"{'Workload:':<34}{r['workload']}",
+             f"{'Weights / KV cache:':<34}{r['engine'].get('weights', '?')} / {r['engine'].get('kv_cache', '?')}"
+             + (f" ({r['engine']['fp8_compute']})" if r["engine"].get("fp8_compute") else ""),
              f"{'Elapsed (s):':<34}{r['elapsed_s']:.2f}",
              f"{'Request throughput (req/s):':<34}{r['requests_per_s']:.2f}",
              f"{'Output token throughput (tok/s):':<34}{r['output_tokens_per_s']:.1f}",

@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_debug_arguments(sub.add_parser("debug", help="inspect a running engine's scheduler"))
 
+    from nanoslg.entrypoints.bench_quality import add_bench_quality_arguments
     from nanoslg.entrypoints.bench_serve import add_bench_serve_arguments
     from nanoslg.entrypoints.bench_throughput import add_bench_throughput_arguments
     from nanoslg.entrypoints.chat import add_chat_arguments
@@ -86,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     add_bench_serve_arguments(bench.add_parser("serve", help="load-test a running server (like vLLM's)"))
     add_bench_throughput_arguments(bench.add_parser("throughput", help="offline engine throughput"))
+    add_bench_quality_arguments(bench.add_parser("quality", help="perplexity and KL divergence of a quantized "
+                                                 "model against the unquantized one"))
     from nanoslg.entrypoints.tune import add_tune_arguments
 
     add_tune_arguments(sub.add_parser("tune", help="measure this machine and write the engine's tuned config "
@@ -113,6 +116,10 @@ def main(argv=None) -> int:
                 from nanoslg.entrypoints.bench_serve import run_bench_serve
 
                 return run_bench_serve(args)
+            if args.bench_command == "quality":
+                from nanoslg.entrypoints.bench_quality import run_bench_quality
+
+                return run_bench_quality(args)
             from nanoslg.entrypoints.bench_throughput import run_bench_throughput
 
             return run_bench_throughput(args)

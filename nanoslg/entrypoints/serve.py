@@ -145,8 +145,10 @@ def _serve(args: argparse.Namespace, cfg: EngineConfig, count: int, server_dir: 
             pool = ApiServerPool(engine, count, server_dir, listener.fileno(), spec)
             pool.spawn_all()
         how = "--api-server-count" if args.api_server_count else f"the default for {len(os.sched_getaffinity(0))} cores"
-        serving = (f"nanoslg: serving {name} on http://{args.host}:{args.port} with {count} API-server "
-                   f"process{'es' if count > 1 else ''} ({how}; engine run dir {engine.cfg.run_dir})")
+        weights, kv = engine.cfg.storage_dtypes
+        serving = (f"nanoslg: serving {name} ({weights} weights, {kv} KV cache) on http://{args.host}:{args.port} "
+                   f"with {count} API-server process{'es' if count > 1 else ''} ({how}; engine run dir "
+                   f"{engine.cfg.run_dir})")
         if cfg.log_format == "json":  # a log shipper reads JSON lines only
             logging.getLogger("nanoslg.server").warning(serving)
         else:

@@ -85,7 +85,7 @@ def _validation_error(e: ValidationError) -> ApiError:
 class OpenAIServer:
     def __init__(self, engine: AsyncEngine, settings: ServerSettings):
         self.engine, self.settings = engine, settings
-        self.metrics = ServerMetrics()
+        self.metrics = ServerMetrics(engine.cfg.storage_dtypes)
         self._served: Optional[ServedModel] = None
         self._openapi: Optional[dict[str, Any]] = None
         self.grammars = GrammarChecker()

@@ -47,7 +47,8 @@ def process_cpu_seconds(pid: int) -> Optional[float]:
 class EngineFigures:
     """The engine's figures as of the last scrape, exposed by this process's registry (a custom collector)."""
 
-    def __init__(self) -> None:
+    def __init__(self, dtypes: tuple[str, str] = ("", "")) -> None:
+        self.dtypes = dtypes  # (weights, KV cache)
         self.gauges: dict[str, float] = {}
         self.totals: dict[str, float] = dict.fromkeys(_ENGINE_TOTALS, 0.0)
         self._seen: dict[str, float] = dict.fromkeys(_ENGINE_TOTALS, 0.0)
@@ -75,6 +76,10 @@ class EngineFigures:
             yield GaugeMetricFamily(name, doc, value=self.gauges.get(key, 0))
         yield GaugeMetricFamily("nanoslg_kv_cache_usage_ratio", "Fraction of KV cache pages in use",
                                 value=self.gauges.get("kv_usage", 0.0))
+        info = GaugeMetricFamily("nanoslg_model_dtype_info", "The dtypes the model's weights and KV cache are stored "
+                                 "in (always 1)", labels=["weights", "kv_cache"])
+        info.add_metric(list(self.dtypes), 1)
+        yield info
         for key, (name, doc) in _ENGINE_TOTALS.items():
             yield CounterMetricFamily(name, doc, value=self.totals[key])
         yield CounterMetricFamily("nanoslg_engine_restarts", "Times the engine was restarted after a process died",
@@ -89,7 +94,7 @@ class EngineFigures:
 
 
 class ServerMetrics:
-    def __init__(self) -> None:
+    def __init__(self, dtypes: tuple[str, str] = ("", "")) -> None:
         self.registry = CollectorRegistry()  # what /metrics renders
         shared = "PROMETHEUS_MULTIPROC_DIR" in os.environ
         if shared:
@@ -111,7 +116,7 @@ class ServerMetrics:
                                       "to its first token", registry=r, buckets=_LATENCY_BUCKETS)
         self.e2e = Histogram("nanoslg_e2e_request_latency_seconds", "End-to-end request latency", registry=r,
                              buckets=_LATENCY_BUCKETS)
-        self.engine = EngineFigures()
+        self.engine = EngineFigures(dtypes)
         self.registry.register(self.engine)
 
     def observe_request(self, status: str, start: float, first_token: float | None, end: float,
