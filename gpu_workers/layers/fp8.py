@@ -5,6 +5,7 @@ scale, so dividing by it stays finite)."""
 from __future__ import annotations
 
 import logging
+import os
 from typing import Optional
 
 import torch
@@ -13,6 +14,9 @@ from nanoslg.quantization import FP8_MAX
 
 FP8 = torch.float8_e4m3fn
 MIN_SCALE = 1e-12
+# Up to this many rows, a Triton GEMV reads the FP8 weight and multiplies bf16 activations (weight-only FP8):
+# _scaled_mm reads FP8 weights at half the bandwidth at M=1 (../shared/probes/fp8-h100.md). 0 turns it off.
+GEMV_MAX_ROWS = int(os.environ.get("NANOSLG_FP8_GEMV_MAX_ROWS", "16"))
 log = logging.getLogger("nanoslg.worker")
 
 try:  # Triton comes with CUDA builds of torch; the CPU build runs the torch-op versions below
@@ -84,6 +88,11 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     (or with a static per-tensor input_scale), the GEMM on FP8 tensor cores, bf16 out."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
+    if x2.shape[0] <= GEMV_MAX_ROWS and triton is not None and input_scale is None:
+        y = _fp8_gemv_triton(x2, weight, weight_scale)
+        if bias is not None:
+            y.add_(bias)
+        return y.view(*shape[:-1], weight.shape[0])
     if input_scale is None:
         xq, xs = quantize_tokens(x2)
     else:
@@ -106,6 +115,39 @@ if triton is not None:
         q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
         tl.store(q_ptr + row * q_stride + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(s_ptr + row, scale)
+
+
+if triton is not None:
+    @triton.jit
+    def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, rows, n, k, x_stride, w_stride, y_stride,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, k, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + offs_m[:, None] * x_stride + offs_k[None, :],
+                        mask=(offs_m[:, None] < rows) & (offs_k[None, :] < k), other=0.0)
+            w = tl.load(w_ptr + offs_n[:, None] * w_stride + offs_k[None, :],
+                        mask=(offs_n[:, None] < n) & (offs_k[None, :] < k), other=0.0)
+            acc += tl.dot(x.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)))
+        acc = acc * tl.load(s_ptr + offs_n, mask=offs_n < n, other=0.0)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * y_stride + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=(offs_m[:, None] < rows) & (offs_n[None, :] < n))
+
+
+def _fp8_gemv_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """x [M <= 16, K] (bf16) times the e4m3 weight [N, K] scaled per output channel: each program reads 16 rows of
+    the weight once, so the weight bytes set the time."""
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    rows, k = x.shape
+    n = weight.shape[0]
+    y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    block_n = 16
+    _fp8_gemv_kernel[(triton.cdiv(n, block_n),)](x, weight, weight_scale, y, rows, n, k, x.stride(0),
+                                                  weight.stride(0), y.stride(0), BLOCK_M=16, BLOCK_N=block_n,
+                                                  BLOCK_K=256, num_warps=4)
+    return y
 
 
 def _quantize_tokens_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

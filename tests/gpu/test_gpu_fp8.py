@@ -1,0 +1,89 @@
+"""FP8 on an SM89+ GPU: the FP8 GEMM and its Triton activation quantizer against the dequantized bf16 product, and the
+whole engine with FP8 weights and an FP8 KV cache (FlashInfer, CUDA graphs, a mixed batch, a prefix hit) against
+Hugging Face on the per-channel rounded weights, under the tie-aware rule of bf16_oracle.py with FP8's own error."""
+import json
+
+import pytest
+import torch
+
+from bf16_oracle import divergences, engine_logits, forced_errors, hf_forced, hf_greedy, hf_model
+from conftest import random_prompts
+from fp8_checkpoints import write_fake_quantized
+from nanoslg import LLM, SamplingParams
+from tiny_models import make_tiny_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                                reason="needs an SM89+ GPU (FP8 tensor cores)")
+HD128 = dict(hidden_size=512, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=2, head_dim=128)
+STEPS = 32
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """(a tiny bf16 Llama, the same with every linear weight rounded per channel to FP8 and back)."""
+    root = tmp_path_factory.mktemp("gpu-fp8")
+    folder = make_tiny_model("llama", str(root / "llama"), num_layers=4, vocab_size=1024, dtype=torch.bfloat16,
+                             **HD128)
+    return folder, write_fake_quantized(folder, str(root / "rounded"))
+
+
+@pytest.mark.parametrize("m", [1, 7, 256, 1000])
+def test_fp8_gemm_is_the_dequantized_product_within_activation_rounding(m):
+    from gpu_workers.layers import fp8
+
+    torch.manual_seed(m)
+    w = (torch.randn(1024, 512, device="cuda") * 0.02).to(torch.bfloat16)
+    q, scale = fp8.quantize_rows(w)
+    x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
+    y = fp8.fp8_linear(x, q, scale.reshape(1, -1), None)
+    ref = x.float() @ fp8.dequantize_rows(q, scale, torch.float32).t()
+    assert y.dtype == torch.bfloat16 and y.shape == (m, 1024)
+    assert ((y.float() - ref).norm() / ref.norm()).item() < 0.04  # e4m3 activations: ~2-3 % per product
+    xq, xs = fp8.quantize_tokens(x)  # the Triton kernel against the torch-op reference
+    rq, rs = fp8.quantize_rows(x)
+    assert torch.allclose(xs[:, 0], rs, rtol=1e-6)
+    assert (xq.float() - rq.float()).abs().max() <= (rq.float().abs() / 8).max()  # at most one rounding step
+
+
+def test_fp8_weights_and_kv_cache_follow_transformers_on_the_rounded_weights(models):
+    """Teacher-forced logits of the engine (FP8 GEMMs, FP8 KV, FlashInfer) against fp32 Hugging Face on the rounded
+    weights, then the whole engine's greedy tokens (CUDA graphs, 64-token mixed steps, a shared prefix) leave
+    Hugging Face's only at ties within that error."""
+    folder, rounded = models
+    prompts = random_prompts(16, seed=40, lengths=[90, 7, 150, 33] * 4)
+    prompts[15] = prompts[2] + prompts[15]  # a prefix hit on the 150-token prompt
+    hf32 = hf_model(rounded, torch.float32)
+    theirs, their_logits = hf_greedy(hf32, prompts, STEPS)
+    ref = hf_forced(hf32, prompts, theirs)
+    report = {}
+    for label, args in (("weights", dict(quantization="fp8")), ("kv", dict(kv_cache_dtype="fp8")),
+                        ("both", dict(quantization="fp8", kv_cache_dtype="fp8"))):
+        _, ours_forced = engine_logits(folder if "quantization" in args else rounded, "flashinfer", prompts, STEPS,
+                                       forced=theirs, **args)
+        err = forced_errors(ours_forced, ref)
+        report[f"{label}_rel_error"] = err.mean().item()
+        assert err.mean() < 0.08 and err.max() < 0.25, (label, err.mean(), err.max())
+    params = SamplingParams(max_tokens=STEPS, temperature=0, ignore_eos=True)
+    with LLM(folder, max_model_len=1024, quantization="fp8", kv_cache_dtype="fp8",
+             max_num_batched_tokens=64) as llm:
+        info = llm.engine.info["worker0"]
+        assert (info["attention_backend"], info["weights"], info["kv_cache"]) == ("flashinfer", "fp8", "fp8")
+        assert info["fp8_compute"] == "FP8 GEMMs"
+        ours = [o.token_ids for o in llm.generate(prompts[:15], params)]
+        ours += [o.token_ids for o in llm.generate(prompts[15:], params)]
+    found = divergences(ours, theirs, their_logits, report["both_rel_error"])
+    report["match_rate"] = sum(a == b for a, b in zip(ours, theirs)) / len(prompts)
+    report["divergences"] = [tuple(round(x, 3) for x in d) for d in found]
+    print(json.dumps(report))
+    assert all(margin <= allowed for _, _, margin, allowed in found), found
+
+
+def test_fp8_graphed_decode_equals_eager(models):
+    folder, _ = models
+    prompts = random_prompts(24, seed=41)
+    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    runs = []
+    for eager in (True, False):
+        with LLM(folder, enforce_eager=eager, max_model_len=512, quantization="fp8", kv_cache_dtype="fp8") as llm:
+            runs.append([o.token_ids for o in llm.generate(prompts, params)])
+    assert runs[0] == runs[1]
