@@ -40,7 +40,7 @@ class DecodeGraphs:
         if first_stage:
             self.inputs = {"input_ids": torch.zeros(max_batch, dtype=torch.long, device=device)}
         else:
-            dtype = next(model.parameters()).dtype
+            dtype = model.compute_dtype  # not a parameter's: an FP8 weight's dtype is not the activations'
             self.inputs = {name: torch.zeros(max_batch, spec.hidden_size, dtype=dtype, device=device)
                            for name in ("hidden", "residual")}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}

@@ -27,6 +27,11 @@ class CheckpointTensor:
         self.ranges = ranges or tuple((0, n) for n in shape)
         self.shape = torch.Size(stop - start for start, stop in self.ranges)
 
+    @property
+    def dtype_name(self) -> str:
+        """The file's name for the tensor's dtype (BF16, F8_E4M3, ...), known before anything is read."""
+        return str(self._slice.get_dtype())
+
     def narrow(self, dim: int, start: int, length: int) -> "CheckpointTensor":
         if start < 0 or start + length > self.shape[dim]:
             raise ValueError(f"slice [{start}, {start + length}) of dimension {dim} is outside shape "

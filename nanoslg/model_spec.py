@@ -80,8 +80,13 @@ class ModelSpec:
             raise ConfigError(f"config.json lacks required field {e.args[0]!r}") from None
 
     @property
-    def num_params(self) -> int:
-        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+    def linear_params(self) -> int:
+        """Parameters of the decoder layers' projections (what FP8 quantizes)."""
+        h = self.hidden_size
         attn = h * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim + self.num_heads * self.head_dim * h
-        per_layer = attn + 3 * h * i + 2 * h
-        return self.num_layers * per_layer + v * h * (1 if self.tie_word_embeddings else 2) + h
+        return self.num_layers * (attn + 3 * h * self.intermediate_size)
+
+    @property
+    def num_params(self) -> int:
+        h, v = self.hidden_size, self.vocab_size
+        return self.linear_params + self.num_layers * 2 * h + v * h * (1 if self.tie_word_embeddings else 2) + h

@@ -93,9 +93,6 @@ def _transformers_fp8(q: dict[str, Any]) -> QuantScheme:
 
 
 def _compressed_tensors(q: dict[str, Any]) -> QuantScheme:
-    fmt = q.get("format")
-    if fmt not in ("float-quantized", "naive-quantized"):
-        raise ConfigError(f"compressed-tensors format {fmt!r} is not supported (nanoslg runs float-quantized FP8)")
     groups = q.get("config_groups")
     if not isinstance(groups, dict) or not groups:
         raise ConfigError("compressed-tensors quantization_config has no config_groups")
@@ -103,6 +100,11 @@ def _compressed_tensors(q: dict[str, Any]) -> QuantScheme:
     for name, group in groups.items():
         if not isinstance(group, dict):
             raise ConfigError(f"compressed-tensors config group {name!r} is not an object")
+        # newer writers name the format per group (the top level then says "mixed" or nothing)
+        fmt = group.get("format") if q.get("format") in (None, "mixed") else q.get("format")
+        if fmt not in ("float-quantized", "naive-quantized"):
+            raise ConfigError(f"compressed-tensors format {fmt!r} is not supported (nanoslg runs float-quantized "
+                              f"FP8)")
         targets = group.get("targets") or []
         if targets != ["Linear"]:
             raise ConfigError(f"compressed-tensors config group {name!r} targets {targets!r}; nanoslg runs one "

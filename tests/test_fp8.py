@@ -98,7 +98,9 @@ def _with_quant_config(src, dst, quant_config):
     ({"quant_method": "gptq", "bits": 4}, "'gptq'"),
     ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "'bitsandbytes'"),
     ({"load_in_8bit": True}, "None"),
-    ({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {}}, "'pack-quantized'"),
+    ({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"g": {
+        "targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "strategy": "group"}}}}, "'pack-quantized'"),
+    ({"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {}}, "config_groups"),
     ({**LAYOUTS["ct-channel"][0], "config_groups": {"g": {"targets": ["Linear"], "weights": {
         "num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True}}}}, "'int'"),
     ({**LAYOUTS["ct-channel"][0], "config_groups": {"g": {"targets": ["Linear"], "weights": {
@@ -125,13 +127,37 @@ def test_schemes_of_the_published_layouts():
     block = quant_scheme(LAYOUTS["fp8-block"][0], None)
     assert (block.source, block.block, block.scale_name) == ("fp8", (48, 32), "weight_scale_inv")
     assert quant_scheme({}, "fp8").source == "online" and quant_scheme(None, None) is None
+    group = LAYOUTS["ct-channel"][0]["config_groups"]["group_0"]
+    mixed = quant_scheme({**LAYOUTS["ct-channel"][0], "format": "mixed",
+                          "config_groups": {"group_0": {**group, "format": "float-quantized"}}}, None)
+    assert mixed.weight_scales == "channel"  # newer writers name the format per group
     ignore = quant_scheme({**LAYOUTS["ct-channel"][0], "ignore": ["lm_head", "re:.*layers\\.1\\..*"]}, None)
     assert not ignore.quantizes("model.layers.1.mlp.up_proj") and ignore.quantizes("model.layers.0.mlp.up_proj")
 
 
-def test_a_checkpoint_that_says_fp8_but_holds_other_weights_fails_naming_the_dtype(tiny_model_dir, tmp_path):
-    folder = _with_quant_config(tiny_model_dir("llama"), str(tmp_path / "m"), LAYOUTS["ct-channel"][0])
-    with pytest.raises(Exception, match="weight_scale|says FP8"):
+def _edited_checkpoint(fp8_dir, folder, edit):
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(fp8_dir, folder)
+    tensors = load_file(os.path.join(folder, "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def test_a_checkpoint_that_says_fp8_but_holds_other_weights_fails_naming_the_dtype(fp8_models, tmp_path):
+    """The scales are there, one weight is fp32: a silent cast to FP8 would load garbage."""
+    name = "model.layers.1.mlp.down_proj.weight"
+    folder = _edited_checkpoint(fp8_models("llama", "ct-channel")[0], str(tmp_path / "m"),
+                                lambda t: t.update({name: t[name].float()}))
+    with pytest.raises(RuntimeError, match="down_proj.weight.*says FP8, but the checkpoint's weight is F32"):
+        _tokens(folder)
+
+
+def test_a_checkpoint_without_its_scales_fails_naming_them(fp8_models, tmp_path):
+    name = "model.layers.2.self_attn.k_proj.weight_scale"
+    folder = _edited_checkpoint(fp8_models("llama", "ct-channel")[0], str(tmp_path / "m"), lambda t: t.pop(name))
+    with pytest.raises(RuntimeError, match=f"lacks {name}"):
         _tokens(folder)
 
 

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import torch
 
-from gpu_workers.layers.fp8 import FP8, to_fp8
+from gpu_workers.layers.fp8 import FP8, store_kv
 
 
 @dataclass(slots=True)
@@ -74,11 +74,8 @@ class AttentionBackend(ABC):
         return num_layers * 2 * page_size * num_kv_heads * head_dim * element
 
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        if self.kv_fp8:  # written as bytes: index_copy_ has no float8 kernel on the CPU
-            self.kv_cache[layer, 0].view(torch.uint8).index_copy_(0, slot_mapping, to_fp8(k, self.k_scale)
-                                                                  .view(torch.uint8))
-            self.kv_cache[layer, 1].view(torch.uint8).index_copy_(0, slot_mapping, to_fp8(v, self.v_scale)
-                                                                  .view(torch.uint8))
+        if self.kv_fp8:
+            store_kv(self.kv_cache[layer, 0], self.kv_cache[layer, 1], k, v, slot_mapping, self.k_scale, self.v_scale)
             return
         self.kv_cache[layer, 0].index_copy_(0, slot_mapping, k.to(self.kv_cache.dtype))
         self.kv_cache[layer, 1].index_copy_(0, slot_mapping, v.to(self.kv_cache.dtype))

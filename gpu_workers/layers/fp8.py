@@ -150,6 +150,40 @@ def _fp8_gemv_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     return y
 
 
+def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slots: torch.Tensor, k_scale: float, v_scale: float) -> None:
+    """k / k_scale and v / v_scale (rows [T, kv heads, head dim]) as e4m3 into cache rows `slots` of the FP8 caches
+    [slots, kv heads, head dim]: one Triton kernel on CUDA (the quantization fused into the KV write), torch ops
+    elsewhere (written as bytes: index_copy_ has no float8 kernel on the CPU)."""
+    if k.is_cuda and triton is not None:
+        # each row's heads side by side (a view of the QKV projection is), rows anywhere
+        k, v = (t if t.stride(2) == 1 and t.stride(1) == t.shape[2] else t.contiguous() for t in (k, v))
+        rows, width = k.shape[0], k.shape[1] * k.shape[2]
+        if rows:
+            block = triton.next_power_of_2(width)
+            _store_kv_kernel[(rows,)](k, v, k_cache, v_cache, slots, width, k.stride(0), v.stride(0), 1.0 / k_scale,
+                                      1.0 / v_scale, BLOCK=block, num_warps=min(8, max(1, block // 256)))
+        return
+    k_cache.view(torch.uint8).index_copy_(0, slots, to_fp8(k, k_scale).view(torch.uint8))
+    v_cache.view(torch.uint8).index_copy_(0, slots, to_fp8(v, v_scale).view(torch.uint8))
+
+
+if triton is not None:
+    @triton.jit
+    def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, width, k_stride, v_stride, k_inv, v_inv,
+                         BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        slot = tl.load(slot_ptr + row).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < width
+        k = tl.load(k_ptr + row * k_stride + offs, mask=mask, other=0.0).to(tl.float32) * k_inv
+        v = tl.load(v_ptr + row * v_stride + offs, mask=mask, other=0.0).to(tl.float32) * v_inv
+        k = tl.minimum(tl.maximum(k, -448.0), 448.0)
+        v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+        tl.store(kc_ptr + slot * width + offs, k.to(kc_ptr.dtype.element_ty), mask=mask)
+        tl.store(vc_ptr + slot * width + offs, v.to(vc_ptr.dtype.element_ty), mask=mask)
+
+
 def _quantize_tokens_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x = x if x.stride(-1) == 1 else x.contiguous()
     rows, cols = x.shape

@@ -125,8 +125,11 @@ class Fp8LinearMethod(LinearMethod):
                  fill=0.0)
 
     def _check_weight(self, part) -> None:
-        if self.scheme.source != "online" and getattr(part, "dtype", fp8.FP8) != fp8.FP8:
-            raise ValueError(f"the quantization_config says FP8, but the checkpoint's weight is {part.dtype}")
+        if self.scheme.source == "online":
+            return
+        dtype = str(part.dtype) if isinstance(part, torch.Tensor) else part.dtype_name
+        if dtype not in (str(fp8.FP8), "F8_E4M3"):
+            raise ValueError(f"the quantization_config says FP8, but the checkpoint's weight is {dtype}")
 
     def _channel_scale_loader(self, layer: Linear):
         def load(param: torch.Tensor, loaded, shard: Optional[str] = None) -> None:

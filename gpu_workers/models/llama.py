@@ -142,6 +142,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         ps = parallel_state()
         self.spec = spec
+        self.compute_dtype = dtype  # the activations' (FP8 weights are not)
         self.layer_range = stage_layer_range(spec.num_layers, ps.pp_size, ps.pp_rank)
         rotary = RotaryEmbedding(spec.head_dim, max_positions, spec.rope_theta, spec.rope_scaling)
         self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, dtype) \

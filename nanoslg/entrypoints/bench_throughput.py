@@ -283,9 +283,10 @@ def _report_decode_latency(args, cfg, spec, tpot: float) -> int:
     line = f"TPOT {tpot * 1000:.2f} ms"
     peak = _peak_or_none(args, cfg)
     if peak is not None:
-        # bf16 weights read once per token; tensor-parallel ranks read their shards side by side, pipeline stages
-        # one after another
-        floor = 2 * spec.num_params / (peak["copy_tbps"] * 1e12) / cfg.tensor_parallel_size
+        # bf16 weights (FP8 projections: one byte each) read once per token; tensor-parallel ranks read their shards
+        # side by side, pipeline stages one after another
+        weight_bytes = 2 * spec.num_params - (spec.linear_params if cfg.quantization else 0)
+        floor = weight_bytes / (peak["copy_tbps"] * 1e12) / cfg.tensor_parallel_size
         result.update(peak, weight_read_floor_ms=floor * 1000, ratio_to_floor=tpot / floor)
         line += f" = {tpot / floor:.2f} x the weight-read floor ({floor * 1000:.2f} ms at " \
                 f"{peak['copy_tbps']:.2f} TB/s, {peak['gpu']})"

@@ -45,6 +45,21 @@ def test_fp8_gemm_is_the_dequantized_product_within_activation_rounding(m):
     assert (xq.float() - rq.float()).abs().max() <= (rq.float().abs() / 8).max()  # at most one rounding step
 
 
+def test_fused_fp8_kv_write_equals_the_torch_ops():
+    from gpu_workers.layers import fp8
+
+    qkv = torch.randn(37, 8 * 128 + 2 * 2 * 128, device="cuda", dtype=torch.bfloat16) * 50
+    k = qkv[:, 1024:1280].view(37, 2, 128)  # views of the projection, as the model passes them
+    v = qkv[:, 1280:].view(37, 2, 128)
+    slots = torch.randperm(200, device="cuda")[:37]
+    fused = [torch.zeros(200, 2, 128, dtype=fp8.FP8, device="cuda") for _ in range(2)]
+    fp8.store_kv(*fused, k, v, slots, 0.5, 2.0)
+    reference = [torch.zeros(200, 2, 128, dtype=fp8.FP8) for _ in range(2)]
+    fp8.store_kv(*reference, k.cpu(), v.cpu(), slots.cpu(), 0.5, 2.0)
+    for a, b in zip(fused, reference):
+        assert torch.equal(a.cpu().view(torch.uint8), b.view(torch.uint8))
+
+
 def test_fp8_weights_and_kv_cache_follow_transformers_on_the_rounded_weights(models):
     """Teacher-forced logits of the engine (FP8 GEMMs, FP8 KV, FlashInfer) against fp32 Hugging Face on the rounded
     weights, then the whole engine's greedy tokens (CUDA graphs, 64-token mixed steps, a shared prefix) leave
