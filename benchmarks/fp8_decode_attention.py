@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gpu_workers.attention.base import BatchLayout  # noqa: E402
 from gpu_workers.attention.flashinfer_backend import FlashInferBackend  # noqa: E402
+from gpu_workers.attention.fp8_decode import num_splits, paged_decode_fp8  # noqa: E402
 
 
 def copy_tbps(device: torch.device) -> float:
@@ -42,8 +43,9 @@ def median_s(fn, runs: int = 30, warmup: int = 5) -> float:
 
 
 def decode_layer_s(kv_fp8: bool, batch: int, context: int, heads: int, kv_heads: int, head_dim: int,
-                   page: int) -> tuple[float, int]:
-    """(seconds per layer of decode attention, KV bytes it reads)."""
+                   page: int, triton_kernel: bool = False) -> tuple[float, int]:
+    """(seconds per layer of decode attention, KV bytes it reads): FlashInfer's decode as the engine plans it, or
+    (triton_kernel) gpu_workers/attention/fp8_decode.py's, checked against FlashInfer's output first."""
     device = torch.device("cuda")
     pages_per_seq = -(-context // page)
     backend = FlashInferBackend(1, batch * pages_per_seq, page, heads, kv_heads, head_dim, torch.bfloat16, device,
@@ -57,7 +59,24 @@ def decode_layer_s(kv_fp8: bool, batch: int, context: int, heads: int, kv_heads:
     q = torch.randn(batch, heads, head_dim, dtype=torch.bfloat16, device=device)
     out = torch.empty_like(q)
     cache = backend.layer_cache(0)
-    seconds = median_s(lambda: plan.decode.run(q, cache, out=out, **backend.scales))
+    def run() -> None:
+        plan.decode.run(q, cache, out=out, **backend.scales)
+    if triton_kernel:
+        run()
+        reference = out.clone()
+        tables, lens = tables.to(device), torch.full((batch,), context, dtype=torch.int32, device=device)
+        splits = num_splits(batch, kv_heads, torch.cuda.get_device_properties(device).multi_processor_count)
+        k_rows, v_rows = (c.view(-1, kv_heads, head_dim) for c in cache)
+
+        def run() -> None:
+            paged_decode_fp8(q, k_rows, v_rows, tables, lens, page, backend.scale, backend.k_scale, backend.v_scale,
+                             out, splits)
+        run()
+        error = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
+        print(f"FP8-ATTN triton kernel ({splits} splits) against FlashInfer's output: relative error {error:.2e}")
+        if error > 0.02:
+            raise SystemExit("the Triton FP8 decode disagrees with FlashInfer's")
+    seconds = median_s(run)
     return seconds, batch * context * 2 * kv_heads * head_dim * backend.kv_cache.element_size()
 
 
@@ -73,16 +92,17 @@ def main() -> None:
     bandwidth = copy_tbps(torch.device("cuda"))
     result = {"gpu": torch.cuda.get_device_name(), "copy_tbps": bandwidth, "batch": args.batch,
               "context": args.context}
-    for name, fp8 in (("bf16", False), ("fp8", True)):
+    for name, fp8, own in (("bf16", False, False), ("fp8", True, False), ("fp8-triton", True, True)):
         seconds, nbytes = decode_layer_s(fp8, args.batch, args.context, args.heads, args.kv_heads, args.head_dim,
-                                         args.page_size)
+                                         args.page_size, own)
         result[name] = {"ms": seconds * 1000, "tbps": nbytes / seconds / 1e12,
                         "of_copy_bandwidth": nbytes / seconds / 1e12 / bandwidth}
         print(f"FP8-ATTN {name} KV: {seconds * 1000:.3f} ms per layer, {nbytes / seconds / 1e12:.2f} TB/s "
               f"({100 * nbytes / seconds / 1e12 / bandwidth:.0f} % of the {bandwidth:.2f} TB/s copy bandwidth)")
     result["fp8_speedup"] = result["bf16"]["ms"] / result["fp8"]["ms"]
-    print(f"FP8-ATTN fp8 / bf16: {result['fp8_speedup']:.2f}x ({result['gpu']}, batch {args.batch} x "
-          f"{args.context} tokens)")
+    result["fp8_triton_speedup"] = result["bf16"]["ms"] / result["fp8-triton"]["ms"]
+    print(f"FP8-ATTN speed-up over bf16: FlashInfer fp8 {result['fp8_speedup']:.2f}x, Triton fp8 "
+          f"{result['fp8_triton_speedup']:.2f}x ({result['gpu']}, batch {args.batch} x {args.context} tokens)")
     print(json.dumps(result))
 
 

@@ -349,7 +349,8 @@ for mode in $MODES; do
       summary+=("gpu fp8 tests: $(tail -1 "$OUT/gpu-tests-fp8.log")")
       grep -h "rel_error\|FAILED\|Error" "$OUT/gpu-tests-fp8.log" | cut -c1-400 | head -20
       ;;
-    fp8-attn)  # FP8 against bf16 paged decode attention per layer (batch 256 x 1.3k context, Llama-8B heads)
+    fp8-attn)  # paged decode attention per layer, bf16 against FlashInfer's FP8 and the Triton FP8 kernel (batch 256 x
+      # 1.3k context, Llama-8B heads)
       python3 benchmarks/fp8_decode_attention.py > "$OUT/fp8-attn.log" 2>&1
       summary+=("$(grep '^FP8-ATTN' "$OUT/fp8-attn.log" || tail -3 "$OUT/fp8-attn.log")")
       ;;

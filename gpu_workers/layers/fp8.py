@@ -120,7 +120,8 @@ if triton is not None:
 if triton is not None:
     @triton.jit
     def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, rows, n, k, x_stride, w_stride, y_stride,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         DOT: tl.constexpr = tl.bfloat16):
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -130,7 +131,7 @@ if triton is not None:
                         mask=(offs_m[:, None] < rows) & (offs_k[None, :] < k), other=0.0)
             w = tl.load(w_ptr + offs_n[:, None] * w_stride + offs_k[None, :],
                         mask=(offs_n[:, None] < n) & (offs_k[None, :] < k), other=0.0)
-            acc += tl.dot(x.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)))
+            acc += tl.dot(x.to(DOT), tl.trans(w.to(DOT)))  # DOT: float32 only in Triton's interpreter
         acc = acc * tl.load(s_ptr + offs_n, mask=offs_n < n, other=0.0)[None, :]
         tl.store(y_ptr + offs_m[:, None] * y_stride + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=(offs_m[:, None] < rows) & (offs_n[None, :] < n))

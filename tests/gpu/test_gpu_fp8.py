@@ -102,3 +102,36 @@ def test_fp8_graphed_decode_equals_eager(models):
         with LLM(folder, enforce_eager=eager, max_model_len=512, quantization="fp8", kv_cache_dtype="fp8") as llm:
             runs.append([o.token_ids for o in llm.generate(prompts, params)])
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("splits", [1, 4, 16])
+def test_triton_fp8_decode_matches_the_dequantized_reference(splits):
+    """gpu_workers/attention/fp8_decode.py over shuffled pages, ragged lengths (a partial last block and page)."""
+    import math
+
+    from gpu_workers.attention.fp8_decode import paged_decode_fp8
+
+    torch.manual_seed(splits)
+    batch, heads, kv_heads, dim, page = 5, 32, 8, 128, 16
+    lens = [1, 17, 300, 1280, 64]
+    per_seq = [math.ceil(n / page) for n in lens]
+    order = torch.randperm(sum(per_seq)).int()
+    table = torch.zeros(batch, max(per_seq), dtype=torch.int32)
+    offset = 0
+    for b, n in enumerate(per_seq):
+        table[b, :n] = order[offset:offset + n]
+        offset += n
+    slots = sum(per_seq) * page
+    k_cache = (torch.randn(slots, kv_heads, dim, device="cuda") * 3).to(torch.float8_e4m3fn)
+    v_cache = torch.randn(slots, kv_heads, dim, device="cuda").to(torch.float8_e4m3fn)
+    q = torch.randn(batch, heads, dim, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    paged_decode_fp8(q, k_cache, v_cache, table.cuda(), torch.tensor(lens, dtype=torch.int32, device="cuda"), page,
+                     dim ** -0.5, 0.5, 2.0, out, splits)
+    for b, n in enumerate(lens):
+        t = torch.arange(n)
+        rows = (table[b, t // page].long() * page + t % page).cuda()
+        k = (k_cache[rows].float() * 0.5).repeat_interleave(heads // kv_heads, 1)
+        v = (v_cache[rows].float() * 2.0).repeat_interleave(heads // kv_heads, 1)
+        ref = torch.einsum("hk,khd->hd", (torch.einsum("hd,khd->hk", q[b].float(), k) * dim ** -0.5).softmax(-1), v)
+        assert ((out[b].float() - ref).norm() / ref.norm()).item() < 0.01, b

@@ -1,0 +1,108 @@
+"""Paged decode attention over an FP8 (e4m3) KV cache in Triton: a candidate for the engine's FP8 decode, measured
+against FlashInfer's by benchmarks/fp8_decode_attention.py before it runs there (FlashInfer's tensor-core FP8
+decode reads FP8 at ~70 % of the copy bandwidth: ../shared/probes/fp8-h100.md).
+
+One program per (sequence, KV head, split of the context): the GQA group's query heads (padded to 16 rows, the
+smallest tensor-core tile) against 64 keys at a time, gathered through the page table, with an online softmax; a
+second kernel merges the splits. The split count depends only on the batch shape (so a CUDA graph can hold it):
+enough programs to fill the GPU when the batch alone does not."""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - the CPU build of torch has no Triton
+    triton = None
+
+BLOCK_N = 64  # keys per iteration
+
+
+def num_splits(batch: int, kv_heads: int, sms: int) -> int:
+    """Context splits per (sequence, KV head), a power of two up to 16: about two waves of programs over the SMs."""
+    want = -(-2 * sms // (batch * kv_heads))
+    return min(16, 1 << max(0, (want - 1).bit_length()))
+
+
+def paged_decode_fp8(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
+                     kv_lens: torch.Tensor, page_size: int, sm_scale: float, k_scale: float, v_scale: float,
+                     out: torch.Tensor, splits: int, interpret_dot: bool = False) -> torch.Tensor:
+    """q [B, heads, D] (bf16); caches [slots, kv heads, D] (e4m3) with slot = page * page_size + offset;
+    page_table [B, max pages] int32; kv_lens [B] int32 (keys of each row, its own token included); splits a power
+    of two (num_splits). interpret_dot: float32 tiles, for Triton's CPU interpreter (its bf16 dot is wrong)."""
+    batch, heads, dim = q.shape
+    kv_heads = k_cache.shape[1]
+    group = heads // kv_heads
+    partial = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=q.device)
+    stats = torch.empty(batch, heads, splits, 2, dtype=torch.float32, device=q.device)
+    dot = tl.float32 if interpret_dot else tl.bfloat16
+    _decode_split_kernel[(batch, kv_heads, splits)](
+        q, k_cache, v_cache, page_table, kv_lens, partial, stats, sm_scale * k_scale, v_scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), page_table.stride(0),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, PAGE=page_size,
+        SPLITS=splits, BLOCK=BLOCK_N, DOT=dot, num_warps=4)
+    _merge_splits_kernel[(batch, heads)](partial, stats, out, out.stride(0), out.stride(1), SPLITS=splits, DIM=dim)
+    return out
+
+
+if triton is not None:
+    @triton.jit
+    def _decode_split_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, part_ptr, stats_ptr, qk_scale, v_scale,
+                             q_stride_b, q_stride_h, kv_stride_slot, kv_stride_head, table_stride,
+                             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, PAGE: tl.constexpr,
+                             SPLITS: tl.constexpr, BLOCK: tl.constexpr, DOT: tl.constexpr):
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        kv_len = tl.load(lens_ptr + b)
+        per_split = tl.cdiv(tl.cdiv(kv_len, SPLITS), BLOCK) * BLOCK
+        start = split * per_split
+        end = tl.minimum(start + per_split, kv_len)
+        rows = tl.arange(0, GROUP_PAD)
+        dims = tl.arange(0, DIM)
+        head = kvh * GROUP + rows
+        q = tl.load(q_ptr + b * q_stride_b + head[:, None] * q_stride_h + dims[None, :],
+                    mask=rows[:, None] < GROUP, other=0.0)
+        m = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
+        l_sum = tl.zeros((GROUP_PAD,), tl.float32)
+        acc = tl.zeros((GROUP_PAD, DIM), tl.float32)
+        for t0 in range(start, end, BLOCK):
+            t = t0 + tl.arange(0, BLOCK)
+            valid = t < end
+            page = tl.load(table_ptr + b * table_stride + t // PAGE, mask=valid, other=0)
+            slot = page.to(tl.int64) * PAGE + t % PAGE
+            offs = slot[:, None] * kv_stride_slot + kvh * kv_stride_head + dims[None, :]
+            k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0)
+            s = tl.dot(q.to(DOT), tl.trans(k.to(DOT))) * qk_scale
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m - m_new)
+            v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT))
+            l_sum = l_sum * alpha + tl.sum(p, axis=1)
+            m = m_new
+        heads = GROUP * tl.num_programs(1)  # partial and stats are [batch, heads, SPLITS, ...]
+        part = part_ptr + ((b * heads + head[:, None]) * SPLITS + split) * DIM + dims[None, :]
+        tl.store(part, acc * v_scale, mask=rows[:, None] < GROUP)
+        stat = stats_ptr + ((b * heads + head) * SPLITS + split) * 2
+        tl.store(stat, m, mask=rows < GROUP)
+        tl.store(stat + 1, l_sum, mask=rows < GROUP)
+
+    @triton.jit
+    def _merge_splits_kernel(part_ptr, stats_ptr, out_ptr, out_stride_b, out_stride_h, SPLITS: tl.constexpr,
+                             DIM: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        heads = tl.num_programs(1)
+        splits = tl.arange(0, SPLITS)
+        dims = tl.arange(0, DIM)
+        base = (b * heads + h) * SPLITS
+        m = tl.load(stats_ptr + (base + splits) * 2)
+        l_sum = tl.load(stats_ptr + (base + splits) * 2 + 1)
+        m_all = tl.max(m, axis=0)
+        weight = tl.where(l_sum > 0, tl.exp(m - m_all), 0.0)
+        part = tl.load(part_ptr + (base + splits)[:, None] * DIM + dims[None, :])
+        total = tl.sum(part * weight[:, None], axis=0) / tl.sum(l_sum * weight, axis=0)
+        tl.store(out_ptr + b * out_stride_b + h * out_stride_h + dims, total.to(out_ptr.dtype.element_ty))
