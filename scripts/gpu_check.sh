@@ -354,7 +354,8 @@ for mode in $MODES; do
       python3 benchmarks/fp8_decode_attention.py > "$OUT/fp8-attn.log" 2>&1
       summary+=("$(grep '^FP8-ATTN' "$OUT/fp8-attn.log" || tail -3 "$OUT/fp8-attn.log")")
       ;;
-    fp8-1024)  # offline-1024-512 x 2000 at the default flags: bf16, then each of FP8_VARIANTS, ratios to bf16
+    fp8-1024)  # offline-1024-512 x 2000 at the default flags: bf16, then each of FP8_VARIANTS (both kv weights
+      # both-triton), ratios to bf16
       common="--input-len 1024 --output-len 512 --num-prompts ${FP8_PROMPTS:-2000}"
       bench fp8-bf16-1024 $common
       for variant in ${FP8_VARIANTS:-both kv weights}; do
@@ -362,8 +363,11 @@ for mode in $MODES; do
           both) flags="--quantization fp8 --kv-cache-dtype fp8" ;;
           kv) flags="--kv-cache-dtype fp8" ;;
           weights) flags="--quantization fp8" ;;
+          both-triton) flags="--quantization fp8 --kv-cache-dtype fp8" ;;  # FP8 decode on the Triton kernel
         esac
+        [ $variant = both-triton ] && export NANOSLG_FP8_DECODE=triton
         bench fp8-$variant-1024 $common $flags
+        unset NANOSLG_FP8_DECODE
         ratio "fp8 $variant / bf16" fp8-$variant-1024 fp8-bf16-1024
       done
       ;;

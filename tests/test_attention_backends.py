@@ -98,3 +98,45 @@ def test_each_nano_batch_slot_keeps_its_own_plan(backends):
         q, k = torch.randn(t, HEADS, DIM), torch.randn(t, KV_HEADS, DIM)
         torch.testing.assert_close(fi.forward(1, q, k, k, plan), sd.forward(1, q, k, k, sd.plan(layout)),
                                    rtol=1e-5, atol=1e-5)
+
+
+def _reference_decode(q, k_cache, v_cache, page_table, kv_lens, page_size, sm_scale, k_scale, v_scale, out, splits,
+                      interpret_dot=False, buffers=None):
+    """gpu_workers/attention/fp8_decode.paged_decode_fp8's contract in torch (its kernel needs Triton on a GPU)."""
+    group = q.shape[1] // k_cache.shape[1]
+    for b in range(q.shape[0]):
+        t = torch.arange(int(kv_lens[b]))
+        rows = page_table[b, t // page_size].long() * page_size + t % page_size
+        k = (k_cache[rows].float() * k_scale).repeat_interleave(group, 1)
+        v = (v_cache[rows].float() * v_scale).repeat_interleave(group, 1)
+        scores = torch.einsum("hd,khd->hk", q[b].float(), k) * sm_scale
+        out[b] = torch.einsum("hk,khd->hd", scores.softmax(-1), v).to(out.dtype)
+    return out
+
+
+def test_the_triton_fp8_decode_gets_the_pages_and_lengths_flashinfer_would(monkeypatch):
+    """NANOSLG_FP8_DECODE=triton: the decode rows' page tables and lengths reach the kernel as planned, eager and
+    through a CUDA graph's fixed buffers (the kernel itself: tests/gpu/test_gpu_fp8.py)."""
+    from gpu_workers.attention import fp8_decode
+
+    monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
+    monkeypatch.setenv("NANOSLG_FP8_DECODE", "triton")
+    monkeypatch.setattr(fp8_decode, "triton", object())
+    monkeypatch.setattr(fp8_decode, "paged_decode_fp8", _reference_decode)
+    from gpu_workers.attention.flashinfer_backend import FlashInferBackend
+
+    args = (2, PAGES, PS, HEADS, KV_HEADS, DIM, torch.float32, torch.device("cpu"), True)
+    fi, sd = FlashInferBackend(*args), SdpaBackend(*args)
+    assert fi.triton_decode
+    torch.manual_seed(0)
+    sd.kv_cache.copy_(torch.randn(sd.kv_cache.shape).to(sd.kv_cache.dtype))
+    fi.kv_cache.copy_(sd.kv_cache)
+    for b in (fi, sd):
+        b.k_scale, b.v_scale = 0.5, 2.0
+    layout = _layout([(1, 9), (1, 3), (1, 17), (1, 0)], seed=3)
+    q, k = torch.randn(4, HEADS, DIM), torch.randn(4, KV_HEADS, DIM)
+    ref = sd.forward(1, q, k, k, sd.plan(layout))
+    torch.testing.assert_close(fi.forward(1, q, k, k, fi.plan(layout)), ref, rtol=1e-5, atol=1e-5)
+    graph_wrapper = fi.graph_decode_wrapper(8, 8 * 8)  # fixed buffers wider and taller than this batch
+    torch.testing.assert_close(fi.forward(1, q, k, k, fi.plan_decode(graph_wrapper, layout)), ref, rtol=1e-5,
+                               atol=1e-5)

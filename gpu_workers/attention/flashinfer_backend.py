@@ -4,11 +4,13 @@ queries over the paged cache) for prefill and mixed steps. The cache is the base
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
+from gpu_workers.attention import fp8_decode
 from gpu_workers.attention.base import AttentionBackend, BatchLayout
 from gpu_workers.upload import pinned, upload
 
@@ -81,6 +83,12 @@ class FlashInferBackend(AttentionBackend):
         sm90 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
         self.prefill_backend = "fa3" if sm90 and not self.kv_fp8 else "fa2"
 
+        # An FP8 cache's decode on gpu_workers/attention/fp8_decode.py's Triton kernel instead of FlashInfer's
+        # (NANOSLG_FP8_DECODE=triton), until benchmarks/fp8_decode_attention.py decides which is the default.
+        self.triton_decode = self.kv_fp8 and fp8_decode.triton is not None and \
+            os.environ.get("NANOSLG_FP8_DECODE", "flashinfer") == "triton"
+        if self.triton_decode:
+            log.info("FP8 KV decode on the Triton kernel (NANOSLG_FP8_DECODE=triton)")
         self._wrappers: dict[int, tuple[Any, Any]] = {}  # nano-batch slot -> (decode wrapper, prefill wrapper)
         self._planned = None  # event after the last step's plan copies
 
@@ -116,6 +124,7 @@ class FlashInferBackend(AttentionBackend):
             import flashinfer
 
             self._wrappers[slot] = (
+                self._triton_decode_wrapper() if self.triton_decode else
                 flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2",
                                                               use_tensor_cores=self.decode_tc),
                 flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend=self.prefill_backend))
@@ -132,8 +141,16 @@ class FlashInferBackend(AttentionBackend):
             self._planned = torch.cuda.Event()
             self._planned.record()
 
+    def _triton_decode_wrapper(self, batch_size: Optional[int] = None, max_pages: int = 0):
+        return fp8_decode.Fp8DecodeWrapper(self.kv_cache.device, self.num_heads, self.num_kv_heads, self.head_dim,
+                                           self.page_size, self.scale, batch_size,
+                                           max_pages // batch_size if batch_size else 0)
+
     def graph_decode_wrapper(self, batch_size: int, max_pages: int):
-        """A decode wrapper whose plan lives in fixed buffers, so a captured CUDA graph can replay it."""
+        """A decode wrapper whose plan lives in fixed buffers, so a captured CUDA graph can replay it (max_pages:
+        of the whole batch)."""
+        if self.triton_decode:
+            return self._triton_decode_wrapper(batch_size, max_pages)
         import flashinfer
 
         device = self.kv_cache.device
@@ -145,6 +162,9 @@ class FlashInferBackend(AttentionBackend):
 
     def plan_decode(self, wrapper, layout: BatchLayout) -> FlashInferPlan:
         """Plan a decode-only batch on the given wrapper (a CUDA graph's own, or a slot's)."""
+        if isinstance(wrapper, fp8_decode.Fp8DecodeWrapper):
+            wrapper.plan(layout)
+            return FlashInferPlan(wrapper, None, len(layout.q_lens), layout.slot_mapping)
         indptr, indices, last = PageTables.build(layout, self.page_size, self.kv_cache.device)
         wrapper.plan(indptr, indices, last, self.num_heads, self.num_kv_heads, self.head_dim, self.page_size,
                      q_data_type=self.compute_dtype, kv_data_type=self.kv_cache.dtype)

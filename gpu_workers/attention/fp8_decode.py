@@ -8,7 +8,12 @@ second kernel merges the splits. The split count depends only on the batch shape
 enough programs to fill the GPU when the batch alone does not."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+
+from gpu_workers.attention.base import BatchLayout
+from gpu_workers.upload import upload
 
 try:
     import triton
@@ -25,17 +30,25 @@ def num_splits(batch: int, kv_heads: int, sms: int) -> int:
     return min(16, 1 << max(0, (want - 1).bit_length()))
 
 
+def split_buffers(batch: int, heads: int, splits: int, dim: int, device: torch.device
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The splits' partial outputs [B, heads, splits, D] and their (max, sum) [B, heads, splits, 2]."""
+    return (torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=device),
+            torch.empty(batch, heads, splits, 2, dtype=torch.float32, device=device))
+
+
 def paged_decode_fp8(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
                      kv_lens: torch.Tensor, page_size: int, sm_scale: float, k_scale: float, v_scale: float,
-                     out: torch.Tensor, splits: int, interpret_dot: bool = False) -> torch.Tensor:
+                     out: torch.Tensor, splits: int, interpret_dot: bool = False,
+                     buffers: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """q [B, heads, D] (bf16); caches [slots, kv heads, D] (e4m3) with slot = page * page_size + offset;
     page_table [B, max pages] int32; kv_lens [B] int32 (keys of each row, its own token included); splits a power
-    of two (num_splits). interpret_dot: float32 tiles, for Triton's CPU interpreter (its bf16 dot is wrong)."""
+    of two (num_splits); buffers: split_buffers() for at least B rows (made here when not given).
+    interpret_dot: float32 tiles, for Triton's CPU interpreter (its bf16 dot is wrong)."""
     batch, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
-    partial = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=q.device)
-    stats = torch.empty(batch, heads, splits, 2, dtype=torch.float32, device=q.device)
+    partial, stats = buffers or split_buffers(batch, heads, splits, dim, q.device)
     dot = tl.float32 if interpret_dot else tl.bfloat16
     _decode_split_kernel[(batch, kv_heads, splits)](
         q, k_cache, v_cache, page_table, kv_lens, partial, stats, sm_scale * k_scale, v_scale,
@@ -44,6 +57,44 @@ def paged_decode_fp8(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         SPLITS=splits, BLOCK=BLOCK_N, DOT=dot, num_warps=4)
     _merge_splits_kernel[(batch, heads)](partial, stats, out, out.stride(0), out.stride(1), SPLITS=splits, DIM=dim)
     return out
+
+
+class Fp8DecodeWrapper:
+    """FlashInfer's decode-wrapper interface (plan, then run per layer) over paged_decode_fp8, so the FlashInfer
+    backend and its CUDA graphs hold either. batch_size given: fixed buffers a captured graph reads (plan copies
+    each step's page tables and lengths into them, on the stream, behind the replay still reading them)."""
+
+    def __init__(self, device: torch.device, heads: int, kv_heads: int, head_dim: int, page_size: int,
+                 sm_scale: float, batch_size: Optional[int] = None, max_pages_per_seq: int = 0):
+        self.device, self.heads, self.kv_heads, self.head_dim = device, heads, kv_heads, head_dim
+        self.page_size, self.sm_scale = page_size, sm_scale
+        self.sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        self.fixed = batch_size is not None
+        self.batch = batch_size or 0
+        if batch_size is not None:
+            self.tables = torch.zeros(batch_size, max_pages_per_seq, dtype=torch.int32, device=device)
+            self.lens = torch.ones(batch_size, dtype=torch.int32, device=device)
+            self.splits = num_splits(batch_size, kv_heads, self.sms)
+            self.buffers = split_buffers(batch_size, heads, self.splits, head_dim, device)
+
+    def plan(self, layout: BatchLayout) -> None:
+        batch = len(layout.q_lens)
+        tables = upload(layout.page_tables, self.device, torch.int32)
+        lens = upload(layout.kv_lens, self.device, torch.int32)
+        if self.fixed:
+            self.tables[:batch, :tables.shape[1]].copy_(tables)
+            self.lens[:batch].copy_(lens)
+            return
+        self.batch, self.tables, self.lens = batch, tables, lens
+        self.splits = num_splits(batch, self.kv_heads, self.sms)
+        self.buffers = split_buffers(batch, self.heads, self.splits, self.head_dim, self.device)
+
+    def run(self, q: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor,
+            k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+        k, v = (c.view(-1, self.kv_heads, self.head_dim) for c in cache)
+        rows = q.shape[0]
+        return paged_decode_fp8(q, k, v, self.tables[:rows], self.lens[:rows], self.page_size, self.sm_scale,
+                                k_scale, v_scale, out, self.splits, buffers=self.buffers)
 
 
 if triton is not None:

@@ -93,7 +93,9 @@ def test_fp8_weights_and_kv_cache_follow_transformers_on_the_rounded_weights(mod
     assert all(margin <= allowed for _, _, margin, allowed in found), found
 
 
-def test_fp8_graphed_decode_equals_eager(models):
+@pytest.mark.parametrize("decode", ["flashinfer", "triton"])
+def test_fp8_graphed_decode_equals_eager(decode, models, monkeypatch):
+    monkeypatch.setenv("NANOSLG_FP8_DECODE", decode)
     folder, _ = models
     prompts = random_prompts(24, seed=41)
     params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
