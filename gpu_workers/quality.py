@@ -28,10 +28,10 @@ def runner_for(cfg: ResolvedConfig, context: int) -> ModelRunner:
 
 
 def window_log_probs(runner: ModelRunner, window: list[int]) -> torch.Tensor:
-    """[len(window) - 1, vocab] float64 log-probabilities of each next token, on the host."""
+    """[len(window) - 1, vocab] float32 log-probabilities of each next token, on the runner's device."""
     pages = token_ids(range(-(-len(window) // runner.cfg.page_size)))
     logits = runner.logits(StepPlan(0, [SeqChunk("window", token_ids(window), 0, pages, True)]), every_token=True)
-    return torch.log_softmax(logits[:-1].double(), dim=-1).cpu()
+    return torch.log_softmax(logits[:-1].float(), dim=-1)
 
 
 def compare(baseline: ModelRunner, quantized: ModelRunner, tokens: list[int], context: int) -> dict[str, Any]:
@@ -44,11 +44,14 @@ def compare(baseline: ModelRunner, quantized: ModelRunner, tokens: list[int], co
             window = tokens[start:start + context]
             if len(window) < 2:
                 break
-            targets = torch.tensor(window[1:])
-            base, quant = window_log_probs(baseline, window), window_log_probs(quantized, window)
-            nll["baseline"] -= float(base.gather(1, targets[:, None]).sum())
-            nll["quantized"] -= float(quant.gather(1, targets[:, None]).sum())
-            kl_sum += float((base.exp() * (base - quant)).sum())
+            # summed on the device, per token in float32 and over tokens in float64: only sums reach the host (a
+            # window's log-probabilities are GBs at a 128k vocabulary)
+            base = window_log_probs(baseline, window)
+            targets = torch.tensor(window[1:], device=base.device)
+            quant = window_log_probs(quantized, window).to(base.device)
+            nll["baseline"] -= float(base.gather(1, targets[:, None]).double().sum())
+            nll["quantized"] -= float(quant.gather(1, targets[:, None]).double().sum())
+            kl_sum += float((base.exp() * (base - quant)).sum(-1).double().sum())
             same_top += int((base.argmax(-1) == quant.argmax(-1)).sum())
             count += len(targets)
     return {"tokens": count, "context": context,

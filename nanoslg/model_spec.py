@@ -74,7 +74,8 @@ class ModelSpec:
                 rope_scaling=rope,
                 torch_dtype=str(dtype).replace("torch.", ""),
                 eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
-                quantization_config=cfg.get("quantization_config") or {},
+                # older llm-compressor exports name it compression_config
+                quantization_config=cfg.get("quantization_config") or cfg.get("compression_config") or {},
             )
         except KeyError as e:
             raise ConfigError(f"config.json lacks required field {e.args[0]!r}") from None

@@ -37,10 +37,15 @@ class QuantScheme:
         return "weight_scale_inv" if self.source == "fp8" else "weight_scale"
 
     def quantizes(self, hf_module: str) -> bool:
-        """Whether the module of this Hugging Face name (model.layers.0.mlp.down_proj, say) is quantized."""
+        """Whether the module of this Hugging Face name (model.layers.0.mlp.down_proj, say) is quantized: matched
+        against the ignore list as its writer reads it (compressed-tensors: a name, or "re:" and a pattern matched
+        from the start; transformers' modules_to_not_convert: any part of the name)."""
         for entry in self.ignored:
-            if entry.startswith("re:"):
-                if re.fullmatch(entry[3:], hf_module):
+            if self.source == "fp8":
+                if entry in hf_module:
+                    return False
+            elif entry.startswith("re:"):
+                if re.match(entry[3:], hf_module):
                     return False
             elif entry == hf_module:
                 return False
@@ -113,10 +118,15 @@ def _compressed_tensors(q: dict[str, Any]) -> QuantScheme:
     if len(schemes) != 1:
         raise ConfigError("compressed-tensors config groups with different schemes are not supported")
     weight_scales, block, static = schemes.pop()
-    if q.get("kv_cache_scheme"):
-        raise ConfigError("compressed-tensors kv_cache_scheme (calibrated KV scales) is not supported; use "
-                          "--kv-cache-dtype fp8")
-    return QuantScheme("compressed-tensors", weight_scales, block, static, _names(q.get("ignore") or (), "ignore"))
+    for key, what in (("kv_cache_scheme", "calibrated KV scales; use --kv-cache-dtype fp8"),
+                      ("sparsity_config", "sparse weights"), ("transform_config", "transformed (rotated) weights")):
+        if q.get(key):
+            raise ConfigError(f"compressed-tensors {key} ({what}) is not supported")
+    scheme = QuantScheme("compressed-tensors", weight_scales, block, static, _names(q.get("ignore") or (), "ignore"))
+    if scheme.quantizes("lm_head"):
+        raise ConfigError("the compressed-tensors checkpoint quantizes lm_head (its ignore list does not name it); "
+                          "nanoslg keeps the LM head in the model's dtype")
+    return scheme
 
 
 def _group_scheme(name: str, group: dict[str, Any]) -> tuple[str, tuple[int, int], bool]:

@@ -62,7 +62,9 @@ def test_fp8_weights_or_kv_cost_a_measurable_kl(flags, weights, kv, tiny_chat_mo
     assert "perplexity" in printed and "mean KL divergence" in printed
 
 
-def test_nothing_to_compare_is_a_clear_error(tiny_chat_model):
-    proc = subprocess.run([sys.executable, "-m", "nanoslg", "bench", "quality", tiny_chat_model], cwd=ROOT,
+@pytest.mark.parametrize("flags, error", [([], "nothing to compare"),
+                                          (["--kv-cache-dtype", "fp8", "--context", "1"], "--context")])
+def test_a_run_that_cannot_measure_is_a_clear_error(flags, error, tiny_chat_model):
+    proc = subprocess.run([sys.executable, "-m", "nanoslg", "bench", "quality", tiny_chat_model, *flags], cwd=ROOT,
                           capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
-    assert proc.returncode == 2 and "nothing to compare" in proc.stderr
+    assert proc.returncode == 2 and error in proc.stderr

@@ -225,3 +225,49 @@ def test_fp8_kv_cache_leaves_transformers_only_at_ties_and_holds_four_times_fp32
             DebugClient(llm.config.run_dir) as debug:
         assert debug.state()["kv_pages_total"] // 4 == fp32_pages  # the same bytes (rounded down to pages)
     assert fp8_pages > 0
+
+
+# --- what must never load silently ----------------------------------------------------------------------------------
+
+def _with_config(fp8_dir, folder, change):
+    shutil.copytree(fp8_dir, folder)
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    change(config)
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return folder
+
+
+def test_an_older_exports_compression_config_is_read_as_its_quantization(fp8_models, hf_reference, tmp_path):
+    fp8_dir, deq_dir = fp8_models("llama", "ct-channel")
+    folder = _with_config(fp8_dir, str(tmp_path / "m"),
+                          lambda c: c.update(compression_config=c.pop("quantization_config")))
+    assert _tokens(folder) == hf_reference(deq_dir, PROMPTS, 10)
+
+
+@pytest.mark.parametrize("change, error", [
+    # no quantization_config at all: the FP8 weights would be cast to the model's dtype without their scales
+    (lambda c: c.pop("quantization_config"), "holds it in FP8"),
+    # an ignore list that leaves the MLPs plain while the file holds them in FP8
+    (lambda c: c["quantization_config"].update(ignore=["lm_head", "re:.*mlp"]), "holds it in FP8"),
+])
+def test_fp8_tensors_never_go_into_a_plain_layer(change, error, fp8_models, tmp_path):
+    folder = _with_config(fp8_models("llama", "ct-channel")[0], str(tmp_path / "m"), change)
+    with pytest.raises(RuntimeError, match=error):
+        _tokens(folder)
+
+
+def test_block_scales_made_for_other_blocks_are_refused(fp8_models, tmp_path):
+    folder = _with_config(fp8_models("qwen3", "fp8-block")[0], str(tmp_path / "m"),
+                          lambda c: c["quantization_config"].update(weight_block_size=[96, 64]))
+    with pytest.raises(RuntimeError, match="96x64-block weight scales of shape"):
+        _tokens(folder)
+
+
+def test_a_quantized_lm_head_is_refused_at_startup(fp8_models, tmp_path):
+    folder = _with_config(fp8_models("llama", "ct-channel")[0], str(tmp_path / "m"),
+                          lambda c: c["quantization_config"].update(ignore=[]))
+    with pytest.raises(ConfigError, match="quantizes lm_head"):
+        EngineConfig(model=folder).resolve()

@@ -85,8 +85,8 @@ class FlashInferBackend(AttentionBackend):
 
         # An FP8 cache's decode on gpu_workers/attention/fp8_decode.py's Triton kernel instead of FlashInfer's
         # (NANOSLG_FP8_DECODE=triton), until benchmarks/fp8_decode_attention.py decides which is the default.
-        self.triton_decode = self.kv_fp8 and fp8_decode.triton is not None and \
-            os.environ.get("NANOSLG_FP8_DECODE", "flashinfer") == "triton"
+        self.triton_decode = self.kv_fp8 and os.environ.get("NANOSLG_FP8_DECODE", "flashinfer") == "triton" and \
+            fp8_decode.supports(device, self.head_dim)
         if self.triton_decode:
             log.info("FP8 KV decode on the Triton kernel (NANOSLG_FP8_DECODE=triton)")
         self._wrappers: dict[int, tuple[Any, Any]] = {}  # nano-batch slot -> (decode wrapper, prefill wrapper)

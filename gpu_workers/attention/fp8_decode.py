@@ -24,6 +24,13 @@ except ImportError:  # pragma: no cover - the CPU build of torch has no Triton
 BLOCK_N = 64  # keys per iteration
 
 
+def supports(device: torch.device, head_dim: int) -> bool:
+    """Whether the kernel runs here: Triton's e4m3 needs SM89+, its tiles a power-of-two head size."""
+    if triton is None or head_dim & (head_dim - 1):
+        return False
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def num_splits(batch: int, kv_heads: int, sms: int) -> int:
     """Context splits per (sequence, KV head), a power of two up to 16: about two waves of programs over the SMs."""
     want = -(-2 * sms // (batch * kv_heads))
@@ -155,5 +162,6 @@ if triton is not None:
         m_all = tl.max(m, axis=0)
         weight = tl.where(l_sum > 0, tl.exp(m - m_all), 0.0)
         part = tl.load(part_ptr + (base + splits)[:, None] * DIM + dims[None, :])
-        total = tl.sum(part * weight[:, None], axis=0) / tl.sum(l_sum * weight, axis=0)
+        norm = tl.sum(l_sum * weight, axis=0)
+        total = tl.sum(part * weight[:, None], axis=0) / tl.where(norm > 0, norm, 1.0)  # no keys: 0, not NaN
         tl.store(out_ptr + b * out_stride_b + h * out_stride_h + dims, total.to(out_ptr.dtype.element_ty))

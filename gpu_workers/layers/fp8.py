@@ -4,6 +4,7 @@ every cast (a cast of a larger value is NaN on some devices) and scales never re
 scale, so dividing by it stays finite)."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Optional
@@ -26,18 +27,40 @@ except ImportError:  # pragma: no cover - depends on the torch build
     triton = None
 
 
+def fp8_kernels_supported(device: torch.device) -> bool:
+    """Whether this device runs the FP8 Triton kernels here: Triton has e4m3 (fp8e4nv) from SM89 on."""
+    return device.type == "cuda" and triton is not None and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def fp8_gemm_supported(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
-    """(supported, why): FP8 GEMMs need an SM89+ GPU, torch's row-wise scaled GEMM and a bf16 model."""
+    """(supported, why): FP8 GEMMs need an SM89+ GPU whose torch build runs a row-wise scaled GEMM (tried once),
+    Triton, and a bf16 model."""
     if device.type != "cuda":
         return False, f"the device is {device.type}"
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < (8, 9):
         return False, f"SM{major}{minor} has no FP8 tensor cores (SM89+)"
-    if not hasattr(torch, "_scaled_mm"):
-        return False, "this torch has no _scaled_mm"
     if dtype != torch.bfloat16:
         return False, f"row-wise FP8 GEMMs write bf16 and the model runs {dtype}"
+    if triton is None:
+        return False, "Triton (the activation quantizer) does not import"
+    why = _scaled_mm_fails(device.index if device.index is not None else torch.cuda.current_device())
+    if why:
+        return False, f"torch's row-wise _scaled_mm does not run here ({why})"
     return True, f"SM{major}{minor} FP8 tensor cores"
+
+
+@functools.lru_cache(maxsize=None)
+def _scaled_mm_fails(device_index: int) -> str:
+    """'' where a 16x16 row-wise scaled GEMM runs on the device, else the error."""
+    device = torch.device("cuda", device_index)
+    try:
+        a = torch.ones(16, 16, device=device).to(FP8)
+        ones = torch.ones(16, 1, device=device)
+        torch._scaled_mm(a, a.t(), scale_a=ones, scale_b=ones.t().contiguous(), out_dtype=torch.bfloat16)
+        return ""
+    except Exception as e:  # an unsupported kernel or layout surfaces as RuntimeError or NotImplementedError
+        return f"{type(e).__name__}: {e}"
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,7 +99,7 @@ def dequantize_blocks(q: torch.Tensor, row_scales: torch.Tensor, block_cols: int
 def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-token activation quantization: (e4m3 [M, K], float32 scales [M, 1]). One fused kernel on CUDA
     (as torch ops it costs more than the FP8 GEMM saves: ../shared/probes/fp8-h100.md)."""
-    if x.is_cuda and triton is not None:
+    if fp8_kernels_supported(x.device):
         return _quantize_tokens_triton(x)
     q, scale = quantize_rows(x)
     return q, scale[:, None]
@@ -107,7 +130,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
 if triton is not None:
     @triton.jit
     def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, cols, x_stride, q_stride, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # rows x stride passes 2^31 in a large prefill
         offs = tl.arange(0, BLOCK)
         mask = offs < cols
         x = tl.load(x_ptr + row * x_stride + offs, mask=mask, other=0.0).to(tl.float32)
@@ -122,7 +145,7 @@ if triton is not None:
     def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, rows, n, k, x_stride, w_stride, y_stride,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          DOT: tl.constexpr = tl.bfloat16):
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         offs_m = tl.arange(0, BLOCK_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, k, BLOCK_K):
@@ -156,7 +179,7 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     """k / k_scale and v / v_scale (rows [T, kv heads, head dim]) as e4m3 into cache rows `slots` of the FP8 caches
     [slots, kv heads, head dim]: one Triton kernel on CUDA (the quantization fused into the KV write), torch ops
     elsewhere (written as bytes: index_copy_ has no float8 kernel on the CPU)."""
-    if k.is_cuda and triton is not None:
+    if fp8_kernels_supported(k.device):
         # each row's heads side by side (a view of the QKV projection is), rows anywhere
         k, v = (t if t.stride(2) == 1 and t.stride(1) == t.shape[2] else t.contiguous() for t in (k, v))
         rows, width = k.shape[0], k.shape[1] * k.shape[2]
@@ -173,7 +196,7 @@ if triton is not None:
     @triton.jit
     def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, width, k_stride, v_stride, k_inv, v_inv,
                          BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)
         slot = tl.load(slot_ptr + row).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < width

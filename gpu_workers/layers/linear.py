@@ -39,7 +39,14 @@ class ParallelLinear(nn.Module):
         """(first column in the checkpoint tensor, columns) of this rank's input columns."""
         return 0, self.in_local
 
+    def full_shape(self, shard: Optional[str]) -> tuple[int, int]:
+        """The shape of a shard's checkpoint tensor (every rank's rows and columns)."""
+        raise NotImplementedError
+
     def load_bias(self, param: torch.Tensor, loaded, shard: Optional[str] = None) -> None:
+        full = self.full_shape(shard)[0]
+        if tuple(loaded.shape) != (full,):
+            raise ValueError(f"a bias of shape {tuple(loaded.shape)}; this layer's is ({full},)")
         dest, rows, src = self.out_span(shard)
         copy_checked(param.data.narrow(0, dest, rows), loaded.narrow(0, src, rows))
 
@@ -61,6 +68,9 @@ class ColumnParallelLinear(ParallelLinear):
     def out_span(self, shard: Optional[str]) -> tuple[int, int, int]:
         n = self.out_local
         return 0, n, parallel_state().tp_rank * n
+
+    def full_shape(self, shard: Optional[str]) -> tuple[int, int]:
+        return self.out_span(shard)[1] * parallel_state().tp_size, self.in_local
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x, self.bias)
@@ -104,6 +114,10 @@ class QKVParallelLinear(ColumnParallelLinear):
             return 0, q_rows, tp_rank * q_rows
         return q_rows + (0 if shard == "k" else kv_rows), kv_rows, (tp_rank // self.kv_replicas) * kv_rows
 
+    def full_shape(self, shard: Optional[str]) -> tuple[int, int]:
+        rows = self.out_span(shard)[1] * parallel_state().tp_size  # a replicated KV head counts once
+        return (rows if shard == "q" else rows // self.kv_replicas), self.in_local
+
 
 class RowParallelLinear(ParallelLinear):
     """W's input columns split across TP ranks; partial sums are all-reduced."""
@@ -121,6 +135,9 @@ class RowParallelLinear(ParallelLinear):
     def in_span(self) -> tuple[int, int]:
         n = self.in_local
         return parallel_state().tp_rank * n, n
+
+    def full_shape(self, shard: Optional[str]) -> tuple[int, int]:
+        return self.out_local, self.in_local * parallel_state().tp_size
 
     def reduce_(self, y: torch.Tensor) -> torch.Tensor:
         """Sum the partial products over the TP ranks, in place, and add the bias (allocates nothing, so it may

@@ -28,16 +28,36 @@ class Linear(Protocol):
 
     def in_span(self) -> tuple[int, int]: ...
 
+    def full_shape(self, shard: Optional[str]) -> tuple[int, int]: ...
+
     def register_parameter(self, name: str, param: Optional[nn.Parameter]) -> None: ...
+
+
+FP8_NAMES = (str(fp8.FP8), "F8_E4M3", "F8_E5M2", str(torch.float8_e5m2))
+
+
+def dtype_name(loaded) -> str:
+    """A tensor's dtype, or a weight_loader.CheckpointTensor's as its file names it (known before it is read)."""
+    return str(loaded.dtype) if isinstance(loaded, torch.Tensor) else loaded.dtype_name
 
 
 def copy_checked(param: torch.Tensor, loaded, shard: Optional[str] = None) -> None:
     """The whole of loaded (a tensor, or a weight_loader.CheckpointTensor read only now) into param, converting
-    dtype and device (shard: accepted so this serves as any parameter's loader)."""
+    dtype and device (shard: accepted so this serves as any parameter's loader). An FP8 tensor only goes into an
+    FP8 parameter: cast without its scales it would be garbage."""
     if param.shape != loaded.shape:
         raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} does not fit parameter "
                          f"of shape {tuple(param.shape)}")
+    if dtype_name(loaded) in FP8_NAMES and param.dtype != fp8.FP8:
+        raise ValueError(f"the checkpoint holds it in FP8 ({dtype_name(loaded)}), but config.json's "
+                         f"quantization_config does not quantize this layer (a missing or unrecognised "
+                         f"quantization_config, or one whose ignore list nanoslg reads differently)")
     param.data.copy_(loaded if isinstance(loaded, torch.Tensor) else loaded.load())
+
+
+def _check_shape(loaded, expected: tuple[int, ...], what: str) -> None:
+    if tuple(loaded.shape) != expected:
+        raise ValueError(f"{what} of shape {tuple(loaded.shape)}; this layer's is {expected}")
 
 
 def _read(loaded) -> torch.Tensor:
@@ -70,6 +90,7 @@ class LinearMethod:
 
     def _weight_loader(self, layer: Linear):
         def load(param: torch.Tensor, loaded, shard: Optional[str] = None) -> None:
+            _check_shape(loaded, layer.full_shape(shard), "a weight")
             dest, rows, src = layer.out_span(shard)
             first, cols = layer.in_span()
             part = loaded.narrow(0, src, rows)
@@ -127,20 +148,21 @@ class Fp8LinearMethod(LinearMethod):
     def _check_weight(self, part) -> None:
         if self.scheme.source == "online":
             return
-        dtype = str(part.dtype) if isinstance(part, torch.Tensor) else part.dtype_name
+        dtype = dtype_name(part)
         if dtype not in (str(fp8.FP8), "F8_E4M3"):
             raise ValueError(f"the quantization_config says FP8, but the checkpoint's weight is {dtype}")
 
     def _channel_scale_loader(self, layer: Linear):
         def load(param: torch.Tensor, loaded, shard: Optional[str] = None) -> None:
             dest, rows, src = layer.out_span(shard)
-            if len(loaded.shape) == 2 and loaded.shape[1] == 1:  # compressed-tensors writes [out, 1]
+            out = layer.full_shape(shard)[0]
+            if tuple(loaded.shape) == (out, 1):  # compressed-tensors writes [out, 1]
                 values = _read(loaded.narrow(0, src, rows)).reshape(rows)
-            elif len(loaded.shape) == 1:
+            elif tuple(loaded.shape) == (out,):
                 values = _read(loaded.narrow(0, src, rows))
             else:
-                raise ValueError(f"per-channel weight scales of shape {tuple(loaded.shape)}; expected [out] or "
-                                 f"[out, 1]")
+                raise ValueError(f"per-channel weight scales of shape {tuple(loaded.shape)}; this layer's are "
+                                 f"[{out}] or [{out}, 1]")
             copy_checked(param.data.narrow(0, dest, rows), values)
         return load
 
@@ -160,11 +182,11 @@ class Fp8LinearMethod(LinearMethod):
             if first % block_cols:
                 raise ValueError(f"this rank's input columns start at {first}, inside a {block_cols}-column scale "
                                  f"block; use a tensor-parallel size that splits the weights on block edges")
+            full_rows, full_cols = layer.full_shape(shard)
+            _check_shape(loaded, (-(-full_rows // block_rows), -(-full_cols // block_cols)),
+                         f"{block_rows}x{block_cols}-block weight scales")
             first_block, last_block = src // block_rows, -(-(src + rows) // block_rows)
             col_blocks = param.shape[1]
-            if last_block > loaded.shape[0] or first // block_cols + col_blocks > loaded.shape[1]:
-                raise ValueError(f"block scales of shape {tuple(loaded.shape)} do not cover the weight in "
-                                 f"{block_rows}x{block_cols} blocks")
             part = _read(loaded.narrow(0, first_block, last_block - first_block)
                          .narrow(1, first // block_cols, col_blocks))
             copy_checked(param.data.narrow(0, dest, rows), fp8.expand_block_rows(part, src, rows, block_rows))
@@ -182,6 +204,9 @@ class Fp8LinearMethod(LinearMethod):
         s = self.scheme
         weight = layer.weight.data
         layer.fp8_gemm, layer.fp8_reason = fp8.fp8_gemm_supported(device, dtype)
+        if layer.fp8_gemm and (layer.in_local % 16 or layer.out_local % 16):
+            layer.fp8_gemm, layer.fp8_reason = False, f"a {layer.out_local}x{layer.in_local} weight (FP8 GEMMs need " \
+                "multiples of 16)"
         full: Optional[torch.Tensor] = None  # a block checkpoint's dequantized weight
         if s.source == "online":
             q, scale = fp8.quantize_rows(weight)

@@ -50,6 +50,8 @@ def stdlib_text() -> tuple[str, str]:
 
 def configs(args) -> tuple[ResolvedConfig, ResolvedConfig]:
     """(baseline, quantized) configs, both on one rank."""
+    if args.context < 2 or args.tokens < 2:
+        raise ConfigError(f"--context and --tokens must be >= 2, got {args.context} and {args.tokens}")
     quantized = engine_config_from_args(args).resolve()
     if quantized.world_size != 1:
         raise ConfigError("bench quality runs each model on one device (no --tensor/--pipeline-parallel-size)")
