@@ -29,6 +29,9 @@ LAYOUTS = {
         "quantization_status": "compressed"}, "tensor"),
     "fp8-block": ({"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
                    "weight_block_size": [48, 32]}, "block"),
+    # real models' 128x128: on the tiny shapes one partial block per weight, split mid-block by TP=2
+    "fp8-block-128": ({"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                       "weight_block_size": [128, 128]}, "block"),
 }
 
 

@@ -171,6 +171,7 @@ def test_fp8_checkpoint_gives_the_dequantized_models_tokens(arch, layout, fp8_mo
 
 
 PARALLEL_CASES = [("llama", "ct-channel", "tp2"), ("qwen3", "ct-tensor", "tp2"), ("llama", "fp8-block", "tp2"),
+                  ("qwen3", "fp8-block-128", "tp2"),
                   ("qwen3", "ct-channel", "pp2"), ("llama", "ct-tensor", "pp2"), ("qwen3", "fp8-block", "pp2")]
 
 

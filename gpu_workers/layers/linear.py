@@ -15,6 +15,7 @@ class ParallelLinear(nn.Module):
     """y = x W^T (+ b) over this rank's [out_local, in_local] part of W."""
 
     shard_names: tuple[Optional[str], ...] = (None,)  # the checkpoint tensors merged into this one
+    fp8_scale_chunk = 0  # columns that share a block scale here (an FP8 block checkpoint's; linear_methods.py)
 
     def __init__(self, in_local: int, out_local: int, bias: bool, dtype: torch.dtype,
                  method: Optional[LinearMethod]):

@@ -5,6 +5,7 @@ quantization: it hands each layer its method (method_for)."""
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Optional, Protocol
 
 import torch
@@ -23,6 +24,7 @@ class Linear(Protocol):
     in_local: int
     out_local: int
     shard_names: tuple[Optional[str], ...]
+    fp8_scale_chunk: int
 
     def out_span(self, shard: Optional[str]) -> tuple[int, int, int]: ...
 
@@ -135,8 +137,11 @@ class Fp8LinearMethod(LinearMethod):
             return
         _add(layer, "weight", (rows, cols), fp8.FP8, self._weight_loader(layer))
         if s.weight_scales == "block":
-            br, bc = s.block
-            _add(layer, s.scale_name, (rows, -(-cols // bc)), torch.float32, self._block_scale_loader(layer, br, bc))
+            # Scales per row (expanded from block rows) and per chunk of `chunk` columns: a whole block where this
+            # rank's columns start on a block edge, else the largest piece that never straddles one.
+            layer.fp8_scale_chunk = math.gcd(s.block[1], layer.in_span()[0])
+            _add(layer, s.scale_name, (rows, -(-cols // layer.fp8_scale_chunk)), torch.float32,
+                 self._block_scale_loader(layer, *s.block))
         else:
             loader = self._channel_scale_loader(layer) if s.weight_scales == "channel" else \
                 self._tensor_scale_loader(layer)
@@ -179,16 +184,16 @@ class Fp8LinearMethod(LinearMethod):
         def load(param: torch.Tensor, loaded, shard: Optional[str] = None) -> None:
             dest, rows, src = layer.out_span(shard)
             first, cols = layer.in_span()
-            if first % block_cols:
-                raise ValueError(f"this rank's input columns start at {first}, inside a {block_cols}-column scale "
-                                 f"block; use a tensor-parallel size that splits the weights on block edges")
             full_rows, full_cols = layer.full_shape(shard)
             _check_shape(loaded, (-(-full_rows // block_rows), -(-full_cols // block_cols)),
                          f"{block_rows}x{block_cols}-block weight scales")
             first_block, last_block = src // block_rows, -(-(src + rows) // block_rows)
-            col_blocks = param.shape[1]
+            first_col_block, last_col_block = first // block_cols, -(-(first + cols) // block_cols)
             part = _read(loaded.narrow(0, first_block, last_block - first_block)
-                         .narrow(1, first // block_cols, col_blocks))
+                         .narrow(1, first_col_block, last_col_block - first_col_block))
+            chunk = layer.fp8_scale_chunk  # each chunk's block column, counted from this rank's first
+            chunk_blocks = (first + torch.arange(param.shape[1]) * chunk) // block_cols - first_col_block
+            part = part.index_select(1, chunk_blocks.to(part.device))
             copy_checked(param.data.narrow(0, dest, rows), fp8.expand_block_rows(part, src, rows, block_rows))
         return load
 
@@ -211,7 +216,7 @@ class Fp8LinearMethod(LinearMethod):
         if s.source == "online":
             q, scale = fp8.quantize_rows(weight)
         elif s.weight_scales == "block":
-            full = fp8.dequantize_blocks(weight, getattr(layer, s.scale_name).data, s.block[1])
+            full = fp8.dequantize_blocks(weight, getattr(layer, s.scale_name).data, layer.fp8_scale_chunk)
             # no block-scaled GEMM here yet: FP8 tensor cores get the weight requantized per output channel
             q, scale = fp8.quantize_rows(full) if layer.fp8_gemm else (weight, weight)
         else:
