@@ -58,6 +58,7 @@ def test_server_examples_finish_in_seconds_every_time(smollm2_dir):
             r = subprocess.run(chat, cwd=ROOT, capture_output=True, text=True, timeout=120)
             times.append(time.monotonic() - start)
             assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    print("README example times (s):", [round(t, 1) for t in times])
     assert max(times) < LIMIT_S, times
 
 
@@ -74,4 +75,5 @@ def test_offline_examples_finish_in_seconds_every_time(smollm2_dir):
         r = subprocess.run(generate, cwd=ROOT, capture_output=True, text=True, timeout=120)
         times.append(time.monotonic() - start)
         assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    print("README example times (s):", [round(t, 1) for t in times])
     assert max(times) < LIMIT_S, times
