@@ -175,6 +175,7 @@ PARALLEL_CASES = [("llama", "ct-channel", "tp2"), ("qwen3", "ct-tensor", "tp2"),
                   ("qwen3", "ct-channel", "pp2"), ("llama", "ct-tensor", "pp2"), ("qwen3", "fp8-block", "pp2")]
 
 
+@pytest.mark.slow  # two gloo ranks per case
 @pytest.mark.parametrize("arch, layout, parallel", PARALLEL_CASES)
 def test_fp8_checkpoint_split_over_ranks(arch, layout, parallel, fp8_models, hf_reference):
     fp8_dir, deq_dir = fp8_models(arch, layout)
