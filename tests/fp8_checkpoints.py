@@ -13,20 +13,20 @@ from safetensors.torch import load_file, save_file
 FP8 = torch.float8_e4m3fn
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
+def _compressed_tensors(weights: str, activations: str, dynamic: bool) -> dict:
+    """A compressed-tensors float-quantized config as llm-compressor writes it: FP8 weights with `weights` scales,
+    FP8 activations with `activations` scales."""
+    fp8 = {"num_bits": 8, "type": "float", "symmetric": True}
+    return {"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {
+        "group_0": {"targets": ["Linear"], "weights": {**fp8, "strategy": weights, "dynamic": False},
+                    "input_activations": {**fp8, "strategy": activations, "dynamic": dynamic}}},
+        "ignore": ["lm_head"], "quantization_status": "compressed"}
+
+
 # name -> (quantization_config, weight scale layout); block sizes that leave partial blocks on the tiny shapes
 LAYOUTS = {
-    "ct-channel": ({"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {
-        "group_0": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "channel",
-                                                       "dynamic": False, "symmetric": True},
-                    "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True,
-                                          "symmetric": True}}}, "ignore": ["lm_head"],
-        "quantization_status": "compressed"}, "channel"),
-    "ct-tensor": ({"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {
-        "group_0": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "tensor",
-                                                       "dynamic": False, "symmetric": True},
-                    "input_activations": {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False,
-                                          "symmetric": True}}}, "ignore": ["lm_head"],
-        "quantization_status": "compressed"}, "tensor"),
+    "ct-channel": (_compressed_tensors("channel", "token", dynamic=True), "channel"),
+    "ct-tensor": (_compressed_tensors("tensor", "tensor", dynamic=False), "tensor"),
     "fp8-block": ({"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
                    "weight_block_size": [48, 32]}, "block"),
     # real models' 128x128: on the tiny shapes one partial block per weight, split mid-block by TP=2

@@ -57,6 +57,14 @@ def copy_checked(param: torch.Tensor, loaded, shard: Optional[str] = None) -> No
     param.data.copy_(loaded if isinstance(loaded, torch.Tensor) else loaded.load())
 
 
+def _scalar(loaded, what: str) -> float:
+    """The one value of a per-tensor scale (stored as [] or [1])."""
+    values = _read(loaded).reshape(-1)
+    if values.numel() != 1:
+        raise ValueError(f"{what} of shape {tuple(loaded.shape)}; expected one value")
+    return float(values[0])
+
+
 def _check_shape(loaded, expected: tuple[int, ...], what: str) -> None:
     if tuple(loaded.shape) != expected:
         raise ValueError(f"{what} of shape {tuple(loaded.shape)}; this layer's is {expected}")
@@ -173,11 +181,9 @@ class Fp8LinearMethod(LinearMethod):
 
     def _tensor_scale_loader(self, layer: Linear):
         def load(param: torch.Tensor, loaded, shard: Optional[str] = None) -> None:
-            values = _read(loaded).reshape(-1)
-            if values.numel() != 1:
-                raise ValueError(f"a per-tensor weight scale of shape {tuple(loaded.shape)}")
             dest, rows, _ = layer.out_span(shard)
-            param.data.narrow(0, dest, rows).fill_(float(values[0]))  # each merged part keeps its own scale
+            # each merged part keeps its own scale
+            param.data.narrow(0, dest, rows).fill_(_scalar(loaded, "a per-tensor weight scale"))
         return load
 
     def _block_scale_loader(self, layer: Linear, block_rows: int, block_cols: int):
@@ -199,10 +205,7 @@ class Fp8LinearMethod(LinearMethod):
 
     def _input_scale_loader(self, layer: Linear):
         def load(param: torch.Tensor, loaded, shard: Optional[str] = None) -> None:
-            values = _read(loaded).reshape(-1)
-            if values.numel() != 1:
-                raise ValueError(f"an input_scale of shape {tuple(loaded.shape)}; expected one value")
-            param.data[list(layer.shard_names).index(shard)] = float(values[0])
+            param.data[list(layer.shard_names).index(shard)] = _scalar(loaded, "an input_scale")
         return load
 
     def process(self, layer: Any, dtype: torch.dtype, device: torch.device) -> None:
