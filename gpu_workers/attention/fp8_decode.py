@@ -3,11 +3,12 @@ against FlashInfer's by benchmarks/fp8_decode_attention.py before it runs there 
 decode reads FP8 at ~70 % of the copy bandwidth: ../shared/probes/fp8-h100.md).
 
 One program per (sequence, KV head, split of the context): the GQA group's query heads (padded to 16 rows, the
-smallest tensor-core tile) against 64 keys at a time, gathered through the page table, with an online softmax; a
+smallest tensor-core tile) against a block of keys at a time, gathered through the page table, with an online softmax; a
 second kernel merges the splits. The split count depends only on the batch shape (so a CUDA graph can hold it):
 enough programs to fill the GPU when the batch alone does not."""
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -21,7 +22,8 @@ try:
 except ImportError:  # pragma: no cover - the CPU build of torch has no Triton
     triton = None
 
-BLOCK_N = 64  # keys per iteration
+# (keys per iteration, num_warps, num_stages); benchmarks/fp8_kernel_sweep.py measures the candidates
+DECODE_TILES = tuple(int(v) for v in os.environ.get("NANOSLG_FP8_DECODE_TILES", "64,4,2").split(","))
 
 
 def supports(device: torch.device, head_dim: int) -> bool:
@@ -47,7 +49,8 @@ def split_buffers(batch: int, heads: int, splits: int, dim: int, device: torch.d
 def paged_decode_fp8(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
                      kv_lens: torch.Tensor, page_size: int, sm_scale: float, k_scale: float, v_scale: float,
                      out: torch.Tensor, splits: int, interpret_dot: bool = False,
-                     buffers: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+                     buffers: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                     tiles: Optional[tuple[int, ...]] = None) -> torch.Tensor:
     """q [B, heads, D] (bf16); caches [slots, kv heads, D] (e4m3) with slot = page * page_size + offset;
     page_table [B, max pages] int32; kv_lens [B] int32 (keys of each row, its own token included); splits a power
     of two (num_splits); buffers: split_buffers() for at least B rows (made here when not given).
@@ -57,11 +60,12 @@ def paged_decode_fp8(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     group = heads // kv_heads
     partial, stats = buffers or split_buffers(batch, heads, splits, dim, q.device)
     dot = tl.float32 if interpret_dot else tl.bfloat16
+    block, warps, stages = tiles or DECODE_TILES
     _decode_split_kernel[(batch, kv_heads, splits)](
         q, k_cache, v_cache, page_table, kv_lens, partial, stats, sm_scale * k_scale, v_scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), page_table.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, PAGE=page_size,
-        SPLITS=splits, BLOCK=BLOCK_N, DOT=dot, num_warps=4)
+        SPLITS=splits, BLOCK=block, DOT=dot, num_warps=warps, num_stages=stages)
     _merge_splits_kernel[(batch, heads)](partial, stats, out, out.stride(0), out.stride(1), SPLITS=splits, DIM=dim)
     return out
 
@@ -132,12 +136,12 @@ if triton is not None:
             slot = page.to(tl.int64) * PAGE + t % PAGE
             offs = slot[:, None] * kv_stride_slot + kvh * kv_stride_head + dims[None, :]
             k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0)
+            v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0)  # in flight beside K
             s = tl.dot(q.to(DOT), tl.trans(k.to(DOT))) * qk_scale
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m - m_new)
-            v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT))
             l_sum = l_sum * alpha + tl.sum(p, axis=1)
             m = m_new

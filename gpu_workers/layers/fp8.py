@@ -146,7 +146,7 @@ if triton is not None:
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          DOT: tl.constexpr = tl.bfloat16):
         offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        offs_m = tl.arange(0, BLOCK_M)
+        offs_m = (tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, k, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -160,17 +160,22 @@ if triton is not None:
                  mask=(offs_m[:, None] < rows) & (offs_n[None, :] < n))
 
 
-def _fp8_gemv_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
-    """x [M <= 16, K] (bf16) times the e4m3 weight [N, K] scaled per output channel: each program reads 16 rows of
-    the weight once, so the weight bytes set the time."""
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMV; benchmarks/fp8_kernel_sweep.py measures the candidates
+GEMV_TILES = tuple(int(v) for v in os.environ.get("NANOSLG_FP8_GEMV_TILES", "16,256,4,3").split(","))
+
+
+def _fp8_gemv_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                     tiles: Optional[tuple[int, ...]] = None) -> torch.Tensor:
+    """x [M, K] (bf16) times the e4m3 weight [N, K] scaled per output channel, without quantizing x: for M <= 16
+    one program reads BLOCK_N rows of the weight once, so the weight bytes set the time (weight-only FP8)."""
     x = x if x.stride(-1) == 1 else x.contiguous()
     rows, k = x.shape
     n = weight.shape[0]
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
-    block_n = 16
-    _fp8_gemv_kernel[(triton.cdiv(n, block_n),)](x, weight, weight_scale, y, rows, n, k, x.stride(0),
-                                                  weight.stride(0), y.stride(0), BLOCK_M=16, BLOCK_N=block_n,
-                                                  BLOCK_K=256, num_warps=4)
+    block_n, block_k, warps, stages = tiles or GEMV_TILES
+    grid = (triton.cdiv(n, block_n), triton.cdiv(rows, 16))
+    _fp8_gemv_kernel[grid](x, weight, weight_scale, y, rows, n, k, x.stride(0), weight.stride(0), y.stride(0),
+                           BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return y
 
 
