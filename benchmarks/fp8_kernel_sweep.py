@@ -2,7 +2,8 @@
 
 - the paged FP8 decode attention (gpu_workers/attention/fp8_decode.py) at batch 256 x 1280 tokens, Llama-8B heads,
   against FlashInfer's bf16 decode of the same cache (issue 26: >= 1.7x);
-- the weight-only FP8 GEMV (gpu_workers/layers/fp8.py) on one Llama-8B layer's four GEMMs at M = 1, against bf16
+- the weight-only FP8 GEMV (gpu_workers/layers/fp8.py; at M = 1 its one-row kernel too, tiles ending in 1) on
+  one Llama-8B layer's four GEMMs at M = 1 and 8, against bf16
   torch.mm and row-wise _scaled_mm (batch-1 decode reads the weights: the GEMV must read FP8 near the bandwidth).
 
 Every time is a CUDA graph of 10 launches (Triton's Python launch costs more than these kernels run), median of 15.
@@ -114,7 +115,9 @@ def sweep_gemv(rows: int = 1, candidates: list | None = None) -> dict:
         x[name].to(fp8.FP8), layer[name][1].t(), scale_a=torch.ones(rows, 1, device=device),
         scale_b=layer[name][2], out_dtype=torch.bfloat16))
     results = []
-    for tiles in candidates or list(itertools.product((16, 32, 64), (256, 512), (4, 8), (2, 3, 4))):
+    one_row = [t + (1,) for t in itertools.product((8, 16, 32), (256, 512, 1024), (4, 8), (2, 3))]  # gemv1 kernel
+    dot = list(itertools.product((16, 32, 64), (256, 512), (4, 8), (2, 3, 4)))
+    for tiles in candidates or (one_row + dot if rows == 1 else dot):
         try:
             y = fp8._fp8_gemv_triton(x["o"], layer["o"][1], layer["o"][2], tiles)
             ref = x["o"].float() @ fp8.dequantize_rows(layer["o"][1], layer["o"][2], torch.float32).t()
@@ -130,7 +133,8 @@ def sweep_gemv(rows: int = 1, candidates: list | None = None) -> dict:
     for r in results[:8]:
         print(f"SWEEP gemv M={rows} tiles {r['tiles']}: {r['us']:.0f} us, FP8 weights at {r['tbps']:.2f} TB/s, "
               f"{r['vs_bf16']:.2f}x bf16, error {r['rel_error']:.1e}")
-    print(f"SWEEP gemv best: NANOSLG_FP8_GEMV_TILES={','.join(map(str, results[0]['tiles']))}")
+    best = results[0]["tiles"]
+    print(f"SWEEP gemv best: NANOSLG_FP8_GEMV{'1' if len(best) == 5 else ''}_TILES={','.join(map(str, best[:4]))}")
     return dict(rows=rows, bf16_us=bf16_s * 1e6, scaled_mm_us=scaled_s * 1e6, results=results)
 
 
@@ -141,7 +145,7 @@ def main() -> None:
         report["decode"] = sweep_decode()
     if "gemv" in which:
         ones = sweep_gemv(1)
-        report["gemv"] = [ones, sweep_gemv(8, [r["tiles"] for r in ones["results"][:6]])]
+        report["gemv"] = [ones, sweep_gemv(8, [r["tiles"] for r in ones["results"] if len(r["tiles"]) == 4][:6])]
     out = os.environ.get("SWEEP_JSON")
     if out:
         with open(out, "w") as f:

@@ -160,8 +160,26 @@ if triton is not None:
                  mask=(offs_m[:, None] < rows) & (offs_n[None, :] < n))
 
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMV; benchmarks/fp8_kernel_sweep.py measures the candidates
+if triton is not None:
+    @triton.jit
+    def _fp8_gemv1_kernel(x_ptr, w_ptr, s_ptr, y_ptr, n, k, w_stride, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One row of x: products on the CUDA cores, reduced once at the end (no tensor-core tile to pad to 16)."""
+        offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, k, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + offs_k, mask=offs_k < k, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + offs_n[:, None] * w_stride + offs_k[None, :],
+                        mask=(offs_n[:, None] < n) & (offs_k[None, :] < k), other=0.0)
+            acc += w.to(tl.float32) * x[None, :]
+        y = tl.sum(acc, axis=1) * tl.load(s_ptr + offs_n, mask=offs_n < n, other=0.0)
+        tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < n)
+
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMV (M > 1) and of its one-row kernel (M = 1; BLOCK_N 0 sends
+# one row to the first); benchmarks/fp8_kernel_sweep.py measures the candidates
 GEMV_TILES = tuple(int(v) for v in os.environ.get("NANOSLG_FP8_GEMV_TILES", "16,256,4,3").split(","))
+GEMV1_TILES = tuple(int(v) for v in os.environ.get("NANOSLG_FP8_GEMV1_TILES", "16,512,4,3").split(","))
 
 
 def _fp8_gemv_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -172,7 +190,13 @@ def _fp8_gemv_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     rows, k = x.shape
     n = weight.shape[0]
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
-    block_n, block_k, warps, stages = tiles or GEMV_TILES
+    if rows == 1 and (tiles or GEMV1_TILES)[0] and (tiles is None or len(tiles) == 5):
+        block_n, block_k, warps, stages = (tiles or GEMV1_TILES)[:4]
+        _fp8_gemv1_kernel[(triton.cdiv(n, block_n),)](x, weight, weight_scale, y, n, k, weight.stride(0),
+                                                       BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+                                                       num_stages=stages)
+        return y
+    block_n, block_k, warps, stages = (tiles or GEMV_TILES)[:4]
     grid = (triton.cdiv(n, block_n), triton.cdiv(rows, 16))
     _fp8_gemv_kernel[grid](x, weight, weight_scale, y, rows, n, k, x.stride(0), weight.stride(0), y.stride(0),
                            BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
