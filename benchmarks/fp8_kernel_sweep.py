@@ -68,10 +68,11 @@ def sweep_decode(batch: int = 256, context: int = 1280, heads: int = 32, kv_head
     q = torch.randn(batch, heads, dim, device=device, dtype=torch.bfloat16)
     kv_bytes = 2 * batch * context * kv_heads * dim
     reference = torch.empty_like(q)
-    paged_decode_fp8(q, k, v, table, lens, page, dim ** -0.5, 1.0, 1.0, reference, 1, tiles=(64, 4, 1))
+    paged_decode_fp8(q, k, v, table, lens, page, dim ** -0.5, 1.0, 1.0, reference, 1, tiles=(64, 4, 1, 0))
     results = []
-    for block, warps, stages, splits in itertools.product((32, 64, 128), (4, 8), (1, 2, 3, 4), (1, 2)):
-        tiles = (block, warps, stages)
+    narrow = [(b, w, st, 0, sp) for b, w, st, sp in itertools.product((32, 64, 128), (4, 8), (2, 3), (1, 2))]
+    wide = [(b, w, st, 1, sp) for b, w, st, sp in itertools.product((16, 32), (4, 8), (2, 3), (1, 2, 4))]
+    for *tiles, splits in narrow + wide:
         out = torch.empty_like(q)
         buffers = split_buffers(batch, heads, splits, dim, device)
         try:
