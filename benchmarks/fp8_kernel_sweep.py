@@ -68,11 +68,11 @@ def sweep_decode(batch: int = 256, context: int = 1280, heads: int = 32, kv_head
     q = torch.randn(batch, heads, dim, device=device, dtype=torch.bfloat16)
     kv_bytes = 2 * batch * context * kv_heads * dim
     reference = torch.empty_like(q)
-    paged_decode_fp8(q, k, v, table, lens, page, dim ** -0.5, 1.0, 1.0, reference, 1, tiles=(64, 4, 1, 0))
+    paged_decode_fp8(q, k, v, table, lens, page, dim ** -0.5, 1.0, 1.0, reference, 1, tiles=(64, 4, 1))
     results = []
-    narrow = [(b, w, st, 0, sp) for b, w, st, sp in itertools.product((32, 64, 128), (4, 8), (2, 3), (1, 2))]
-    wide = [(b, w, st, 1, sp) for b, w, st, sp in itertools.product((16, 32), (4, 8), (2, 3), (1, 2, 4))]
-    for *tiles, splits in narrow + wide:
+    # the first sweep (H100): 128 keys, 4 warps, 2 stages won; 8 warps and a one-program-per-sequence variant lost
+    candidates = list(itertools.product((64, 128, 256), (4, 8), (2, 3), (1, 2)))
+    for *tiles, splits in candidates:
         out = torch.empty_like(q)
         buffers = split_buffers(batch, heads, splits, dim, device)
         try:
@@ -116,7 +116,7 @@ def sweep_gemv(rows: int = 1, candidates: list | None = None) -> dict:
         x[name].to(fp8.FP8), layer[name][1].t(), scale_a=torch.ones(rows, 1, device=device),
         scale_b=layer[name][2], out_dtype=torch.bfloat16))
     results = []
-    one_row = [t + (1,) for t in itertools.product((8, 16, 32), (256, 512, 1024), (4, 8), (2, 3))]  # gemv1 kernel
+    one_row = [t + (1,) for t in itertools.product((4, 8, 16), (1024, 2048), (4, 8), (2, 3))]  # gemv1 kernel
     dot = list(itertools.product((16, 32, 64), (256, 512), (4, 8), (2, 3, 4)))
     for tiles in candidates or (one_row + dot if rows == 1 else dot):
         try:

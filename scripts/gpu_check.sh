@@ -60,6 +60,12 @@ PY
 )")
 }
 
+ops_summary() {  # a single-run bench JSON's roofline breakdown: seconds per operation class
+  summary+=("$(python3 -c "import json,sys; b=json.load(open(sys.argv[2])).get('breakdown') or {}; \
+print(f'  {sys.argv[1]:<22}', ' '.join(f\"{k} {v['s']:.1f}s\" + (f\" ({100 * v['efficiency']:.0f} %)\" if v['efficiency'] else '') \
+for k, v in b.get('ops', {}).items()), f\"idle {b.get('gpu_idle_s', 0):.1f}s\")" "$1" "$OUT/$1.json" 2>&1)")
+}
+
 ratio() {  # name, numerator json, denominator json
   summary+=("$(python3 -c "import json,sys; a,b=(json.load(open(p))['total_tokens_per_s'] for p in sys.argv[2:]); \
 print(f'{sys.argv[1]:<24} {a / b:.2f}x')" "$1" "$OUT/$2.json" "$OUT/$3.json" 2>&1)")
@@ -364,8 +370,9 @@ for mode in $MODES; do
       ;;
     fp8-1024)  # offline-1024-512 x 2000 at the default flags: bf16, then each of FP8_VARIANTS (both kv weights
       # both-triton), ratios to bf16
-      common="--input-len 1024 --output-len 512 --num-prompts ${FP8_PROMPTS:-2000}"
+      common="--input-len 1024 --output-len 512 --num-prompts ${FP8_PROMPTS:-2000} --breakdown"
       bench fp8-bf16-1024 $common
+      ops_summary fp8-bf16-1024
       for variant in ${FP8_VARIANTS:-both kv weights}; do
         case $variant in
           both) flags="--quantization fp8 --kv-cache-dtype fp8" ;;
@@ -376,6 +383,7 @@ for mode in $MODES; do
         [ $variant = both-triton ] && export NANOSLG_FP8_DECODE=triton
         bench fp8-$variant-1024 $common $flags
         unset NANOSLG_FP8_DECODE
+        ops_summary fp8-$variant-1024
         ratio "fp8 $variant / bf16" fp8-$variant-1024 fp8-bf16-1024
       done
       ;;

@@ -22,9 +22,8 @@ try:
 except ImportError:  # pragma: no cover - the CPU build of torch has no Triton
     triton = None
 
-# (keys per iteration, num_warps, num_stages, wide): wide 1 runs one program per (sequence, split) over every KV
-# head, reading each token's heads as one contiguous row; benchmarks/fp8_kernel_sweep.py measures the candidates
-DECODE_TILES = tuple(int(v) for v in os.environ.get("NANOSLG_FP8_DECODE_TILES", "64,4,2,0").split(","))
+# (keys per iteration, num_warps, num_stages): the best of benchmarks/fp8_kernel_sweep.py on an H100 (BENCHMARKS.md)
+DECODE_TILES = tuple(int(v) for v in os.environ.get("NANOSLG_FP8_DECODE_TILES", "128,4,2").split(","))
 
 
 def supports(device: torch.device, head_dim: int) -> bool:
@@ -61,17 +60,7 @@ def paged_decode_fp8(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     group = heads // kv_heads
     partial, stats = buffers or split_buffers(batch, heads, splits, dim, q.device)
     dot = tl.float32 if interpret_dot else tl.bfloat16
-    block, warps, stages, wide = (tuple(tiles or DECODE_TILES) + (0,))[:4]
-    if wide and kv_heads & (kv_heads - 1) == 0 and k_cache.stride(0) == kv_heads * dim == v_cache.stride(0) and \
-            k_cache.stride(1) == dim:
-        _decode_wide_kernel[(batch, splits)](
-            q, k_cache, v_cache, page_table, kv_lens, partial, stats, sm_scale * k_scale, v_scale,
-            q.stride(0), q.stride(1), k_cache.stride(0), page_table.stride(0),
-            KVH=kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, PAGE=page_size,
-            SPLITS=splits, BLOCK=block, DOT=dot, num_warps=warps, num_stages=stages)
-        _merge_splits_kernel[(batch, heads)](partial, stats, out, out.stride(0), out.stride(1), SPLITS=splits,
-                                             DIM=dim)
-        return out
+    block, warps, stages = tiles or DECODE_TILES
     _decode_split_kernel[(batch, kv_heads, splits)](
         q, k_cache, v_cache, page_table, kv_lens, partial, stats, sm_scale * k_scale, v_scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), page_table.stride(0),
@@ -162,51 +151,6 @@ if triton is not None:
         stat = stats_ptr + ((b * heads + head) * SPLITS + split) * 2
         tl.store(stat, m, mask=rows < GROUP)
         tl.store(stat + 1, l_sum, mask=rows < GROUP)
-
-    @triton.jit
-    def _decode_wide_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, part_ptr, stats_ptr, qk_scale, v_scale,
-                            q_stride_b, q_stride_h, kv_stride_slot, table_stride,
-                            KVH: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr,
-                            PAGE: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr, DOT: tl.constexpr):
-        b = tl.program_id(0)
-        split = tl.program_id(1)
-        kv_len = tl.load(lens_ptr + b)
-        per_split = tl.cdiv(tl.cdiv(kv_len, SPLITS), BLOCK) * BLOCK
-        start = split * per_split
-        end = tl.minimum(start + per_split, kv_len)
-        rows = tl.arange(0, GROUP_PAD)
-        dims = tl.arange(0, DIM)
-        head = tl.arange(0, KVH)[:, None] * GROUP + rows[None, :]  # [KVH, GROUP_PAD]
-        real = (rows < GROUP)[None, :]
-        q = tl.load(q_ptr + b * q_stride_b + head[:, :, None] * q_stride_h + dims[None, None, :],
-                    mask=real[:, :, None], other=0.0)
-        m = tl.full((KVH, GROUP_PAD), float("-inf"), tl.float32)
-        l_sum = tl.zeros((KVH, GROUP_PAD), tl.float32)
-        acc = tl.zeros((KVH, GROUP_PAD, DIM), tl.float32)
-        cols = tl.arange(0, KVH * DIM)
-        for t0 in range(start, end, BLOCK):
-            t = t0 + tl.arange(0, BLOCK)
-            valid = t < end
-            page = tl.load(table_ptr + b * table_stride + t // PAGE, mask=valid, other=0)
-            offs = (page.to(tl.int64) * PAGE + t % PAGE)[:, None] * kv_stride_slot + cols[None, :]
-            k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0)  # every head of a token: one row
-            v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0)
-            k3 = tl.permute(tl.reshape(k.to(DOT), (BLOCK, KVH, DIM)), (1, 2, 0))  # [KVH, DIM, BLOCK]
-            s = tl.dot(q.to(DOT), k3) * qk_scale
-            s = tl.where(valid[None, None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=2))
-            p = tl.exp(s - m_new[:, :, None])
-            alpha = tl.exp(m - m_new)
-            v3 = tl.permute(tl.reshape(v.to(DOT), (BLOCK, KVH, DIM)), (1, 0, 2))  # [KVH, BLOCK, DIM]
-            acc = acc * alpha[:, :, None] + tl.dot(p.to(DOT), v3)
-            l_sum = l_sum * alpha + tl.sum(p, axis=2)
-            m = m_new
-        heads = KVH * GROUP
-        part = part_ptr + ((b * heads + head[:, :, None]) * SPLITS + split) * DIM + dims[None, None, :]
-        tl.store(part, acc * v_scale, mask=real[:, :, None])
-        stat = stats_ptr + ((b * heads + head) * SPLITS + split) * 2
-        tl.store(stat, m, mask=real)
-        tl.store(stat + 1, l_sum, mask=real)
 
     @triton.jit
     def _merge_splits_kernel(part_ptr, stats_ptr, out_ptr, out_stride_b, out_stride_h, SPLITS: tl.constexpr,

@@ -177,9 +177,9 @@ if triton is not None:
 
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMV (M > 1) and of its one-row kernel (M = 1; BLOCK_N 0 sends
-# one row to the first); benchmarks/fp8_kernel_sweep.py measures the candidates
-GEMV_TILES = tuple(int(v) for v in os.environ.get("NANOSLG_FP8_GEMV_TILES", "16,256,4,3").split(","))
-GEMV1_TILES = tuple(int(v) for v in os.environ.get("NANOSLG_FP8_GEMV1_TILES", "16,512,4,3").split(","))
+# one row to the first): the best of benchmarks/fp8_kernel_sweep.py on an H100 (BENCHMARKS.md)
+GEMV_TILES = tuple(int(v) for v in os.environ.get("NANOSLG_FP8_GEMV_TILES", "32,256,4,4").split(","))
+GEMV1_TILES = tuple(int(v) for v in os.environ.get("NANOSLG_FP8_GEMV1_TILES", "8,1024,4,2").split(","))
 
 
 def _fp8_gemv_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
