@@ -2,9 +2,9 @@
 
 - the paged FP8 decode attention (gpu_workers/attention/fp8_decode.py) at batch 256 x 1280 tokens, Llama-8B heads,
   against FlashInfer's bf16 decode of the same cache (issue 26: >= 1.7x);
-- the weight-only FP8 GEMV (gpu_workers/layers/fp8.py; at M = 1 its one-row kernel too, tiles ending in 1) on
-  one Llama-8B layer's four GEMMs at M = 1 and 8, against bf16
-  torch.mm and row-wise _scaled_mm (batch-1 decode reads the weights: the GEMV must read FP8 near the bandwidth).
+- the GEMVs of gpu_workers/layers/gemv.py on one Llama-8B layer's four GEMMs: FP8 weights at M = 1 (the one-row
+  kernel, tiles ending in 1) and M = 8 (tensor-core tiles), bf16 weights at M = 1, against bf16 torch.mm (cuBLAS)
+  and row-wise _scaled_mm (batch-1 decode reads the weights: a GEMV must read them near the bandwidth).
 
 Every time is a CUDA graph of 10 launches (Triton's Python launch costs more than these kernels run), median of 15.
 
@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gpu_workers.attention.fp8_decode import paged_decode_fp8, split_buffers  # noqa: E402
-from gpu_workers.layers import fp8  # noqa: E402
+from gpu_workers.layers import fp8, gemv  # noqa: E402
 
 LAYER_GEMMS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 
@@ -98,7 +98,9 @@ def sweep_decode(batch: int = 256, context: int = 1280, heads: int = 32, kv_head
     return dict(bf16_ms=bf16_s * 1e3, copy_tbps=bandwidth, results=results)
 
 
-def sweep_gemv(rows: int = 1, candidates: list | None = None) -> dict:
+def sweep_gemv(rows: int, candidates: list, weights: str = "fp8") -> dict:
+    """One layer's four GEMMs at `rows` rows on gemv.gemv with each candidate tile, FP8 or bf16 weights, against bf16
+    torch.mm (cuBLAS) and, for FP8, row-wise _scaled_mm."""
     device = torch.device("cuda")
     layer = {}
     for name, (n, k) in LAYER_GEMMS.items():
@@ -106,37 +108,44 @@ def sweep_gemv(rows: int = 1, candidates: list | None = None) -> dict:
         wq, scale = fp8.quantize_rows(w)
         layer[name] = (w, wq, scale.reshape(1, -1).contiguous())
     x = {name: torch.randn(rows, k, device=device, dtype=torch.bfloat16) for name, (_, k) in LAYER_GEMMS.items()}
-    fp8_bytes = sum(n * k for n, k in LAYER_GEMMS.values())
+    weight_bytes = sum(n * k for n, k in LAYER_GEMMS.values()) * (1 if weights == "fp8" else 2)
 
     def layer_s(gemm: Callable[[str], object]) -> float:
         return graph_s(lambda: [gemm(name) for name in LAYER_GEMMS])
+
+    def operands(name: str) -> tuple:
+        w, wq, scale = layer[name]
+        return (wq, scale) if weights == "fp8" else (w, None)
 
     bf16_s = layer_s(lambda name: torch.mm(x[name], layer[name][0].t()))
     scaled_s = layer_s(lambda name: torch._scaled_mm(
         x[name].to(fp8.FP8), layer[name][1].t(), scale_a=torch.ones(rows, 1, device=device),
         scale_b=layer[name][2], out_dtype=torch.bfloat16))
     results = []
-    one_row = [t + (1,) for t in itertools.product((4, 8, 16), (1024, 2048), (4, 8), (2, 3))]  # gemv1 kernel
-    dot = list(itertools.product((16, 32, 64), (256, 512), (4, 8), (2, 3, 4)))
-    for tiles in candidates or (one_row + dot if rows == 1 else dot):
+    for tiles in candidates:
         try:
-            y = fp8._fp8_gemv_triton(x["o"], layer["o"][1], layer["o"][2], tiles)
-            ref = x["o"].float() @ fp8.dequantize_rows(layer["o"][1], layer["o"][2], torch.float32).t()
+            y = gemv.gemv(x["o"], *operands("o"), tiles=tiles)
+            w, scale = operands("o")
+            full = fp8.dequantize_rows(w, scale, torch.float32) if scale is not None else w.float()
+            ref = x["o"].float() @ full.t()
             err = ((y.float() - ref).norm() / ref.norm()).item()
-            seconds = layer_s(lambda name: fp8._fp8_gemv_triton(x[name], layer[name][1], layer[name][2], tiles))
+            seconds = layer_s(lambda name: gemv.gemv(x[name], *operands(name), tiles=tiles))
         except Exception as e:
-            print(f"SWEEP gemv {tiles}: {type(e).__name__} {str(e)[:80]}")
+            print(f"SWEEP gemv {weights} {tiles}: {type(e).__name__} {str(e)[:80]}")
             continue
-        results.append(dict(tiles=tiles, us=seconds * 1e6, tbps=fp8_bytes / seconds / 1e12, rel_error=err,
+        results.append(dict(tiles=tiles, us=seconds * 1e6, tbps=weight_bytes / seconds / 1e12, rel_error=err,
                             vs_bf16=bf16_s / seconds))
     results.sort(key=lambda r: r["us"])
-    print(f"SWEEP gemv M={rows}: one layer's GEMMs bf16 mm {bf16_s * 1e6:.0f} us, _scaled_mm {scaled_s * 1e6:.0f} us")
-    for r in results[:8]:
-        print(f"SWEEP gemv M={rows} tiles {r['tiles']}: {r['us']:.0f} us, FP8 weights at {r['tbps']:.2f} TB/s, "
-              f"{r['vs_bf16']:.2f}x bf16, error {r['rel_error']:.1e}")
+    print(f"SWEEP gemv {weights} M={rows}: one layer's GEMMs bf16 torch.mm {bf16_s * 1e6:.0f} us "
+          f"({2 * sum(n * k for n, k in LAYER_GEMMS.values()) / bf16_s / 1e12:.2f} TB/s of bf16), "
+          f"_scaled_mm {scaled_s * 1e6:.0f} us")
+    for r in results[:6]:
+        print(f"SWEEP gemv {weights} M={rows} tiles {r['tiles']}: {r['us']:.0f} us, weights at {r['tbps']:.2f} "
+              f"TB/s, {r['vs_bf16']:.2f}x torch.mm, error {r['rel_error']:.1e}")
     best = results[0]["tiles"]
-    print(f"SWEEP gemv best: NANOSLG_FP8_GEMV{'1' if len(best) == 5 else ''}_TILES={','.join(map(str, best[:4]))}")
-    return dict(rows=rows, bf16_us=bf16_s * 1e6, scaled_mm_us=scaled_s * 1e6, results=results)
+    name = {("fp8", 5): "FP8_GEMV1", ("fp8", 4): "FP8_GEMV", ("bf16", 5): "BF16_GEMV1"}.get((weights, len(best)))
+    print(f"SWEEP gemv {weights} M={rows} best: NANOSLG_{name}_TILES={','.join(map(str, best[:4]))}")
+    return dict(rows=rows, weights=weights, bf16_us=bf16_s * 1e6, scaled_mm_us=scaled_s * 1e6, results=results)
 
 
 def main() -> None:
@@ -145,8 +154,10 @@ def main() -> None:
     if "decode" in which:
         report["decode"] = sweep_decode()
     if "gemv" in which:
-        ones = sweep_gemv(1)
-        report["gemv"] = [ones, sweep_gemv(8, [r["tiles"] for r in ones["results"] if len(r["tiles"]) == 4][:6])]
+        # the first sweep (H100): one row 8 x 1024 (4 warps, 2 stages) won, tensor-core tiles 32 x 256 (4, 4)
+        one_row = [t + (1,) for t in itertools.product((4, 8, 16), (512, 1024, 2048), (4, 8), (2, 3))]
+        dot = list(itertools.product((16, 32, 64), (128, 256, 512), (4,), (3, 4, 5)))
+        report["gemv"] = [sweep_gemv(1, one_row), sweep_gemv(8, dot), sweep_gemv(1, one_row, "bf16")]
     out = os.environ.get("SWEEP_JSON")
     if out:
         with open(out, "w") as f:

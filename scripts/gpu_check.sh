@@ -396,12 +396,12 @@ for mode in $MODES; do
       ratio "fp8 / bf16 128-128" fp8-128-128 bf16-128-128
       ratio "fp8 / bf16 sharegpt" fp8-sharegpt bf16-sharegpt
       ;;
-    fp8-decode)  # batch-1 decode TPOT, bf16 against --quantization fp8
-      for q in "" "--quantization fp8"; do
-        tag=$([ -n "$q" ] && echo fp8 || echo bf16)
-        python3 -m nanoslg bench throughput llama-3.1-8b --load-format dummy --decode-latency --max-model-len 4096 \
-          --max-num-seqs 8 --input-len 128 --output-len 256 $q --output-json "$OUT/decode-bs1-$tag.json" \
-          > "$OUT/decode-bs1-$tag.log" 2>&1
+    fp8-decode)  # batch-1 decode TPOT: bf16 (cuBLAS), bf16 on the Triton one-row GEMV, --quantization fp8
+      for tag in bf16 bf16-gemv fp8; do
+        q=$([ $tag = fp8 ] && echo "--quantization fp8")
+        NANOSLG_BF16_GEMV=$([ $tag = bf16-gemv ] && echo 1 || echo 0) python3 -m nanoslg bench throughput \
+          llama-3.1-8b --load-format dummy --decode-latency --max-model-len 4096 --max-num-seqs 8 --input-len 128 \
+          --output-len 256 $q --output-json "$OUT/decode-bs1-$tag.json" > "$OUT/decode-bs1-$tag.log" 2>&1
         summary+=("decode-bs1 $tag: $(tail -1 "$OUT/decode-bs1-$tag.log")")
       done
       ;;

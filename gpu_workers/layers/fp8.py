@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from gpu_workers.layers import gemv
 from nanoslg.quantization import FP8_MAX
 
 FP8 = torch.float8_e4m3fn
@@ -112,7 +113,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.shape[0] <= GEMV_MAX_ROWS and triton is not None and input_scale is None:
-        y = _fp8_gemv_triton(x2, weight, weight_scale)
+        y = gemv.gemv(x2, weight, weight_scale)
         if bias is not None:
             y.add_(bias)
         return y.view(*shape[:-1], weight.shape[0])
@@ -138,69 +139,6 @@ if triton is not None:
         q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
         tl.store(q_ptr + row * q_stride + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(s_ptr + row, scale)
-
-
-if triton is not None:
-    @triton.jit
-    def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, rows, n, k, x_stride, w_stride, y_stride,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         DOT: tl.constexpr = tl.bfloat16):
-        offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        offs_m = (tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, k, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + offs_m[:, None] * x_stride + offs_k[None, :],
-                        mask=(offs_m[:, None] < rows) & (offs_k[None, :] < k), other=0.0)
-            w = tl.load(w_ptr + offs_n[:, None] * w_stride + offs_k[None, :],
-                        mask=(offs_n[:, None] < n) & (offs_k[None, :] < k), other=0.0)
-            acc += tl.dot(x.to(DOT), tl.trans(w.to(DOT)))  # DOT: float32 only in Triton's interpreter
-        acc = acc * tl.load(s_ptr + offs_n, mask=offs_n < n, other=0.0)[None, :]
-        tl.store(y_ptr + offs_m[:, None] * y_stride + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=(offs_m[:, None] < rows) & (offs_n[None, :] < n))
-
-
-if triton is not None:
-    @triton.jit
-    def _fp8_gemv1_kernel(x_ptr, w_ptr, s_ptr, y_ptr, n, k, w_stride, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """One row of x: products on the CUDA cores, reduced once at the end (no tensor-core tile to pad to 16)."""
-        offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, k, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + offs_k, mask=offs_k < k, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + offs_n[:, None] * w_stride + offs_k[None, :],
-                        mask=(offs_n[:, None] < n) & (offs_k[None, :] < k), other=0.0)
-            acc += w.to(tl.float32) * x[None, :]
-        y = tl.sum(acc, axis=1) * tl.load(s_ptr + offs_n, mask=offs_n < n, other=0.0)
-        tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < n)
-
-
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMV (M > 1) and of its one-row kernel (M = 1; BLOCK_N 0 sends
-# one row to the first): the best of benchmarks/fp8_kernel_sweep.py on an H100 (BENCHMARKS.md)
-GEMV_TILES = tuple(int(v) for v in os.environ.get("NANOSLG_FP8_GEMV_TILES", "32,256,4,4").split(","))
-GEMV1_TILES = tuple(int(v) for v in os.environ.get("NANOSLG_FP8_GEMV1_TILES", "8,1024,4,2").split(","))
-
-
-def _fp8_gemv_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                     tiles: Optional[tuple[int, ...]] = None) -> torch.Tensor:
-    """x [M, K] (bf16) times the e4m3 weight [N, K] scaled per output channel, without quantizing x: for M <= 16
-    one program reads BLOCK_N rows of the weight once, so the weight bytes set the time (weight-only FP8)."""
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    rows, k = x.shape
-    n = weight.shape[0]
-    y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
-    if rows == 1 and (tiles or GEMV1_TILES)[0] and (tiles is None or len(tiles) == 5):
-        block_n, block_k, warps, stages = (tiles or GEMV1_TILES)[:4]
-        _fp8_gemv1_kernel[(triton.cdiv(n, block_n),)](x, weight, weight_scale, y, n, k, weight.stride(0),
-                                                       BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-                                                       num_stages=stages)
-        return y
-    block_n, block_k, warps, stages = (tiles or GEMV_TILES)[:4]
-    grid = (triton.cdiv(n, block_n), triton.cdiv(rows, 16))
-    _fp8_gemv_kernel[grid](x, weight, weight_scale, y, rows, n, k, x.stride(0), weight.stride(0), y.stride(0),
-                           BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
-    return y
 
 
 def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

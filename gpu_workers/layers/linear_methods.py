@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpu_workers.layers import fp8
+from gpu_workers.layers import fp8, gemv
 from nanoslg.quantization import QuantScheme
 
 log = logging.getLogger("nanoslg.worker")
@@ -119,6 +119,9 @@ class LinearMethod:
     def apply(self, layer: Any, x: torch.Tensor, bias: Optional[torch.Tensor],
               out: Optional[torch.Tensor] = None) -> torch.Tensor:
         if out is None:
+            if gemv.BF16_ROW and x.is_cuda and x.numel() == x.shape[-1] and layer.weight.dtype == torch.bfloat16:
+                y = gemv.gemv(x.reshape(1, -1), layer.weight)  # batch-1 decode (NANOSLG_BF16_GEMV=1)
+                return (y if bias is None else y.add_(bias)).view(*x.shape[:-1], -1)
             return F.linear(x, layer.weight, bias)
         assert bias is None  # the padded output of a sequence-parallel row-parallel GEMM, which has no bias
         return torch.mm(x, layer.weight.t(), out=out)

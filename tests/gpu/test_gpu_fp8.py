@@ -213,3 +213,16 @@ def test_triton_fp8_decode_wrapper_replays_in_a_cuda_graph():
     eager.run(q, (k, v), expect)
     assert graphed.splits == eager.splits
     assert torch.equal(out, expect)
+
+
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_bf16_gemv_is_the_product(m):
+    """gemv.py on a bf16 weight (NANOSLG_BF16_GEMV=1's batch-1 path; 5 and 16 rows on the tensor-core tiles)."""
+    from gpu_workers.layers import gemv
+
+    torch.manual_seed(m)
+    w = (torch.randn(1000, 4096, device="cuda") * 0.02).to(torch.bfloat16)
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+    y = gemv.gemv(x, w)
+    ref = x.float() @ w.float().t()
+    assert y.shape == (m, 1000) and ((y.float() - ref).norm() / ref.norm()).item() < 0.01
