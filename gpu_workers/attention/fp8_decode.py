@@ -22,8 +22,11 @@ try:
 except ImportError:  # pragma: no cover - the CPU build of torch has no Triton
     triton = None
 
-# (keys per iteration, num_warps, num_stages): the best of benchmarks/fp8_kernel_sweep.py on an H100 (BENCHMARKS.md)
-DECODE_TILES = tuple(int(v) for v in os.environ.get("NANOSLG_FP8_DECODE_TILES", "128,4,2").split(","))
+# (keys per iteration, num_warps, num_stages, fp16): the best of benchmarks/fp8_kernel_sweep.py on an H100
+# (BENCHMARKS.md). fp16 1 multiplies in fp16 rather than bf16 (e4m3 converts to fp16 exactly and in fewer
+# instructions; the query is scaled by 1/sqrt(head_dim) first, which keeps it far inside fp16's range).
+DECODE_TILES = tuple(int(v) for v in os.environ.get("NANOSLG_FP8_DECODE_TILES", "128,4,2,0").split(","))
+LOG2E = 1.4426950408889634
 
 
 def supports(device: torch.device, head_dim: int) -> bool:
@@ -59,10 +62,10 @@ def paged_decode_fp8(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
     partial, stats = buffers or split_buffers(batch, heads, splits, dim, q.device)
-    dot = tl.float32 if interpret_dot else tl.bfloat16
-    block, warps, stages = tiles or DECODE_TILES
+    block, warps, stages, fp16 = (tuple(tiles or DECODE_TILES) + (0,))[:4]
+    dot = tl.float32 if interpret_dot else tl.float16 if fp16 else tl.bfloat16
     _decode_split_kernel[(batch, kv_heads, splits)](
-        q, k_cache, v_cache, page_table, kv_lens, partial, stats, sm_scale * k_scale, v_scale,
+        q, k_cache, v_cache, page_table, kv_lens, partial, stats, sm_scale * k_scale * LOG2E, v_scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), page_table.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim, PAGE=page_size,
         SPLITS=splits, BLOCK=block, DOT=dot, num_warps=warps, num_stages=stages)
@@ -126,6 +129,7 @@ if triton is not None:
         head = kvh * GROUP + rows
         q = tl.load(q_ptr + b * q_stride_b + head[:, None] * q_stride_h + dims[None, :],
                     mask=rows[:, None] < GROUP, other=0.0)
+        q = (q.to(tl.float32) * qk_scale).to(DOT)  # scores come out in log2 units: softmax by exp2
         m = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
         l_sum = tl.zeros((GROUP_PAD,), tl.float32)
         acc = tl.zeros((GROUP_PAD, DIM), tl.float32)
@@ -137,11 +141,11 @@ if triton is not None:
             offs = slot[:, None] * kv_stride_slot + kvh * kv_stride_head + dims[None, :]
             k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0)
             v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0)  # in flight beside K
-            s = tl.dot(q.to(DOT), tl.trans(k.to(DOT))) * qk_scale
+            s = tl.dot(q, tl.trans(k.to(DOT)))
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m - m_new)
             acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT))
             l_sum = l_sum * alpha + tl.sum(p, axis=1)
             m = m_new
@@ -164,7 +168,7 @@ if triton is not None:
         m = tl.load(stats_ptr + (base + splits) * 2)
         l_sum = tl.load(stats_ptr + (base + splits) * 2 + 1)
         m_all = tl.max(m, axis=0)
-        weight = tl.where(l_sum > 0, tl.exp(m - m_all), 0.0)
+        weight = tl.where(l_sum > 0, tl.exp2(m - m_all), 0.0)  # m in log2 units
         part = tl.load(part_ptr + (base + splits)[:, None] * DIM + dims[None, :])
         norm = tl.sum(l_sum * weight, axis=0)
         total = tl.sum(part * weight[:, None], axis=0) / tl.where(norm > 0, norm, 1.0)  # no keys: 0, not NaN

@@ -144,8 +144,8 @@ def test_fp8_graphed_decode_equals_eager(decode, models, monkeypatch):
     assert runs[0] == runs[1]
 
 
-@pytest.mark.parametrize("splits", [1, 4, 16])
-def test_triton_fp8_decode_matches_the_dequantized_reference(splits):
+@pytest.mark.parametrize("splits,tiles", [(1, None), (4, None), (16, None), (1, (128, 4, 2, 1)), (4, (64, 4, 3, 1))])
+def test_triton_fp8_decode_matches_the_dequantized_reference(splits, tiles):
     """gpu_workers/attention/fp8_decode.py over shuffled pages, ragged lengths (a partial last block and page)."""
     import math
 
@@ -167,7 +167,7 @@ def test_triton_fp8_decode_matches_the_dequantized_reference(splits):
     q = torch.randn(batch, heads, dim, device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(q)
     paged_decode_fp8(q, k_cache, v_cache, table.cuda(), torch.tensor(lens, dtype=torch.int32, device="cuda"), page,
-                     dim ** -0.5, 0.5, 2.0, out, splits)
+                     dim ** -0.5, 0.5, 2.0, out, splits, tiles=tiles)
     for b, n in enumerate(lens):
         t = torch.arange(n)
         rows = (table[b, t // page].long() * page + t % page).cuda()
