@@ -71,8 +71,9 @@ def sweep_decode(batch: int = 256, context: int = 1280, heads: int = 32, kv_head
     paged_decode_fp8(q, k, v, table, lens, page, dim ** -0.5, 1.0, 1.0, reference, 1, tiles=(64, 4, 1, 0))
     results = []
     # the first sweep (H100): 128 keys, 4 warps, 2 stages won; 8 warps and a one-program-per-sequence variant lost
-    candidates = [(b, w, st, fp16, sp) for b, w, st, fp16, sp in itertools.product((64, 128, 256), (4, 8), (2, 3),
-                                                                                   (0, 1), (1, 2))]
+    # (tiles: keys, warps, stages, fp16; then splits)
+    candidates = [(b, 4, st, fp16, sp) for b, st, fp16, sp in itertools.product((64, 128, 256), (2, 3), (0, 1), (1, 2))]
+    candidates += [(256, 8, 2, fp16, 1) for fp16 in (0, 1)]
     for *tiles, splits in candidates:
         out = torch.empty_like(q)
         buffers = split_buffers(batch, heads, splits, dim, device)
