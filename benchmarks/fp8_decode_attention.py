@@ -4,7 +4,8 @@ does it read? Llama-3.1-8B heads by default (32 query, 8 KV, head_dim 128), page
 
     python benchmarks/fp8_decode_attention.py [--batch 256] [--context 1280]
 
-Prints one line per cache dtype and a ratio; the median of 30 timed runs after 5 warm-ups (CUDA events)."""
+Prints one line per cache dtype and a ratio; the median of 30 timings of 10 back-to-back runs after 5 warm-ups
+(CUDA events)."""
 from __future__ import annotations
 
 import argparse
@@ -28,17 +29,20 @@ def copy_tbps(device: torch.device) -> float:
     return 2 * src.numel() / median_s(lambda: dst.copy_(src)) / 1e12
 
 
-def median_s(fn, runs: int = 30, warmup: int = 5) -> float:
+def median_s(fn, runs: int = 30, warmup: int = 5, batch: int = 10) -> float:
+    """Median seconds per call over `runs` timings of `batch` calls back to back (the launches queue behind the
+    kernels, so a slow Python launch path is not timed)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(runs):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(batch):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
+        times.append(start.elapsed_time(end) / 1000 / batch)
     return sorted(times)[len(times) // 2]
 
 
