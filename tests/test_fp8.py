@@ -69,6 +69,17 @@ def test_per_token_activation_scales_match_the_row_reference():
     assert torch.allclose(q.float() * s, x, rtol=1 / 16, atol=1e-3)
 
 
+def test_silu_and_mul_quantized_for_the_down_projection():
+    """fp8.silu_mul_quantize (the fused kernel's contract; the kernel itself: tests/gpu/test_gpu_fp8.py)."""
+    gate_up = torch.randn(6, 2 * 40) * 3
+    q, s = fp8.silu_mul_quantize(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    y = torch.nn.functional.silu(gate) * up
+    assert q.dtype == fp8.FP8 and q.shape == (6, 40) and s.shape == (6, 1)
+    assert torch.allclose(s, y.abs().amax(dim=1, keepdim=True) / 448.0)
+    assert torch.allclose(q.float() * s, y, rtol=1 / 16, atol=1e-3)
+
+
 def test_block_scales_dequantize_with_partial_edge_blocks():
     w = torch.randn(70, 50)
     q, scale, reference = quantize_weight(w, "block", (32, 16))  # 3 x 4 blocks, the last row and column partial

@@ -106,6 +106,23 @@ def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale[:, None]
 
 
+def silu_mul_quantize(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SiLU(gate) * up of the merged gate/up projection [M, 2I], quantized per token for the down projection: (e4m3
+    [M, I], float32 scales [M, 1]), on CUDA in one pass that never writes the bf16 product."""
+    if fp8_kernels_supported(gate_up.device):
+        return _silu_mul_quantize_triton(gate_up)
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    q, scale = quantize_rows(torch.nn.functional.silu(gate) * up)
+    return q, scale[:, None]
+
+
+def scaled_mm(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+              bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    """e4m3 activations [M, K] with scales [M, 1] times an e4m3 weight [N, K] with scales [1, N] (+ bias)."""
+    y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale, out_dtype=out_dtype)
+    return y if bias is None else y.add_(bias)
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
                input_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [.., K] (bf16) times an e4m3 weight [N, K] with float32 scales [1, N]: activations quantized per token
@@ -122,10 +139,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     else:
         xq = (x2.float() / input_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
         xs = input_scale.expand(x2.shape[0], 1).contiguous()
-    y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale, out_dtype=x.dtype)
-    if bias is not None:
-        y.add_(bias)
-    return y.view(*shape[:-1], weight.shape[0])
+    return scaled_mm(xq, xs, weight, weight_scale, bias, x.dtype).view(*shape[:-1], weight.shape[0])
 
 
 if triton is not None:
@@ -173,6 +187,33 @@ if triton is not None:
         v = tl.minimum(tl.maximum(v, -448.0), 448.0)
         tl.store(kc_ptr + slot * width + offs, k.to(kc_ptr.dtype.element_ty), mask=mask)
         tl.store(vc_ptr + slot * width + offs, v.to(vc_ptr.dtype.element_ty), mask=mask)
+
+
+if triton is not None:
+    @triton.jit
+    def _silu_mul_quantize_kernel(x_ptr, q_ptr, s_ptr, inter, x_stride, q_stride, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < inter
+        gate = tl.load(x_ptr + row * x_stride + offs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + row * x_stride + inter + offs, mask=mask, other=0.0).to(tl.float32)
+        y = gate / (1.0 + tl.exp(-gate)) * up
+        scale = tl.maximum(tl.max(tl.abs(y), axis=0) / 448.0, 1e-12)
+        q = tl.minimum(tl.maximum(y / scale, -448.0), 448.0)
+        tl.store(q_ptr + row * q_stride + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(s_ptr + row, scale)
+
+
+def _silu_mul_quantize_triton(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    gate_up = gate_up if gate_up.stride(-1) == 1 else gate_up.contiguous()
+    rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    q = torch.empty((rows, inter), dtype=FP8, device=gate_up.device)
+    scale = torch.empty((rows, 1), dtype=torch.float32, device=gate_up.device)
+    if rows:
+        block = triton.next_power_of_2(inter)
+        _silu_mul_quantize_kernel[(rows,)](gate_up, q, scale, inter, gate_up.stride(0), q.stride(0), BLOCK=block,
+                                           num_warps=min(16, max(1, block // 512)))
+    return q, scale
 
 
 def _quantize_tokens_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,6 +55,10 @@ class ParallelLinear(nn.Module):
         """This rank's product, without the bias of a row-parallel layer (added after the reduction)."""
         return self.method.apply(self, x, None)
 
+    def local_fp8(self, xq: torch.Tensor, xs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """local() for activations its method takes already quantized (method.takes_fp8_input)."""
+        return self.method.apply_fp8(self, xq, xs, None, out_dtype)
+
 
 class ColumnParallelLinear(ParallelLinear):
     """W's output rows split across TP ranks; the output stays sharded."""

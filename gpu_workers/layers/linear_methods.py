@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Any, Optional, Protocol
 
 import torch
@@ -116,6 +117,14 @@ class LinearMethod:
     def process(self, layer: Any, dtype: torch.dtype, device: torch.device) -> None:
         """Turn what was loaded (or randomly filled) into what apply() runs on."""
 
+    def takes_fp8_input(self, layer: Any, rows: int) -> bool:
+        """Whether apply_fp8 (activations already quantized per token) is how this layer runs `rows` rows."""
+        return False
+
+    def apply_fp8(self, layer: Any, xq: torch.Tensor, xs: torch.Tensor, bias: Optional[torch.Tensor],
+                  out_dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} takes no FP8 activations")
+
     def apply(self, layer: Any, x: torch.Tensor, bias: Optional[torch.Tensor],
               out: Optional[torch.Tensor] = None) -> torch.Tensor:
         if out is None:
@@ -128,6 +137,9 @@ class LinearMethod:
 
 
 UNQUANTIZED = LinearMethod()
+# The down projection's activation quantization fused into SiLU-and-mul (fp8.silu_mul_quantize): off until an A/B
+# on a GPU (gpu_check.sh fp8-1024, variant both-fused) says it pays
+FUSED_ACTIVATION = os.environ.get("NANOSLG_FP8_FUSED_SILU", "0") == "1"
 
 
 class Fp8LinearMethod(LinearMethod):
@@ -238,6 +250,14 @@ class Fp8LinearMethod(LinearMethod):
             layer.weight_scale_row = scale.float().reshape(1, -1).contiguous()
         else:
             _set(layer, "weight", full.to(dtype) if full is not None else fp8.dequantize_rows(q, scale, dtype))
+
+    def takes_fp8_input(self, layer: Any, rows: int) -> bool:
+        # the GEMV (few rows) multiplies bf16 activations; a static input scale quantizes with its own scale
+        return FUSED_ACTIVATION and layer.fp8_gemm and layer.fp8_input_scale is None and rows > fp8.GEMV_MAX_ROWS
+
+    def apply_fp8(self, layer: Any, xq: torch.Tensor, xs: torch.Tensor, bias: Optional[torch.Tensor],
+                  out_dtype: torch.dtype) -> torch.Tensor:
+        return fp8.scaled_mm(xq, xs, layer.weight, layer.weight_scale_row, bias, out_dtype)
 
     def apply(self, layer: Any, x: torch.Tensor, bias: Optional[torch.Tensor],
               out: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from gpu_workers.attention.context import current_backend
+from gpu_workers.layers import fp8
 from gpu_workers.layers.activation import silu_and_mul
 from gpu_workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from gpu_workers.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -60,7 +61,15 @@ class MLP(nn.Module):
                                            method_for(quant, [f"{hf_prefix}.down_proj"]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj.reduce_(self.local(x))
+
+    def local(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's down projection of SiLU-and-mul, before the TP reduction. Where the down projection takes FP8
+        activations, the quantization is fused into SiLU-and-mul (the bf16 product is never written)."""
+        gate_up = self.gate_up_proj(x)
+        if self.down_proj.method.takes_fp8_input(self.down_proj, gate_up.shape[0]):
+            return self.down_proj.local_fp8(*fp8.silu_mul_quantize(gate_up), gate_up.dtype)
+        return self.down_proj.local(silu_and_mul(gate_up))
 
 
 class DecoderLayer(nn.Module):
@@ -110,8 +119,7 @@ class DecoderLayer(nn.Module):
         s.hidden, s.residual = self.post_attention_layernorm(s.hidden, s.residual)
 
     def _mlp(self, s: NanoState) -> None:
-        mlp = self.mlp
-        s.hidden = mlp.down_proj.local(silu_and_mul(mlp.gate_up_proj(s.hidden)))
+        s.hidden = self.mlp.local(s.hidden)
 
     def _reduce_mlp(self, s: NanoState) -> None:
         self.mlp.down_proj.reduce_(s.hidden)
