@@ -3,9 +3,9 @@ against FlashInfer's by benchmarks/fp8_decode_attention.py before it runs there 
 decode reads FP8 at ~70 % of the copy bandwidth: ../shared/probes/fp8-h100.md).
 
 One program per (sequence, KV head, split of the context): the GQA group's query heads (padded to 16 rows, the
-smallest tensor-core tile) against a block of keys at a time, gathered through the page table, with an online softmax; a
-second kernel merges the splits. The split count depends only on the batch shape (so a CUDA graph can hold it):
-enough programs to fill the GPU when the batch alone does not."""
+smallest tensor-core tile) against a block of keys at a time, gathered through the page table, with an online
+softmax; a second kernel merges the splits. The split count depends only on the batch shape (so a CUDA graph can
+hold it): enough programs to fill the GPU when the batch alone does not."""
 from __future__ import annotations
 
 import os
