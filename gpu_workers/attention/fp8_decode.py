@@ -37,7 +37,9 @@ def supports(device: torch.device, head_dim: int) -> bool:
 
 
 def num_splits(batch: int, kv_heads: int, sms: int) -> int:
-    """Context splits per (sequence, KV head), a power of two up to 16: about two waves of programs over the SMs."""
+    """Context splits per (sequence, KV head), a power of two up to 16: about two waves of programs over the SMs.
+    A CUDA graph's batch is padded up to its captured size, so at some sizes (65 rows padded to 80, with 2 KV heads)
+    graphed and eager steps split differently and sum in another order: equal to rounding, not bit for bit."""
     want = -(-2 * sms // (batch * kv_heads))
     return min(16, 1 << max(0, (want - 1).bit_length()))
 

@@ -37,7 +37,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] = 
     rows, k = x.shape
     n = weight.shape[0]
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
-    one_row = rows == 1 if tiles is None else len(tiles) == 5
+    one_row = rows == 1 if tiles is None else len(tiles) == 5 and tiles[4] == 1
+    if one_row and rows != 1:
+        raise ValueError(f"the one-row GEMV tiles {tiles} got {rows} rows")
     if tiles is None:
         tiles = (FP8_ROW_TILES if scale is not None else BF16_ROW_TILES) if one_row else FP8_TILES
     block_n, block_k, warps, stages = tiles[:4]
