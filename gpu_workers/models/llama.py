@@ -67,9 +67,14 @@ class MLP(nn.Module):
         """This rank's down projection of SiLU-and-mul, before the TP reduction. Where the down projection takes FP8
         activations, the quantization is fused into SiLU-and-mul (the bf16 product is never written)."""
         gate_up = self.gate_up_proj(x)
+        dtype = gate_up.dtype
         if self.down_proj.method.takes_fp8_input(self.down_proj, gate_up.shape[0]):
-            return self.down_proj.local_fp8(*fp8.silu_mul_quantize(gate_up), gate_up.dtype)
-        return self.down_proj.local(silu_and_mul(gate_up))
+            xq, xs = fp8.silu_mul_quantize(gate_up)
+            del gate_up  # freed before the down projection allocates, as a one-expression chain would
+            return self.down_proj.local_fp8(xq, xs, dtype)
+        h = silu_and_mul(gate_up)
+        del gate_up
+        return self.down_proj.local(h)
 
 
 class DecoderLayer(nn.Module):
