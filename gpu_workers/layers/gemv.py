@@ -21,7 +21,8 @@ def _tiles(name: str, default: str) -> tuple[int, ...]:
     return tuple(int(v) for v in os.environ.get(name, default).split(","))
 
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) for FP8 weights over 2-16 rows and one row, and bf16 weights on one row
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) for FP8 weights over 2-16 rows and one row, and bf16 weights on one row;
+# a one-row BLOCK_N of 0 runs one row on the tensor-core tiles (every M then sums in one order: batch-invariant)
 FP8_TILES = _tiles("NANOSLG_FP8_GEMV_TILES", "32,256,4,4")
 FP8_ROW_TILES = _tiles("NANOSLG_FP8_GEMV1_TILES", "8,1024,4,2")
 BF16_ROW_TILES = _tiles("NANOSLG_BF16_GEMV1_TILES", "8,512,4,2")
@@ -37,11 +38,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] = 
     rows, k = x.shape
     n = weight.shape[0]
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
-    one_row = rows == 1 if tiles is None else len(tiles) == 5 and tiles[4] == 1
+    if tiles is None:
+        row_tiles = FP8_ROW_TILES if scale is not None else BF16_ROW_TILES
+        one_row = rows == 1 and row_tiles[0] > 0  # BLOCK_N 0: one row on the tensor-core tiles too
+        tiles = row_tiles if one_row else FP8_TILES
+    else:
+        one_row = len(tiles) == 5 and tiles[4] == 1
     if one_row and rows != 1:
         raise ValueError(f"the one-row GEMV tiles {tiles} got {rows} rows")
-    if tiles is None:
-        tiles = (FP8_ROW_TILES if scale is not None else BF16_ROW_TILES) if one_row else FP8_TILES
     block_n, block_k, warps, stages = tiles[:4]
     scale_arg = scale if scale is not None else y  # never read without HAS_SCALE
     if one_row:

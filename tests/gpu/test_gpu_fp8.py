@@ -154,10 +154,12 @@ def test_fp8_gemms_follow_transformers_with_rounded_activations(models, fused, m
 
 @pytest.mark.parametrize("decode", ["flashinfer", "triton"])
 def test_fp8_graphed_decode_equals_eager(decode, models, monkeypatch):
-    """Which requests share a step depends on timing; the GEMMs run weight-only at every M (the GEMV computes each
-    row alone), so a token depends on its own sequence only and the two runs must agree bit for bit."""
+    """Which requests share a step depends on timing; the GEMMs run weight-only on the GEMV's tensor-core tiles at
+    every M (each row summed alone, in one order), so a token depends on its own sequence only and the two runs must
+    agree bit for bit."""
     monkeypatch.setenv("NANOSLG_FP8_DECODE", decode)
     monkeypatch.setenv("NANOSLG_FP8_GEMV_MAX_ROWS", str(1 << 30))
+    monkeypatch.setenv("NANOSLG_FP8_GEMV1_TILES", "0,0,0,0")
     folder, _ = models
     prompts = random_prompts(24, seed=41)
     params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
