@@ -205,24 +205,21 @@ if triton is not None:
 
 
 def _silu_mul_quantize_triton(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    gate_up = gate_up if gate_up.stride(-1) == 1 else gate_up.contiguous()
-    rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
-    q = torch.empty((rows, inter), dtype=FP8, device=gate_up.device)
-    scale = torch.empty((rows, 1), dtype=torch.float32, device=gate_up.device)
-    if rows:
-        block = triton.next_power_of_2(inter)
-        _silu_mul_quantize_kernel[(rows,)](gate_up, q, scale, inter, gate_up.stride(0), q.stride(0), BLOCK=block,
-                                           num_warps=min(16, max(1, block // 512)))
-    return q, scale
+    return _quantize_per_row(_silu_mul_quantize_kernel, gate_up, gate_up.shape[1] // 2)
 
 
 def _quantize_tokens_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _quantize_per_row(_quantize_rows_kernel, x, x.shape[1])
+
+
+def _quantize_per_row(kernel, x: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 [rows, cols], float32 scales [rows, 1]) from a kernel that quantizes one row of x per program."""
     x = x if x.stride(-1) == 1 else x.contiguous()
-    rows, cols = x.shape
+    rows = x.shape[0]
     q = torch.empty((rows, cols), dtype=FP8, device=x.device)
     scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
     if rows:
         block = triton.next_power_of_2(cols)
-        _quantize_rows_kernel[(rows,)](x, q, scale, cols, x.stride(0), q.stride(0), BLOCK=block,
-                                       num_warps=min(16, max(1, block // 512)))
+        kernel[(rows,)](x, q, scale, cols, x.stride(0), q.stride(0), BLOCK=block,
+                        num_warps=min(16, max(1, block // 512)))
     return q, scale
