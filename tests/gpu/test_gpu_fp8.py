@@ -1,6 +1,7 @@
 """FP8 on an SM89+ GPU: the FP8 GEMM and its Triton activation quantizer against the dequantized bf16 product, and the
 whole engine with FP8 weights and an FP8 KV cache (FlashInfer, CUDA graphs, a mixed batch, a prefix hit) against
 Hugging Face on the per-channel rounded weights, under the tie-aware rule of bf16_oracle.py with FP8's own error."""
+import contextlib
 import json
 
 import pytest
@@ -62,10 +63,16 @@ def test_fused_fp8_kv_write_equals_the_torch_ops():
 
 def test_fp8_weights_and_kv_cache_follow_transformers_on_the_rounded_weights(models, monkeypatch):
     """Teacher-forced logits of the engine (FP8 weights, FP8 KV, FlashInfer) against fp32 Hugging Face on the rounded
-    weights, then the whole engine's greedy tokens (CUDA graphs, 64-token mixed steps, a shared prefix) leave
-    Hugging Face's only at ties within that error. The GEMMs run weight-only here (the FP8 GEMV at every M, bf16
-    activations), so the oracle stays strict about loading, scales and layouts; the activation-quantized GEMMs have
-    their own test below."""
+    weights (and, with the FP8 KV cache, with its keys and values rounded to e4m3 as the cache stores them), then the
+    whole engine's greedy tokens (CUDA graphs, 64-token mixed steps, a shared prefix) leave Hugging Face's only at
+    ties within that error. The GEMMs run weight-only here (the FP8 GEMV at every M, bf16 activations), so the
+    oracle stays strict about loading, scales and layouts; the activation-quantized GEMMs have their own test below.
+
+    The KV cache's rounding is emulated, not exact: a bf16 key sits on the other side of an e4m3 rounding boundary
+    from its fp32 value now and then, and a random tiny model turns those flips into visible logit noise (on the
+    CPU: 0.19 mean relative error for the rounding itself, 0.14 for bf16 against fp32 with both rounded, 0.04 for
+    bf16 alone). So the allowance for the FP8 cache is Hugging Face's own bf16-against-fp32 error under the same
+    emulation, measured here; a wrong scale or layout is ~1."""
     from gpu_workers.layers import fp8
 
     monkeypatch.setattr(fp8, "GEMV_MAX_ROWS", 1 << 30)
@@ -74,16 +81,25 @@ def test_fp8_weights_and_kv_cache_follow_transformers_on_the_rounded_weights(mod
     prompts = random_prompts(16, seed=40, lengths=[90, 7, 150, 33] * 4)
     prompts[15] = prompts[2] + prompts[15]  # a prefix hit on the 150-token prompt
     hf32 = hf_model(rounded, torch.float32)
-    theirs, their_logits = hf_greedy(hf32, prompts, STEPS)
+    theirs, _ = hf_greedy(hf32, prompts, STEPS)
     ref = hf_forced(hf32, prompts, theirs)
-    report = {}
+    with _rounded_kv(hf32):
+        theirs_kv, their_kv_logits = hf_greedy(hf32, prompts, STEPS)
+        ref_kv = hf_forced(hf32, prompts, theirs)
+    hf16 = hf_model(rounded, torch.bfloat16)
+    with _rounded_kv(hf16):
+        floor = forced_errors(hf_forced(hf16, prompts, theirs), ref_kv)
+    del hf16
+    report = {"hf_bf16_rounded_kv_rel_error": floor.mean().item()}
     for label, args in (("weights", dict(quantization="fp8")), ("kv", dict(kv_cache_dtype="fp8")),
                         ("both", dict(quantization="fp8", kv_cache_dtype="fp8"))):
         _, ours_forced = engine_logits(folder if "quantization" in args else rounded, "flashinfer", prompts, STEPS,
                                        forced=theirs, **args)
-        err = forced_errors(ours_forced, ref)
+        err = forced_errors(ours_forced, ref_kv if "kv_cache_dtype" in args else ref)
         report[f"{label}_rel_error"] = err.mean().item()
-        assert err.mean() < 0.08 and err.max() < 0.25, (label, err.mean(), err.max())
+        mean_bound, max_bound = (0.08, 0.25) if label == "weights" else \
+            (max(0.08, 1.5 * floor.mean().item()), max(0.25, 2 * floor.max().item()))
+        assert err.mean() < mean_bound and err.max() < max_bound, (label, err.mean(), err.max(), report)
     params = SamplingParams(max_tokens=STEPS, temperature=0, ignore_eos=True)
     with LLM(folder, max_model_len=1024, quantization="fp8", kv_cache_dtype="fp8",
              max_num_batched_tokens=64) as llm:
@@ -92,11 +108,35 @@ def test_fp8_weights_and_kv_cache_follow_transformers_on_the_rounded_weights(mod
         assert info["fp8_compute"] == "FP8 GEMMs"
         ours = [o.token_ids for o in llm.generate(prompts[:15], params)]
         ours += [o.token_ids for o in llm.generate(prompts[15:], params)]
-    found = divergences(ours, theirs, their_logits, report["both_rel_error"])
-    report["match_rate"] = sum(a == b for a, b in zip(ours, theirs)) / len(prompts)
+    found = divergences(ours, theirs_kv, their_kv_logits, report["both_rel_error"])
+    report["match_rate"] = sum(a == b for a, b in zip(ours, theirs_kv)) / len(prompts)
     report["divergences"] = [tuple(round(x, 3) for x in d) for d in found]
     print(json.dumps(report))
     assert all(margin <= allowed for _, _, margin, allowed in found), found
+
+
+@contextlib.contextmanager
+def _rounded_kv(model: torch.nn.Module):
+    """Hugging Face Llama with its keys (after the rotary embedding) and values rounded to e4m3 and back, at the
+    engine's per-tensor scale of 1, as an FP8 KV cache stores them."""
+    import transformers.models.llama.modeling_llama as llama
+
+    from gpu_workers.layers import fp8
+
+    def rounded(x: torch.Tensor) -> torch.Tensor:
+        return fp8.to_fp8(x).to(x.dtype)
+
+    rope = llama.apply_rotary_pos_emb
+    llama.apply_rotary_pos_emb = lambda q, k, cos, sin, *a, **kw: (
+        lambda qk: (qk[0], rounded(qk[1])))(rope(q, k, cos, sin, *a, **kw))
+    hooks = [m.register_forward_hook(lambda _m, _a, out: rounded(out))
+             for name, m in model.named_modules() if name.endswith("v_proj")]
+    try:
+        yield
+    finally:
+        llama.apply_rotary_pos_emb = rope
+        for hook in hooks:
+            hook.remove()
 
 
 def _round_activations(model: torch.nn.Module) -> list:
