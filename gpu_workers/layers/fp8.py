@@ -30,7 +30,13 @@ except ImportError:  # pragma: no cover - depends on the torch build
 
 def fp8_kernels_supported(device: torch.device) -> bool:
     """Whether this device runs the FP8 Triton kernels here: Triton has e4m3 (fp8e4nv) from SM89 on."""
-    return device.type == "cuda" and triton is not None and torch.cuda.get_device_capability(device) >= (8, 9)
+    return device.type == "cuda" and triton is not None and _sm89_or_later(device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm89_or_later(device_index: Optional[int]) -> bool:
+    # asked a few hundred times a step (every activation quantization): the device query costs microseconds
+    return torch.cuda.get_device_capability(device_index) >= (8, 9)
 
 
 def fp8_gemm_supported(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
