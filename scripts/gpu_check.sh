@@ -24,6 +24,7 @@ restore_jit_cache() {  # kernels compiled by earlier runs (their fi-ops.tgz), ca
   [ -n "${NANOSLG_FI_JIT_CACHE:-}" ] && [ -f .fi-cache.txz ] || return 0
   mkdir -p "$NANOSLG_FI_JIT_CACHE" && tar xf .fi-cache.txz -C "$NANOSLG_FI_JIT_CACHE"
 }
+touch /tmp/.jit-restored  # kernels compiled after this are new: kept in $OUT/fi-ops.tgz (the whole cache)
 
 prepare_smollm2() {
   [ -d "$NANOSLG_MODELS_DIR/smollm2-135m-instruct" ] && return 0
@@ -359,13 +360,15 @@ for mode in $MODES; do
       unset NANOSLG_PROFILE_STEPS NANOSLG_PROFILE_OUT
       head -24 "$OUT/profile-decode.txt" | cut -c1-60,150-200
       ;;
-    fp8-tests)  # FP8 GEMMs, the FP8 KV cache and the whole engine against Hugging Face (tests/gpu/test_gpu_fp8.py)
-      python3 -m pytest -q -s tests/gpu/test_gpu_fp8.py -p no:cacheprovider > "$OUT/gpu-tests-fp8.log" 2>&1
+    fp8-tests)  # FP8 GEMMs, the FP8 KV cache and the whole engine against Hugging Face (tests/gpu/test_gpu_fp8.py;
+      # FP8_TESTS_K: a pytest -k filter)
+      python3 -m pytest -q -s tests/gpu/test_gpu_fp8.py -p no:cacheprovider ${FP8_TESTS_K:+-k "$FP8_TESTS_K"} \
+        > "$OUT/gpu-tests-fp8.log" 2>&1
       summary+=("gpu fp8 tests: $(tail -1 "$OUT/gpu-tests-fp8.log")")
       grep -h "rel_error\|FAILED\|Error" "$OUT/gpu-tests-fp8.log" | cut -c1-400 | head -20
       ;;
-    fp8-attn)  # paged decode attention per layer, bf16 against FlashInfer's FP8 and the Triton FP8 kernel (batch 256 x
-      # 1.3k context, Llama-8B heads)
+    fp8-attn)  # paged decode attention per layer, bf16 against FlashInfer's FP8, the Triton FP8 kernel and XQA's
+      # (batch 256 x 1.3k context, Llama-8B heads)
       python3 benchmarks/fp8_decode_attention.py > "$OUT/fp8-attn.log" 2>&1
       summary+=("$(grep '^FP8-ATTN' "$OUT/fp8-attn.log" || tail -3 "$OUT/fp8-attn.log")")
       ;;
@@ -381,7 +384,7 @@ for mode in $MODES; do
       head -40 "$OUT/profile-fp8.txt" | cut -c1-70,150-200
       ;;
     fp8-1024)  # offline-1024-512 x 2000 at the default flags: bf16, then each of FP8_VARIANTS (both kv weights
-      # both-triton both-fused), ratios to bf16, each with its roofline breakdown
+      # both-triton both-xqa both-fused), ratios to bf16, each with its roofline breakdown
       common="--input-len 1024 --output-len 512 --num-prompts ${FP8_PROMPTS:-2000} --breakdown"
       bench fp8-bf16-1024 $common
       ops_summary fp8-bf16-1024
@@ -390,10 +393,11 @@ for mode in $MODES; do
           both) flags="--quantization fp8 --kv-cache-dtype fp8" ;;
           kv) flags="--kv-cache-dtype fp8" ;;
           weights) flags="--quantization fp8" ;;
-          both-triton) flags="--quantization fp8 --kv-cache-dtype fp8" ;;  # FP8 decode on the Triton kernel
+          both-triton | both-xqa) flags="--quantization fp8 --kv-cache-dtype fp8" ;;  # FP8 decode on Triton / XQA
           both-fused) flags="--quantization fp8 --kv-cache-dtype fp8" ;;  # down_proj's quantization in SiLU-mul
         esac
         [ $variant = both-triton ] && export NANOSLG_FP8_DECODE=triton
+        [ $variant = both-xqa ] && export NANOSLG_FP8_DECODE=xqa
         [ $variant = both-fused ] && export NANOSLG_FP8_FUSED_SILU=1
         bench fp8-$variant-1024 $common $flags
         unset NANOSLG_FP8_DECODE NANOSLG_FP8_FUSED_SILU
@@ -437,7 +441,8 @@ for mode in $MODES; do
   esac
   snapshot_results  # after every mode too
 done
-[ -n "${NANOSLG_FI_JIT_CACHE:-}" ] && [ -d "$NANOSLG_FI_JIT_CACHE" ] && [ ! -f .fi-cache.txz ] && \
+[ -n "${NANOSLG_FI_JIT_CACHE:-}" ] && [ -d "$NANOSLG_FI_JIT_CACHE" ] && \
+  [ -n "$(find "$NANOSLG_FI_JIT_CACHE" -type f -newer /tmp/.jit-restored | head -1)" ] && \
   tar czf "$FINAL_OUT/fi-ops.tgz" -C "$NANOSLG_FI_JIT_CACHE" .
 kill $SNAPSHOTS_PID 2> /dev/null; wait $SNAPSHOTS_PID 2> /dev/null
 snapshot_results

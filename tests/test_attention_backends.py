@@ -114,25 +114,40 @@ def _reference_decode(q, k_cache, v_cache, page_table, kv_lens, page_size, sm_sc
     return out
 
 
-def test_the_triton_fp8_decode_gets_the_pages_and_lengths_flashinfer_would(monkeypatch):
-    """NANOSLG_FP8_DECODE=triton: the decode rows' page tables and lengths reach the kernel as planned, eager and
-    through a CUDA graph's fixed buffers (the kernel itself: tests/gpu/test_gpu_fp8.py)."""
-    from gpu_workers.attention import fp8_decode
+def _reference_xqa(q, kv_cache, workspace, block_tables, seq_lens, max_seq_len, bmm1_scale, bmm2_scale, out):
+    """flashinfer.decode.xqa_batch_decode_with_kv_cache's contract in torch (XQA runs on SM90 only)."""
+    assert workspace.dtype == torch.uint8 and seq_lens.dtype == torch.uint32
+    assert max_seq_len == block_tables.shape[1] * kv_cache[0].shape[1]
+    k, v = (c.reshape(-1, *c.shape[2:]) for c in kv_cache)
+    return _reference_decode(q, k, v, block_tables, seq_lens.view(torch.int32), kv_cache[0].shape[1], bmm1_scale,
+                             1.0, bmm2_scale, out, 1)
+
+
+@pytest.mark.parametrize("kernel", ["triton", "xqa"])
+def test_own_fp8_decode_kernels_get_the_pages_and_lengths_flashinfer_would(kernel, monkeypatch):
+    """NANOSLG_FP8_DECODE=triton or xqa: the decode rows' page tables, lengths and scales reach the kernel as planned,
+    eager and through a CUDA graph's fixed buffers (the kernels themselves: tests/gpu/test_gpu_fp8.py)."""
+    import types
+
+    from gpu_workers.attention import fp8_decode, xqa_decode
 
     monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
-    monkeypatch.setenv("NANOSLG_FP8_DECODE", "triton")
+    monkeypatch.setitem(sys.modules, "flashinfer.decode",
+                        types.SimpleNamespace(xqa_batch_decode_with_kv_cache=_reference_xqa))
+    monkeypatch.setenv("NANOSLG_FP8_DECODE", kernel)
     monkeypatch.setattr(fp8_decode, "triton", object())
     monkeypatch.setattr(fp8_decode, "paged_decode_fp8", _reference_decode)
+    monkeypatch.setattr(xqa_decode, "supports", lambda *args: True)
     from gpu_workers.attention.flashinfer_backend import FlashInferBackend
 
     args = (2, PAGES, PS, HEADS, KV_HEADS, DIM, torch.float32, torch.device("cpu"), True)
     fi, sd = FlashInferBackend(*args), SdpaBackend(*args)
-    assert fi.triton_decode
+    assert fi.fp8_decode == kernel
     torch.manual_seed(0)
     sd.kv_cache.copy_(torch.randn(sd.kv_cache.shape).to(sd.kv_cache.dtype))
     fi.kv_cache.copy_(sd.kv_cache)
     for b in (fi, sd):
-        b.k_scale, b.v_scale = 0.5, 2.0
+        b.k_scale, b.v_scale = (0.5, 2.0) if kernel == "triton" else (0.5, 0.5)  # XQA: one scale for K and V
     layout = _layout([(1, 9), (1, 3), (1, 17), (1, 0)], seed=3)
     q, k = torch.randn(4, HEADS, DIM), torch.randn(4, KV_HEADS, DIM)
     ref = sd.forward(1, q, k, k, sd.plan(layout))

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import torch
 
-from gpu_workers.attention import fp8_decode
+from gpu_workers.attention import fp8_decode, xqa_decode
 from gpu_workers.attention.base import AttentionBackend, BatchLayout
 from gpu_workers.upload import pinned, upload
 
@@ -83,12 +83,11 @@ class FlashInferBackend(AttentionBackend):
         sm90 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
         self.prefill_backend = "fa3" if sm90 and not self.kv_fp8 else "fa2"
 
-        # An FP8 cache's decode on gpu_workers/attention/fp8_decode.py's Triton kernel instead of FlashInfer's
-        # (NANOSLG_FP8_DECODE=triton), until benchmarks/fp8_decode_attention.py decides which is the default.
-        self.triton_decode = self.kv_fp8 and os.environ.get("NANOSLG_FP8_DECODE", "flashinfer") == "triton" and \
-            fp8_decode.supports(device, self.head_dim)
-        if self.triton_decode:
-            log.info("FP8 KV decode on the Triton kernel (NANOSLG_FP8_DECODE=triton)")
+        # An FP8 cache's decode on FlashInfer's tensor-core kernel (the default), gpu_workers/attention/
+        # fp8_decode.py's Triton kernel (NANOSLG_FP8_DECODE=triton) or XQA's Hopper kernel (=xqa), until
+        # benchmarks/fp8_decode_attention.py decides which is the default.
+        self.fp8_decode = self._fp8_decode_kernel(os.environ.get("NANOSLG_FP8_DECODE", "flashinfer"))
+        self._xqa_workspace: Optional[torch.Tensor] = None
         self._wrappers: dict[int, tuple[Any, Any]] = {}  # nano-batch slot -> (decode wrapper, prefill wrapper)
         self._planned = None  # event after the last step's plan copies
 
@@ -96,6 +95,20 @@ class FlashInferBackend(AttentionBackend):
     def scales(self) -> dict[str, float]:
         """What the kernels are given to scale FP8 K and V back (per tensor)."""
         return {"k_scale": self.k_scale, "v_scale": self.v_scale} if self.kv_fp8 else {}
+
+    def _fp8_decode_kernel(self, asked: str) -> str:
+        if not self.kv_fp8 or asked == "flashinfer":
+            return "flashinfer"
+        device, group = self.kv_cache.device, self.num_heads // self.num_kv_heads
+        if asked == "triton" and fp8_decode.supports(device, self.head_dim):
+            log.info("FP8 KV decode on the Triton kernel (NANOSLG_FP8_DECODE=triton)")
+            return asked
+        if asked == "xqa" and xqa_decode.supports(device, self.head_dim, group, self.page_size):
+            log.info("FP8 KV decode on XQA's kernel (NANOSLG_FP8_DECODE=xqa)")
+            return asked
+        log.warning("NANOSLG_FP8_DECODE=%s does not run here (device, head size %d, group %d, page size %d): "
+                    "FP8 KV decode on FlashInfer's kernel", asked, self.head_dim, group, self.page_size)
+        return "flashinfer"
 
     def _tensor_core_decode_works(self) -> bool:
         """Tensor-core decode loads FlashInfer's fa2 prefill module, which the GPU kit does not ship prebuilt: it is
@@ -124,7 +137,7 @@ class FlashInferBackend(AttentionBackend):
             import flashinfer
 
             self._wrappers[slot] = (
-                self._triton_decode_wrapper() if self.triton_decode else
+                self._own_decode_wrapper() if self.fp8_decode != "flashinfer" else
                 flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2",
                                                               use_tensor_cores=self.decode_tc),
                 flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend=self.prefill_backend))
@@ -141,16 +154,21 @@ class FlashInferBackend(AttentionBackend):
             self._planned = torch.cuda.Event()
             self._planned.record()
 
-    def _triton_decode_wrapper(self, batch_size: Optional[int] = None, max_pages: int = 0):
-        return fp8_decode.Fp8DecodeWrapper(self.kv_cache.device, self.num_heads, self.num_kv_heads, self.head_dim,
-                                           self.page_size, self.scale, batch_size,
-                                           max_pages // batch_size if batch_size else 0)
+    def _own_decode_wrapper(self, batch_size: Optional[int] = None, max_pages: int = 0):
+        args = (self.kv_cache.device, self.num_heads, self.num_kv_heads, self.head_dim, self.page_size, self.scale,
+                batch_size, max_pages // batch_size if batch_size else 0)
+        if self.fp8_decode == "triton":
+            return fp8_decode.Fp8DecodeWrapper(*args)
+        if self._xqa_workspace is None:  # one for every XQA wrapper: they run one at a time, on one stream
+            self._xqa_workspace = torch.zeros(xqa_decode.WORKSPACE_BYTES, dtype=torch.uint8,
+                                              device=self.kv_cache.device)
+        return xqa_decode.XqaDecodeWrapper(*args, workspace=self._xqa_workspace)
 
     def graph_decode_wrapper(self, batch_size: int, max_pages: int):
         """A decode wrapper whose plan lives in fixed buffers, so a captured CUDA graph can replay it (max_pages:
         of the whole batch)."""
-        if self.triton_decode:
-            return self._triton_decode_wrapper(batch_size, max_pages)
+        if self.fp8_decode != "flashinfer":
+            return self._own_decode_wrapper(batch_size, max_pages)
         import flashinfer
 
         device = self.kv_cache.device
@@ -162,7 +180,7 @@ class FlashInferBackend(AttentionBackend):
 
     def plan_decode(self, wrapper, layout: BatchLayout) -> FlashInferPlan:
         """Plan a decode-only batch on the given wrapper (a CUDA graph's own, or a slot's)."""
-        if isinstance(wrapper, fp8_decode.Fp8DecodeWrapper):
+        if isinstance(wrapper, fp8_decode.PagedDecodeWrapper):
             wrapper.plan(layout)
             return FlashInferPlan(wrapper, None, len(layout.q_lens), layout.slot_mapping)
         indptr, indices, last = PageTables.build(layout, self.page_size, self.kv_cache.device)

@@ -75,10 +75,11 @@ def paged_decode_fp8(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out
 
 
-class Fp8DecodeWrapper:
-    """FlashInfer's decode-wrapper interface (plan, then run per layer) over paged_decode_fp8, so the FlashInfer
-    backend and its CUDA graphs hold either. batch_size given: fixed buffers a captured graph reads (plan copies
-    each step's page tables and lengths into them, on the stream, behind the replay still reading them)."""
+class PagedDecodeWrapper:
+    """FlashInfer's decode-wrapper interface (plan, then run per layer) over a kernel that reads each row's page table
+    [B, max pages] and KV length [B] (int32) from the device, so the FlashInfer backend and its CUDA graphs hold
+    either. batch_size given: fixed buffers a captured graph reads (plan copies each step's page tables and lengths
+    into them, on the stream, behind the replay still reading them)."""
 
     def __init__(self, device: torch.device, heads: int, kv_heads: int, head_dim: int, page_size: int,
                  sm_scale: float, batch_size: Optional[int] = None, max_pages_per_seq: int = 0):
@@ -90,8 +91,10 @@ class Fp8DecodeWrapper:
         if batch_size is not None:
             self.tables = torch.zeros(batch_size, max_pages_per_seq, dtype=torch.int32, device=device)
             self.lens = torch.ones(batch_size, dtype=torch.int32, device=device)
-            self.splits = num_splits(batch_size, kv_heads, self.sms)
-            self.buffers = split_buffers(batch_size, heads, self.splits, head_dim, device)
+            self.resized(batch_size)
+
+    def resized(self, batch: int) -> None:
+        """Called when the batch size is set: per-size state (split buffers)."""
 
     def plan(self, layout: BatchLayout) -> None:
         batch = len(layout.q_lens)
@@ -102,6 +105,17 @@ class Fp8DecodeWrapper:
             self.lens[:batch].copy_(lens)
             return
         self.batch, self.tables, self.lens = batch, tables, lens
+        self.resized(batch)
+
+    def run(self, q: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor,
+            k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Fp8DecodeWrapper(PagedDecodeWrapper):
+    """paged_decode_fp8 behind the decode-wrapper interface."""
+
+    def resized(self, batch: int) -> None:
         self.splits = num_splits(batch, self.kv_heads, self.sms)
         self.buffers = split_buffers(batch, self.heads, self.splits, self.head_dim, self.device)
 

@@ -192,7 +192,7 @@ def test_fp8_gemms_follow_transformers_with_rounded_activations(models, fused, m
     assert err.mean() < 0.35 and err.max() < 0.8, (err.mean(), err.max())
 
 
-@pytest.mark.parametrize("decode", ["flashinfer", "triton"])
+@pytest.mark.parametrize("decode", ["flashinfer", "triton", "xqa"])
 def test_fp8_graphed_decode_equals_eager(decode, models, monkeypatch):
     """Which requests share a step depends on timing; the GEMMs run weight-only on the GEMV's tensor-core tiles at
     every M (each row summed alone, in one order), so a token depends on its own sequence only and the two runs must
@@ -241,6 +241,64 @@ def test_triton_fp8_decode_matches_the_dequantized_reference(splits, tiles):
         v = (v_cache[rows].float() * 2.0).repeat_interleave(heads // kv_heads, 1)
         ref = torch.einsum("hk,khd->hd", (torch.einsum("hd,khd->hk", q[b].float(), k) * dim ** -0.5).softmax(-1), v)
         assert ((out[b].float() - ref).norm() / ref.norm()).item() < 0.01, b
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="XQA's FP8 kernel is SM90's")
+def test_xqa_fp8_decode_matches_the_dequantized_reference():
+    """gpu_workers/attention/xqa_decode.py over shuffled pages and ragged lengths, eager and replayed in a CUDA graph
+    of more rows than the batch (padding rows on a scratch page), within XQA's FP8 query rounding."""
+    import math
+
+    from gpu_workers.attention.base import BatchLayout
+    from gpu_workers.attention.xqa_decode import XqaDecodeWrapper
+
+    torch.manual_seed(5)
+    heads, kv_heads, dim, page, graph_rows = 32, 8, 128, 16, 8
+    lens = [1, 17, 300, 1280, 64]
+    per_seq = [math.ceil(n / page) for n in lens]
+    width = max(per_seq)
+    pages = sum(per_seq) + 1  # the last one: the padding rows' scratch page
+    order = torch.randperm(pages - 1).int()
+    table = torch.full((graph_rows, width), pages - 1, dtype=torch.int32)
+    offset = 0
+    for b, n in enumerate(per_seq):
+        table[b, :n] = order[offset:offset + n]
+        offset += n
+    k_cache = (torch.randn(pages, page, kv_heads, dim, device="cuda") * 3).to(torch.float8_e4m3fn)
+    v_cache = torch.randn(pages, page, kv_heads, dim, device="cuda").to(torch.float8_e4m3fn)
+    q = torch.randn(graph_rows, heads, dim, device="cuda", dtype=torch.bfloat16)
+    device = torch.device("cuda")
+
+    def layout(rows: int) -> BatchLayout:
+        kv = torch.tensor(lens + [1] * (rows - len(lens)), dtype=torch.int32)
+        unused = torch.zeros(rows, dtype=torch.long, device=device)
+        return BatchLayout(torch.ones(rows, dtype=torch.int32), kv - 1, table[:rows], unused, unused)
+
+    eager = XqaDecodeWrapper(device, heads, kv_heads, dim, page, dim ** -0.5)
+    eager.plan(layout(len(lens)))
+    out = torch.empty_like(q[:len(lens)])
+    eager.run(q[:len(lens)], (k_cache, v_cache), out, 0.5, 0.5)
+    for b, n in enumerate(lens):
+        t = torch.arange(n)
+        rows_k = k_cache[table[b, t // page].long().cuda(), (t % page).cuda()].float() * 0.5
+        rows_v = v_cache[table[b, t // page].long().cuda(), (t % page).cuda()].float() * 0.5
+        k = rows_k.repeat_interleave(heads // kv_heads, 1)
+        v = rows_v.repeat_interleave(heads // kv_heads, 1)
+        ref = torch.einsum("hk,khd->hd", (torch.einsum("hd,khd->hk", q[b].float(), k) * dim ** -0.5).softmax(-1), v)
+        assert ((out[b].float() - ref).norm() / ref.norm()).item() < 0.03, b
+    graphed = XqaDecodeWrapper(device, heads, kv_heads, dim, page, dim ** -0.5, graph_rows, graph_rows * width)
+    graphed.plan(layout(graph_rows))
+    graph_out = torch.empty_like(q)
+    graphed.run(q, (k_cache, v_cache), graph_out, 0.5, 0.5)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed.run(q, (k_cache, v_cache), graph_out, 0.5, 0.5)
+    graph_out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert ((graph_out[:len(lens)].float() - out.float()).norm() / out.float().norm()).item() < 0.01
 
 
 def test_triton_fp8_decode_wrapper_replays_in_a_cuda_graph():
