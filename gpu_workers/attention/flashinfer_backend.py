@@ -87,7 +87,9 @@ class FlashInferBackend(AttentionBackend):
         # fp8_decode.py's Triton kernel (NANOSLG_FP8_DECODE=triton) or XQA's Hopper kernel (=xqa), until
         # benchmarks/fp8_decode_attention.py decides which is the default.
         self.fp8_decode = self._fp8_decode_kernel(os.environ.get("NANOSLG_FP8_DECODE", "flashinfer"))
-        self._xqa_workspace: Optional[torch.Tensor] = None
+        # one for every XQA wrapper (they run one at a time, on one stream), made with the rest of the workspace
+        self._xqa_workspace = torch.zeros(xqa_decode.WORKSPACE_BYTES, dtype=torch.uint8, device=device) \
+            if self.fp8_decode == "xqa" else None
         self._wrappers: dict[int, tuple[Any, Any]] = {}  # nano-batch slot -> (decode wrapper, prefill wrapper)
         self._planned = None  # event after the last step's plan copies
 
@@ -159,9 +161,6 @@ class FlashInferBackend(AttentionBackend):
                 batch_size, max_pages // batch_size if batch_size else 0)
         if self.fp8_decode == "triton":
             return fp8_decode.Fp8DecodeWrapper(*args)
-        if self._xqa_workspace is None:  # one for every XQA wrapper: they run one at a time, on one stream
-            self._xqa_workspace = torch.zeros(xqa_decode.WORKSPACE_BYTES, dtype=torch.uint8,
-                                              device=self.kv_cache.device)
         return xqa_decode.XqaDecodeWrapper(*args, workspace=self._xqa_workspace)
 
     def graph_decode_wrapper(self, batch_size: int, max_pages: int):
