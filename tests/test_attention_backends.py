@@ -123,7 +123,7 @@ def _reference_xqa(q, kv_cache, workspace, block_tables, seq_lens, max_seq_len, 
                              1.0, bmm2_scale, out, 1)
 
 
-@pytest.mark.parametrize("kernel", ["triton", "xqa"])
+@pytest.mark.parametrize("kernel", ["triton", "xqa", "auto"])
 def test_own_fp8_decode_kernels_get_the_pages_and_lengths_flashinfer_would(kernel, monkeypatch):
     """NANOSLG_FP8_DECODE=triton or xqa: the decode rows' page tables, lengths and scales reach the kernel as planned,
     eager and through a CUDA graph's fixed buffers (the kernels themselves: tests/gpu/test_gpu_fp8.py)."""
@@ -142,7 +142,7 @@ def test_own_fp8_decode_kernels_get_the_pages_and_lengths_flashinfer_would(kerne
 
     args = (2, PAGES, PS, HEADS, KV_HEADS, DIM, torch.float32, torch.device("cpu"), True)
     fi, sd = FlashInferBackend(*args), SdpaBackend(*args)
-    assert fi.fp8_decode == kernel
+    assert fi.fp8_decode == ("xqa" if kernel == "auto" else kernel)  # XQA where it runs, unless asked otherwise
     torch.manual_seed(0)
     sd.kv_cache.copy_(torch.randn(sd.kv_cache.shape).to(sd.kv_cache.dtype))
     fi.kv_cache.copy_(sd.kv_cache)
@@ -155,3 +155,25 @@ def test_own_fp8_decode_kernels_get_the_pages_and_lengths_flashinfer_would(kerne
     graph_wrapper = fi.graph_decode_wrapper(8, 8 * 8)  # fixed buffers wider and taller than this batch
     torch.testing.assert_close(fi.forward(1, q, k, k, fi.plan_decode(graph_wrapper, layout)), ref, rtol=1e-5,
                                atol=1e-5)
+
+
+def test_an_fp8_cache_decodes_on_flashinfer_where_xqa_cannot_build(monkeypatch, caplog):
+    """XQA is compiled on first use: where that fails, the backend says so and decodes on FlashInfer's kernel."""
+    import types
+
+    from gpu_workers.attention import xqa_decode
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("nvcc not found")
+
+    monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer.module())
+    monkeypatch.setitem(sys.modules, "flashinfer.decode",
+                        types.SimpleNamespace(xqa_batch_decode_with_kv_cache=no_compiler))
+    monkeypatch.setattr(xqa_decode, "supports", lambda *args: True)
+    monkeypatch.delenv("NANOSLG_FP8_DECODE", raising=False)
+    from gpu_workers.attention.flashinfer_backend import FlashInferBackend
+
+    with caplog.at_level("WARNING", logger="nanoslg.worker"):
+        fi = FlashInferBackend(2, PAGES, PS, HEADS, KV_HEADS, DIM, torch.float32, torch.device("cpu"), True)
+    assert fi.fp8_decode == "flashinfer" and fi._xqa_workspace is None
+    assert "XQA decode unavailable (RuntimeError: nvcc not found)" in caplog.text

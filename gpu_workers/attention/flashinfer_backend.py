@@ -83,13 +83,11 @@ class FlashInferBackend(AttentionBackend):
         sm90 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
         self.prefill_backend = "fa3" if sm90 and not self.kv_fp8 else "fa2"
 
-        # An FP8 cache's decode on FlashInfer's tensor-core kernel (the default), gpu_workers/attention/
-        # fp8_decode.py's Triton kernel (NANOSLG_FP8_DECODE=triton) or XQA's Hopper kernel (=xqa), until
-        # benchmarks/fp8_decode_attention.py decides which is the default.
-        self.fp8_decode = self._fp8_decode_kernel(os.environ.get("NANOSLG_FP8_DECODE", "flashinfer"))
-        # one for every XQA wrapper (they run one at a time, on one stream), made with the rest of the workspace
-        self._xqa_workspace = torch.zeros(xqa_decode.WORKSPACE_BYTES, dtype=torch.uint8, device=device) \
-            if self.fp8_decode == "xqa" else None
+        # An FP8 cache's decode: XQA's Hopper kernel where it runs (per layer 1.90x the bf16 decode on an H100,
+        # FlashInfer's FP8 decode 1.41x: BENCHMARKS.md), else FlashInfer's tensor-core kernel;
+        # NANOSLG_FP8_DECODE=flashinfer, triton (gpu_workers/attention/fp8_decode.py) or xqa asks for one.
+        self._xqa_workspace: Optional[torch.Tensor] = None  # one for every XQA wrapper: they run one at a time
+        self.fp8_decode = self._fp8_decode_kernel(os.environ.get("NANOSLG_FP8_DECODE", "auto"))
         self._wrappers: dict[int, tuple[Any, Any]] = {}  # nano-batch slot -> (decode wrapper, prefill wrapper)
         self._planned = None  # event after the last step's plan copies
 
@@ -105,12 +103,36 @@ class FlashInferBackend(AttentionBackend):
         if asked == "triton" and fp8_decode.supports(device, self.head_dim):
             log.info("FP8 KV decode on the Triton kernel (NANOSLG_FP8_DECODE=triton)")
             return asked
-        if asked == "xqa" and xqa_decode.supports(device, self.head_dim, group, self.page_size):
-            log.info("FP8 KV decode on XQA's kernel (NANOSLG_FP8_DECODE=xqa)")
-            return asked
-        log.warning("NANOSLG_FP8_DECODE=%s does not run here (device, head size %d, group %d, page size %d): "
-                    "FP8 KV decode on FlashInfer's kernel", asked, self.head_dim, group, self.page_size)
+        if asked in ("auto", "xqa") and xqa_decode.supports(device, self.head_dim, group, self.page_size) and \
+                self._xqa_works():
+            log.info("FP8 KV decode on XQA's Hopper kernel")
+            return "xqa"
+        if asked != "auto":
+            log.warning("NANOSLG_FP8_DECODE=%s does not run here (device, head size %d, group %d, page size %d): "
+                        "FP8 KV decode on FlashInfer's kernel", asked, self.head_dim, group, self.page_size)
         return "flashinfer"
+
+    def _xqa_works(self) -> bool:
+        """XQA is compiled on its first use (FlashInfer's JIT, a minute or two, then cached): try it once on the
+        scratch page, so a machine that cannot build it decodes on FlashInfer's kernel instead of failing a step."""
+        if self.kv_cache.shape[0] == 0:
+            return False
+        device = self.kv_cache.device
+        self._xqa_workspace = torch.zeros(xqa_decode.WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        try:
+            probe = xqa_decode.XqaDecodeWrapper(device, self.num_heads, self.num_kv_heads, self.head_dim,
+                                                self.page_size, self.scale, workspace=self._xqa_workspace)
+            one = torch.ones(1, dtype=torch.int32)
+            probe.plan(BatchLayout(one, one - 1, torch.tensor([[self.scratch_page]], dtype=torch.int32),
+                                   torch.zeros(1, dtype=torch.long, device=device),
+                                   torch.zeros(1, dtype=torch.long, device=device)))
+            q = torch.zeros(1, self.num_heads, self.head_dim, dtype=self.compute_dtype, device=device)
+            probe.run(q, self.layer_cache(0), torch.empty_like(q), self.k_scale, self.v_scale)
+            return True
+        except Exception as e:  # a JIT build failure surfaces as any of several exception types
+            log.warning("XQA decode unavailable (%s: %s); FP8 KV decode on FlashInfer's kernel", type(e).__name__, e)
+            self._xqa_workspace = None
+            return False
 
     def _tensor_core_decode_works(self) -> bool:
         """Tensor-core decode loads FlashInfer's fa2 prefill module, which the GPU kit does not ship prebuilt: it is
