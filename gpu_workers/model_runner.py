@@ -11,7 +11,7 @@ from typing import Any, Optional, cast
 
 import torch
 
-from gpu_workers import cpu_features
+from gpu_workers import cpu_features, step_profiler
 from gpu_workers.attention.base import AttentionBackend
 from gpu_workers.attention.context import forward_context
 from gpu_workers.attention.flashinfer_backend import FlashInferBackend, flashinfer_usable
@@ -241,6 +241,7 @@ class ModelRunner:
         timer = OpTimer(self.device.type == "cuda") if every and plan.step_id % every == 0 else None
         span = StepSpan(self.device)
         batch = self.batch(plan)
+        step_profiler.mark("batch")
         self.op_runner.timer = timer
         try:
             hidden = self._forward(batch, stage_local, timer)
@@ -248,16 +249,19 @@ class ModelRunner:
             if hidden is None or not sampling:  # not the last stage, or no sequence reached its end
                 span.end()
                 return Launched(plan.step_id, [], None, span, timer)
+            step_profiler.mark("forward")
             seqs = [batch.seqs[b] for b in sampling]
             last = upload([int(batch.cu[b + 1]) - 1 for b in sampling], self.device)
             logits = self._timed(timer, GEMM, self.model.compute_logits, hidden[last])
         finally:
             self.op_runner.timer = None
+        step_profiler.mark("logits")
         launched = Launched(plan.step_id, [s.rid for s in seqs], None, span, timer, (logits, seqs))
         if self.sampler.constrains(launched.rids):
             span.pause()  # the device may wait for the grammar's bitmask: not the step's own time
         else:
             self.complete(launched)
+            step_profiler.mark("sampled")
         return launched
 
     def _add_matcher(self, grammars: GrammarBook, rid: str, spec: dict[str, Any], stop_token_ids: list[int]) -> None:
@@ -317,6 +321,7 @@ class ModelRunner:
                 self.backend.begin_planning()
                 plans = [self.backend.plan(layout, slot=i) for i, layout in enumerate(batch.part_layouts())]
                 self.backend.finish_planning()
+                step_profiler.mark("planned")
                 out = self.model(batch.layout.positions, plans, batch.token_bounds, self.op_runner,
                                  sequence_parallel=sp, **inputs)
         if self.ps.is_last_stage:

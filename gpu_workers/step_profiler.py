@@ -17,6 +17,16 @@ if TYPE_CHECKING:
     from torch.profiler import profile
 
 
+_active: Optional["StepProfiler"] = None  # the profiler whose window is open in this process
+
+
+def mark(name: str) -> None:
+    """Record when the current step's launch reached `name` (a phase of the host's work), in an open window only:
+    the timeline then shows which phase of the launch takes the host's time."""
+    if _active is not None and _active.timeline:
+        _active.timeline[-1][4][name] = time.time()
+
+
 class StepProfiler:
     def __init__(self, rank: int = 0):
         spec = os.environ.get("NANOSLG_PROFILE_STEPS")
@@ -27,14 +37,16 @@ class StepProfiler:
         self.steps = 0
         self.prof: Optional[profile] = None
         self.t0 = 0.0
-        # [step id, plan received, launched, reported] in seconds since the epoch
-        self.timeline: list[list[Optional[float]]] = []
+        # [step id, plan received, launched, reported, {phase: time}] in seconds since the epoch
+        self.timeline: list[list[Any]] = []
 
     def on_plan(self, step_id: int) -> None:
         """Call once per step, right after its plan arrived."""
+        global _active
         if self.count <= 0:
             return
         if self.steps == self.start:
+            _active = self
             import torch.profiler as tp
 
             self.prof = tp.profile(activities=[tp.ProfilerActivity.CPU, tp.ProfilerActivity.CUDA])
@@ -43,7 +55,7 @@ class StepProfiler:
         elif self.steps == self.start + self.count and self.prof is not None:
             self._write()
         if self.prof is not None:
-            self.timeline.append([step_id, time.time(), None, None])
+            self.timeline.append([step_id, time.time(), None, None, {}])
         self.steps += 1
 
     def launched(self) -> None:
@@ -59,6 +71,8 @@ class StepProfiler:
     def _write(self) -> None:
         from torch.autograd import DeviceType
 
+        global _active
+        _active = None
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         wall = time.perf_counter() - self.t0
@@ -74,10 +88,11 @@ class StepProfiler:
             f.write(events.table(sort_by="self_device_time_total", row_limit=25))
             f.write("\nhost operations by CPU time\n")
             f.write(events.table(sort_by="self_cpu_time_total", row_limit=25))
-            f.write("\nstep\tplan_received\tlaunched\treported\n")
-            for row in self.timeline:
-                f.write("\t".join("" if v is None else (f"{v:.6f}" if isinstance(v, float) else str(v))
-                                  for v in row) + "\n")
+            f.write("\nstep\tplan_received\tlaunched\treported\thost phases (ms after the plan arrived)\n")
+            for step_id, received, launched, reported, phases in self.timeline:
+                times = "\t".join("" if v is None else f"{v:.6f}" for v in (received, launched, reported))
+                marks = " ".join(f"{name} {1000 * (t - received):.1f}" for name, t in phases.items())
+                f.write(f"{step_id}\t{times}\t{marks}\n")
         self.prof = None
 
 
