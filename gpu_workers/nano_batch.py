@@ -39,14 +39,15 @@ class NanoState:
     q: Optional[torch.Tensor] = None
     k: Optional[torch.Tensor] = None
     v: Optional[torch.Tensor] = None
+    hidden_fp8: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # a norm's output quantized for the next GEMM
     buffer: Optional[torch.Tensor] = None  # a collective's output, made on the main stream (sequence parallelism)
     num_tokens: int = 0  # its real tokens (sequence parallelism pads the rows to a multiple of TP)
     event: Optional[torch.cuda.Event] = None  # completion of its last side-stream operation, not yet waited for
     keep: list[torch.Tensor] = field(default_factory=list)  # what that operation touches, held until the wait
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.positions, self.hidden, self.residual, self.q, self.k, self.v, self.buffer)
-                if t is not None]
+        return [t for t in (self.positions, self.hidden, self.residual, self.q, self.k, self.v, self.buffer,
+                            *(self.hidden_fp8 or ())) if t is not None]
 
 
 Op = Callable[[NanoState], None]  # one operation of a layer over a nano-batch's state

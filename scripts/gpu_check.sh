@@ -394,13 +394,13 @@ for mode in $MODES; do
           kv) flags="--kv-cache-dtype fp8" ;;
           weights) flags="--quantization fp8" ;;
           both-triton | both-xqa) flags="--quantization fp8 --kv-cache-dtype fp8" ;;  # FP8 decode on Triton / XQA
-          both-fused) flags="--quantization fp8 --kv-cache-dtype fp8" ;;  # down_proj's quantization in SiLU-mul
+          both-fused) flags="--quantization fp8 --kv-cache-dtype fp8" ;;  # quantizations in SiLU-mul and the norms
         esac
         [ $variant = both-triton ] && export NANOSLG_FP8_DECODE=triton
         [ $variant = both-xqa ] && export NANOSLG_FP8_DECODE=xqa
-        [ $variant = both-fused ] && export NANOSLG_FP8_FUSED_SILU=1
+        [ $variant = both-fused ] && export NANOSLG_FP8_FUSED_SILU=1 NANOSLG_FP8_FUSED_NORM=1
         bench fp8-$variant-1024 $common $flags
-        unset NANOSLG_FP8_DECODE NANOSLG_FP8_FUSED_SILU
+        unset NANOSLG_FP8_DECODE NANOSLG_FP8_FUSED_SILU NANOSLG_FP8_FUSED_NORM
         ops_summary fp8-$variant-1024
         ratio "fp8 $variant / bf16" fp8-$variant-1024 fp8-bf16-1024
       done

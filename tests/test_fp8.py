@@ -80,6 +80,59 @@ def test_silu_and_mul_quantized_for_the_down_projection():
     assert torch.allclose(q.float() * s, y, rtol=1 / 16, atol=1e-3)
 
 
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_residual_add_and_rms_norm_quantized_for_the_next_gemm(with_residual):
+    """fp8.add_rms_norm_quantize (the fused kernel's contract; the kernel itself: tests/gpu/test_gpu_fp8.py): the
+    residual becomes x + residual in place, and the norm of that sum comes out quantized per token."""
+    torch.manual_seed(3)
+    x, residual, weight = torch.randn(5, 48) * 4, torch.randn(5, 48), torch.rand(48) + 0.5
+    summed = x + residual if with_residual else x.clone()
+    res_in = residual.clone() if with_residual else None
+    q, s, res_out = fp8.add_rms_norm_quantize(x, res_in, weight, 1e-6)
+    assert torch.equal(res_out, summed) and (res_out is res_in if with_residual else res_out is x)
+    normed = summed * torch.rsqrt(summed.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
+    rq, rs = fp8.quantize_rows(normed)
+    assert q.dtype == fp8.FP8 and s.shape == (5, 1)
+    assert torch.allclose(s[:, 0], rs) and torch.equal(q.float(), rq.float())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_fused_quantizing_norms_and_silu_feed_the_gemms_what_they_quantize(arch, tiny_model_dir, tmp_path,
+                                                                           monkeypatch):
+    """NANOSLG_FP8_FUSED_NORM / _SILU wired through the decoder layer, on the CPU: with every GEMM taking FP8 input
+    (its product emulated in fp32 on the dequantized weight), the engine's teacher-forced logits equal Hugging Face's
+    on the rounded weights with the inputs of q/k/v, gate/up and down rounded per token to e4m3 (o_proj's stays
+    unfused), to fp32 rounding; the unfused engine is far from that emulation, so the fused path really ran."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "gpu"))
+    import bf16_oracle as oracle
+    from gpu_workers.layers.linear_methods import Fp8LinearMethod
+
+    folder = tiny_model_dir(arch)
+    rounded = write_fake_quantized(folder, str(tmp_path / "rounded"))
+    prompts = random_prompts(4, seed=8)
+    hf = oracle.hf_model(rounded, torch.float32)
+    theirs, _ = oracle.hf_greedy(hf, prompts, 6)
+
+    def round_input(module, args):
+        q, scale = fp8.quantize_rows(args[0].reshape(-1, args[0].shape[-1]))
+        return (fp8.dequantize_rows(q, scale, args[0].dtype).reshape(args[0].shape),)
+    hooks = [m.register_forward_pre_hook(round_input) for name, m in hf.named_modules()
+             if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj",
+                                                                             "gate_proj", "up_proj", "down_proj")]
+    emulated = oracle.hf_forced(hf, prompts, theirs)
+    for hook in hooks:
+        hook.remove()
+    _, unfused = oracle.engine_logits(folder, "sdpa", prompts, 6, forced=theirs, quantization="fp8")
+    monkeypatch.setattr(fp8, "FUSED_NORM", True)
+    monkeypatch.setattr(fp8, "FUSED_SILU", True)
+    monkeypatch.setattr(Fp8LinearMethod, "takes_fp8_input", lambda self, layer, rows: True)
+    monkeypatch.setattr(Fp8LinearMethod, "apply_fp8", lambda self, layer, xq, xs, bias, out_dtype: (
+        (xq.float() * xs) @ layer.weight.float().t()).to(out_dtype))
+    _, fused = oracle.engine_logits(folder, "sdpa", prompts, 6, forced=theirs, quantization="fp8")
+    assert float(oracle.forced_errors(fused, emulated).max()) < 1e-4
+    assert float(oracle.forced_errors(unfused, emulated).median()) > 1e-3
+
+
 def test_block_scales_dequantize_with_partial_edge_blocks():
     w = torch.randn(70, 50)
     q, scale, reference = quantize_weight(w, "block", (32, 16))  # 3 x 4 blocks, the last row and column partial

@@ -19,6 +19,11 @@ MIN_SCALE = 1e-12
 # Up to this many rows, a Triton GEMV reads the FP8 weight and multiplies bf16 activations (weight-only FP8):
 # _scaled_mm reads FP8 weights at half the bandwidth at M=1 (../shared/probes/fp8-h100.md). 0 turns it off.
 GEMV_MAX_ROWS = int(os.environ.get("NANOSLG_FP8_GEMV_MAX_ROWS", "16"))
+# Activation quantization fused into what precedes the GEMM, where the GEMM quantizes its input (more rows than the
+# GEMV takes, one GPU): SiLU-and-mul's for the down projection, the residual add and RMSNorm's for the QKV and
+# gate/up projections. Off until an engine A/B on a GPU measures them.
+FUSED_SILU = os.environ.get("NANOSLG_FP8_FUSED_SILU", "0") == "1"
+FUSED_NORM = os.environ.get("NANOSLG_FP8_FUSED_NORM", "0") == "1"
 log = logging.getLogger("nanoslg.worker")
 
 try:  # Triton comes with CUDA builds of torch; the CPU build runs the torch-op versions below
@@ -122,6 +127,33 @@ def silu_mul_quantize(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return q, scale[:, None]
 
 
+def add_rms_norm_quantize(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decoder layer's residual add and RMSNorm with the next GEMM's per-token quantization, in one pass on CUDA:
+    (e4m3 [M, H], float32 scales [M, 1], the residual stream). With a residual it becomes x + residual in place (the
+    sum in fp32, stored in the model's dtype), as FlashInfer's fused_add_rmsnorm does, and the norm is of the fp32
+    sum; without one, x is the residual. The normalized row is rounded to the model's dtype before it is quantized,
+    so the values equal the unfused norm's output quantized."""
+    if fp8_kernels_supported(x.device):
+        rows, cols = x.shape
+        q = torch.empty((rows, cols), dtype=FP8, device=x.device)
+        scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
+        if rows:
+            block = triton.next_power_of_2(cols)
+            res = residual if residual is not None else x
+            _add_rms_norm_quantize_kernel[(rows,)](x, res, weight, q, scale, cols, eps, x.stride(0), res.stride(0),
+                                                   q.stride(0), HAS_RESIDUAL=residual is not None, BLOCK=block,
+                                                   num_warps=min(16, max(1, block // 512)))
+        return q, scale, residual if residual is not None else x
+    xf = x.float()
+    if residual is not None:
+        xf = xf + residual.float()
+        residual.copy_(xf)
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+    q, row_scale = quantize_rows(y)
+    return q, row_scale[:, None], residual if residual is not None else x
+
+
 def scaled_mm(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
               bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
     """e4m3 activations [M, K] with scales [M, 1] times an e4m3 weight [N, K] with scales [1, N] (+ bias)."""
@@ -196,6 +228,24 @@ if triton is not None:
 
 
 if triton is not None:
+    @triton.jit
+    def _add_rms_norm_quantize_kernel(x_ptr, res_ptr, w_ptr, q_ptr, s_ptr, cols, eps, x_stride, res_stride,
+                                      q_stride, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < cols
+        x = tl.load(x_ptr + row * x_stride + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            x += tl.load(res_ptr + row * res_stride + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(res_ptr + row * res_stride + offs, x.to(res_ptr.dtype.element_ty), mask=mask)
+        inv = tl.rsqrt(tl.sum(x * x, axis=0) / cols + eps)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = (x * inv * w).to(x_ptr.dtype.element_ty).to(tl.float32)  # the unfused norm's output, as rounded
+        scale = tl.maximum(tl.max(tl.abs(y), axis=0) / 448.0, 1e-12)
+        q = tl.minimum(tl.maximum(y / scale, -448.0), 448.0)
+        tl.store(q_ptr + row * q_stride + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(s_ptr + row, scale)
+
     @triton.jit
     def _silu_mul_quantize_kernel(x_ptr, q_ptr, s_ptr, inter, x_stride, q_stride, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)

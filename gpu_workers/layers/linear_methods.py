@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from typing import Any, Optional, Protocol
 
 import torch
@@ -139,9 +138,6 @@ class LinearMethod:
 UNQUANTIZED = LinearMethod()
 # The down projection's activation quantization fused into SiLU-and-mul (fp8.silu_mul_quantize): off until an A/B
 # on a GPU (gpu_check.sh fp8-1024, variant both-fused) says it pays
-FUSED_ACTIVATION = os.environ.get("NANOSLG_FP8_FUSED_SILU", "0") == "1"
-
-
 class Fp8LinearMethod(LinearMethod):
     """FP8 e4m3 weights with float32 scales. Where the GPU has FP8 tensor cores the weight stays FP8 with one scale
     per output channel (a block-scaled checkpoint requantized per channel) and activations are quantized per token
@@ -253,7 +249,7 @@ class Fp8LinearMethod(LinearMethod):
 
     def takes_fp8_input(self, layer: Any, rows: int) -> bool:
         # the GEMV (few rows) multiplies bf16 activations; a static input scale quantizes with its own scale
-        return FUSED_ACTIVATION and layer.fp8_gemm and layer.fp8_input_scale is None and rows > fp8.GEMV_MAX_ROWS
+        return layer.fp8_gemm and layer.fp8_input_scale is None and rows > fp8.GEMV_MAX_ROWS
 
     def apply_fp8(self, layer: Any, xq: torch.Tensor, xs: torch.Tensor, bias: Optional[torch.Tensor],
                   out_dtype: torch.dtype) -> torch.Tensor:

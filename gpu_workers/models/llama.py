@@ -11,7 +11,7 @@ from gpu_workers.attention.context import current_backend
 from gpu_workers.layers import fp8
 from gpu_workers.layers.activation import silu_and_mul
 from gpu_workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from gpu_workers.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from gpu_workers.layers.linear import MergedColumnParallelLinear, ParallelLinear, QKVParallelLinear, RowParallelLinear
 from gpu_workers.layers.linear_methods import method_for
 from gpu_workers.layers.norm import RMSNorm
 from gpu_workers.layers.rotary import RotaryEmbedding
@@ -38,10 +38,14 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype) if spec.qk_norm else None
         self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype) if spec.qk_norm else None
 
-    def project(self, positions: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(q, k, v) for x, rotated; q contiguous, as the attention kernels read it."""
+    def project(self, positions: torch.Tensor, x: torch.Tensor,
+                x_fp8: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                    torch.Tensor]:
+        """(q, k, v) for x (or for x quantized already: x_fp8, with x the residual, which gives the dtype), rotated;
+        q contiguous, as the attention kernels read it."""
         d = self.head_dim
-        q, k, v = self.qkv_proj(x).split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], -1)
+        qkv = self.qkv_proj(x) if x_fp8 is None else self.qkv_proj.local_fp8(*x_fp8, x.dtype)
+        q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], -1)
         q = q.view(-1, self.num_heads, d)
         k = k.view(-1, self.num_kv_heads, d)
         v = v.view(-1, self.num_kv_heads, d)
@@ -63,12 +67,13 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj.reduce_(self.local(x))
 
-    def local(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's down projection of SiLU-and-mul, before the TP reduction. Where the down projection takes FP8
-        activations, the quantization is fused into SiLU-and-mul (the bf16 product is never written)."""
-        gate_up = self.gate_up_proj(x)
+    def local(self, x: torch.Tensor, x_fp8: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """This rank's down projection of SiLU-and-mul, before the TP reduction (x_fp8: x quantized already, see
+        Attention.project). With fp8.FUSED_SILU, where the down projection takes FP8 activations, their quantization
+        is fused into SiLU-and-mul (the bf16 product is never written)."""
+        gate_up = self.gate_up_proj(x) if x_fp8 is None else self.gate_up_proj.local_fp8(*x_fp8, x.dtype)
         dtype = gate_up.dtype
-        if self.down_proj.method.takes_fp8_input(self.down_proj, gate_up.shape[0]):
+        if fp8.FUSED_SILU and self.down_proj.method.takes_fp8_input(self.down_proj, gate_up.shape[0]):
             xq, xs = fp8.silu_mul_quantize(gate_up)
             del gate_up  # freed before the down projection allocates, as a one-expression chain would
             return self.down_proj.local_fp8(xq, xs, dtype)
@@ -90,6 +95,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
         reduces = parallel_state().tp_size > 1  # one rank: o_proj and down_proj have no bias to add either
+        # the norms quantize for the QKV and gate/up GEMMs (fp8.FUSED_NORM); one rank only, as sequence
+        # parallelism gathers the normalized rows between the norm and the GEMM
+        self.norm_quantizes = fp8.FUSED_NORM and not reduces
         self.ops = [(OTHER, self._norm_in), (GEMM, self._qkv), (ATTENTION, self._attend), (GEMM, self._o_proj)] + \
             ([(COLLECTIVE, self._reduce_attn)] if reduces else []) + \
             [(OTHER, self._norm_post), (GEMM, self._mlp)] + ([(COLLECTIVE, self._reduce_mlp)] if reduces else [])
@@ -98,14 +106,26 @@ class DecoderLayer(nn.Module):
             self._norm_in, self._qkv, self._attend, self._norm_post, attn.o_proj, attn.num_heads * attn.head_dim,
             self.mlp.gate_up_proj, self.mlp.down_proj) if reduces else self.ops
 
+    def _quantizing_norm(self, norm: RMSNorm, gemm: ParallelLinear, s: NanoState) -> bool:
+        """Residual add, norm and the GEMM's activation quantization in one kernel, where the GEMM takes FP8 input:
+        s.hidden_fp8 holds the result, s.hidden the residual stream."""
+        if not (self.norm_quantizes and gemm.method.takes_fp8_input(gemm, s.hidden.shape[0])):
+            return False
+        xq, xs, s.residual = fp8.add_rms_norm_quantize(s.hidden, s.residual, norm.weight, norm.eps)
+        s.hidden_fp8, s.hidden = (xq, xs), s.residual
+        return True
+
     def _norm_in(self, s: NanoState) -> None:
+        if self._quantizing_norm(self.input_layernorm, self.self_attn.qkv_proj, s):
+            return
         if s.residual is None:
             s.residual, s.hidden = s.hidden, self.input_layernorm(s.hidden)
         else:
             s.hidden, s.residual = self.input_layernorm(s.hidden, s.residual)
 
     def _qkv(self, s: NanoState) -> None:
-        s.q, s.k, s.v = self.self_attn.project(s.positions, s.hidden)
+        s.q, s.k, s.v = self.self_attn.project(s.positions, s.hidden, s.hidden_fp8)
+        s.hidden_fp8 = None
         s.hidden = torch.empty_like(s.q)  # the attention's output, made here so the attention allocates nothing
 
     def _attend(self, s: NanoState) -> None:
@@ -121,10 +141,12 @@ class DecoderLayer(nn.Module):
         self.self_attn.o_proj.reduce_(s.hidden)
 
     def _norm_post(self, s: NanoState) -> None:
-        s.hidden, s.residual = self.post_attention_layernorm(s.hidden, s.residual)
+        if not self._quantizing_norm(self.post_attention_layernorm, self.mlp.gate_up_proj, s):
+            s.hidden, s.residual = self.post_attention_layernorm(s.hidden, s.residual)
 
     def _mlp(self, s: NanoState) -> None:
-        s.hidden = self.mlp.local(s.hidden)
+        s.hidden = self.mlp.local(s.hidden, s.hidden_fp8)
+        s.hidden_fp8 = None
 
     def _reduce_mlp(self, s: NanoState) -> None:
         self.mlp.down_proj.reduce_(s.hidden)

@@ -163,20 +163,39 @@ def test_fused_silu_mul_quantize_is_silu_and_mul_then_quantize():
     assert ((q.float() - rq.float()).abs() <= rq.float().abs() / 8 + 2 ** -9).all()  # at most one rounding step
 
 
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_fused_add_rms_norm_quantize_is_the_torch_ops(with_residual):
+    from gpu_workers.layers import fp8
+
+    torch.manual_seed(7)
+    x = torch.randn(37, 4096, device="cuda", dtype=torch.bfloat16) * 3
+    residual = torch.randn(37, 4096, device="cuda", dtype=torch.bfloat16) if with_residual else None
+    weight = (torch.rand(4096, device="cuda") + 0.5).to(torch.bfloat16)
+    ref_res = residual.cpu() if residual is not None else None
+    rq, rs, rres = fp8.add_rms_norm_quantize(x.cpu(), ref_res, weight.cpu(), 1e-5)  # the torch ops, on the CPU
+    q, s, res = fp8.add_rms_norm_quantize(x, residual, weight, 1e-5)
+    assert torch.equal(res.cpu(), rres)
+    assert torch.allclose(s.cpu(), rs, rtol=1e-5)
+    assert ((q.float().cpu() - rq.float()).abs() <= rq.float().abs() / 8 + 2 ** -9).all()  # at most one step
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_fp8_gemms_follow_transformers_with_rounded_activations(models, fused, monkeypatch):
     """The activation-quantized GEMMs (Triton quantizer, _scaled_mm at M > 16, the GEMV below) against fp32 Hugging
     Face on the rounded weights whose linear inputs are rounded per token the same way (fused: the down projection's
-    quantization inside SiLU-and-mul). A random tiny model turns
-    one flipped activation rounding into visible logit noise: on the CPU, that emulation in bf16 against fp32 is
-    0.24 mean (0.46 max) relative error, against 0.04 for bf16 alone; a wrong scale or layout is ~1."""
-    from gpu_workers.layers import fp8, linear_methods
+    quantization inside SiLU-and-mul, the QKV and gate/up projections' inside the residual add and RMSNorm). A
+    random tiny model turns one flipped activation rounding into visible logit noise: on the CPU, that emulation in
+    bf16 against fp32 is 0.24 mean (0.46 max) relative error, against 0.04 for bf16 alone; a wrong scale or layout
+    is ~1."""
+    from gpu_workers.layers import fp8
 
-    monkeypatch.setattr(linear_methods, "FUSED_ACTIVATION", fused)  # SiLU-and-mul quantizes for down_proj
+    monkeypatch.setattr(fp8, "FUSED_SILU", fused)  # SiLU-and-mul quantizes for down_proj
+    monkeypatch.setattr(fp8, "FUSED_NORM", fused)  # the norms quantize for qkv and gate_up
     monkeypatch.setattr(fp8, "GEMV_MAX_ROWS", 0)  # decode steps too: every GEMM quantizes its activations
     calls = []
-    fused_kernel = fp8.silu_mul_quantize
-    monkeypatch.setattr(fp8, "silu_mul_quantize", lambda x: calls.append(x.shape) or fused_kernel(x))
+    silu_kernel, norm_kernel = fp8.silu_mul_quantize, fp8.add_rms_norm_quantize
+    monkeypatch.setattr(fp8, "silu_mul_quantize", lambda x: calls.append("silu") or silu_kernel(x))
+    monkeypatch.setattr(fp8, "add_rms_norm_quantize", lambda *a: calls.append("norm") or norm_kernel(*a))
     folder, rounded = models
     prompts = random_prompts(8, seed=42, lengths=[90, 7, 150, 33] * 2)
     hf32 = hf_model(rounded, torch.float32)
@@ -188,7 +207,8 @@ def test_fp8_gemms_follow_transformers_with_rounded_activations(models, fused, m
     _, ours = engine_logits(folder, "flashinfer", prompts, 8, forced=theirs, quantization="fp8")
     err = forced_errors(ours, ref)
     print(json.dumps({"activation_rounded_rel_error": err.mean().item(), "max": err.max().item(), "fused": fused}))
-    assert len(calls) == (4 * 8 if fused else 0)  # 4 layers x 8 steps
+    assert (calls.count("silu"), calls.count("norm")) == ((4 * 8, 2 * 4 * 8) if fused else (0, 0))  # 4 layers x 8
+    # steps
     assert err.mean() < 0.35 and err.max() < 0.8, (err.mean(), err.max())
 
 
