@@ -377,11 +377,13 @@ for mode in $MODES; do
       grep "^SWEEP" "$OUT/fp8-sweep.log" | grep -v "Error" || tail -20 "$OUT/fp8-sweep.log"
       summary+=("$(grep "best:" "$OUT/fp8-sweep.log")")
       ;;
-    fp8-profile)  # per-kernel times of a decode-heavy window of offline-1024-512 with FP8 weights + KV (Triton decode)
-      export NANOSLG_PROFILE_STEPS=300:40 NANOSLG_PROFILE_OUT="$OUT/profile-fp8.txt" NANOSLG_FP8_DECODE=triton
+    fp8-profile)  # per-kernel times and the host's launch phases in a decode-heavy window of offline-1024-512 with
+      # FP8 weights + KV (FP8_PROFILE_ENV: e.g. NANOSLG_FP8_FUSED_NORM=1)
+      export NANOSLG_PROFILE_STEPS=300:40 NANOSLG_PROFILE_OUT="$OUT/profile-fp8.txt" ${FP8_PROFILE_ENV:-}
       bench profile-fp8 --input-len 1024 --output-len 512 --num-prompts 700 --quantization fp8 --kv-cache-dtype fp8
-      unset NANOSLG_PROFILE_STEPS NANOSLG_PROFILE_OUT NANOSLG_FP8_DECODE
+      unset NANOSLG_PROFILE_STEPS NANOSLG_PROFILE_OUT
       head -40 "$OUT/profile-fp8.txt" | cut -c1-70,150-200
+      grep -A12 "host phases" "$OUT/profile-fp8.txt"
       ;;
     fp8-1024)  # offline-1024-512 x 2000 at the default flags: bf16, then each of FP8_VARIANTS (both kv weights
       # both-triton both-xqa both-fused), ratios to bf16, each with its roofline breakdown
