@@ -135,6 +135,7 @@ def add_rms_norm_quantize(x: torch.Tensor, residual: Optional[torch.Tensor], wei
     sum; without one, x is the residual. The normalized row is rounded to the model's dtype before it is quantized,
     so the values equal the unfused norm's output quantized."""
     if fp8_kernels_supported(x.device):
+        x = x if x.stride(-1) == 1 else x.contiguous()  # rows anywhere, each row's elements side by side
         rows, cols = x.shape
         q = torch.empty((rows, cols), dtype=FP8, device=x.device)
         scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
