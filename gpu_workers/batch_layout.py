@@ -61,28 +61,36 @@ def build_batch(plan: StepPlan, page_size: int, token_slots: TokenSlots, device:
     in from token_slots on the device."""
     ps = page_size
     seqs = sorted(plan.seqs, key=lambda s: len(s.token_ids) + s.pending != 1)  # stable: decodes first
-    q_lens = np.fromiter((len(s.token_ids) + s.pending for s in seqs), dtype=np.int64, count=len(seqs))
-    starts = np.fromiter((s.start_pos for s in seqs), dtype=np.int64, count=len(seqs))
-    max_pages = max(len(s.page_table) for s in seqs)
-    tables = np.zeros((len(seqs), max_pages), dtype=np.int64)
-    for b, s in enumerate(seqs):
-        tables[b, :len(s.page_table)] = np.frombuffer(s.page_table, dtype=np.int32)
+    count = len(seqs)
+    # Every sequence's ids and pages joined into one buffer each, then scattered by index arithmetic: a loop over
+    # the sequences costs ~5 us each, milliseconds a step at the hundreds of rows an FP8 pool runs.
+    num_ids = np.fromiter((len(s.token_ids) for s in seqs), dtype=np.int64, count=count)
+    pending = np.fromiter((s.pending for s in seqs), dtype=np.int64, count=count)
+    num_pages = np.fromiter((len(s.page_table) for s in seqs), dtype=np.int64, count=count)
+    starts = np.fromiter((s.start_pos for s in seqs), dtype=np.int64, count=count)
+    q_lens = num_ids + pending
+    tables = np.zeros((count, int(num_pages.max())), dtype=np.int64)
+    tables[np.repeat(np.arange(count), num_pages), _offsets_within(num_pages)] = \
+        np.frombuffer(b"".join(s.page_table for s in seqs), dtype=np.int32)
     cu = np.concatenate([[0], np.cumsum(q_lens)])
     input_ids = np.zeros(int(cu[-1]), dtype=np.int64)
-    pending_at, pending_slots = [], []
-    for b, s in enumerate(seqs):
-        n = len(s.token_ids)
-        input_ids[cu[b]:cu[b] + n] = np.frombuffer(s.token_ids, dtype=np.int32)
-        if s.pending:
-            pending_at.append(int(cu[b]) + n)
-            pending_slots.append(token_slots.slot(s.rid))
-    seq_of_token = np.repeat(np.arange(len(seqs)), q_lens)
+    input_ids[np.repeat(cu[:-1], num_ids) + _offsets_within(num_ids)] = \
+        np.frombuffer(b"".join(s.token_ids for s in seqs), dtype=np.int32)
+    waits = pending > 0  # one token each, sampled by the step before, still on the device
+    pending_at = (cu[:-1] + num_ids)[waits]
+    pending_slots = [token_slots.slot(s.rid) for s in seqs if s.pending]
+    seq_of_token = np.repeat(np.arange(count), q_lens)
     positions = starts[seq_of_token] + (np.arange(len(input_ids)) - cu[seq_of_token])
     slots = tables[seq_of_token, positions // ps] * ps + positions % ps
     layout = BatchLayout(q_lens=torch.from_numpy(q_lens).int(), start_pos=torch.from_numpy(starts).int(),
                          page_tables=torch.from_numpy(tables).int(), positions=upload(positions, device),
                          slot_mapping=upload(slots, device))
     ids = upload(input_ids, device)
-    if pending_at:  # tokens the previous step sampled, still on the device
+    if pending_slots:  # tokens the previous step sampled, still on the device
         ids[upload(pending_at, device)] = token_slots.tokens[upload(pending_slots, device)]
     return StepBatch(seqs, ids, layout, cu, split_rows(q_lens.tolist(), nano_batches))
+
+
+def _offsets_within(lengths: np.ndarray) -> np.ndarray:
+    """0..n-1 for each n in lengths, concatenated."""
+    return np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
