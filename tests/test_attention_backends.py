@@ -147,7 +147,7 @@ def test_own_fp8_decode_kernels_get_the_pages_and_lengths_flashinfer_would(kerne
     sd.kv_cache.copy_(torch.randn(sd.kv_cache.shape).to(sd.kv_cache.dtype))
     fi.kv_cache.copy_(sd.kv_cache)
     for b in (fi, sd):
-        b.k_scale, b.v_scale = (0.5, 2.0) if kernel == "triton" else (0.5, 0.5)  # XQA: one scale for K and V
+        b.k_scale, b.v_scale = 0.5, 2.0
     layout = _layout([(1, 9), (1, 3), (1, 17), (1, 0)], seed=3)
     q, k = torch.randn(4, HEADS, DIM), torch.randn(4, KV_HEADS, DIM)
     ref = sd.forward(1, q, k, k, sd.plan(layout))

@@ -96,7 +96,7 @@ def test_residual_add_and_rms_norm_quantized_for_the_next_gemm(with_residual):
     assert torch.allclose(s[:, 0], rs) and torch.equal(q.float(), rq.float())
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])  # qwen2: a QKV bias
 def test_fused_quantizing_norms_and_silu_feed_the_gemms_what_they_quantize(arch, tiny_model_dir, tmp_path,
                                                                            monkeypatch):
     """NANOSLG_FP8_FUSED_NORM / _SILU wired through the decoder layer, on the CPU: with every GEMM taking FP8 input
@@ -108,6 +108,16 @@ def test_fused_quantizing_norms_and_silu_feed_the_gemms_what_they_quantize(arch,
     from gpu_workers.layers.linear_methods import Fp8LinearMethod
 
     folder = tiny_model_dir(arch)
+    if arch == "qwen2":  # random QKV biases (a new model's are zero): the fused path must add them
+        from safetensors.torch import load_file, save_file
+
+        biased = str(tmp_path / "biased")
+        shutil.copytree(folder, biased)
+        tensors = load_file(os.path.join(biased, "model.safetensors"))
+        torch.manual_seed(2)
+        tensors.update({k: torch.randn_like(v) for k, v in tensors.items() if k.endswith("_proj.bias")})
+        save_file(tensors, os.path.join(biased, "model.safetensors"), metadata={"format": "pt"})
+        folder = biased
     rounded = write_fake_quantized(folder, str(tmp_path / "rounded"))
     prompts = random_prompts(4, seed=8)
     hf = oracle.hf_model(rounded, torch.float32)
@@ -127,7 +137,7 @@ def test_fused_quantizing_norms_and_silu_feed_the_gemms_what_they_quantize(arch,
     monkeypatch.setattr(fp8, "FUSED_SILU", True)
     monkeypatch.setattr(Fp8LinearMethod, "takes_fp8_input", lambda self, layer, rows: True)
     monkeypatch.setattr(Fp8LinearMethod, "apply_fp8", lambda self, layer, xq, xs, bias, out_dtype: (
-        (xq.float() * xs) @ layer.weight.float().t()).to(out_dtype))
+        (xq.float() * xs) @ layer.weight.float().t() + (0 if bias is None else bias.float())).to(out_dtype))
     _, fused = oracle.engine_logits(folder, "sdpa", prompts, 6, forced=theirs, quantization="fp8")
     assert float(oracle.forced_errors(fused, emulated).max()) < 1e-4
     assert float(oracle.forced_errors(unfused, emulated).median()) > 1e-3

@@ -1,10 +1,11 @@
 """Paged decode over an FP8 KV cache on FlashInfer's XQA kernels (TensorRT-LLM's decode attention; on SM90 its
-Hopper kernel, TMA loads and FP8 tensor-core MMAs), behind the decode-wrapper interface of fp8_decode.py. A
-candidate for the engine's FP8 decode (NANOSLG_FP8_DECODE=xqa), measured against FlashInfer's tensor-core decode
+Hopper kernel, TMA loads and FP8 tensor-core MMAs), behind the decode-wrapper interface of fp8_decode.py. The
+engine's FP8 decode on SM90 where it builds (flashinfer_backend.py), measured against FlashInfer's tensor-core decode
 and the Triton kernel by benchmarks/fp8_decode_attention.py.
 
-XQA runs the query in FP8 too (scaled by its q_scale) and takes one scale for K and V; it splits long contexts
-itself, by a count derived from the batch size and the page table's width, both fixed in a CUDA graph."""
+XQA runs the query and the softmax probabilities in FP8 too; K's scale goes into the logits' scale (bmm1) and V's
+into the output's (bmm2). It splits long contexts itself, by a count derived from the batch size and the page
+table's width, both fixed in a CUDA graph."""
 from __future__ import annotations
 
 from typing import Optional
@@ -47,8 +48,6 @@ class XqaDecodeWrapper(PagedDecodeWrapper):
             k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
         from flashinfer.decode import xqa_batch_decode_with_kv_cache
 
-        if k_scale != v_scale:
-            raise ValueError(f"XQA takes one scale for K and V, not {k_scale} and {v_scale}")
         rows = q.shape[0]
         tables = self.tables[:rows]
         return xqa_batch_decode_with_kv_cache(

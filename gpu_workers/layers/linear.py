@@ -80,6 +80,10 @@ class ColumnParallelLinear(ParallelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x, self.bias)
 
+    def forward_fp8(self, xq: torch.Tensor, xs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """forward() for activations its method takes already quantized (method.takes_fp8_input), bias included."""
+        return self.method.apply_fp8(self, xq, xs, self.bias, out_dtype)
+
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of equal width stored as one matrix (gate and up of the MLP)."""

@@ -44,7 +44,7 @@ class Attention(nn.Module):
         """(q, k, v) for x (or for x quantized already: x_fp8, with x the residual, which gives the dtype), rotated;
         q contiguous, as the attention kernels read it."""
         d = self.head_dim
-        qkv = self.qkv_proj(x) if x_fp8 is None else self.qkv_proj.local_fp8(*x_fp8, x.dtype)
+        qkv = self.qkv_proj(x) if x_fp8 is None else self.qkv_proj.forward_fp8(*x_fp8, x.dtype)
         q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], -1)
         q = q.view(-1, self.num_heads, d)
         k = k.view(-1, self.num_kv_heads, d)
@@ -71,7 +71,7 @@ class MLP(nn.Module):
         """This rank's down projection of SiLU-and-mul, before the TP reduction (x_fp8: x quantized already, see
         Attention.project). With fp8.FUSED_SILU, where the down projection takes FP8 activations, their quantization
         is fused into SiLU-and-mul (the bf16 product is never written)."""
-        gate_up = self.gate_up_proj(x) if x_fp8 is None else self.gate_up_proj.local_fp8(*x_fp8, x.dtype)
+        gate_up = self.gate_up_proj(x) if x_fp8 is None else self.gate_up_proj.forward_fp8(*x_fp8, x.dtype)
         dtype = gate_up.dtype
         if fp8.FUSED_SILU and self.down_proj.method.takes_fp8_input(self.down_proj, gate_up.shape[0]):
             xq, xs = fp8.silu_mul_quantize(gate_up)
