@@ -54,6 +54,7 @@ def decode_layer_s(kv_fp8: bool, batch: int, context: int, heads: int, kv_heads:
     checked against FlashInfer's output first."""
     device = torch.device("cuda")
     pages_per_seq = -(-context // page)
+    os.environ["NANOSLG_FP8_DECODE"] = "flashinfer"  # the row and the reference are FlashInfer's own FP8 decode
     backend = FlashInferBackend(1, batch * pages_per_seq, page, heads, kv_heads, head_dim, torch.bfloat16, device,
                                 kv_fp8)
     backend.kv_cache.copy_(torch.randn(backend.kv_cache.shape, device=device).to(backend.kv_cache.dtype))

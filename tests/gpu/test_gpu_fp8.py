@@ -91,15 +91,23 @@ def test_fp8_weights_and_kv_cache_follow_transformers_on_the_rounded_weights(mod
         floor = forced_errors(hf_forced(hf16, prompts, theirs), ref_kv)
     del hf16
     report = {"hf_bf16_rounded_kv_rel_error": floor.mean().item()}
-    for label, args in (("weights", dict(quantization="fp8")), ("kv", dict(kv_cache_dtype="fp8")),
-                        ("both", dict(quantization="fp8", kv_cache_dtype="fp8"))):
+    legs = [("weights", dict(quantization="fp8"), "flashinfer", 1.0),
+            ("kv", dict(kv_cache_dtype="fp8"), "flashinfer", 1.0),
+            ("both", dict(quantization="fp8", kv_cache_dtype="fp8"), "flashinfer", 1.0)]
+    if torch.cuda.get_device_capability()[0] == 9:
+        # the default FP8 decode on SM90: XQA also rounds the query and the softmax probabilities to e4m3, which
+        # the emulation leaves out, so it is allowed twice the error (a wrong scale or layout is still ~1)
+        legs.append(("both-xqa", dict(quantization="fp8", kv_cache_dtype="fp8"), "xqa", 2.0))
+    for label, args, decode, slack in legs:
+        monkeypatch.setenv("NANOSLG_FP8_DECODE", decode)
         _, ours_forced = engine_logits(folder if "quantization" in args else rounded, "flashinfer", prompts, STEPS,
                                        forced=theirs, **args)
         err = forced_errors(ours_forced, ref_kv if "kv_cache_dtype" in args else ref)
         report[f"{label}_rel_error"] = err.mean().item()
         mean_bound, max_bound = (0.08, 0.25) if label == "weights" else \
-            (max(0.08, 1.5 * floor.mean().item()), max(0.25, 2 * floor.max().item()))
+            (slack * max(0.08, 1.5 * floor.mean().item()), slack * max(0.25, 2 * floor.max().item()))
         assert err.mean() < mean_bound and err.max() < max_bound, (label, err.mean(), err.max(), report)
+    monkeypatch.delenv("NANOSLG_FP8_DECODE")  # the whole engine below decodes on the default kernel
     params = SamplingParams(max_tokens=STEPS, temperature=0, ignore_eos=True)
     with LLM(folder, max_model_len=1024, quantization="fp8", kv_cache_dtype="fp8",
              max_num_batched_tokens=64) as llm:
@@ -108,7 +116,7 @@ def test_fp8_weights_and_kv_cache_follow_transformers_on_the_rounded_weights(mod
         assert info["fp8_compute"] == "FP8 GEMMs"
         ours = [o.token_ids for o in llm.generate(prompts[:15], params)]
         ours += [o.token_ids for o in llm.generate(prompts[15:], params)]
-    found = divergences(ours, theirs_kv, their_kv_logits, report["both_rel_error"])
+    found = divergences(ours, theirs_kv, their_kv_logits, report.get("both-xqa_rel_error", report["both_rel_error"]))
     report["match_rate"] = sum(a == b for a, b in zip(ours, theirs_kv)) / len(prompts)
     report["divergences"] = [tuple(round(x, 3) for x in d) for d in found]
     print(json.dumps(report))
@@ -175,7 +183,7 @@ def test_fused_add_rms_norm_quantize_is_the_torch_ops(with_residual):
     rq, rs, rres = fp8.add_rms_norm_quantize(x.cpu(), ref_res, weight.cpu(), 1e-5)  # the torch ops, on the CPU
     q, s, res = fp8.add_rms_norm_quantize(x, residual, weight, 1e-5)
     assert torch.equal(res.cpu(), rres)
-    assert torch.allclose(s.cpu(), rs, rtol=1e-5)
+    assert torch.allclose(s.cpu(), rs, rtol=2 ** -7)  # a row's largest value may round to the next bf16 on one side
     assert ((q.float().cpu() - rq.float()).abs() <= rq.float().abs() / 8 + 2 ** -9).all()  # at most one step
 
 
@@ -226,6 +234,8 @@ def test_fp8_graphed_decode_equals_eager(decode, models, monkeypatch):
     runs = []
     for eager in (True, False):
         with LLM(folder, enforce_eager=eager, max_model_len=512, quantization="fp8", kv_cache_dtype="fp8") as llm:
+            if decode != "xqa" or torch.cuda.get_device_capability()[0] == 9:  # XQA's FP8 kernel is SM90's
+                assert llm.engine.info["worker0"]["fp8_decode"] == decode  # not a silent fallback
             runs.append([o.token_ids for o in llm.generate(prompts, params)])
     assert runs[0] == runs[1]
 
@@ -309,15 +319,19 @@ def test_xqa_fp8_decode_matches_the_dequantized_reference():
         ref = torch.einsum("hk,khd->hd", (torch.einsum("hd,khd->hk", q[b].float(), k) * dim ** -0.5).softmax(-1), v)
         # XQA rounds the query and the softmax probabilities to e4m3 as well: 0.030 on the 17-key row of an H100 run
         assert ((out[b].float() - ref).norm() / ref.norm()).item() < 0.05, b
-    graphed = XqaDecodeWrapper(device, heads, kv_heads, dim, page, dim ** -0.5, graph_rows, graph_rows * width)
-    graphed.plan(layout(graph_rows))
+    graphed = XqaDecodeWrapper(device, heads, kv_heads, dim, page, dim ** -0.5, graph_rows, width)
+    padding = BatchLayout(torch.ones(graph_rows, dtype=torch.int32), torch.zeros(graph_rows, dtype=torch.int32),
+                          torch.full((graph_rows, 1), pages - 1, dtype=torch.int32),
+                          torch.zeros(graph_rows, dtype=torch.long, device=device),
+                          torch.zeros(graph_rows, dtype=torch.long, device=device))
+    graphed.plan(padding)  # captured on one-token padding rows, replayed on the real ones
     graph_out = torch.empty_like(q)
     graphed.run(q, (k_cache, v_cache), graph_out, 0.5, 0.5)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         graphed.run(q, (k_cache, v_cache), graph_out, 0.5, 0.5)
-    graph_out.zero_()
+    graphed.plan(layout(graph_rows))
     graph.replay()
     torch.cuda.synchronize()
     assert ((graph_out[:len(lens)].float() - out.float()).norm() / out.float().norm()).item() < 0.01
