@@ -136,8 +136,8 @@ class LinearMethod:
 
 
 UNQUANTIZED = LinearMethod()
-# The down projection's activation quantization fused into SiLU-and-mul (fp8.silu_mul_quantize): off until an A/B
-# on a GPU (gpu_check.sh fp8-1024, variant both-fused) says it pays
+
+
 class Fp8LinearMethod(LinearMethod):
     """FP8 e4m3 weights with float32 scales. Where the GPU has FP8 tensor cores the weight stays FP8 with one scale
     per output channel (a block-scaled checkpoint requantized per channel) and activations are quantized per token
