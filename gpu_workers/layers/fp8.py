@@ -135,17 +135,10 @@ def add_rms_norm_quantize(x: torch.Tensor, residual: Optional[torch.Tensor], wei
     sum; without one, x is the residual. The normalized row is rounded to the model's dtype before it is quantized,
     so the values equal the unfused norm's output quantized."""
     if fp8_kernels_supported(x.device):
-        x = x if x.stride(-1) == 1 else x.contiguous()  # rows anywhere, each row's elements side by side
-        rows, cols = x.shape
-        q = torch.empty((rows, cols), dtype=FP8, device=x.device)
-        scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
-        if rows:
-            block = triton.next_power_of_2(cols)
-            res = residual if residual is not None else x
-            _add_rms_norm_quantize_kernel[(rows,)](x, res, weight, q, scale, cols, eps, x.stride(0), res.stride(0),
-                                                   q.stride(0), HAS_RESIDUAL=residual is not None, BLOCK=block,
-                                                   num_warps=min(16, max(1, block // 512)))
-        return q, scale, residual if residual is not None else x
+        res = residual if residual is not None else x  # the kernel reads it only with HAS_RESIDUAL
+        q, scale = _quantize_per_row(_add_rms_norm_quantize_kernel, x, x.shape[1], res, weight, eps, res.stride(0),
+                                     HAS_RESIDUAL=residual is not None)
+        return q, scale, res
     xf = x.float()
     if residual is not None:
         xf = xf + residual.float()
@@ -230,8 +223,8 @@ if triton is not None:
 
 if triton is not None:
     @triton.jit
-    def _add_rms_norm_quantize_kernel(x_ptr, res_ptr, w_ptr, q_ptr, s_ptr, cols, eps, x_stride, res_stride,
-                                      q_stride, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    def _add_rms_norm_quantize_kernel(x_ptr, q_ptr, s_ptr, cols, x_stride, q_stride, res_ptr, w_ptr, eps, res_stride,
+                                      HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < cols
@@ -269,14 +262,15 @@ def _quantize_tokens_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return _quantize_per_row(_quantize_rows_kernel, x, x.shape[1])
 
 
-def _quantize_per_row(kernel, x: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(e4m3 [rows, cols], float32 scales [rows, 1]) from a kernel that quantizes one row of x per program."""
+def _quantize_per_row(kernel, x: torch.Tensor, cols: int, *args, **meta) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 [rows, cols], float32 scales [rows, 1]) from a kernel that quantizes one row of x per program; args and
+    meta: the kernel's own arguments after (x, q, scale, cols, x's row stride, q's row stride), and constexprs."""
     x = x if x.stride(-1) == 1 else x.contiguous()
     rows = x.shape[0]
     q = torch.empty((rows, cols), dtype=FP8, device=x.device)
     scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
     if rows:
         block = triton.next_power_of_2(cols)
-        kernel[(rows,)](x, q, scale, cols, x.stride(0), q.stride(0), BLOCK=block,
-                        num_warps=min(16, max(1, block // 512)))
+        kernel[(rows,)](x, q, scale, cols, x.stride(0), q.stride(0), *args, BLOCK=block,
+                        num_warps=min(16, max(1, block // 512)), **meta)
     return q, scale
