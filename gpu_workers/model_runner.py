@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Optional, cast
+from typing import Any, Callable, Optional, cast
 
 import torch
 
@@ -219,11 +219,12 @@ class ModelRunner:
         return build_batch(plan, self.cfg.page_size, self.token_slots, self.device, self.nano_batches)
 
     @torch.inference_mode()
-    def launch(self, plan: StepPlan, stage_local: bool = False) -> "Launched":
+    def launch(self, plan: StepPlan, stage_local: bool = False,
+               between_layers: Optional[Callable[[], None]] = None) -> "Launched":
         """Queue this rank's part of the plan on the device without waiting for it. stage_local: stand in for
-        the activations of other stages instead of exchanging them (memory profiling). A step with constrained
-        rows leaves its sampling to complete(), which runs once the previous step's tokens advanced the
-        matchers."""
+        the activations of other stages instead of exchanging them (memory profiling). between_layers: called
+        after each layer of an eager forward pass. A step with constrained rows leaves its sampling to complete(),
+        which runs once the previous step's tokens advanced the matchers."""
         for rid in plan.released:
             self.rows.pop(rid, None)
             self.token_slots.free(rid)
@@ -242,7 +243,7 @@ class ModelRunner:
         span = StepSpan(self.device)
         batch = self.batch(plan)
         step_profiler.mark("batch")
-        self.op_runner.timer = timer
+        self.op_runner.timer, self.op_runner.between_layers = timer, between_layers
         try:
             hidden = self._forward(batch, stage_local, timer)
             sampling = [b for b, s in enumerate(batch.seqs) if s.sample]
@@ -252,9 +253,9 @@ class ModelRunner:
             step_profiler.mark("forward")
             seqs = [batch.seqs[b] for b in sampling]
             last = upload([int(batch.cu[b + 1]) - 1 for b in sampling], self.device)
-            logits = self._timed(timer, GEMM, self.model.compute_logits, hidden[last])
+            logits = self._timed(timer, GEMM, self.model.compute_logits, hidden[last], False)
         finally:
-            self.op_runner.timer = None
+            self.op_runner.timer = self.op_runner.between_layers = None
         step_profiler.mark("logits")
         launched = Launched(plan.step_id, [s.rid for s in seqs], None, span, timer, (logits, seqs))
         if self.sampler.constrains(launched.rids):

@@ -108,6 +108,9 @@ class OpRunner:
         self.streams = {name: torch.cuda.Stream(device) for name in sorted(overlap)} \
             if device.type == "cuda" else {}
         self.timer: Optional[OpTimer] = None
+        # called between layers while a step is being launched: the worker reports the previous step there as soon
+        # as the device is done with it, rather than after the whole launch
+        self.between_layers: Optional[Callable[[], None]] = None
 
     def run(self, layers: Iterable[Any], states: list[NanoState], sequence_parallel: bool = False) -> None:
         overlapping = len(states) > 1 and bool(self.streams)
@@ -120,6 +123,8 @@ class OpRunner:
                         self._call(kind, op, s)
                     else:
                         self._on_side_stream(stream, kind, op, s)
+            if self.between_layers is not None:
+                self.between_layers()
         for s in states:
             self._join(s)
 

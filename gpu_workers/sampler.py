@@ -109,9 +109,12 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: list[RowParams], positions: list[int],
                  mask: Optional[StepMask] = None) -> Sampled:
-        """logits: [B, V] float32. positions[b]: the position the sampled token will occupy. mask (grammar_mask's):
-        the logits of the tokens a grammar forbids become -inf (every option below then samples among the allowed
-        tokens only)."""
+        """logits: [B, V], float32 or the model's dtype (converted here unless every row takes the argmax as it
+        is). positions[b]: the position the sampled token will occupy. mask (grammar_mask's): the logits of the
+        tokens a grammar forbids become -inf (every option below then samples among the allowed tokens only)."""
+        if logits.dtype != torch.float32 and (mask is not None and mask.rows or any(
+                not r.params.greedy or r.params.has_penalties or r.params.logprobs is not None for r in rows)):
+            logits = logits.float()
         raw = logits  # logprobs report the model's distribution, before penalties and grammars
         if any(r.params.has_penalties for r in rows):
             logits = self._apply_penalties(logits.clone(), rows)

@@ -83,6 +83,15 @@ def _size_threads(cfg: ResolvedConfig, device) -> None:
                                       os.environ.get("NANOSLG_CPU_THREADS", "")))
 
 
+def reports_between_layers(device_type: str, override: Optional[str] = None) -> bool:
+    """Whether a step's tokens may be reported from inside the next step's launch: on a GPU, where the launch only
+    queues work and the scheduler can form the step after next meanwhile; not on the CPU, where the launch is the
+    step's computation and the scheduler would take cores from it. NANOSLG_REPORT_BETWEEN_LAYERS=0/1 decides
+    instead (A/B runs; the CPU tests of the path)."""
+    value = os.environ.get("NANOSLG_REPORT_BETWEEN_LAYERS", "") if override is None else override
+    return value == "1" if value in ("0", "1") else device_type == "cuda"
+
+
 def serve(cfg: ResolvedConfig, rank: int, ready) -> None:
     from gpu_workers.model_runner import ModelRunner, resolve_device
     from gpu_workers.parallel import init_parallel
@@ -105,17 +114,16 @@ def serve(cfg: ResolvedConfig, rank: int, ready) -> None:
            "weight_bytes_read": runner.weight_bytes_read, "weights": runner.weights_dtype,
            "kv_cache": runner.kv_dtype, "fp8_compute": runner.fp8_compute,
            "fp8_decode": getattr(runner.backend, "fp8_decode", None)})  # which kernel decodes an FP8 cache
-    # One step stays launched while the next plan is received and launched behind it on the device; only then
-    # does the worker wait for the older step's tokens. With overlap scheduling the GPU never idles between steps.
+    # One step stays launched while the next plan is received and launched behind it on the device; the older step's
+    # tokens are reported as soon as the device is done with it: while waiting for a plan, between the layers of
+    # the next step's launch, or at the latest after that launch. With overlap scheduling the GPU never idles
+    # between steps, and the scheduler forms the step after next while this rank is still launching the next one.
     profiler = StepProfiler(rank)
-    in_flight = None
+    reports = _Reports(runner, to_scheduler, profiler)
+    early = reports.report_if_done if reports_between_layers(device.type) else None
     while True:
-        # Report the launched step as soon as the device is done with it, unless the next plan arrives first: then
-        # launch that one before waiting, so the device always has the next step queued.
-        while in_flight is not None and not plans.poll(1):
-            if runner.is_done(in_flight):
-                _report(runner, in_flight, to_scheduler, profiler)
-                in_flight = None
+        while reports.launched is not None and not plans.poll(1):
+            reports.report_if_done()
         try:
             msg = ipc.recv(plans)
         except ProtocolError as e:
@@ -126,26 +134,40 @@ def serve(cfg: ResolvedConfig, rank: int, ready) -> None:
                 runner.grammars.prepare(msg.key, msg.spec)
             continue
         if isinstance(msg, ProfileRequest):
-            if in_flight is not None:
-                _report(runner, in_flight, to_scheduler, profiler)
-                in_flight = None
+            reports.report()
             _profile(runner, msg, to_scheduler)
             continue
         if not isinstance(msg, StepPlan):
             log.warning("unexpected %s on the plan feed", type(msg).__name__)
             continue
-        if in_flight is not None and runner.needs_sync_before(msg):
-            _report(runner, in_flight, to_scheduler, profiler)
-            in_flight = None
+        if runner.needs_sync_before(msg):
+            reports.report()
         profiler.on_plan(msg.step_id)
-        launched = _guarded(cfg, msg.step_id, lambda: runner.launch(msg))
+        launched = _guarded(cfg, msg.step_id, lambda: runner.launch(msg, between_layers=early))
         profiler.launched()
-        if in_flight is not None:
-            _report(runner, in_flight, to_scheduler, profiler)
+        reports.report()
         if not isinstance(launched, StepResult):
             # a step with grammar rows samples now, its matchers advanced by the tokens just reported
             launched = _guarded(cfg, msg.step_id, lambda: runner.complete(launched)) or launched
-        in_flight = launched
+        reports.launched = launched
+
+
+class _Reports:
+    """The launched step whose tokens are not reported yet."""
+
+    def __init__(self, runner, to_scheduler, profiler: StepProfiler):
+        self.runner, self.to_scheduler, self.profiler = runner, to_scheduler, profiler
+        self.launched: Any = None  # a Launched, or the StepResult of a launch that failed
+
+    def report(self) -> None:
+        """Wait for the launched step, if any, and report it."""
+        if self.launched is not None:
+            launched, self.launched = self.launched, None
+            _report(self.runner, launched, self.to_scheduler, self.profiler)
+
+    def report_if_done(self) -> None:
+        if self.launched is not None and self.runner.is_done(self.launched):
+            self.report()
 
 
 def _guarded(cfg: ResolvedConfig, step_id: int, fn: Callable[[], Any]) -> Any:

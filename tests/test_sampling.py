@@ -89,3 +89,23 @@ def test_max_tokens_stop_token_ids_and_eos(llm):
 def test_bad_sampling_values_are_refused_clearly(bad, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**bad)
+
+
+def test_greedy_rows_take_the_argmax_of_model_dtype_logits_unconverted():
+    """The engine hands the sampler bf16 logits: an all-greedy step takes their argmax as they are (the float32
+    copy cannot change it, ties included), any other row gets them converted first."""
+    import torch
+
+    from gpu_workers.sampler import RowParams, Sampler
+
+    logits = torch.randn(4, 50).to(torch.bfloat16)
+    logits[1, 7] = logits[1, 9] = logits[1].max() + 1  # a tie: the first index wins either way
+    sampler = Sampler(torch.device("cpu"), 0)
+    greedy = [RowParams(SamplingParams(temperature=0))] * 4
+    got = sampler(logits, greedy, [0] * 4)
+    assert got.tokens.tolist() == logits.float().argmax(-1).tolist() and got.tokens[1] == 7
+    with_logprobs = greedy[:3] + [RowParams(SamplingParams(temperature=0, logprobs=2))]
+    got = sampler(logits, with_logprobs, [0] * 4)
+    assert got.tokens.tolist() == logits.float().argmax(-1).tolist() and got.top_vals.dtype == torch.float32
+    sampled = sampler(logits, greedy[:3] + [RowParams(SamplingParams(temperature=1.0))], [0] * 4)
+    assert sampled.tokens[:3].tolist() == logits[:3].float().argmax(-1).tolist()

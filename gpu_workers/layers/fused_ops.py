@@ -46,7 +46,8 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return _flashinfer.activation.silu_and_mul(gate_up)
 
 
-def rope_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, head_dim: int,
-          cos_sin: torch.Tensor) -> None:
-    """In place on q [T, Hq*D] and k [T, Hkv*D] (views of the qkv projection are fine)."""
-    _flashinfer.apply_rope_with_cos_sin_cache_inplace(positions, q, k, head_dim, cos_sin, is_neox=True)
+def rope(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, head_dim: int,
+         cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, Hq*D] and k [T, Hkv*D] rotated into new contiguous tensors: from views of the qkv projection, the copy
+    that makes q contiguous for the attention kernels comes with the rotation rather than as a kernel of its own."""
+    return _flashinfer.apply_rope_with_cos_sin_cache(positions, q, k, head_dim, cos_sin, is_neox=True)

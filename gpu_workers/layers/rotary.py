@@ -66,8 +66,9 @@ class RotaryEmbedding(nn.Module):
             if self._cos_sin_table is None:
                 self._cos_sin_table = torch.cat((self.cos, self.sin), dim=-1).contiguous()
             t = q.shape[0]
-            fused_ops.rope_(positions, q.view(t, -1), k.view(t, -1), self.head_dim, self._cos_sin_table)
-            return q, k
+            q_out, k_out = fused_ops.rope(positions, q.reshape(t, -1), k.reshape(t, -1), self.head_dim,
+                                          self._cos_sin_table)
+            return q_out.view(q.shape), k_out.view(k.shape)
         cos, sin = self._cos_sin(positions, q.dtype)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 

@@ -236,9 +236,12 @@ class LlamaForCausalLM(nn.Module):
         return torch.cat([sequence_parallel.gathered(self.norm(s.hidden, s.residual)[0], s.num_tokens)
                           for s in states])
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        """float32 False: in the model's dtype (the sampler converts them only where a row needs more than an
+        argmax, which the conversion cannot change)."""
         assert self.lm_head is not None  # only the last stage computes logits
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden)
+        return logits.float() if float32 else logits
 
     def checkpoint_targets(self) -> dict[str, tuple[nn.Parameter, Optional[str]]]:
         """Map each checkpoint tensor name this stage needs to (parameter, shard) — HF naming in, fused params out."""
