@@ -1,17 +1,21 @@
 """How messages travel: msgpack, each registered message as an extension holding its type tag and field values.
 
-Token-id sequences travel as ``array('i')`` (packed int32 bytes). ``decode`` rejects unknown tags and oversized
-frames, so a confused or hostile peer cannot make a process allocate without bound or act on a message it does not
-know. Decoding fills a message's fields without running its constructor: what was validated where it entered the
-engine (SamplingParams, at the API edge or in the offline API) is not validated again in every process it crosses.
-The messages themselves are in protocol.py.
+Token-id sequences travel as ``array('i')`` (packed int32 bytes). A message field declared ``columns()`` (a list
+of one message type: a step plan's chunks, a batch of token updates) travels column by column: each field's values
+as one list, and each token-id field as one joined int32 buffer with the lengths beside it, so a plan of a thousand
+chunks costs a few packed objects rather than thousands of nested ones. ``decode`` rejects unknown tags, malformed
+columns and oversized frames, so a confused or hostile peer cannot make a process allocate without bound or act on
+a message it does not know. Decoding fills a message's fields without running its constructor: what was validated
+where it entered the engine (SamplingParams, at the API edge or in the offline API) is not validated again in every
+process it crosses. The messages themselves are in protocol.py.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from array import array
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Optional, TypeVar
 
 import msgpack
 from typing_extensions import dataclass_transform
@@ -20,6 +24,8 @@ _T = TypeVar("_T")
 
 _EXT_MESSAGE = 1
 _EXT_INT32 = 2
+_EXT_COLUMNS = 3
+_COLUMNS_KEY = "nanoslg.columns"
 
 _TAGS: dict[str, type] = {}
 # per message type: its field names, and for each a factory of its default (None: the field is required)
@@ -28,10 +34,18 @@ _FIELDS: dict[type, tuple[tuple[str, ...], tuple[Any, ...]]] = {}
 _VALIDATING: dict[type, Any] = {}
 # per message type, a generated function listing its tag and field values (the codec's hottest line)
 _WIRE: dict[type, Any] = {}
+# per message type: which of its fields are token-id arrays (joined into one buffer when a list of it travels as
+# columns)
+_ARRAY_FIELDS: dict[type, tuple[bool, ...]] = {}
 
 
-def _generated(source: str) -> Any:
-    scope: dict[str, Any] = {}
+def columns(**kwargs: Any) -> Any:
+    """A message field holding a list of one message type that travels column by column (see the module doc)."""
+    return field(metadata={_COLUMNS_KEY: True}, **kwargs)
+
+
+def _generated(source: str, scope: Optional[dict[str, Any]] = None) -> Any:
+    scope = dict(scope or {})
     exec(source, scope)  # noqa: S102 - the names in it come from dataclass fields
     return scope["f"]
 
@@ -50,7 +64,10 @@ def register(cls: type[_T]) -> type[_T]:
     names = tuple(f.name for f in fields)
     if hasattr(cls, "__post_init__"):
         _VALIDATING[cls] = _field_setter(names)
-    _WIRE[cls] = _generated(f"def f(obj):\n    return [{tag!r}, {''.join(f'obj.{n}, ' for n in names)}]\n")
+    values = "".join(f"_columns(obj.{f.name}), " if f.metadata.get(_COLUMNS_KEY) else f"obj.{f.name}, "
+                     for f in fields)
+    _WIRE[cls] = _generated(f"def f(obj):\n    return [{tag!r}, {values}]\n", {"_columns": _columns})
+    _ARRAY_FIELDS[cls] = tuple(str(f.type).startswith("array") for f in fields)
     _FIELDS[cls] = (names, tuple(
         (lambda v=f.default: v) if f.default is not dataclasses.MISSING else
         f.default_factory if f.default_factory is not dataclasses.MISSING else None for f in fields))
@@ -78,38 +95,102 @@ def _default(obj: Any) -> msgpack.ExtType:
     raise TypeError(f"cannot encode {type(obj).__name__}")
 
 
+def _columns(items: Any) -> Any:
+    """A list of one registered message type as an _EXT_COLUMNS extension: [tag, rows, column, ...], a token-id
+    field's column as [lengths, joined ids] (int32 bytes both). Anything else (an empty list, mixed types, a
+    token-id field that is not an int32 array) goes as the plain list."""
+    if not isinstance(items, list) or not items:
+        return items
+    cls = type(items[0])
+    arrays = _ARRAY_FIELDS.get(cls)
+    if arrays is None or any(type(x) is not cls for x in items):
+        return items
+    wire = _WIRE[cls]
+    rows = [wire(x) for x in items]  # [tag, value, ...] per item
+    cols: list[Any] = [cls.__name__, len(items)]
+    for i, is_array in enumerate(arrays, start=1):
+        values = [row[i] for row in rows]
+        if is_array:
+            if any(type(v) is not array or v.typecode != "i" for v in values):
+                return items
+            cols.append([array("i", map(len, values)).tobytes(), b"".join([v.tobytes() for v in values])])
+        else:
+            cols.append(values)
+    return msgpack.ExtType(_EXT_COLUMNS, _pack(cols))
+
+
+def _int32s(data: Any, what: str) -> array[int]:
+    out = array("i")
+    if not isinstance(data, bytes) or len(data) % 4:
+        raise ProtocolError(f"malformed columns: {what} is not int32 bytes")
+    out.frombytes(data)
+    return out
+
+
+def _from_columns(data: bytes) -> list[Any]:
+    tag, rows, *cols = msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
+    cls = _TAGS.get(tag)
+    if cls is None:
+        raise ProtocolError(f"unknown message tag {tag!r}")
+    arrays = _ARRAY_FIELDS[cls]
+    if not isinstance(rows, int) or rows < 0 or len(cols) != len(arrays):
+        raise ProtocolError(f"malformed {tag} columns: {len(cols)} columns for {len(arrays)} fields")
+    values: list[list[Any]] = []
+    for is_array, col in zip(arrays, cols):
+        if not is_array:
+            if not isinstance(col, list) or len(col) != rows:
+                raise ProtocolError(f"malformed {tag} columns: a column is not {rows} values")
+            values.append(col)
+            continue
+        if not isinstance(col, list) or len(col) != 2:
+            raise ProtocolError(f"malformed {tag} columns: a token-id column is not [lengths, ids]")
+        lengths, joined = _int32s(col[0], "lengths"), _int32s(col[1], "ids")
+        if len(lengths) != rows or min(lengths, default=0) < 0 or sum(lengths) != len(joined):
+            raise ProtocolError(f"malformed {tag} columns: token-id lengths do not match the ids")
+        ends = list(itertools.accumulate(lengths))
+        values.append([joined[end - n:end] for n, end in zip(lengths, ends)])
+    return [_message(cls, tag, list(row)) for row in zip(*values)]
+
+
 def _ext_hook(code: int, data: bytes) -> Any:
     if code == _EXT_INT32:
         out = array("i")
         out.frombytes(data)
         return out
+    if code == _EXT_COLUMNS:
+        return _from_columns(data)
     if code == _EXT_MESSAGE:
         tag, *values = msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
         cls = _TAGS.get(tag)
         if cls is None:
             raise ProtocolError(f"unknown message tag {tag!r}")
-        assign = _VALIDATING.get(cls)
-        if assign is None:  # a plain dataclass constructor only assigns: the quickest way in
-            try:
-                return cls(*values)
-            except TypeError as e:
-                raise ProtocolError(f"malformed {tag}: {e}") from None
-        names, defaults = _FIELDS[cls]
-        if len(values) == len(names):
-            return assign(object.__new__(cls), *values)
-        if len(values) > len(names):
-            raise ProtocolError(f"malformed {tag}: {len(values)} fields, it has {len(names)}")
-        msg: Any = object.__new__(cls)
-        for i, name in enumerate(names):
-            if i < len(values):
-                value = values[i]
-            elif defaults[i] is None:
-                raise ProtocolError(f"malformed {tag}: no {name}")
-            else:
-                value = defaults[i]()
-            object.__setattr__(msg, name, value)
-        return msg
+        return _message(cls, tag, values)
     raise ProtocolError(f"unknown extension type {code}")
+
+
+def _message(cls: type, tag: str, values: list[Any]) -> Any:
+    """A message of cls from its decoded field values."""
+    assign = _VALIDATING.get(cls)
+    if assign is None:  # a plain dataclass constructor only assigns: the quickest way in
+        try:
+            return cls(*values)
+        except TypeError as e:
+            raise ProtocolError(f"malformed {tag}: {e}") from None
+    names, defaults = _FIELDS[cls]
+    if len(values) == len(names):
+        return assign(object.__new__(cls), *values)
+    if len(values) > len(names):
+        raise ProtocolError(f"malformed {tag}: {len(values)} fields, it has {len(names)}")
+    msg: Any = object.__new__(cls)
+    for i, name in enumerate(names):
+        if i < len(values):
+            value = values[i]
+        elif defaults[i] is None:
+            raise ProtocolError(f"malformed {tag}: no {name}")
+        else:
+            value = defaults[i]()
+        object.__setattr__(msg, name, value)
+    return msg
 
 
 # a Packer per nesting level in use: making one per nested message costs more than packing

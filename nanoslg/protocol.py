@@ -10,7 +10,7 @@ from typing import Any, Iterable, Optional
 from nanoslg import codec
 from nanoslg.codec import ProtocolError as ProtocolError
 from nanoslg.codec import encode as encode
-from nanoslg.codec import message, register
+from nanoslg.codec import columns, message, register
 from nanoslg.sampling_params import SamplingParams
 
 MAX_FRAME_BYTES = 256 * 1024 * 1024  # a larger frame is refused before it is unpacked
@@ -116,7 +116,7 @@ class OutputDelta:
 
 @message
 class OutputBatch:
-    deltas: list[OutputDelta]
+    deltas: list[OutputDelta] = columns()
 
 
 # ---------------------------------------------------------------- tokenizer_proc <-> scheduler_proc
@@ -143,7 +143,7 @@ class TokenUpdate:
 
 @message
 class TokenBatch:
-    updates: list[TokenUpdate]
+    updates: list[TokenUpdate] = columns()
 
 
 # ---------------------------------------------------------------- scheduler_proc <-> workers
@@ -177,7 +177,7 @@ class SeqChunk:
 @message
 class StepPlan:
     step_id: int
-    seqs: list[SeqChunk]
+    seqs: list[SeqChunk] = columns()
     released: list[str] = field(default_factory=list)  # rids whose worker-side state can be dropped
 
 
