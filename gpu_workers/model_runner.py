@@ -338,7 +338,7 @@ class ModelRunner:
         hidden = self._forward(batch, False, timer)
         rows = [int(batch.cu[b + 1]) - 1 for b, s in enumerate(batch.seqs) if s.sample]
         if hidden is not None and rows:
-            self._timed(timer, GEMM, self.model.compute_logits, hidden[upload(rows, self.device)])
+            self._timed(timer, GEMM, self.model.compute_logits, hidden[upload(rows, self.device)], False)
 
     @torch.inference_mode()
     def logits(self, plan: StepPlan, every_token: bool = False) -> torch.Tensor:
@@ -384,9 +384,13 @@ class ModelRunner:
 
     @staticmethod
     def is_done(launched) -> bool:
-        """Whether a launched step's results can be read without waiting."""
+        """Whether a launched step's results can be read without waiting: its tokens' copy to the host, or (a step
+        that sampled nothing: a middle prefill chunk, a stage before the last) the end of its device span."""
         sampled = getattr(launched, "sampled", None)
-        return sampled is None or sampled.copied is None or sampled.copied.query()
+        if sampled is not None and sampled.copied is not None:
+            return bool(sampled.copied.query())
+        span = getattr(launched, "span", None)
+        return span is None or span.done()
 
     def needs_sync_before(self, plan: StepPlan) -> bool:
         """Penalties read the request's full token history on the host, which a pending token is not yet in."""

@@ -85,7 +85,7 @@ def profile_ops(runner, shapes: dict[str, Any]) -> dict[str, list[list[float]]]:
 
             out["gemm"].append([m, n_layers * _median_ms(gemms, device)])
             if model.lm_head is not None:
-                out["lm_head"].append([m, _median_ms(lambda: model.compute_logits(x), device)])
+                out["lm_head"].append([m, _median_ms(lambda: model.compute_logits(x, False), device)])
             if parallel_state().tp_size > 1:
                 y = torch.randn(m, spec.hidden_size, dtype=dtype, device=device)
                 out["allreduce"].append([m, 2 * n_layers * _median_ms(lambda: tp_all_reduce(y), device)])

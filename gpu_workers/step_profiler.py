@@ -158,6 +158,10 @@ class StepSpan:
         else:
             self.t1 = time.perf_counter()
 
+    def done(self) -> bool:
+        """Whether the device has finished the step (call after end())."""
+        return not self.cuda or self.stop.query()
+
     def ms(self) -> float:
         if self.cuda:
             self.stop.synchronize()

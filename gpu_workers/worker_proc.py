@@ -89,6 +89,8 @@ def reports_between_layers(device_type: str, override: Optional[str] = None) -> 
     step's computation and the scheduler would take cores from it. NANOSLG_REPORT_BETWEEN_LAYERS=0/1 decides
     instead (A/B runs; the CPU tests of the path)."""
     value = os.environ.get("NANOSLG_REPORT_BETWEEN_LAYERS", "") if override is None else override
+    if value not in ("", "0", "1"):
+        log.warning("ignoring NANOSLG_REPORT_BETWEEN_LAYERS=%r: not 0 or 1", value)
     return value == "1" if value in ("0", "1") else device_type == "cuda"
 
 
@@ -116,11 +118,12 @@ def serve(cfg: ResolvedConfig, rank: int, ready) -> None:
            "fp8_decode": getattr(runner.backend, "fp8_decode", None)})  # which kernel decodes an FP8 cache
     # One step stays launched while the next plan is received and launched behind it on the device; the older step's
     # tokens are reported as soon as the device is done with it: while waiting for a plan, between the layers of
-    # the next step's launch, or at the latest after that launch. With overlap scheduling the GPU never idles
-    # between steps, and the scheduler forms the step after next while this rank is still launching the next one.
+    # the next step's eager launch (not a CUDA graph's replay), or at the latest after that launch. With overlap
+    # scheduling the GPU never idles between steps, and the scheduler forms the step after next while this rank is
+    # still launching the next one.
     profiler = StepProfiler(rank)
     reports = _Reports(runner, to_scheduler, profiler)
-    early = reports.report_if_done if reports_between_layers(device.type) else None
+    early = reports.report_between_layers if reports_between_layers(device.type) else None
     while True:
         while reports.launched is not None and not plans.poll(1):
             reports.report_if_done()
@@ -144,6 +147,7 @@ def serve(cfg: ResolvedConfig, rank: int, ready) -> None:
             reports.report()
         profiler.on_plan(msg.step_id)
         launched = _guarded(cfg, msg.step_id, lambda: runner.launch(msg, between_layers=early))
+        reports.raise_error()
         profiler.launched()
         reports.report()
         if not isinstance(launched, StepResult):
@@ -158,16 +162,32 @@ class _Reports:
     def __init__(self, runner, to_scheduler, profiler: StepProfiler):
         self.runner, self.to_scheduler, self.profiler = runner, to_scheduler, profiler
         self.launched: Any = None  # a Launched, or the StepResult of a launch that failed
+        self.error: Optional[BaseException] = None  # from a report made inside a launch: raised after it
 
     def report(self) -> None:
         """Wait for the launched step, if any, and report it."""
         if self.launched is not None:
-            launched, self.launched = self.launched, None
-            _report(self.runner, launched, self.to_scheduler, self.profiler)
+            _report(self.runner, self.launched, self.to_scheduler, self.profiler)
+            self.launched = None
 
     def report_if_done(self) -> None:
         if self.launched is not None and self.runner.is_done(self.launched):
             self.report()
+
+    def report_between_layers(self) -> None:
+        """report_if_done from inside the next step's launch. What goes wrong here (the result cannot be sent, the
+        device fails) is not that step's fault: it is kept and raised by raise_error() once the launch returns,
+        outside the step's guard, and the step it concerns stays unreported."""
+        if self.error is None:
+            try:
+                self.report_if_done()
+            except BaseException as e:
+                self.error = e
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
 
 
 def _guarded(cfg: ResolvedConfig, step_id: int, fn: Callable[[], Any]) -> Any:

@@ -67,7 +67,7 @@ def register(cls: type[_T]) -> type[_T]:
     values = "".join(f"_columns(obj.{f.name}), " if f.metadata.get(_COLUMNS_KEY) else f"obj.{f.name}, "
                      for f in fields)
     _WIRE[cls] = _generated(f"def f(obj):\n    return [{tag!r}, {values}]\n", {"_columns": _columns})
-    _ARRAY_FIELDS[cls] = tuple(str(f.type).startswith("array") for f in fields)
+    _ARRAY_FIELDS[cls] = tuple(f.type in ("array[int]", "array") for f in fields)  # token ids, never None
     _FIELDS[cls] = (names, tuple(
         (lambda v=f.default: v) if f.default is not dataclasses.MISSING else
         f.default_factory if f.default_factory is not dataclasses.MISSING else None for f in fields))
@@ -103,7 +103,7 @@ def _columns(items: Any) -> Any:
         return items
     cls = type(items[0])
     arrays = _ARRAY_FIELDS.get(cls)
-    if arrays is None or any(type(x) is not cls for x in items):
+    if not arrays or any(type(x) is not cls for x in items):  # unregistered, or no fields to make columns of
         return items
     wire = _WIRE[cls]
     rows = [wire(x) for x in items]  # [tag, value, ...] per item
@@ -133,7 +133,7 @@ def _from_columns(data: bytes) -> list[Any]:
     if cls is None:
         raise ProtocolError(f"unknown message tag {tag!r}")
     arrays = _ARRAY_FIELDS[cls]
-    if not isinstance(rows, int) or rows < 0 or len(cols) != len(arrays):
+    if type(rows) is not int or rows < 0 or not arrays or len(cols) != len(arrays):
         raise ProtocolError(f"malformed {tag} columns: {len(cols)} columns for {len(arrays)} fields")
     values: list[list[Any]] = []
     for is_array, col in zip(arrays, cols):

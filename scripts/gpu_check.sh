@@ -428,7 +428,11 @@ for mode in $MODES; do
     fp8-short)  # offline-128-128 x 10000 and sharegpt-like x 1000, bf16 against each of FP8_SHORT_VARIANTS (both:
       # FP8 weights + KV; both-fused: the same with the quantizations fused into SiLU-and-mul and the norms)
       for tag in bf16 ${FP8_SHORT_VARIANTS:-both}; do
-        flags=$([ $tag = bf16 ] || echo "--quantization fp8 --kv-cache-dtype fp8")
+        case $tag in
+          bf16) flags="" ;;
+          both | both-fused) flags="--quantization fp8 --kv-cache-dtype fp8" ;;
+          *) summary+=("fp8-short: unknown variant $tag (both, both-fused)"); continue ;;
+        esac
         [ $tag = both-fused ] && export NANOSLG_FP8_FUSED_SILU=1 NANOSLG_FP8_FUSED_NORM=1
         bench $tag-128-128 --input-len 128 --output-len 128 --num-prompts 10000 $flags
         bench $tag-sharegpt --dataset sharegpt-like --num-prompts 1000 $flags

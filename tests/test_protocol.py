@@ -66,6 +66,8 @@ def test_lists_of_chunks_and_updates_travel_as_columns_and_come_back_equal():
      "lengths do not match"),
     (["SeqChunk", 1, ["a"], [b"\x01\x00", b""], [0], [b"", b""], [True], [None], [0]], "not int32 bytes"),
     (["NoSuchMessage", 0], "unknown message tag"),
+    (["DebugStateQuery", 5], "columns for"),  # no fields to make columns of: never sent so
+    (["SeqChunk", True, ["a"], [b"\x00" * 4, b""], [0], [b"\x00" * 4, b""], [True], [None], [0]], "columns for"),
 ])
 def test_malformed_columns_are_rejected(columns, problem):
     inner = msgpack.ExtType(3, msgpack.packb(columns))

@@ -65,3 +65,50 @@ def test_constrained_and_penalized_rows_reported_inside_launches(tiny_chat_model
         else:
             assert len(o.token_ids) == 24
     assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+
+
+class _Span:
+    def __init__(self, done: bool):
+        self._done = done
+
+    def done(self) -> bool:
+        return self._done
+
+
+class _Step:
+    def __init__(self, sampled=None, span=None):
+        self.sampled, self.span, self.step_id = sampled, span, 7
+
+
+def test_a_step_that_sampled_nothing_is_done_only_when_its_device_span_is():
+    """A middle prefill chunk or a stage before the last has no tokens to copy: reporting it before the device is
+    through would block the launch it is called from."""
+    from gpu_workers.model_runner import ModelRunner
+
+    assert not ModelRunner.is_done(_Step(span=_Span(False)))
+    assert ModelRunner.is_done(_Step(span=_Span(True))) and ModelRunner.is_done(_Step())
+
+
+def test_a_report_failing_inside_a_launch_is_raised_after_it_and_keeps_its_step(monkeypatch):
+    from gpu_workers import worker_proc
+
+    sent = []
+
+    def report(runner, launched, to_scheduler, profiler):
+        if not sent:
+            sent.append("failed")
+            raise OSError("socket closed")
+        sent.append(launched.step_id)
+
+    monkeypatch.setattr(worker_proc, "_report", report)
+    runner = type("Runner", (), {"is_done": staticmethod(lambda launched: True)})()
+    reports = worker_proc._Reports(runner, None, None)
+    step = reports.launched = _Step()
+    reports.report_between_layers()  # the failure is kept for after the launch, not raised into it
+    reports.report_between_layers()  # and no second report is tried meanwhile
+    assert reports.launched is step and sent == ["failed"]
+    with pytest.raises(OSError, match="socket closed"):
+        reports.raise_error()
+    reports.raise_error()  # raised once
+    reports.report_between_layers()
+    assert sent == ["failed", 7] and reports.launched is None
