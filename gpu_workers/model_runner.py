@@ -5,24 +5,26 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, cast
 
 import torch
 
-from gpu_workers import cpu_features, step_profiler
+from gpu_workers import step_profiler
 from gpu_workers.attention.base import AttentionBackend
 from gpu_workers.attention.context import forward_context
 from gpu_workers.attention.flashinfer_backend import FlashInferBackend, flashinfer_usable
 from gpu_workers.attention.sdpa import SdpaBackend
 from gpu_workers.batch_layout import StepBatch, TokenSlots, build_batch
 from gpu_workers.cuda_graphs import DecodeGraphs
+from gpu_workers.device_choice import resolve_device, resolve_dtype
 from gpu_workers.grammar import GrammarBook
 from gpu_workers.layers import fused_ops
 from gpu_workers.layers.linear_methods import process_weights
 from gpu_workers.models.llama import DecoderLayer, LlamaForCausalLM, iter_required
 from gpu_workers.nano_batch import GEMM, OTHER, OpRunner, OpTimer
+from gpu_workers import piecewise_graphs
+from gpu_workers.piecewise_graphs import PiecewiseGraphs
 from gpu_workers.parallel import StageLink, parallel_state
 from gpu_workers.sequence_parallel import shard_rows
 from gpu_workers.sampler import RowParams, Sampled, Sampler
@@ -38,45 +40,6 @@ log = logging.getLogger("nanoslg.worker")
 
 DEAD_END = InvalidGrammar("no token of the model's vocabulary can continue the output here (the grammar asks for "
                           "characters its tokenizer cannot write)")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(cfg: ResolvedConfig, local_rank: int) -> torch.device:
-    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA GPU")
-    if local_rank >= torch.cuda.device_count():
-        raise RuntimeError(f"this node runs {cfg.ranks_per_node} workers, one per GPU, but torch sees "
-                           f"{torch.cuda.device_count()} GPU(s) (CUDA_VISIBLE_DEVICES="
-                           f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
-
-
-def choose_dtype(asked: str, config_dtype: str, device_type: str, native=None) -> tuple[str, str]:
-    """(dtype name, why). An explicit --dtype wins; auto takes config.json's dtype, except that on CPU a dtype the
-    CPU does not compute natively becomes float32 (see cpu_features)."""
-    if asked != "auto":
-        return asked, "asked for"
-    if config_dtype not in _DTYPES:
-        return "float32", f"config says {config_dtype}, which nanoslg does not run"
-    if device_type != "cpu" or config_dtype == "float32":
-        return config_dtype, f"config says {config_dtype}"
-    ok, why = (native or cpu_features.native)(config_dtype)
-    if ok:
-        return config_dtype, f"config says {config_dtype} and {why}"
-    return "float32", f"config says {config_dtype}, but {why}"
-
-
-def resolve_dtype(cfg: ResolvedConfig, device: torch.device) -> torch.dtype:
-    name, why = choose_dtype(cfg.dtype, cfg.model_spec.torch_dtype, device.type)
-    if cfg.dtype == "auto" and device.type == "cpu" and cfg.model_spec.torch_dtype != "float32":
-        # The dtype decides CPU speed more than anything else, and auto may overrule config.json here: say so.
-        log.info("dtype auto on cpu: %s (%s)", name, why)
-    return _DTYPES[name]
-
-
 class ModelRunner:
     def __init__(self, cfg: ResolvedConfig, device: Optional[torch.device] = None):
         self.cfg = cfg
@@ -118,18 +81,33 @@ class ModelRunner:
         self.op_runner = self.make_op_runner(cfg.nano_overlap)
         self.kv_dtype = "fp8" if cfg.kv_cache_dtype == "fp8" else \
             str(AttentionBackend.attention_dtype(self.dtype, self.device)).removeprefix("torch.")
-        self.num_pages = self._count_kv_pages()
+        self.piecewise: Optional[PiecewiseGraphs] = None
+        self.num_pages = self._count_kv_pages()  # on a GPU, after the piecewise graphs took their memory
         self.backend = self._make_backend(self.num_pages)
+        if self.piecewise is None and self._piecewise_tokens():
+            self.piecewise = PiecewiseGraphs(self.model, self._piecewise_tokens(), self.ps.is_first_stage,
+                                             capture=piecewise_graphs.mode() != "eager")
         log.info("worker %d (tp %d/%d, pp %d/%d, layers %d-%d): %s, weights %s, %d torch threads, %d %s KV pages "
                  "of %d tokens, attention backend %s (%s), fused ops %s", self.ps.rank, self.ps.tp_rank,
                  self.ps.tp_size, self.ps.pp_rank, self.ps.pp_size, self.model.layer_range.start,
                  self.model.layer_range.stop - 1, self.device, self.weights_dtype, torch.get_num_threads(),
                  self.num_pages, self.kv_dtype, cfg.page_size,
                  self.backend.name, self.backend_reason, "on" if fused_ops.enabled() else "off")
-        if self.device.type == "cuda" and self.backend_cls.supports_cuda_graphs and not cfg.enforce_eager:
+        if self._captures_graphs():
             self.graphs = DecodeGraphs(self.model, self.backend, self.op_runner,
                                        min(cfg.cuda_graph_max_batch, cfg.max_num_seqs), cfg.max_model_len,
                                        cfg.page_size, self.ps.is_first_stage, self.nano_batches)
+
+    def _captures_graphs(self) -> bool:
+        return self.device.type == "cuda" and self.backend_cls.supports_cuda_graphs and not self.cfg.enforce_eager
+
+    def _piecewise_tokens(self) -> int:
+        """The largest step the piecewise graphs take (0: none): one nano-batch steps, where CUDA graphs are
+        captured (NANOSLG_PIECEWISE_GRAPHS=eager: padded and cut like them, uncaptured, on any device)."""
+        how = piecewise_graphs.mode()
+        if how == "0" or self.nano_batches != 1 or not (how == "eager" or self._captures_graphs()):
+            return 0
+        return max(0, min(self.cfg.cuda_graph_max_tokens, self.cfg.max_num_batched_tokens))
 
     def make_op_runner(self, overlap: str) -> OpRunner:
         """The runner for nano-batches whose operations of the overlap classes ("network", "memory", joined by
@@ -209,10 +187,17 @@ class ModelRunner:
         torch.cuda.empty_cache()
         total = torch.cuda.mem_get_info(self.device)[1]
         kv_bytes = self._page_bytes() * probe_pages
-        # the probe's own KV pages are not activations; CUDA graphs and fragmentation get 1 GiB of headroom
-        budget = total * cfg.gpu_memory_utilization - (peak - kv_bytes) - (1 << 30)
-        log.info("memory profile: peak %.1f GiB at %d tokens, KV budget %.1f GiB", peak / 2 ** 30, tokens,
-                 budget / 2 ** 30)
+        # the probe's own KV pages are not activations; the piecewise graphs' pool is captured now and measured,
+        # decode graphs and fragmentation get 1 GiB of headroom
+        pool = 0
+        if self._piecewise_tokens() and piecewise_graphs.mode() != "eager":
+            before = torch.cuda.memory_reserved(self.device)
+            self.piecewise = PiecewiseGraphs(self.model, self._piecewise_tokens(), self.ps.is_first_stage)
+            torch.cuda.empty_cache()
+            pool = torch.cuda.memory_reserved(self.device) - before
+        budget = total * cfg.gpu_memory_utilization - (peak - kv_bytes) - pool - (1 << 30)
+        log.info("memory profile: peak %.1f GiB at %d tokens, piecewise graphs %.2f GiB, KV budget %.1f GiB",
+                 peak / 2 ** 30, tokens, pool / 2 ** 30, budget / 2 ** 30)
         return budget
 
     def batch(self, plan: StepPlan) -> StepBatch:
@@ -303,8 +288,10 @@ class ModelRunner:
         """Final hidden states on the last stage, else None (the activations went on to the next stage)."""
         graphed = timer is None and self.graphs is not None and self.graphs.nano_batches == self.nano_batches and \
             self.graphs.can_run(batch.layout)
+        piecewise = self.piecewise if timer is None and not graphed and len(batch.parts) == 1 and \
+            self.piecewise is not None and self.piecewise.can_run(len(batch.input_ids)) else None
         # sequence parallelism in eager steps only (a graph holds the unsplit layers); every rank decides alike
-        sp = self.sequence_parallel and not graphed
+        sp = self.sequence_parallel and not graphed and piecewise is None
         n = sum(shard_rows(b - a) for a, b in batch.token_bounds) if sp else len(batch.input_ids)
         if self.ps.is_first_stage:
             inputs = {"input_ids": batch.input_ids}
@@ -323,8 +310,11 @@ class ModelRunner:
                 plans = [self.backend.plan(layout, slot=i) for i, layout in enumerate(batch.part_layouts())]
                 self.backend.finish_planning()
                 step_profiler.mark("planned")
-                out = self.model(batch.layout.positions, plans, batch.token_bounds, self.op_runner,
-                                 sequence_parallel=sp, **inputs)
+                if piecewise is not None:
+                    out = piecewise.run(batch.layout, plans[0], self.op_runner.between_layers, **inputs)
+                else:
+                    out = self.model(batch.layout.positions, plans, batch.token_bounds, self.op_runner,
+                                     sequence_parallel=sp, **inputs)
         if self.ps.is_last_stage:
             return out
         if not stage_local:

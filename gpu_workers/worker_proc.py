@@ -95,7 +95,8 @@ def reports_between_layers(device_type: str, override: Optional[str] = None) -> 
 
 
 def serve(cfg: ResolvedConfig, rank: int, ready) -> None:
-    from gpu_workers.model_runner import ModelRunner, resolve_device
+    from gpu_workers.device_choice import resolve_device
+    from gpu_workers.model_runner import ModelRunner
     from gpu_workers.parallel import init_parallel
 
     device = resolve_device(cfg, rank - cfg.local_ranks.start)

@@ -66,6 +66,8 @@ class EngineConfig:
     overlap_schedule: bool = True  # plan step N+1 while step N runs
     enable_prefix_caching: bool = True  # share the KV pages of common prompt prefixes between requests
     cuda_graph_max_batch: int = 512
+    # steps up to this many tokens that the decode graphs do not take run as CUDA graphs around the attention
+    cuda_graph_max_tokens: int = 4096
     startup_timeout_s: float = 600.0
     log_level: str = "info"
     log_format: str = "text"  # text | json (one object per line)
@@ -227,6 +229,8 @@ class ResolvedConfig(EngineConfig):
              f"must be one of {', '.join(tuned_config.NANO_OVERLAPS)}"),
             (self.op_timing_every >= 0, "op_timing_every", "must be >= 0"),
             (self.page_size >= 1, "page_size", "must be >= 1"),
+            (self.cuda_graph_max_batch >= 1, "cuda_graph_max_batch", "must be >= 1"),
+            (self.cuda_graph_max_tokens >= 0, "cuda_graph_max_tokens", "must be >= 0 (0: eager)"),
             (self.num_kv_pages is None or self.num_kv_pages >= 1, "num_kv_pages", "must be >= 1"),
             (0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]"),
             (self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1"),

