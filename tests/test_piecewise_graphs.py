@@ -17,9 +17,10 @@ def test_the_token_ladder_ends_at_the_largest_step_and_pads_little():
     ladder = token_ladder(4096)
     assert ladder == sorted(set(ladder)) and ladder[0] == 8 and ladder[-1] == 4096
     assert token_ladder(100)[-1] == 100 and all(s < 100 for s in token_ladder(100)[:-1])
-    # above 256 tokens a step is padded by at most a quarter, above 1024 by at most an eighth
+    # up to 256 tokens a step is padded by at most 32 tokens, above by at most 64
     for small, big in zip(ladder, ladder[1:]):
-        assert big - small <= max(64, small // 8) if small >= 256 else big - small <= 32
+        assert big - small <= (32 if small < 256 else 64)
+    assert len(ladder) == 72
 
 
 def test_a_non_owning_view_reads_and_writes_the_same_memory():
