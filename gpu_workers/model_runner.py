@@ -161,7 +161,9 @@ class ModelRunner:
     def _profile_free_memory(self) -> float:
         """Bytes the KV cache may take: the GPU's share (gpu_memory_utilization) minus the peak of a forward pass at
         the largest step the scheduler can form (max_num_batched_tokens prefill tokens, logits for max_num_seqs).
-        The pass is stage-local: other stages' activations are stood in for, nothing is sent or received."""
+        The pass is stage-local: other stages' activations are stood in for, nothing is sent or received. The
+        piecewise graphs are captured here (self.piecewise), after the pass and before the KV cache, and their pool
+        is taken from the budget."""
         cfg = self.cfg
         tokens = cfg.max_num_batched_tokens
         torch.cuda.synchronize(self.device)
@@ -208,8 +210,9 @@ class ModelRunner:
                between_layers: Optional[Callable[[], None]] = None) -> "Launched":
         """Queue this rank's part of the plan on the device without waiting for it. stage_local: stand in for
         the activations of other stages instead of exchanging them (memory profiling). between_layers: called
-        after each layer of an eager forward pass. A step with constrained rows leaves its sampling to complete(),
-        which runs once the previous step's tokens advanced the matchers."""
+        after each layer of an eager forward pass, after each attention of a piecewise-graph step. A step with
+        constrained rows leaves its sampling to complete(), which runs once the previous step's tokens advanced
+        the matchers."""
         for rid in plan.released:
             self.rows.pop(rid, None)
             self.token_slots.free(rid)

@@ -39,7 +39,7 @@ def token_ladder(max_tokens: int) -> list[int]:
     """Token counts to capture: steps of 32 up to 256 tokens, 64 above (a padded step computes its padding rows:
     at most 1/4 more above 256 tokens, 1/32 above 2048). 72 counts up to 4096 (48 took 5.3 s to capture on an
     H100)."""
-    sizes = [8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256] + list(range(320, 8193, 64))
+    sizes = [8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256] + list(range(320, max_tokens, 64))
     return [s for s in sizes if s < max_tokens] + [max_tokens]
 
 
@@ -156,6 +156,8 @@ class PiecewiseGraphs:
         size = self.sizes[bisect.bisect_left(self.sizes, n)]
         for name, value in inputs.items():
             self.inputs[name][:n].copy_(value)
+            if value.is_floating_point():  # a later stage's norms update these in place: no drift in the padding
+                self.inputs[name][n:size].zero_()
         self.positions[:n].copy_(layout.positions)
         if not self.capture:
             return self._run_uncaptured(n, size, plan, between_layers)
@@ -181,4 +183,7 @@ class PiecewiseGraphs:
 
 def mode() -> str:
     """NANOSLG_PIECEWISE_GRAPHS: "" (captured on CUDA), "eager" (padded and cut, not captured: tests), "0" (off)."""
-    return os.environ.get("NANOSLG_PIECEWISE_GRAPHS", "")
+    how = os.environ.get("NANOSLG_PIECEWISE_GRAPHS", "")
+    if how not in ("", "eager", "0"):
+        raise ValueError(f"NANOSLG_PIECEWISE_GRAPHS={how!r}: use eager, 0 or leave it unset")
+    return how

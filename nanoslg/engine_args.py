@@ -47,7 +47,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, with_model: bool = Tru
                    help="largest decode batch replayed from a whole-step CUDA graph")
     g.add_argument("--cuda-graph-max-tokens", type=int, default=d.cuda_graph_max_tokens,
                    help="largest other step (prefill, mixed, bigger decode) replayed from CUDA graphs of everything "
-                        "but the attention (0: eager)")
+                        "but the attention (0: eager); with one nano-batch, FlashInfer's backend, and without "
+                        "sequence parallelism in the steps it takes")
     n = parser.add_argument_group("global batch and nano-batching (NanoFlow; `nanoslg tune` finds these)")
     n.add_argument("--running-target", type=int, default=None,
                    help="requests kept running, the global batch's target (default: the tuned config's, else "

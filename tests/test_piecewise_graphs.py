@@ -21,6 +21,8 @@ def test_the_token_ladder_ends_at_the_largest_step_and_pads_little():
     for small, big in zip(ladder, ladder[1:]):
         assert big - small <= (32 if small < 256 else 64)
     assert len(ladder) == 72
+    big = token_ladder(16384)  # no gap above 8192
+    assert all(b - a <= 64 for a, b in zip(big[12:], big[13:])) and big[-1] == 16384
 
 
 def test_a_non_owning_view_reads_and_writes_the_same_memory():
